@@ -1,0 +1,48 @@
+//! # walcast
+//!
+//! walcast turns PostgreSQL's write-ahead log into live updates for browsers and
+//! apps. It consumes a persistent logical replication slot through the built-in
+//! `pgoutput` plugin, decodes every committed row change, decides per subscriber
+//! what that subscriber may and wants to see, and streams it over WebSocket in the
+//! Supabase Realtime protocol, so the official Supabase client libraries work
+//! against it unchanged.
+//!
+//! ```text
+//!  PostgreSQL walsender (pgoutput)
+//!         │  CopyBoth: XLogData / keepalive          ▲ standby status updates (flush LSN)
+//!         ▼                                          │
+//!  replication::run ── pgoutput::decode ── relation::Assembler ── value → JSON
+//!         │                                  (pure, total, never panics)
+//!         ▼  bounded channel (backpressure: stop reading the slot, keep sending status updates)
+//!  hub: routing index  (schema.table → event kind → filter index → subscribers)
+//!         │  encode each change once; share the bytes
+//!         ▼  one bounded queue per connection (slow client: closed with a reason, counted)
+//!  ws: Phoenix-protocol sessions (vsn 1.0.0 objects / 2.0.0 arrays) ── clients
+//! ```
+//!
+//! The stages, each in its own module:
+//!
+//! - [`replication`]: the replication connection (startup, authentication,
+//!   CopyBoth), status updates, and the flush-LSN rules that make delivery
+//!   at-least-once without pinning WAL.
+//! - [`pgoutput`]: a pure, total decoder of pgoutput messages.
+//! - [`relation`]: the relation and type caches and the transaction assembler that
+//!   turns messages into [`event::Item`]s.
+//! - [`value`]: pgoutput text → JSON identical to PostgreSQL's `to_jsonb()`.
+//! - [`event`]: change events and their encodings.
+//!
+//! Only committed data leaves walcast: pgoutput without `streaming` sends a
+//! transaction after it commits. A transaction's end LSN is confirmed to the
+//! server only after every change of it has been handed downstream.
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod lsn;
+pub mod pgoutput;
+pub mod relation;
+pub mod replication;
+pub mod shutdown;
+pub mod tail;
+pub mod tls;
+pub mod value;

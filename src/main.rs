@@ -1,0 +1,67 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use walcast::cli::{Cli, Command, LogFormat};
+use walcast::config::PgConnInfo;
+use walcast::replication::ReplicationOptions;
+use walcast::value::RenderOptions;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walcast: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walcast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(&cli.log).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = walcast::shutdown::on_signals();
+    match cli.command {
+        Command::Tail(args) => {
+            let opts = ReplicationOptions {
+                conn: PgConnInfo::parse(&args.source.database_url)?,
+                slot: args.source.slot,
+                publication: args.source.publication,
+                create_slot: args.source.create_slot,
+                temporary: args.temporary,
+                start_lsn: args.start_lsn,
+                retry_definite_errors: false,
+            };
+            let render = RenderOptions {
+                big_numbers_as_strings: args.big_numbers_as_strings,
+            };
+            walcast::tail::run(opts, render, shutdown).await?;
+        }
+    }
+    Ok(())
+}

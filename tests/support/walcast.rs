@@ -1,0 +1,120 @@
+//! Running the `walcast` binary under test and reading its output.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_walcast");
+
+/// A running `walcast` process with its stdout read line by line.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    pub stderr: Option<ChildStderr>,
+    /// Every stdout line read so far, as text.
+    pub raw: Vec<String>,
+}
+
+pub fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("WALCAST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn walcast");
+    let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stderr = child.stderr.take();
+    Proc {
+        child,
+        stdout,
+        stderr,
+        raw: Vec::new(),
+    }
+}
+
+impl Proc {
+    /// The next stdout line parsed as JSON; panics after `timeout`.
+    pub async fn next_json(&mut self, timeout: Duration) -> serde_json::Value {
+        let line = tokio::time::timeout(timeout, self.stdout.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no output within {timeout:?}"))
+            .expect("read stdout")
+            .unwrap_or_else(|| panic!("walcast exited early"));
+        let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        self.raw.push(line);
+        v
+    }
+
+    /// `n` JSON lines.
+    pub async fn take_json(&mut self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.next_json(timeout).await);
+        }
+        v
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    /// Sends a signal by number (15 = TERM, 9 = KILL).
+    pub fn signal(&self, sig: i32) {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for exit; returns (success, stderr text).
+    pub async fn wait(mut self, timeout: Duration) -> (bool, String) {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("walcast did not exit within {timeout:?}"))
+            .expect("wait");
+        let mut err = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = e.read_to_string(&mut err).await;
+        }
+        (status.success(), err)
+    }
+
+    /// Peak resident set size of the process so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Runs walcast to completion with a timeout: (success, stdout, stderr).
+pub async fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
+    let out = tokio::time::timeout(
+        timeout,
+        Command::new(BIN)
+            .args(args)
+            .env("WALCAST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("walcast {args:?} did not finish within {timeout:?}"))
+    .expect("run walcast");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
