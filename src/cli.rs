@@ -37,6 +37,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Print every change of a publication as one JSON object per line.
     Tail(TailArgs),
+    /// Run the daemon: stream changes to WebSocket clients (Supabase Realtime protocol).
+    Serve(ServeArgs),
 }
 
 /// Where to connect and which slot and publication to use.
@@ -76,4 +78,58 @@ pub struct TailArgs {
     /// Render int8 and numeric values as JSON strings.
     #[arg(long)]
     pub big_numbers_as_strings: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see config/walcast.toml); flags and environment override it.
+    #[arg(long, env = "WALCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Logical replication slot to consume [default: walcast].
+    #[arg(long)]
+    pub slot: Option<String>,
+
+    /// Publication whose tables to stream [default: walcast].
+    #[arg(long)]
+    pub publication: Option<String>,
+
+    /// Create the slot if it does not exist.
+    #[arg(long)]
+    pub create_slot: bool,
+
+    /// Address for HTTP and WebSocket [default: 127.0.0.1:4000].
+    #[arg(long, env = "WALCAST_LISTEN")]
+    pub listen: Option<String>,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults) with flags and environment applied.
+    pub fn into_config(self) -> Result<crate::config::ServeConfig, crate::config::ConfigError> {
+        let mut c = match &self.config {
+            Some(p) => crate::config::ServeConfig::from_file(p)?,
+            None => crate::config::ServeConfig::default(),
+        };
+        if self.database_url.is_some() {
+            c.postgres.database_url = self.database_url;
+        }
+        if let Some(s) = self.slot {
+            c.postgres.slot = s;
+        }
+        if let Some(p) = self.publication {
+            c.postgres.publication = p;
+        }
+        if self.create_slot {
+            c.postgres.create_slot = true;
+        }
+        if let Some(l) = self.listen {
+            c.server.listen = l;
+        }
+        c.validate()?;
+        Ok(c)
+    }
 }

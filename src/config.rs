@@ -305,3 +305,192 @@ mod tests {
         assert!(e.to_string().contains("sslmode"), "{e}");
     }
 }
+
+/// Default address: loopback only, so a server without auth configured is not
+/// reachable from other machines by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+/// Phoenix closes sockets silent for 60 s; realtime-js heartbeats every 25 s.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
+/// Largest WebSocket message accepted from a client.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Frames queued for one connection before it counts as too slow and is closed.
+pub const DEFAULT_CLIENT_QUEUE: usize = 4096;
+/// Channels one connection may join (Supabase's default is 100).
+pub const DEFAULT_CHANNELS_PER_CONNECTION: usize = 100;
+/// `postgres_changes` bindings in one join.
+pub const DEFAULT_BINDINGS_PER_CHANNEL: usize = 100;
+/// Items buffered between the slot reader and the hub; when full, walcast stops
+/// reading the slot (backpressure) while status updates continue.
+pub const DEFAULT_PIPELINE_CAPACITY: usize = 8192;
+/// How long a graceful shutdown waits for sessions to close.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// The daemon's configuration (`walcast serve`): a TOML file, then environment
+/// variables and flags on top. Every key is documented in `config/walcast.toml`.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub postgres: PostgresConfig,
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub values: ValuesConfig,
+}
+
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL; `DATABASE_URL` or `--database-url` override it.
+    pub database_url: Option<String>,
+    pub slot: String,
+    pub publication: String,
+    pub create_slot: bool,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            database_url: None,
+            slot: "walcast".into(),
+            publication: "walcast".into(),
+            create_slot: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("create_slot", &self.create_slot)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub heartbeat_timeout_secs: u64,
+    pub max_frame_bytes: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.into(),
+            heartbeat_timeout_secs: DEFAULT_HEARTBEAT_TIMEOUT_SECS,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub client_queue: usize,
+    pub channels_per_connection: usize,
+    pub bindings_per_channel: usize,
+    pub pipeline_capacity: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            client_queue: DEFAULT_CLIENT_QUEUE,
+            channels_per_connection: DEFAULT_CHANNELS_PER_CONNECTION,
+            bindings_per_channel: DEFAULT_BINDINGS_PER_CHANNEL,
+            pipeline_capacity: DEFAULT_PIPELINE_CAPACITY,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValuesConfig {
+    /// Render int8 and numeric as JSON strings (for JavaScript clients).
+    pub big_numbers_as_strings: bool,
+}
+
+impl ServeConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let c: ServeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that parse but make no sense; names the bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "server.listen",
+                "must be an IP address and port, e.g. 127.0.0.1:4000",
+            );
+        }
+        if self.server.heartbeat_timeout_secs < 30 {
+            return bad(
+                "server.heartbeat_timeout_secs",
+                "must be at least 30 (clients heartbeat every 25 s)",
+            );
+        }
+        if self.server.max_frame_bytes < 1024 {
+            return bad("server.max_frame_bytes", "must be at least 1024");
+        }
+        for (field, v) in [
+            ("limits.client_queue", self.limits.client_queue),
+            (
+                "limits.channels_per_connection",
+                self.limits.channels_per_connection,
+            ),
+            (
+                "limits.bindings_per_channel",
+                self.limits.bindings_per_channel,
+            ),
+            ("limits.pipeline_capacity", self.limits.pipeline_capacity),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        crate::replication::slot::validate_slot_name(&self.postgres.slot).map_err(|e| {
+            ConfigError::Invalid {
+                field: "postgres.slot".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        if self.postgres.publication.is_empty() {
+            return bad("postgres.publication", "must not be empty");
+        }
+        Ok(())
+    }
+}

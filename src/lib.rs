@@ -35,14 +35,19 @@
 //! transaction after it commits. A transaction's end LSN is confirmed to the
 //! server only after every change of it has been handed downstream.
 
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod filter;
+pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
 pub mod relation;
 pub mod replication;
+pub mod serve;
 pub mod shutdown;
 pub mod tail;
 pub mod tls;
 pub mod value;
+pub mod ws;

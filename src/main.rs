@@ -62,6 +62,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             walcast::tail::run(opts, render, shutdown).await?;
         }
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            walcast::serve::run(config, shutdown, |r| {
+                eprintln!("walcast: listening on {}", r.addr);
+            })
+            .await?;
+        }
     }
     Ok(())
 }

@@ -118,3 +118,63 @@ pub async fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A running `walcast serve` and the address it listens on.
+pub struct Server {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn ws_url(&self, vsn: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey=test&vsn={vsn}",
+            self.port
+        )
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Starts `walcast serve` for `db`'s slot and publication, waits until it listens.
+pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) -> Server {
+    let port = super::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "serve",
+        "--database-url",
+        db_url,
+        "--slot",
+        slot,
+        "--publication",
+        publication,
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    let mut proc = spawn(&args);
+    let mut err = BufReader::new(proc.stderr.take().expect("stderr")).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline, err.next_line())
+            .await
+            .expect("walcast serve did not start listening within 30s")
+            .expect("read stderr");
+        match line {
+            Some(l) if l.contains("listening on") => break,
+            Some(_) => {}
+            None => panic!("walcast serve exited before listening"),
+        }
+    }
+    // Keep draining stderr so the process never blocks on a full pipe.
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = err.next_line().await {
+            if std::env::var_os("WALCAST_TEST_VERBOSE").is_some() {
+                eprintln!("[walcast] {l}");
+            }
+        }
+    });
+    Server { proc, port }
+}

@@ -1,0 +1,231 @@
+//! Table lookups for subscriptions, over the ordinary SQL connection.
+//!
+//! A join names tables by schema and name; the hub binds filters to column
+//! positions and types. [`Catalog`] answers "is this table in the publication,
+//! and what are its columns" from `pg_publication_tables` and `pg_attribute`, caches
+//! the answer, and reconnects when the SQL connection is lost. The replication
+//! stream remains the authority on a table's shape: when its `Relation` message
+//! differs from what a subscription was bound to, the hub rebinds (see `hub`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::config::PgConnInfo;
+use crate::pgoutput::{Oid, RelId, ReplicaIdentity};
+use crate::relation::{Column, Table, TypeCatalog};
+use crate::replication::ReplicationError;
+
+/// How long the list of published tables is trusted before it is read again.
+const PUBLICATION_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("table {schema}.{table} does not exist")]
+    NoSuchTable { schema: String, table: String },
+    #[error(
+        "table {schema}.{table} is not in publication {publication:?}: add it with `walcast setup --publication {publication} --tables {schema}.{table}` (or ALTER PUBLICATION … ADD TABLE)"
+    )]
+    NotPublished {
+        schema: String,
+        table: String,
+        publication: String,
+    },
+    #[error("cannot read the catalog: {0}")]
+    Database(String),
+}
+
+pub struct Catalog {
+    conn: PgConnInfo,
+    publication: String,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    client: Option<tokio_postgres::Client>,
+    types: TypeCatalog,
+    tables: HashMap<(String, String), Arc<Table>>,
+    published: Vec<(String, String)>,
+    published_at: Option<Instant>,
+}
+
+impl Catalog {
+    pub fn new(conn: PgConnInfo, publication: String) -> Self {
+        Catalog {
+            conn,
+            publication,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn publication(&self) -> &str {
+        &self.publication
+    }
+
+    /// Checks the connection works (used at startup for a clear early error).
+    pub async fn check(&self) -> Result<(), CatalogError> {
+        let mut st = self.state.lock().await;
+        client(&mut st, &self.conn).await.map(|_| ())
+    }
+
+    /// The tables of the publication, as (schema, table).
+    pub async fn published_tables(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        let mut st = self.state.lock().await;
+        self.refresh_published(&mut st).await?;
+        Ok(st.published.clone())
+    }
+
+    async fn refresh_published(&self, st: &mut State) -> Result<(), CatalogError> {
+        if st
+            .published_at
+            .is_some_and(|t| t.elapsed() < PUBLICATION_TTL)
+        {
+            return Ok(());
+        }
+        let c = client(st, &self.conn).await?;
+        let rows = c
+            .query(
+                "select schemaname::text, tablename::text from pg_catalog.pg_publication_tables \
+                 where pubname = $1 order by 1, 2",
+                &[&self.publication],
+            )
+            .await
+            .map_err(db_err)?;
+        st.published = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        st.published_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Forgets cached shapes (after a schema change seen on the stream).
+    pub async fn invalidate(&self) {
+        let mut st = self.state.lock().await;
+        st.tables.clear();
+        st.published_at = None;
+    }
+
+    /// Looks a published table up by schema and name.
+    pub async fn table(&self, schema: &str, table: &str) -> Result<Arc<Table>, CatalogError> {
+        let mut st = self.state.lock().await;
+        let key = (schema.to_string(), table.to_string());
+        self.refresh_published(&mut st).await?;
+        if !st.published.contains(&key) {
+            // Refresh once in case the publication just changed.
+            st.published_at = None;
+            self.refresh_published(&mut st).await?;
+        }
+        let published = st.published.contains(&key);
+        if let Some(t) = st.tables.get(&key) {
+            if published {
+                return Ok(t.clone());
+            }
+        }
+        client(&mut st, &self.conn).await?;
+        let Some(c) = st.client.take() else {
+            return Err(CatalogError::Database("no connection".into()));
+        };
+        let res = load_table(
+            &mut st.types,
+            &c,
+            schema,
+            table,
+            published,
+            &self.publication,
+        )
+        .await;
+        st.client = Some(c);
+        let t = res?;
+        st.tables.insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+async fn load_table(
+    types: &mut TypeCatalog,
+    c: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    published: bool,
+    publication: &str,
+) -> Result<Arc<Table>, CatalogError> {
+    let rows = c
+        .query(
+            "select c.oid::int8, c.relreplident::text, a.attname::text, a.atttypid::int8, \
+                    coalesce(a.attnum = any(i.indkey::int2[]), false) \
+             from pg_catalog.pg_class c \
+             join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+             join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
+             left join pg_catalog.pg_index i on i.indrelid = c.oid and i.indisprimary \
+             where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p') \
+             order by a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(db_err)?;
+    if rows.is_empty() {
+        return Err(CatalogError::NoSuchTable {
+            schema: schema.into(),
+            table: table.into(),
+        });
+    }
+    if !published {
+        return Err(CatalogError::NotPublished {
+            schema: schema.into(),
+            table: table.into(),
+            publication: publication.to_string(),
+        });
+    }
+    let oids: Vec<Oid> = rows
+        .iter()
+        .map(|r| Oid(r.get::<_, i64>(3) as u32))
+        .collect();
+    types
+        .ensure(c, oids.iter().copied())
+        .await
+        .map_err(db_err)?;
+    let relid = RelId(rows[0].get::<_, i64>(0) as u32);
+    let replica_identity = match rows[0].get::<_, String>(1).as_str() {
+        "f" => ReplicaIdentity::Full,
+        "n" => ReplicaIdentity::Nothing,
+        "i" => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Default,
+    };
+    let columns = rows
+        .iter()
+        .zip(&oids)
+        .map(|(r, oid)| Column {
+            name: r.get(2),
+            ty: types.get(*oid),
+            key: r.get(4),
+        })
+        .collect();
+    let t = Arc::new(Table {
+        id: relid,
+        schema: schema.into(),
+        name: table.into(),
+        replica_identity,
+        columns,
+    });
+    Ok(t)
+}
+
+async fn client<'a>(
+    st: &'a mut State,
+    conn: &PgConnInfo,
+) -> Result<&'a tokio_postgres::Client, CatalogError> {
+    if st.client.as_ref().is_none_or(|c| c.is_closed()) {
+        let c = crate::tls::connect_sql(conn)
+            .await
+            .map_err(|e: ReplicationError| CatalogError::Database(e.to_string()))?;
+        st.client = Some(c);
+    }
+    st.client
+        .as_ref()
+        .ok_or_else(|| CatalogError::Database("no connection".into()))
+}
+
+fn db_err(e: tokio_postgres::Error) -> CatalogError {
+    CatalogError::Database(ReplicationError::from_sql(e).to_string())
+}

@@ -1,0 +1,664 @@
+//! The hub: routes each change to the subscriptions that want it and may see it.
+//!
+//! One task owns all subscription state, so there are no locks on the hot path.
+//! It takes commands (subscribe, unsubscribe, disconnect) from WebSocket sessions
+//! and items from the replication stream, commands first, in one loop.
+//!
+//! # Routing index
+//!
+//! Subscriptions to a specific table live in that table's [`TableIndex`]:
+//! those whose filter has an `eq`/`in` condition are hashed by the canonical key
+//! of that value (per column); the rest sit in a scan list. A change looks up its
+//! row's value in each indexed column and scans the short list, so the work is
+//! proportional to the matches, not to all subscribers. Wildcard subscriptions
+//! (`schema: "*"`, `table: "*"`) are checked by pattern.
+//!
+//! # Fan-out
+//!
+//! A change's Supabase `data` object is encoded once and shared (`Arc<str>`);
+//! each channel gets one frame listing all of its binding ids that matched. Each
+//! connection has one bounded queue. The hub never waits on a connection: when a
+//! queue is full, that client is closed with a reason (a `system` message, then a
+//! close frame with [`CLOSE_SLOW_CLIENT`]) and counted — no other client and not
+//! the slot is slowed by it, and nothing is dropped silently.
+//!
+//! # Readiness and progress
+//!
+//! A subscribe command is acknowledged once the subscription is in the index, and
+//! the session sends the join reply only then, so every change committed after the
+//! client sees `SUBSCRIBED` reaches it. A transaction's end LSN is confirmed to the
+//! replication stream after its changes were handed to the connection queues.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{AllColumns, Change, ChangeKind, Item};
+use crate::filter::{canonical_key, BoundFilter, Filter};
+use crate::pgoutput::RelId;
+use crate::relation::Table;
+use crate::replication::Progress;
+use crate::value::RenderOptions;
+
+/// Close code sent to a client whose outbound queue overflowed.
+pub const CLOSE_SLOW_CLIENT: u16 = 4008;
+
+pub type ConnId = u64;
+pub type ChannelId = u64;
+
+/// What a connection's writer sends, in order.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A complete text frame.
+    Text(String),
+    /// A complete binary frame (vsn 2.0.0 only).
+    Binary(Vec<u8>),
+    /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
+    Change {
+        topic: Arc<str>,
+        ids: Vec<u32>,
+        data: Arc<str>,
+    },
+}
+
+/// Why a connection is being closed by the server.
+#[derive(Clone, Debug)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// A connection as the hub knows it: its queue and a way to close it.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub tx: mpsc::Sender<Outbound>,
+    pub kill: CancellationToken,
+    pub close_reason: Arc<Mutex<Option<CloseReason>>>,
+}
+
+impl ConnHandle {
+    /// Asks the connection to close with `reason` (first reason wins).
+    pub fn close(&self, code: u16, reason: impl Into<String>) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            if r.is_none() {
+                *r = Some(CloseReason {
+                    code,
+                    reason: reason.into(),
+                });
+            }
+        }
+        self.kill.cancel();
+    }
+}
+
+/// Event kinds a binding wants, as a bit set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventMask(u8);
+
+impl EventMask {
+    pub const INSERT: EventMask = EventMask(1);
+    pub const UPDATE: EventMask = EventMask(2);
+    pub const DELETE: EventMask = EventMask(4);
+    /// `*`: every kind, TRUNCATE included.
+    pub const ALL: EventMask = EventMask(15);
+
+    pub fn parse(event: &str) -> Option<EventMask> {
+        match event.to_ascii_uppercase().as_str() {
+            "*" => Some(EventMask::ALL),
+            "INSERT" => Some(EventMask::INSERT),
+            "UPDATE" => Some(EventMask::UPDATE),
+            "DELETE" => Some(EventMask::DELETE),
+            _ => None,
+        }
+    }
+
+    fn has(self, kind: ChangeKind) -> bool {
+        let bit = match kind {
+            ChangeKind::Insert => 1,
+            ChangeKind::Update => 2,
+            ChangeKind::Delete => 4,
+            ChangeKind::Truncate => 8,
+        };
+        self.0 & bit != 0
+    }
+}
+
+/// Which tables a binding covers.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Table(Arc<Table>),
+    /// `None` = any (`*`).
+    Pattern {
+        schema: Option<String>,
+        table: Option<String>,
+    },
+}
+
+/// One `postgres_changes` binding of a join, resolved.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub id: u32,
+    pub events: EventMask,
+    pub target: Target,
+    /// The subscriber's filter (already checked to bind to the target table).
+    pub filter: Filter,
+}
+
+pub enum HubCommand {
+    Subscribe {
+        conn: ConnHandle,
+        channel: ChannelId,
+        topic: Arc<str>,
+        bindings: Vec<Binding>,
+        done: oneshot::Sender<()>,
+    },
+    Unsubscribe {
+        channel: ChannelId,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+}
+
+/// Counters the hub keeps (read by metrics).
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub changes: AtomicU64,
+    pub frames_queued: AtomicU64,
+    pub slow_clients_closed: AtomicU64,
+    pub subscriptions: AtomicU64,
+}
+
+type SubId = usize;
+
+struct Sub {
+    channel: ChannelId,
+    binding_id: u32,
+    events: EventMask,
+    filter: Filter,
+    bound: Option<BoundFilter>,
+    /// Where the sub sits in its table's index, to remove it.
+    slot: IndexSlot,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum IndexSlot {
+    Keyed {
+        relid: RelId,
+        column: usize,
+        keys: Vec<String>,
+    },
+    Scan {
+        relid: RelId,
+    },
+    Pattern {
+        schema: Option<String>,
+        table: Option<String>,
+    },
+}
+
+struct ChannelState {
+    conn: ConnId,
+    topic: Arc<str>,
+    subs: Vec<SubId>,
+}
+
+struct ConnState {
+    handle: ConnHandle,
+    channels: Vec<ChannelId>,
+}
+
+struct TableIndex {
+    table: Arc<Table>,
+    keyed: HashMap<usize, HashMap<String, Vec<SubId>>>,
+    scan: Vec<SubId>,
+}
+
+pub struct Hub {
+    subs: Vec<Option<Sub>>,
+    free: Vec<SubId>,
+    tables: HashMap<RelId, TableIndex>,
+    patterns: Vec<SubId>,
+    channels: HashMap<ChannelId, ChannelState>,
+    conns: HashMap<ConnId, ConnState>,
+    render: RenderOptions,
+    stats: Arc<HubStats>,
+    /// Scratch buffer of (channel, binding id) hits, reused per change.
+    hits: Vec<(ChannelId, u32)>,
+}
+
+impl Hub {
+    pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
+        Hub {
+            subs: Vec::new(),
+            free: Vec::new(),
+            tables: HashMap::new(),
+            patterns: Vec::new(),
+            channels: HashMap::new(),
+            conns: HashMap::new(),
+            render,
+            stats,
+            hits: Vec::new(),
+        }
+    }
+
+    /// Runs until the item stream ends (the replication stream stopped).
+    pub async fn run(
+        mut self,
+        mut items: mpsc::Receiver<Item>,
+        mut commands: mpsc::Receiver<HubCommand>,
+        progress: Arc<Progress>,
+    ) {
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(c) => self.command(c),
+                    None => commands_open = false,
+                },
+                item = items.recv() => match item {
+                    Some(item) => self.item(item, &progress),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    pub fn item(&mut self, item: Item, progress: &Progress) {
+        match item {
+            Item::Change(c) => self.route(&c),
+            Item::Truncate(cs) => {
+                for c in &cs {
+                    self.route(c)
+                }
+            }
+            Item::Commit { end_lsn, .. } => progress.confirm(end_lsn),
+            Item::Begin(_) | Item::Message(_) => {}
+        }
+    }
+
+    pub fn command(&mut self, cmd: HubCommand) {
+        match cmd {
+            HubCommand::Subscribe {
+                conn,
+                channel,
+                topic,
+                bindings,
+                done,
+            } => {
+                let cid = conn.id;
+                self.conns
+                    .entry(cid)
+                    .or_insert_with(|| ConnState {
+                        handle: conn,
+                        channels: Vec::new(),
+                    })
+                    .channels
+                    .push(channel);
+                let mut subs = Vec::with_capacity(bindings.len());
+                for b in bindings {
+                    subs.push(self.add_sub(channel, b));
+                }
+                self.channels.insert(
+                    channel,
+                    ChannelState {
+                        conn: cid,
+                        topic,
+                        subs,
+                    },
+                );
+                let _ = done.send(());
+            }
+            HubCommand::Unsubscribe { channel } => self.remove_channel(channel),
+            HubCommand::Disconnect { conn } => self.remove_conn(conn),
+        }
+    }
+
+    fn add_sub(&mut self, channel: ChannelId, b: Binding) -> SubId {
+        let (slot, bound) = match &b.target {
+            Target::Table(t) => {
+                let bound = b.filter.bind(t).ok();
+                let relid = t.id;
+                let slot = match bound.as_ref().and_then(BoundFilter::index_key) {
+                    Some((column, keys)) => IndexSlot::Keyed {
+                        relid,
+                        column,
+                        keys,
+                    },
+                    None => IndexSlot::Scan { relid },
+                };
+                (slot, bound)
+            }
+            Target::Pattern { schema, table } => (
+                IndexSlot::Pattern {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                },
+                None,
+            ),
+        };
+        let sub = Sub {
+            channel,
+            binding_id: b.id,
+            events: b.events,
+            filter: b.filter,
+            bound,
+            slot: slot.clone(),
+        };
+        let id = match self.free.pop() {
+            Some(i) => {
+                self.subs[i] = Some(sub);
+                i
+            }
+            None => {
+                self.subs.push(Some(sub));
+                self.subs.len() - 1
+            }
+        };
+        let table = match &b.target {
+            Target::Table(t) => Some(t.clone()),
+            Target::Pattern { .. } => None,
+        };
+        match (slot, table) {
+            (
+                IndexSlot::Keyed {
+                    relid,
+                    column,
+                    keys,
+                },
+                Some(t),
+            ) => {
+                let ti = self.table_index(relid, t);
+                let col = ti.keyed.entry(column).or_default();
+                for k in keys {
+                    col.entry(k).or_default().push(id);
+                }
+            }
+            (IndexSlot::Scan { relid }, Some(t)) => self.table_index(relid, t).scan.push(id),
+            _ => self.patterns.push(id),
+        }
+        self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    fn table_index(&mut self, relid: RelId, table: Arc<Table>) -> &mut TableIndex {
+        self.tables.entry(relid).or_insert_with(|| TableIndex {
+            table,
+            keyed: HashMap::new(),
+            scan: Vec::new(),
+        })
+    }
+
+    fn remove_sub(&mut self, id: SubId) {
+        let Some(sub) = self.subs.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(id);
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        match sub.slot {
+            IndexSlot::Keyed {
+                relid,
+                column,
+                keys,
+            } => {
+                if let Some(ti) = self.tables.get_mut(&relid) {
+                    if let Some(col) = ti.keyed.get_mut(&column) {
+                        for k in keys {
+                            if let Some(v) = col.get_mut(&k) {
+                                v.retain(|&s| s != id);
+                                if v.is_empty() {
+                                    col.remove(&k);
+                                }
+                            }
+                        }
+                        if col.is_empty() {
+                            ti.keyed.remove(&column);
+                        }
+                    }
+                    if ti.keyed.is_empty() && ti.scan.is_empty() {
+                        self.tables.remove(&relid);
+                    }
+                }
+            }
+            IndexSlot::Scan { relid } => {
+                if let Some(ti) = self.tables.get_mut(&relid) {
+                    ti.scan.retain(|&s| s != id);
+                    if ti.keyed.is_empty() && ti.scan.is_empty() {
+                        self.tables.remove(&relid);
+                    }
+                }
+            }
+            IndexSlot::Pattern { .. } => self.patterns.retain(|&s| s != id),
+        }
+    }
+
+    fn remove_channel(&mut self, channel: ChannelId) {
+        if let Some(ch) = self.channels.remove(&channel) {
+            for s in ch.subs {
+                self.remove_sub(s);
+            }
+            if let Some(c) = self.conns.get_mut(&ch.conn) {
+                c.channels.retain(|&x| x != channel);
+            }
+        }
+    }
+
+    fn remove_conn(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            for ch in c.channels {
+                if let Some(chs) = self.channels.remove(&ch) {
+                    for s in chs.subs {
+                        self.remove_sub(s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of live subscriptions (for tests and metrics).
+    pub fn subscription_count(&self) -> usize {
+        self.subs.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Routes one change to every matching channel.
+    pub fn route(&mut self, change: &Arc<Change>) {
+        self.stats.changes.fetch_add(1, Ordering::Relaxed);
+        self.hits.clear();
+        let kind = change.kind;
+        let row = match kind {
+            ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
+            ChangeKind::Delete => change.old.as_ref(),
+            ChangeKind::Truncate => None,
+        };
+        let relid = change.table.id;
+        if self.tables.contains_key(&relid) {
+            self.rebind_if_changed(relid, &change.table);
+        }
+        if let Some(ti) = self.tables.get(&relid) {
+            let subs = &self.subs;
+            let hits = &mut self.hits;
+            let mut consider = |sid: SubId| {
+                if let Some(Some(s)) = subs.get(sid) {
+                    if !s.events.has(kind) {
+                        return;
+                    }
+                    let ok = match (&s.bound, row) {
+                        (Some(f), Some(r)) => f.matches(r),
+                        (Some(f), None) => f.is_empty(),
+                        // A filter that no longer binds to the table matches nothing.
+                        (None, _) => false,
+                    };
+                    if ok {
+                        hits.push((s.channel, s.binding_id));
+                    }
+                }
+            };
+            if let Some(r) = row {
+                for (&col, map) in &ti.keyed {
+                    let Some(cell) = r.get(col) else { continue };
+                    let Some(text) = cell.text() else { continue };
+                    let Some(key) = canonical_key(&ti.table.columns[col].ty, text) else {
+                        continue;
+                    };
+                    if let Some(v) = map.get(&key) {
+                        for &sid in v {
+                            consider(sid);
+                        }
+                    }
+                }
+            }
+            for &sid in &ti.scan {
+                consider(sid);
+            }
+        }
+        for &sid in &self.patterns {
+            if let Some(Some(s)) = self.subs.get(sid) {
+                if let IndexSlot::Pattern { schema, table } = &s.slot {
+                    let schema_ok = schema.as_deref().is_none_or(|x| x == change.table.schema);
+                    let table_ok = table.as_deref().is_none_or(|x| x == change.table.name);
+                    if schema_ok && table_ok && s.events.has(kind) {
+                        self.hits.push((s.channel, s.binding_id));
+                    }
+                }
+            }
+        }
+        if self.hits.is_empty() {
+            return;
+        }
+        self.hits.sort_unstable();
+        self.hits.dedup();
+        let mut data = String::with_capacity(512);
+        change.to_supabase_data(&mut data, &AllColumns, self.render);
+        let data: Arc<str> = Arc::from(data);
+        let mut slow = Vec::new();
+        let mut i = 0;
+        while i < self.hits.len() {
+            let channel = self.hits[i].0;
+            let mut ids = Vec::with_capacity(1);
+            while i < self.hits.len() && self.hits[i].0 == channel {
+                ids.push(self.hits[i].1);
+                i += 1;
+            }
+            let Some(ch) = self.channels.get(&channel) else {
+                continue;
+            };
+            let Some(conn) = self.conns.get(&ch.conn) else {
+                continue;
+            };
+            let out = Outbound::Change {
+                topic: ch.topic.clone(),
+                ids,
+                data: data.clone(),
+            };
+            match conn.handle.tx.try_send(out) {
+                Ok(()) => {
+                    self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(ch.conn),
+                Err(mpsc::error::TrySendError::Closed(_)) => slow.push(ch.conn),
+            }
+        }
+        for conn in slow {
+            if let Some(c) = self.conns.get(&conn) {
+                if !c.handle.tx.is_closed() {
+                    self.stats
+                        .slow_clients_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        conn,
+                        "closing a client that fell behind: its outbound queue is full"
+                    );
+                    c.handle.close(
+                        CLOSE_SLOW_CLIENT,
+                        "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
+                    );
+                }
+            }
+            self.remove_conn(conn);
+        }
+    }
+
+    /// When the stream describes a table differently from what its subscriptions
+    /// were bound to (a schema change), bind them again by column name.
+    fn rebind_if_changed(&mut self, relid: RelId, table: &Arc<Table>) {
+        let Some(ti) = self.tables.get_mut(&relid) else {
+            return;
+        };
+        if Arc::ptr_eq(&ti.table, table) {
+            return;
+        }
+        let same_shape = ti.table.columns.len() == table.columns.len()
+            && ti
+                .table
+                .columns
+                .iter()
+                .zip(&table.columns)
+                .all(|(a, b)| a.name == b.name && a.ty.name == b.ty.name);
+        ti.table = table.clone();
+        if same_shape {
+            return;
+        }
+        // Re-index every sub of this table.
+        let mut ids: Vec<SubId> = ti.scan.clone();
+        for col in ti.keyed.values() {
+            for v in col.values() {
+                ids.extend(v.iter().copied());
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for sid in ids {
+            let Some(Some(sub)) = self.subs.get(sid) else {
+                continue;
+            };
+            let binding = Binding {
+                id: sub.binding_id,
+                events: sub.events,
+                target: Target::Table(table.clone()),
+                filter: sub.filter.clone(),
+            };
+            let channel = sub.channel;
+            self.remove_sub(sid);
+            let new_id = self.add_sub(channel, binding);
+            if let Some(ch) = self.channels.get_mut(&channel) {
+                for s in ch.subs.iter_mut() {
+                    if *s == sid {
+                        *s = new_id;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A deterministic, non-zero binding id (27 bits, like Supabase's) from the binding's
+/// parameters, so identical bindings share an id and a rejoin gets the same ids.
+pub fn binding_id(event: &str, schema: &str, table: Option<&str>, filter: Option<&str>) -> u32 {
+    // FNV-1a over the fields with separators.
+    let mut h: u32 = 0x811c_9dc5;
+    for part in [
+        event,
+        "\u{1}",
+        schema,
+        "\u{1}",
+        table.unwrap_or("\u{2}"),
+        "\u{1}",
+        filter.unwrap_or("\u{2}"),
+    ] {
+        for b in part.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    let id = h & 0x07ff_ffff;
+    if id == 0 {
+        1
+    } else {
+        id
+    }
+}

@@ -1,0 +1,205 @@
+//! `walcast serve`: the daemon. Wires the replication stream, the hub and the
+//! WebSocket server together and runs them until shutdown.
+//!
+//! Shutdown order (SIGTERM/SIGINT): stop accepting connections, stop reading the
+//! slot, let the hub drain what it was handed and confirm it, send the final
+//! status update, close sockets with 1001, and wait for tasks under a deadline.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::Catalog;
+use crate::config::{ConfigError, PgConnInfo, ServeConfig};
+use crate::hub::{Hub, HubStats};
+use crate::replication::{self, Progress, ReplicationError, ReplicationOptions, StreamState};
+use crate::value::RenderOptions;
+use crate::ws::{self, Shared, WsStats};
+
+/// How long startup waits for the replication stream before serving anyway.
+const STARTUP_STREAM_WAIT: Duration = Duration::from_secs(30);
+
+/// Hub commands buffered from sessions.
+const HUB_COMMAND_CAPACITY: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no database URL: pass --database-url, set DATABASE_URL, or set postgres.database_url in the config file")]
+    NoDatabaseUrl,
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("{0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+}
+
+/// Everything running, for callers (tests, the demo) that need the address or stats.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub hub_stats: Arc<HubStats>,
+    pub ws_stats: Arc<WsStats>,
+    pub stream: Arc<StreamState>,
+}
+
+/// Runs the daemon until `shutdown` fires or replication fails for good.
+/// `on_ready` is called once the listener is bound.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), ServeError> {
+    config.validate()?;
+    let url = config
+        .postgres
+        .database_url
+        .clone()
+        .ok_or(ServeError::NoDatabaseUrl)?;
+    let conn = PgConnInfo::parse(&url)?;
+    let catalog = Arc::new(Catalog::new(
+        conn.clone(),
+        config.postgres.publication.clone(),
+    ));
+    catalog.check().await?;
+
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.server.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: config.server.listen.clone(),
+        source,
+    })?;
+
+    let config = Arc::new(config);
+    let render = RenderOptions {
+        big_numbers_as_strings: config.values.big_numbers_as_strings,
+    };
+    let (items_tx, items_rx) = mpsc::channel(config.limits.pipeline_capacity);
+    let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
+    let progress = Arc::new(Progress::default());
+    let stream = Arc::new(StreamState::default());
+    let hub_stats = Arc::new(HubStats::default());
+    let ws_stats = Arc::new(WsStats::default());
+    let tracker = TaskTracker::new();
+
+    // Replication stops on its own token, cancelled after the server stops accepting.
+    let stop_stream = CancellationToken::new();
+    let repl_opts = ReplicationOptions {
+        conn,
+        slot: config.postgres.slot.clone(),
+        publication: config.postgres.publication.clone(),
+        create_slot: config.postgres.create_slot,
+        temporary: false,
+        start_lsn: None,
+        retry_definite_errors: true,
+    };
+    let repl = tokio::spawn(replication::run(
+        repl_opts,
+        items_tx,
+        progress.clone(),
+        stream.clone(),
+        stop_stream.clone(),
+    ));
+    let hub = tokio::spawn(Hub::new(render, hub_stats.clone()).run(items_rx, cmd_rx, progress));
+
+    let sessions_stop = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        hub: cmd_tx,
+        catalog,
+        config: config.clone(),
+        stats: ws_stats.clone(),
+        next_id: AtomicU64::new(0),
+        shutdown: sessions_stop.clone(),
+        tracker: tracker.clone(),
+    });
+    let app = ws::router(shared.clone());
+    // Serve once the slot is streaming (so a slot created at startup exists before the
+    // first client can write), or after a deadline so /health answers while PostgreSQL
+    // is unreachable.
+    let mut repl = repl;
+    let deadline = tokio::time::Instant::now() + STARTUP_STREAM_WAIT;
+    while !stream.connected.load(std::sync::atomic::Ordering::Acquire)
+        && tokio::time::Instant::now() < deadline
+        && !shutdown.is_cancelled()
+    {
+        if repl.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if repl.is_finished() {
+        stop_stream.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), hub).await;
+        return match (&mut repl).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(join) => {
+                Err(ReplicationError::Protocol(format!("replication task failed: {join}")).into())
+            }
+        };
+    }
+    on_ready(&Running {
+        addr,
+        hub_stats,
+        ws_stats,
+        stream,
+    });
+    tracing::info!(%addr, "listening");
+
+    let http_stop = CancellationToken::new();
+    let http = {
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        })
+    };
+
+    // Wait for shutdown, or for replication to fail for good.
+    let repl_result = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        r = &mut repl => Some(r),
+    };
+    // 1. Stop accepting.
+    http_stop.cancel();
+    // 2. Stop reading the slot; the hub drains and confirms; final status update.
+    stop_stream.cancel();
+    let repl_result = match repl_result {
+        Some(r) => r,
+        None => repl.await,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), hub).await;
+    // 3. Close sockets with 1001 and wait under a deadline.
+    sessions_stop.cancel();
+    tracker.close();
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not close within the grace period");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+    drop(shared);
+    match repl_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(join) => {
+            Err(ReplicationError::Protocol(format!("replication task failed: {join}")).into())
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The WebSocket server: HTTP routes, the upgrade, and each connection's writer.
+//!
+//! Serves the Supabase Realtime endpoints `/realtime/v1/websocket` and
+//! `/socket/websocket` (query parameters `apikey` and `vsn`; others are ignored),
+//! plus `/health`. Each connection has a reader (the [`session`]: Phoenix
+//! protocol) and a writer task draining the connection's bounded queue; the writer
+//! batches whatever is queued into one flush.
+
+pub mod frame;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::stream::SplitSink;
+use futures::SinkExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::Catalog;
+use crate::config::ServeConfig;
+use crate::hub::{ConnHandle, HubCommand, Outbound};
+use frame::Vsn;
+
+/// Most frames the writer sends before flushing.
+const WRITE_BATCH: usize = 128;
+
+/// Counters of the WebSocket side (read by metrics).
+#[derive(Debug, Default)]
+pub struct WsStats {
+    pub connections: AtomicI64,
+    pub connections_total: AtomicU64,
+    pub channels: AtomicI64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub malformed_frames: AtomicU64,
+    pub joins_ok: AtomicU64,
+    pub joins_error: AtomicU64,
+}
+
+/// Everything sessions share.
+pub struct Shared {
+    pub hub: mpsc::Sender<HubCommand>,
+    pub catalog: Arc<Catalog>,
+    pub config: Arc<ServeConfig>,
+    pub stats: Arc<WsStats>,
+    pub next_id: AtomicU64,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/realtime/v1/websocket", get(upgrade))
+        .route("/socket/websocket", get(upgrade))
+        .route("/health", get(health))
+        .with_state(shared)
+}
+
+async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let vsn = match Vsn::parse(params.get("vsn").map(String::as_str)) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
+    };
+    if shared.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "walcast is shutting down"})),
+        )
+            .into_response();
+    }
+    let apikey = params.get("apikey").cloned();
+    let max = shared.config.server.max_frame_bytes;
+    let tracker = shared.tracker.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            tracker.track_future(session::run(socket, vsn, shared, peer, apikey))
+        })
+}
+
+/// Topics a connection has joined, with their join refs (for closing messages).
+pub type JoinedTopics = Arc<Mutex<Vec<(Arc<str>, Option<String>)>>>;
+
+/// Drains a connection's queue into the socket until the queue closes, the
+/// connection is killed (slow client, expired token…) or the server shuts down.
+pub(crate) async fn writer(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    vsn: Vsn,
+    handle: ConnHandle,
+    joined: JoinedTopics,
+    shutdown: CancellationToken,
+    stats: Arc<WsStats>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = handle.kill.cancelled() => {
+                let reason = handle
+                    .close_reason
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.clone());
+                let (code, text) = reason
+                    .map(|r| (r.code, r.reason))
+                    .unwrap_or((1000, "closed".into()));
+                // Tell each channel why, then close; a stuck client gets a short deadline.
+                let topics = joined.lock().map(|j| j.clone()).unwrap_or_default();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    for (topic, join_ref) in topics {
+                        let msg = system_payload("system", "error", &text, &topic);
+                        let f = frame::encode(vsn, join_ref.as_deref(), None, &topic, "system", &msg);
+                        let _ = sink.feed(Message::Text(f.into())).await;
+                    }
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame { code, reason: truncate_reason(&text).into() })))
+                        .await;
+                })
+                .await;
+                break;
+            }
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(CloseFrame {
+                    code: 1001,
+                    reason: "server shutting down".into(),
+                }))))
+                .await;
+                break;
+            }
+            m = rx.recv() => {
+                let Some(first) = m else {
+                    let _ = sink.close().await;
+                    break;
+                };
+                let mut n = 0;
+                let mut next = Some(first);
+                let mut failed = false;
+                while let Some(o) = next.take() {
+                    let msg = render(o, vsn);
+                    let len = match &msg {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) => b.len(),
+                        _ => 0,
+                    };
+                    if sink.feed(msg).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                    stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                    n += 1;
+                    if n < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if failed || sink.flush().await.is_err() {
+                    handle.kill.cancel();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn truncate_reason(s: &str) -> String {
+    // A close reason must fit in 123 bytes.
+    let mut end = s.len().min(123);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn render(o: Outbound, vsn: Vsn) -> Message {
+    match o {
+        Outbound::Text(t) => Message::Text(t.into()),
+        Outbound::Binary(b) => Message::Binary(b.into()),
+        Outbound::Change { topic, ids, data } => {
+            let mut payload = String::with_capacity(data.len() + 32);
+            payload.push_str("{\"ids\":[");
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    payload.push(',');
+                }
+                payload.push_str(&id.to_string());
+            }
+            payload.push_str("],\"data\":");
+            payload.push_str(&data);
+            payload.push('}');
+            Message::Text(
+                frame::encode(vsn, None, None, &topic, "postgres_changes", &payload).into(),
+            )
+        }
+    }
+}
+
+/// The payload of a `system` message.
+pub fn system_payload(extension: &str, status: &str, message: &str, topic: &str) -> String {
+    json!({
+        "extension": extension,
+        "status": status,
+        "message": message,
+        "channel": topic.strip_prefix("realtime:").unwrap_or(topic),
+    })
+    .to_string()
+}

@@ -1,0 +1,471 @@
+//! One client connection speaking Phoenix Channels as `@supabase/realtime-js` does.
+//!
+//! Handles `heartbeat`, `phx_join`, `phx_leave` and `access_token`, and answers a
+//! message for a topic the socket has not joined with an `unmatched topic` error.
+//! A join's `postgres_changes` bindings are resolved against the catalog (table in
+//! the publication, filter valid for its columns) before anything is subscribed;
+//! any problem is a join error reply naming it, and the socket's other channels go
+//! on working. The `ok` reply is sent only after the hub has the subscription
+//! (DESIGN.md §8), echoing the client's bindings in order with an `id` each, then a
+//! `system` message "Subscribed to PostgreSQL".
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, Frame, Vsn};
+use super::{system_payload, JoinedTopics, Shared};
+use crate::filter::Filter;
+use crate::hub::{
+    binding_id, Binding, ChannelId, ConnHandle, EventMask, HubCommand, Outbound, Target,
+};
+
+/// Close code when a client sends nothing (not even heartbeats) for too long.
+pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
+
+struct Joined {
+    id: ChannelId,
+    join_ref: Option<String>,
+}
+
+struct Session {
+    vsn: Vsn,
+    shared: Arc<Shared>,
+    handle: ConnHandle,
+    channels: HashMap<String, Joined>,
+    joined: JoinedTopics,
+    peer: SocketAddr,
+}
+
+pub async fn run(
+    socket: WebSocket,
+    vsn: Vsn,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    _apikey: Option<String>,
+) {
+    let conn_id = shared.next_id();
+    let (tx, rx) = mpsc::channel(shared.config.limits.client_queue);
+    let handle = ConnHandle {
+        id: conn_id,
+        tx,
+        kill: CancellationToken::new(),
+        close_reason: Arc::default(),
+    };
+    let joined: JoinedTopics = Arc::new(Mutex::new(Vec::new()));
+    let (sink, mut stream) = socket.split();
+    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    let writer = shared.tracker.spawn(super::writer(
+        sink,
+        rx,
+        vsn,
+        handle.clone(),
+        joined.clone(),
+        shared.shutdown.clone(),
+        shared.stats.clone(),
+    ));
+    tracing::debug!(conn = conn_id, %peer, ?vsn, "connected");
+    let mut s = Session {
+        vsn,
+        shared: shared.clone(),
+        handle: handle.clone(),
+        channels: HashMap::new(),
+        joined,
+        peer,
+    };
+    let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = handle.kill.cancelled() => break,
+            _ = shared.shutdown.cancelled() => break,
+            n = tokio::time::timeout(idle, stream.next()) => n,
+        };
+        match next {
+            Err(_) => {
+                handle.close(
+                    CLOSE_HEARTBEAT_TIMEOUT,
+                    format!("no message or heartbeat for {}s", idle.as_secs()),
+                );
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(msg))) => match msg {
+                Message::Text(t) => s.on_text(t.as_str()).await,
+                Message::Binary(b) => s.on_binary(&b).await,
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => {}
+            },
+        }
+    }
+    let channels = s.channels.len() as i64;
+    shared.stats.channels.fetch_sub(channels, Ordering::Relaxed);
+    let _ = shared
+        .hub
+        .send(HubCommand::Disconnect { conn: conn_id })
+        .await;
+    drop(s);
+    drop(handle);
+    let _ = writer.await;
+    shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(conn = conn_id, "disconnected");
+}
+
+impl Session {
+    fn send_text(&self, text: String) {
+        match self.handle.tx.try_send(Outbound::Text(text)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.handle.close(
+                crate::hub::CLOSE_SLOW_CLIENT,
+                "slow client: walcast's outbound queue for this connection is full",
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn reply(&self, f: &Frame, ok: bool, response: Value) {
+        let payload = frame::reply_payload(ok, &response);
+        self.send_text(frame::encode(
+            self.vsn,
+            f.join_ref.as_deref(),
+            f.ref_.as_deref(),
+            &f.topic,
+            "phx_reply",
+            &payload,
+        ));
+    }
+
+    fn push(&self, topic: &str, join_ref: Option<&str>, event: &str, payload: &str) {
+        self.send_text(frame::encode(
+            self.vsn, join_ref, None, topic, event, payload,
+        ));
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let f = match frame::decode_text(text, self.vsn) {
+            Ok(f) => f,
+            Err(e) => {
+                self.shared
+                    .stats
+                    .malformed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, error = %e, "malformed frame");
+                // Answer when the frame at least names a ref and topic to answer to.
+                if let Some((topic, r)) = salvage_ref(text) {
+                    self.send_text(frame::encode(
+                        self.vsn,
+                        None,
+                        Some(&r),
+                        &topic,
+                        "phx_reply",
+                        &frame::reply_payload(
+                            false,
+                            &json!({"reason": format!("malformed message: {e}")}),
+                        ),
+                    ));
+                }
+                return;
+            }
+        };
+        self.dispatch(f).await;
+    }
+
+    async fn on_binary(&mut self, b: &[u8]) {
+        if self.vsn != Vsn::V2 {
+            self.shared
+                .stats
+                .malformed_frames
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match frame::decode_binary(b) {
+            Ok(bb) => {
+                let payload = if bb.json {
+                    serde_json::from_slice::<Value>(&bb.payload).unwrap_or(Value::Null)
+                } else {
+                    Value::Null
+                };
+                let f = Frame {
+                    join_ref: Some(bb.join_ref),
+                    ref_: Some(bb.ref_),
+                    topic: bb.topic,
+                    event: "broadcast".into(),
+                    payload: json!({"type": "broadcast", "event": bb.event, "payload": payload}),
+                };
+                self.dispatch(f).await;
+            }
+            Err(e) => {
+                self.shared
+                    .stats
+                    .malformed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, error = %e, "malformed binary frame");
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, f: Frame) {
+        match (f.topic.as_str(), f.event.as_str()) {
+            ("phoenix", "heartbeat") => self.reply(&f, true, json!({})),
+            (_, "phx_join") => self.join(f).await,
+            (_, "phx_leave") => self.leave(&f).await,
+            (t, _) if !self.channels.contains_key(t) => {
+                self.reply(&f, false, json!({"reason": "unmatched topic"}))
+            }
+            (_, "access_token") => {}
+            (_, "broadcast") | (_, "presence") => {
+                // Acknowledge so acked sends and tracks do not time out.
+                self.reply(&f, true, json!({}))
+            }
+            _ => self.reply(
+                &f,
+                false,
+                json!({"reason": format!("unknown event {:?}", f.event)}),
+            ),
+        }
+    }
+
+    async fn leave(&mut self, f: &Frame) {
+        self.reply(f, true, json!({}));
+        if let Some(j) = self.channels.remove(&f.topic) {
+            self.unsubscribe(&f.topic, j).await;
+            self.push(&f.topic, f.join_ref.as_deref(), "phx_close", "{}");
+        }
+    }
+
+    async fn unsubscribe(&mut self, topic: &str, j: Joined) {
+        let _ = self
+            .shared
+            .hub
+            .send(HubCommand::Unsubscribe { channel: j.id })
+            .await;
+        self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut joined) = self.joined.lock() {
+            joined.retain(|(t, _)| &**t != topic);
+        }
+    }
+
+    async fn join(&mut self, f: Frame) {
+        let topic = f.topic.clone();
+        if !topic.starts_with("realtime:") || topic.len() <= "realtime:".len() {
+            self.shared
+                .stats
+                .joins_error
+                .fetch_add(1, Ordering::Relaxed);
+            return self.reply(
+                &f,
+                false,
+                json!({"reason": "topic must be realtime:<name>"}),
+            );
+        }
+        // A second join of a joined topic replaces the first (as Phoenix does).
+        if let Some(old) = self.channels.remove(&topic) {
+            let old_ref = old.join_ref.clone();
+            self.unsubscribe(&topic, old).await;
+            self.push(&topic, old_ref.as_deref(), "phx_close", "{}");
+        }
+        if self.channels.len() >= self.shared.config.limits.channels_per_connection {
+            self.shared
+                .stats
+                .joins_error
+                .fetch_add(1, Ordering::Relaxed);
+            return self.reply(
+                &f,
+                false,
+                json!({"reason": format!(
+                    "too many channels on this connection (limit {})",
+                    self.shared.config.limits.channels_per_connection
+                )}),
+            );
+        }
+        let config = f.payload.get("config").cloned().unwrap_or(Value::Null);
+        let (echo, bindings) = match self.resolve_bindings(&config).await {
+            Ok(v) => v,
+            Err(reason) => {
+                self.shared
+                    .stats
+                    .joins_error
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, %topic, %reason, "join refused");
+                return self.reply(&f, false, json!({ "reason": reason }));
+            }
+        };
+        let channel = self.shared.next_id();
+        let has_bindings = !bindings.is_empty();
+        let (done_tx, done_rx) = oneshot::channel();
+        let topic_arc: Arc<str> = Arc::from(topic.as_str());
+        let sent = self
+            .shared
+            .hub
+            .send(HubCommand::Subscribe {
+                conn: self.handle.clone(),
+                channel,
+                topic: topic_arc.clone(),
+                bindings,
+                done: done_tx,
+            })
+            .await;
+        if sent.is_err() || done_rx.await.is_err() {
+            self.shared
+                .stats
+                .joins_error
+                .fetch_add(1, Ordering::Relaxed);
+            return self.reply(&f, false, json!({"reason": "walcast is shutting down"}));
+        }
+        self.channels.insert(
+            topic.clone(),
+            Joined {
+                id: channel,
+                join_ref: f.join_ref.clone(),
+            },
+        );
+        if let Ok(mut joined) = self.joined.lock() {
+            joined.push((topic_arc, f.join_ref.clone()));
+        }
+        self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.joins_ok.fetch_add(1, Ordering::Relaxed);
+        self.reply(&f, true, json!({ "postgres_changes": echo }));
+        if has_bindings {
+            self.push(
+                &topic,
+                f.join_ref.as_deref(),
+                "system",
+                &system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &topic),
+            );
+        }
+        let presence = config
+            .pointer("/presence/enabled")
+            .is_some_and(|v| v == &Value::Bool(true) || v == "true");
+        if presence {
+            self.push(&topic, f.join_ref.as_deref(), "presence_state", "{}");
+        }
+    }
+
+    /// Checks and resolves a join's `postgres_changes`; the error names the binding and
+    /// what is wrong.
+    async fn resolve_bindings(&self, config: &Value) -> Result<(Vec<Value>, Vec<Binding>), String> {
+        let list = match config.get("postgres_changes") {
+            None | Some(Value::Null) => return Ok((Vec::new(), Vec::new())),
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err("config.postgres_changes must be an array".into()),
+        };
+        if list.len() > self.shared.config.limits.bindings_per_channel {
+            return Err(format!(
+                "too many postgres_changes bindings ({}; limit {})",
+                list.len(),
+                self.shared.config.limits.bindings_per_channel
+            ));
+        }
+        let mut echo = Vec::with_capacity(list.len());
+        let mut bindings = Vec::with_capacity(list.len());
+        for (i, b) in list.iter().enumerate() {
+            let Some(obj) = b.as_object() else {
+                return Err(format!("postgres_changes[{i}] must be an object"));
+            };
+            let (binding, id) = self
+                .resolve_binding(obj)
+                .await
+                .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
+            let mut e: Map<String, Value> = obj.clone();
+            e.insert("id".into(), json!(id));
+            echo.push(Value::Object(e));
+            bindings.push(binding);
+        }
+        Ok((echo, bindings))
+    }
+
+    async fn resolve_binding(&self, obj: &Map<String, Value>) -> Result<(Binding, u32), String> {
+        let str_field = |k: &str| -> Result<Option<&str>, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.as_str())),
+                Some(_) => Err(format!("{k} must be a string")),
+            }
+        };
+        let event_raw = str_field("event")?.unwrap_or("*");
+        let events = EventMask::parse(event_raw).ok_or_else(|| {
+            format!("invalid event {event_raw:?}: use \"*\", \"INSERT\", \"UPDATE\" or \"DELETE\"")
+        })?;
+        let schema = str_field("schema")?.unwrap_or("public");
+        let table = str_field("table")?;
+        let filter_text = str_field("filter")?.filter(|f| !f.trim().is_empty());
+        let id = binding_id(event_raw, schema, table, filter_text);
+        let filter = match filter_text {
+            Some(t) => Filter::parse(t).map_err(|e| format!("invalid filter {t:?}: {e}"))?,
+            None => Filter::default(),
+        };
+        let wildcard = schema == "*" || table.is_none_or(|t| t == "*");
+        let target = if wildcard {
+            if filter_text.is_some() {
+                return Err("a filter needs a single table: name the table".into());
+            }
+            if schema != "*" && table.is_none() {
+                // Schema only: every published table of the schema.
+            }
+            let tables = self
+                .shared
+                .catalog
+                .published_tables()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !tables.iter().any(|(s, t)| {
+                (schema == "*" || s == schema) && table.is_none_or(|x| x == "*" || x == t)
+            }) {
+                return Err(format!(
+                    "no table of publication {:?} matches schema {schema:?}",
+                    self.shared.catalog.publication()
+                ));
+            }
+            Target::Pattern {
+                schema: (schema != "*").then(|| schema.to_string()),
+                table: None,
+            }
+        } else {
+            let table = table.unwrap_or_default();
+            let t = self
+                .shared
+                .catalog
+                .table(schema, table)
+                .await
+                .map_err(|e| e.to_string())?;
+            filter
+                .bind(&t)
+                .map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
+            Target::Table(t)
+        };
+        Ok((
+            Binding {
+                id,
+                events,
+                target,
+                filter,
+            },
+            id,
+        ))
+    }
+}
+
+/// The topic and ref of a frame that failed to decode, when they can be found.
+fn salvage_ref(text: &str) -> Option<(String, String)> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    match v {
+        Value::Array(a) if a.len() >= 3 => Some((a[2].as_str()?.into(), a[1].as_str()?.into())),
+        Value::Object(o) => Some((
+            o.get("topic")?.as_str()?.into(),
+            o.get("ref")?.as_str()?.into(),
+        )),
+        _ => None,
+    }
+}

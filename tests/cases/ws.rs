@@ -1,0 +1,329 @@
+//! The WebSocket server at the protocol level, with a raw client.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::cluster;
+use crate::support::walcast::{serve, Server};
+
+const T: Duration = Duration::from_secs(20);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn setup_db(db: &str, ddl: &str) -> tokio_postgres::Client {
+    let c = cluster().new_db(db).await;
+    c.batch_execute(ddl).await.unwrap();
+    c.batch_execute(&format!("create publication pub_{db} for all tables"))
+        .await
+        .unwrap();
+    c
+}
+
+pub async fn start(db: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--create-slot"];
+    args.extend_from_slice(extra);
+    serve(
+        &cluster().url(db),
+        &format!("slot_{db}"),
+        &format!("pub_{db}"),
+        &args,
+    )
+    .await
+}
+
+async fn connect(server: &Server, vsn: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(vsn))
+        .await
+        .expect("connect");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next text frame as JSON, normalised to [join_ref, ref, topic, event, payload].
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("socket ended")
+            .expect("socket error");
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                return match v {
+                    Value::Object(o) => json!([
+                        o["join_ref"],
+                        o["ref"],
+                        o["topic"],
+                        o["event"],
+                        o["payload"]
+                    ]),
+                    a => a,
+                };
+            }
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn recv_event(ws: &mut Ws, event: &str) -> Value {
+    loop {
+        let f = recv(ws).await;
+        if f[3] == event {
+            return f;
+        }
+    }
+}
+
+async fn join(ws: &mut Ws, vsn: &str, topic: &str, r: &str, config: Value) -> Value {
+    let topic = format!("realtime:{topic}");
+    let payload = json!({"config": config});
+    if vsn == "2.0.0" {
+        send(ws, json!([r, r, topic, "phx_join", payload])).await;
+    } else {
+        send(ws, json!({"topic": topic, "event": "phx_join", "payload": payload, "ref": r, "join_ref": r})).await;
+    }
+    recv_event(ws, "phx_reply").await
+}
+
+#[tokio::test]
+async fn join_delivers_changes_in_both_versions() {
+    let db = "ws_basic";
+    let c = setup_db(db, "create table items (id int primary key, name text, qty int); alter table items replica identity full;").await;
+    let server = start(db, &[]).await;
+    for vsn in ["1.0.0", "2.0.0"] {
+        let mut ws = connect(&server, vsn).await;
+        // Heartbeat.
+        if vsn == "2.0.0" {
+            send(&mut ws, json!([null, "h1", "phoenix", "heartbeat", {}])).await;
+        } else {
+            send(
+                &mut ws,
+                json!({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "h1"}),
+            )
+            .await;
+        }
+        let hb = recv(&mut ws).await;
+        assert_eq!(
+            hb,
+            json!([null, "h1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+        );
+
+        let bindings = json!([
+            {"event": "*", "schema": "public", "table": "items"},
+            {"event": "INSERT", "schema": "public", "table": "items", "filter": "id=eq.2"}
+        ]);
+        let reply = join(
+            &mut ws,
+            vsn,
+            "room",
+            "1",
+            json!({"postgres_changes": bindings}),
+        )
+        .await;
+        assert_eq!(reply[1], "1");
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        let echoed = reply[4]["response"]["postgres_changes"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(echoed.len(), 2);
+        assert_eq!(echoed[1]["filter"], "id=eq.2");
+        let (id_all, id_two) = (
+            echoed[0]["id"].as_u64().unwrap(),
+            echoed[1]["id"].as_u64().unwrap(),
+        );
+        assert!(id_all > 0 && id_two > 0 && id_all != id_two);
+        let sys = recv_event(&mut ws, "system").await;
+        assert_eq!(sys[4]["message"], "Subscribed to PostgreSQL");
+        assert_eq!(sys[4]["channel"], "room");
+
+        c.batch_execute("insert into items values (1, 'a', 1), (2, 'b', 2); update items set qty = 5 where id = 1; delete from items;").await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let f = recv_event(&mut ws, "postgres_changes").await;
+            assert_eq!(f[0], Value::Null);
+            assert_eq!(f[2], "realtime:room");
+            got.push(f[4].clone());
+        }
+        assert_eq!(got[0]["ids"], json!([id_all]));
+        assert_eq!(
+            got[1]["ids"].as_array().unwrap().len(),
+            2,
+            "both bindings matched id 2"
+        );
+        let d = &got[0]["data"];
+        assert_eq!(d["type"], "INSERT");
+        assert_eq!(d["record"], json!({"id": 1, "name": "a", "qty": 1}));
+        assert!(d.get("old_record").is_none());
+        assert_eq!(d["columns"][0], json!({"name": "id", "type": "int4"}));
+        assert!(d["commit_timestamp"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(d["errors"], Value::Null);
+        assert_eq!(got[2]["data"]["type"], "UPDATE");
+        assert_eq!(got[2]["data"]["old_record"]["qty"], 1);
+        assert_eq!(got[3]["data"]["type"], "DELETE");
+        assert!(got[3]["data"].get("record").is_none());
+        c.batch_execute("delete from items").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn bad_joins_are_errors_and_the_socket_keeps_working() {
+    let db = "ws_errors";
+    let c = setup_db(
+        db,
+        "create table t (id int primary key, n int); create table other (id int);",
+    )
+    .await;
+    c.batch_execute("drop publication pub_ws_errors")
+        .await
+        .unwrap();
+    c.batch_execute("create publication pub_ws_errors for table t")
+        .await
+        .unwrap();
+    let server = start(db, &[]).await;
+    let mut ws = connect(&server, "2.0.0").await;
+    for (i, (binding, want)) in [
+        (
+            json!({"event": "*", "schema": "public", "table": "nope"}),
+            "does not exist",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "other"}),
+            "not in publication",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "t", "filter": "id=eqq.1"}),
+            "filter",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "t", "filter": "missing=eq.1"}),
+            "missing",
+        ),
+        (
+            json!({"event": "SOMETIMES", "schema": "public", "table": "t"}),
+            "invalid event",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = format!("e{i}");
+        let reply = join(
+            &mut ws,
+            "2.0.0",
+            &format!("bad{i}"),
+            &r,
+            json!({"postgres_changes": [binding]}),
+        )
+        .await;
+        assert_eq!(reply[4]["status"], "error", "{reply}");
+        let reason = reply[4]["response"]["reason"].as_str().unwrap();
+        assert!(reason.contains(want), "{reason:?} should mention {want:?}");
+    }
+    // Unmatched topic.
+    send(
+        &mut ws,
+        json!(["x", "u1", "realtime:never", "broadcast", {}]),
+    )
+    .await;
+    let r = recv(&mut ws).await;
+    assert_eq!(r[4]["response"]["reason"], "unmatched topic");
+    // Malformed frames get no crash; a frame with a ref gets an error reply.
+    ws.send(Message::Text("not json".into())).await.unwrap();
+    send(&mut ws, json!({"ref": "m1", "topic": "phoenix"})).await;
+    let r = recv(&mut ws).await;
+    assert_eq!(
+        (r[1].as_str(), r[4]["status"].as_str()),
+        (Some("m1"), Some("error"))
+    );
+    // The socket still works.
+    let reply = join(
+        &mut ws,
+        "2.0.0",
+        "good",
+        "g1",
+        json!({"postgres_changes": [{"event": "*", "schema": "public", "table": "t"}]}),
+    )
+    .await;
+    assert_eq!(reply[4]["status"], "ok");
+    c.batch_execute("insert into t values (1, 1)")
+        .await
+        .unwrap();
+    let f = recv_event(&mut ws, "postgres_changes").await;
+    assert_eq!(f[4]["data"]["record"]["id"], 1);
+}
+
+#[tokio::test]
+async fn leave_stops_delivery_and_a_slow_client_is_closed_without_hurting_others() {
+    let db = "ws_slow";
+    let c = setup_db(db, "create table t (id int primary key, pad text)").await;
+    let server = start(db, &[]).await;
+    let binding = json!({"postgres_changes": [{"event": "*", "schema": "public", "table": "t"}]});
+    let mut fast = connect(&server, "2.0.0").await;
+    assert_eq!(
+        join(&mut fast, "2.0.0", "f", "1", binding.clone()).await[4]["status"],
+        "ok"
+    );
+    // A client that joins and then never reads.
+    let mut slow = connect(&server, "2.0.0").await;
+    assert_eq!(
+        join(&mut slow, "2.0.0", "s", "1", binding.clone()).await[4]["status"],
+        "ok"
+    );
+    // Leave on a third socket: nothing arrives after phx_leave.
+    let mut leaver = connect(&server, "2.0.0").await;
+    assert_eq!(
+        join(&mut leaver, "2.0.0", "l", "1", binding.clone()).await[4]["status"],
+        "ok"
+    );
+    send(
+        &mut leaver,
+        json!(["1", "2", "realtime:l", "phx_leave", {}]),
+    )
+    .await;
+    let r = recv_event(&mut leaver, "phx_reply").await;
+    assert_eq!(r[4]["status"], "ok");
+
+    // Enough rows of 2 KB to overflow the slow client's queue and socket buffers.
+    let rows = 12_000;
+    c.execute(
+        "insert into t select g, repeat('x', 2000) from generate_series(1, $1) g",
+        &[&rows],
+    )
+    .await
+    .unwrap();
+    let mut n = 0;
+    while n < rows {
+        let f = recv_event(&mut fast, "postgres_changes").await;
+        assert_eq!(f[4]["data"]["record"]["id"], n + 1, "in order");
+        n += 1;
+    }
+    // The slow client, once it reads, finds a system message and a close with 4008.
+    let mut closed_with = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(T, slow.next()).await {
+            Ok(Some(Ok(Message::Close(Some(c))))) => {
+                closed_with = Some(u16::from(c.code));
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(closed_with, Some(4008));
+    // The leaver got nothing after leaving (only the phx_close).
+    let after = tokio::time::timeout(Duration::from_millis(300), leaver.next()).await;
+    if let Ok(Some(Ok(Message::Text(t)))) = after {
+        assert!(t.contains("phx_close"), "unexpected frame after leave: {t}");
+    }
+}
