@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod js;
 pub mod walcast;
 
 use std::path::{Path, PathBuf};
