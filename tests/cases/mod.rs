@@ -1,2 +1,3 @@
+mod realtime_js;
 mod replication;
 mod ws;
