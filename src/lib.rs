@@ -42,6 +42,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod relation;
 pub mod replication;
+pub mod setup;
 pub mod shutdown;
 pub mod tail;
 pub mod tls;
