@@ -143,6 +143,9 @@ pub enum ReplicationError {
     Server(ServerError),
     #[error("SQL connection: {0}")]
     Sql(String),
+    /// TLS could not be set up as `sslmode` asks (definite: the message says what to change).
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("cannot decode pgoutput message: {0}")]

@@ -1,2 +1,3 @@
 mod replication;
 mod setup;
+mod tls;
