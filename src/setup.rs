@@ -876,7 +876,7 @@ pub async fn status(
     let slot_status = match slot_row {
         None => {
             warnings.push(format!(
-                "replication slot {slot} does not exist: create it with `walcast setup --slot {slot} --create-slot`"
+                "replication slot {slot} does not exist: create it with `walcast setup --publication {publication} --slot {slot} --create-slot`"
             ));
             SlotStatus {
                 name: slot.to_string(),
@@ -917,7 +917,7 @@ pub async fn status(
             }
             if s.wal_status.as_deref() == Some("lost") {
                 warnings.push(format!(
-                    "replication slot {slot} was invalidated (wal_status lost): drop and recreate it with `walcast teardown --slot {slot}` then `walcast setup --slot {slot} --create-slot`"
+                    "replication slot {slot} was invalidated (wal_status lost): drop and recreate it with `walcast teardown --slot {slot}` then `walcast setup --publication {publication} --slot {slot} --create-slot`"
                 ));
             }
             s

@@ -404,7 +404,13 @@ impl ServerCertVerifier for ChainOnly {
 pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, ReplicationError> {
     let mut cfg = info.sql_config.clone();
     cfg.connect_timeout(Duration::from_secs(10));
-    let tls = client_config(info)?;
+    // Like libpq, never TLS over Unix-domain sockets (the server would say 'N').
+    let only_unix = info.hosts.iter().all(|h| matches!(h, PgHost::Unix { .. }));
+    let tls = if only_unix {
+        None
+    } else {
+        client_config(info)?
+    };
     let target = info.to_string();
     let client = match tls {
         None => {
