@@ -39,6 +39,12 @@ pub enum Command {
     Tail(TailArgs),
     /// Run the daemon: stream changes to WebSocket clients (Supabase Realtime protocol).
     Serve(ServeArgs),
+    /// Create or update the publication (and optionally the slot and replica identity).
+    Setup(SetupArgs),
+    /// Show the server, slot and publication as walcast sees them, with warnings.
+    Status(StatusArgs),
+    /// Drop the slot and/or the publication.
+    Teardown(TeardownArgs),
 }
 
 /// Where to connect and which slot and publication to use.
@@ -131,5 +137,134 @@ impl ServeArgs {
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// `walcast setup`: make the database ready for walcast. Idempotent.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// PostgreSQL connection URL (postgres://user:password@host:port/db?sslmode=…).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Publication to create or extend.
+    #[arg(long, default_value = "walcast")]
+    pub publication: String,
+
+    /// Tables to publish, comma-separated (`orders,public.items`); missing ones are added.
+    #[arg(long, value_delimiter = ',', conflicts_with = "all_tables")]
+    pub tables: Vec<String>,
+
+    /// Publish every table (FOR ALL TABLES; needs superuser).
+    #[arg(long)]
+    pub all_tables: bool,
+
+    /// Set this replica identity on every table of the publication (`full`: complete old rows).
+    #[arg(long, value_enum)]
+    pub replica_identity: Option<ReplicaIdentityArg>,
+
+    /// Replication slot to create with --create-slot.
+    #[arg(long, default_value = "walcast")]
+    pub slot: String,
+
+    /// Create the replication slot (pgoutput) if it does not exist.
+    #[arg(long)]
+    pub create_slot: bool,
+
+    /// Print the SQL that would run and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReplicaIdentityArg {
+    Full,
+    Default,
+}
+
+impl SetupArgs {
+    pub fn options(&self) -> Result<crate::setup::SetupOptions, crate::config::ConfigError> {
+        use crate::setup::{ReplicaIdentity, SetupOptions, TableSelection};
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        Ok(SetupOptions {
+            conn: crate::config::PgConnInfo::parse(&self.database_url)?,
+            publication: self.publication.clone(),
+            tables: if self.all_tables {
+                TableSelection::AllTables
+            } else if tables.is_empty() {
+                TableSelection::Unchanged
+            } else {
+                TableSelection::Tables(tables)
+            },
+            replica_identity: self.replica_identity.map(|r| match r {
+                ReplicaIdentityArg::Full => ReplicaIdentity::Full,
+                ReplicaIdentityArg::Default => ReplicaIdentity::Default,
+            }),
+            slot: self.slot.clone(),
+            create_slot: self.create_slot,
+            dry_run: self.dry_run,
+        })
+    }
+}
+
+/// `walcast status`: what walcast would find, with warnings and their fixes.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// PostgreSQL connection URL (postgres://user:password@host:port/db?sslmode=…).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Replication slot to report on.
+    #[arg(long, default_value = "walcast")]
+    pub slot: String,
+
+    /// Publication to report on.
+    #[arg(long, default_value = "walcast")]
+    pub publication: String,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `walcast teardown`: drop what setup made.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["slot", "publication"])))]
+pub struct TeardownArgs {
+    /// PostgreSQL connection URL (postgres://user:password@host:port/db?sslmode=…).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Replication slot to drop.
+    #[arg(long)]
+    pub slot: Option<String>,
+
+    /// Publication to drop.
+    #[arg(long)]
+    pub publication: Option<String>,
+
+    /// Drop the slot even while a consumer uses it (terminates that server process first).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print the SQL that would run and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl TeardownArgs {
+    pub fn options(&self) -> Result<crate::setup::TeardownOptions, crate::config::ConfigError> {
+        Ok(crate::setup::TeardownOptions {
+            conn: crate::config::PgConnInfo::parse(&self.database_url)?,
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            force: self.force,
+            dry_run: self.dry_run,
+        })
     }
 }

@@ -47,6 +47,7 @@ pub mod pgoutput;
 pub mod relation;
 pub mod replication;
 pub mod serve;
+pub mod setup;
 pub mod shutdown;
 pub mod tail;
 pub mod tls;

@@ -69,6 +69,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
         }
+        Command::Setup(args) => print_lines(walcast::setup::setup(&args.options()?).await?.lines),
+        Command::Teardown(args) => {
+            print_lines(walcast::setup::teardown(&args.options()?).await?.lines)
+        }
+        Command::Status(args) => {
+            let conn = PgConnInfo::parse(&args.database_url)?;
+            let status = walcast::setup::status(&conn, &args.slot, &args.publication).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                print!("{}", status.to_text());
+            }
+        }
     }
     Ok(())
+}
+
+/// Prints a setup/teardown report, one line per action.
+fn print_lines(lines: Vec<String>) {
+    for line in lines {
+        println!("{line}");
+    }
 }

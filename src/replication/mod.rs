@@ -143,6 +143,9 @@ pub enum ReplicationError {
     Server(ServerError),
     #[error("SQL connection: {0}")]
     Sql(String),
+    /// TLS could not be set up as `sslmode` asks (definite: the message says what to change).
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("cannot decode pgoutput message: {0}")]
@@ -201,8 +204,8 @@ impl ReplicationError {
         }
         if m.contains("replication slot") && m.contains("does not exist") {
             return ReplicationError::Setup(format!(
-                "replication slot {:?} does not exist (it may have been dropped): create it with `walcast setup --slot {} --create-slot` or run with --create-slot; changes made while it did not exist are not recoverable",
-                opts.slot, opts.slot
+                "replication slot {:?} does not exist (it may have been dropped): create it with `walcast setup --publication {} --slot {} --create-slot` or run with --create-slot; changes made while it did not exist are not recoverable",
+                opts.slot, opts.publication, opts.slot
             ));
         }
         if e.code == "55006" || m.contains("is active for PID") {

@@ -77,8 +77,8 @@ pub async fn preflight(
         None => {
             if !opts.create_slot && !opts.temporary {
                 return Err(ReplicationError::Setup(format!(
-                    "replication slot {:?} does not exist: create it with `walcast setup --slot {} --create-slot`, or pass --create-slot",
-                    opts.slot, opts.slot
+                    "replication slot {:?} does not exist: create it with `walcast setup --publication {} --slot {} --create-slot`, or pass --create-slot",
+                    opts.slot, opts.publication, opts.slot
                 )));
             }
             None

@@ -1,3 +1,5 @@
 mod realtime_js;
 mod replication;
+mod setup;
+mod tls;
 mod ws;
