@@ -38,6 +38,7 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod filter;
 pub mod lsn;
 pub mod pgoutput;
 pub mod relation;
