@@ -47,7 +47,7 @@
 //! |---|---|
 //! | `int2` `int4` `int8` | integers; literals out of the type's range are rejected |
 //! | `numeric` | exact decimals of any precision (never through `f64`); `NaN` equals `NaN` and sorts above everything, `±Infinity` as expected |
-//! | `float4` `float8` | IEEE doubles (float4 literals are rounded to single precision first); `NaN` equals `NaN` and sorts above everything, `-0` equals `0` |
+//! | `float4` `float8` | IEEE doubles (float4 literals are rounded to single precision first); `NaN` equals `NaN` and sorts above everything, `-0` equals `0`. Hexadecimal literals (`0x10`, which PostgreSQL's `strtod` takes) are rejected |
 //! | `bool` | `false < true`; literals as `boolin` reads them (`t`, `yes`, `on`, `1`, …) |
 //! | `date` `timestamp` `timestamptz` | instants; ISO input (`2024-01-02`, `2024-01-02 03:04:05.678`, `T` separator, offsets `Z`, `+02`, `+02:00`, `-0530`), `BC`, `infinity`, `-infinity`, `epoch`. A `timestamptz` literal without an offset is UTC (the walsender runs with `TimeZone=UTC`); a `timestamp` literal's offset is ignored, as PostgreSQL does |
 //! | `uuid` | 128-bit values (any case, hyphens optional, braces allowed) |
@@ -62,10 +62,18 @@
 //! NULL follows SQL's three-valued logic: a comparison with a NULL column is
 //! unknown, so neither the condition nor its `not.` form matches; only `is.null`,
 //! `is.unknown`, `not.is.true`/`not.is.false` and `isdistinct` match NULLs. An `in`
-//! list with a bare `null` item behaves like SQL `IN (…, NULL)`. A column that was
+//! list with a bare `null` item behaves like SQL `= ANY('{…,NULL}')`, and an empty
+//! list matches nothing, not even NULL (so `not.in.()` matches every row, as
+//! `not (NULL = any('{}'))` is true). A column that was
 //! not sent ([`Cell::Absent`]: unchanged TOAST, or a non-key column of a key-only
 //! old image) matches no condition, negated or not, as in Supabase: walcast does
 //! not know its value.
+//!
+//! References: PostgREST "Horizontal Filtering" (operators, quoting), Supabase
+//! Realtime `Subscriptions.parse_subscription_params` (the wire form), and the
+//! PostgreSQL manual: "Comparison Functions and Operators", "Pattern Matching"
+//! (`LIKE`), "Date/Time Input", and the input functions of each type (`int4in`,
+//! `numeric_in`, `float8in`, `boolin`, `uuid_in`, `date_in`, `timestamptz_in`).
 //!
 //! # Invariants
 //!
@@ -1552,6 +1560,11 @@ impl Bound {
             None => match &self.test {
                 Test::IsNull | Test::IsBool(None) | Test::IsDistinct(_) => Some(true),
                 Test::IsBool(Some(_)) => Some(false),
+                // `NULL = any('{}')` is false, not unknown: nothing to compare with.
+                Test::In {
+                    values,
+                    has_null: false,
+                } if values.is_empty() => Some(false),
                 _ => None,
             },
             Some(t) => self.eval_text(t),
@@ -2177,6 +2190,14 @@ mod tests {
         assert_eq!(key("a=not.eq.1"), None);
         assert_eq!(key("j=eq.{}"), None);
         assert_eq!(key(""), None);
+    }
+
+    #[test]
+    fn bound_filters_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<BoundFilter>();
+        assert_send_sync::<Filter>();
+        assert_send_sync::<FilterError>();
     }
 
     proptest::proptest! {

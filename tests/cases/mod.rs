@@ -1,1 +1,2 @@
+mod filter;
 mod replication;
