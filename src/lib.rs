@@ -30,6 +30,8 @@
 //!   turns messages into [`event::Item`]s.
 //! - [`value`]: pgoutput text → JSON identical to PostgreSQL's `to_jsonb()`.
 //! - [`event`]: change events and their encodings.
+//! - [`filter`]: Supabase/PostgREST row filters, bound to column types and
+//!   evaluated in memory with PostgreSQL's comparison semantics.
 //!
 //! Only committed data leaves walcast: pgoutput without `streaming` sends a
 //! transaction after it commits. A transaction's end LSN is confirmed to the

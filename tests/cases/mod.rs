@@ -1,3 +1,4 @@
+mod filter;
 mod realtime_js;
 mod replication;
 mod setup;
