@@ -52,6 +52,8 @@ struct RawType {
     name: String,
     typtype: u8,
     element: u32,
+    /// A true array type (`typelem` set and variable length: `_int4`, `int2vector`).
+    array: bool,
     base: u32,
     delimiter: u8,
     /// Fields of a composite type: (name, type OID).
@@ -86,7 +88,8 @@ impl TypeCatalog {
             let rows = client
                 .query(
                     "select t.oid::int8, t.typname::text, t.typtype::text, t.typelem::int8, \
-                            t.typbasetype::int8, t.typdelim::text, t.typrelid::int8 \
+                            t.typbasetype::int8, t.typdelim::text, t.typrelid::int8, \
+                            (t.typelem <> 0 and t.typlen = -1) \
                      from pg_catalog.pg_type t where t.oid::int8 = any($1)",
                     &[&oid_list],
                 )
@@ -114,6 +117,7 @@ impl TypeCatalog {
                     name: row.get(1),
                     typtype,
                     element: row.get::<_, i64>(3) as u32,
+                    array: row.get(7),
                     base: row.get::<_, i64>(4) as u32,
                     delimiter: row.get::<_, String>(5).bytes().next().unwrap_or(b','),
                     fields,
@@ -134,6 +138,7 @@ impl TypeCatalog {
                     name: format!("oid{o}"),
                     typtype: b'b',
                     element: 0,
+                    array: false,
                     base: 0,
                     delimiter: b',',
                     fields: Vec::new(),
@@ -169,10 +174,16 @@ impl TypeCatalog {
         } else if raw.typtype == b'd' && raw.base != 0 {
             // A domain renders as its base type but keeps its own name.
             self.build(raw.base, depth + 1).kind.clone()
-        } else if raw.element != 0 && raw.name.starts_with('_') {
+        } else if raw.array && raw.element != 0 {
             TypeKind::Array {
                 element: self.build(raw.element, depth + 1),
-                delimiter: raw.delimiter,
+                // `int2vector` and `oidvector` print their elements space-separated
+                // without braces; `to_jsonb` still makes them arrays.
+                delimiter: if matches!(raw.name.as_str(), "int2vector" | "oidvector") {
+                    b' '
+                } else {
+                    raw.delimiter
+                },
             }
         } else if raw.typtype == b'c' {
             TypeKind::Composite {
@@ -432,5 +443,62 @@ fn old_row(table: &Table, old: OldTuple) -> Result<Row, FramingError> {
             }
             Ok(r)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(name: &str, typtype: u8, element: u32, array: bool, base: u32) -> RawType {
+        RawType {
+            name: name.into(),
+            typtype,
+            element,
+            array,
+            base,
+            delimiter: b',',
+            fields: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn kinds_follow_base_types_and_true_arrays() {
+        let mut cat = TypeCatalog::default();
+        cat.raw.insert(23, raw("int4", b'b', 0, false, 0));
+        cat.raw.insert(1007, raw("_int4", b'b', 23, true, 0));
+        cat.raw.insert(21, raw("int2", b'b', 0, false, 0));
+        cat.raw.insert(22, raw("int2vector", b'b', 21, true, 0));
+        // `point` has an element type but is not an array.
+        cat.raw.insert(701, raw("float8", b'b', 0, false, 0));
+        cat.raw.insert(600, raw("point", b'b', 701, false, 0));
+        // A domain over int4[], a domain over int4 and an array of that domain.
+        cat.raw.insert(9001, raw("dintarr", b'd', 0, false, 1007));
+        cat.raw.insert(9002, raw("dint", b'd', 0, false, 23));
+        cat.raw.insert(9003, raw("_dint", b'b', 9002, true, 0));
+        cat.raw.insert(9004, raw("mood", b'e', 0, false, 0));
+        let mut comp = raw("pair", b'c', 0, false, 0);
+        comp.fields = vec![("a".into(), 9001), ("m".into(), 9004)];
+        cat.raw.insert(9005, comp);
+
+        let int_array = |k: &TypeKind, delim: u8| {
+            matches!(k, TypeKind::Array { element, delimiter }
+                if element.kind == TypeKind::Int && *delimiter == delim)
+        };
+        assert!(int_array(&cat.get(Oid(9001)).kind, b','));
+        assert_eq!(cat.get(Oid(9001)).name, "dintarr");
+        assert!(int_array(&cat.get(Oid(9003)).kind, b','));
+        assert!(int_array(&cat.get(Oid(22)).kind, b' '));
+        assert_eq!(cat.get(Oid(600)).kind, TypeKind::Text);
+        assert_eq!(cat.get(Oid(9004)).kind, TypeKind::Text);
+        match &cat.get(Oid(9005)).kind {
+            TypeKind::Composite { fields } => {
+                assert!(int_array(&fields[0].1.kind, b','));
+                assert_eq!(fields[1].1.kind, TypeKind::Text);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown OIDs render as text.
+        assert_eq!(cat.get(Oid(424242)).kind, TypeKind::Text);
     }
 }

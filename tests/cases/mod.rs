@@ -3,4 +3,5 @@ mod realtime_js;
 mod replication;
 mod setup;
 mod tls;
+mod values;
 mod ws;
