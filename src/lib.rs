@@ -31,12 +31,17 @@
 //! - [`value`]: pgoutput text → JSON identical to PostgreSQL's `to_jsonb()`.
 //! - [`event`]: change events and their encodings.
 //!
+//! Beside the pipeline, [`demo`] holds what `walcast demo` is made of: a
+//! throwaway PostgreSQL cluster, a bakery schema with business triggers, and a
+//! traffic generator.
+//!
 //! Only committed data leaves walcast: pgoutput without `streaming` sends a
 //! transaction after it commits. A transaction's end LSN is confirmed to the
 //! server only after every change of it has been handed downstream.
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;
