@@ -691,6 +691,7 @@ pub fn next_steps(s: &NextSteps<'_>) -> String {
         shell_quote(s.walcast)
     );
     let key = js_string(s.api_key);
+    let base_js = js_string(&base);
     format!(
         r#"walcast demo: a bakery in a throwaway PostgreSQL, {rate} business steps a second
 (orders placed, confirmed, baked, delivered; ingredients consumed and restocked).
@@ -705,7 +706,7 @@ as `realtime: {{ transport: WebSocket }}` in createClient's options):
 
     import {{ createClient }} from '@supabase/supabase-js'
 
-    const supabase = createClient('{base}', {key})
+    const supabase = createClient({base_js}, {key})
 
     supabase
       .channel('bakery')
@@ -868,7 +869,7 @@ mod tests {
             "walcast tail --database-url 'postgres://postgres@127.0.0.1:5433/bakery?sslmode=disable' --slot walcast_tail --temporary"
         ), "{text}");
         assert!(
-            text.contains("createClient('http://127.0.0.1:4000', \"demo-'key\")"),
+            text.contains(r#"createClient("http://127.0.0.1:4000", "demo-'key")"#),
             "{text}"
         );
         assert!(text.contains("table: 'orders'"), "{text}");
