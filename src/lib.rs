@@ -33,6 +33,10 @@
 //! - [`filter`]: Supabase/PostgREST row filters, bound to column types and
 //!   evaluated in memory with PostgreSQL's comparison semantics.
 //!
+//! Beside the pipeline, [`demo`] holds what `walcast demo` is made of: a
+//! throwaway PostgreSQL cluster, a bakery schema with business triggers, and a
+//! traffic generator.
+//!
 //! Only committed data leaves walcast: pgoutput without `streaming` sends a
 //! transaction after it commits. A transaction's end LSN is confirmed to the
 //! server only after every change of it has been handed downstream.
@@ -41,6 +45,7 @@ pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod filter;
 pub mod hub;

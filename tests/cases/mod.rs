@@ -1,3 +1,4 @@
+mod demo;
 mod filter;
 mod realtime_js;
 mod replication;

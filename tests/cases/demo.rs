@@ -1,0 +1,301 @@
+//! `walcast demo`'s building blocks against a real cluster: a LocalCluster, the
+//! bakery schema, traffic, and `walcast tail` on the demo slot.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use walcast::demo::{self, LocalCluster, DEMO_DATABASE};
+
+use crate::support::wait_for;
+use crate::support::walcast::spawn;
+
+const T: Duration = Duration::from_secs(60);
+
+const TABLES: [&str; 8] = [
+    "customers",
+    "ingredients",
+    "inventory_logs",
+    "order_items",
+    "orders",
+    "recipe_ingredients",
+    "recipes",
+    "supplier_deliveries",
+];
+
+async fn sql(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the demo database: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A number column as f64 (numeric arrives as text to keep the test free of decimal types).
+async fn num(c: &tokio_postgres::Client, query: &str) -> f64 {
+    let s: String = c
+        .query_one(&format!("select ({query})::text"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+        .get(0);
+    s.parse().unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-6
+}
+
+#[tokio::test]
+async fn demo_bakery_changes_reach_tail_and_triggers_do_their_job() {
+    let cluster = tokio::task::spawn_blocking(LocalCluster::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start the demo cluster: {e}"));
+    let dir = cluster.dir().to_path_buf();
+    let url = cluster.create_database(DEMO_DATABASE).await.unwrap();
+    demo::load_schema(&url).await.unwrap();
+    // Loading twice is harmless.
+    demo::load_schema(&url).await.unwrap();
+    let c = sql(&url).await;
+    assert_eq!(num(&c, "select count(*) from ingredients").await, 12.0);
+
+    // Traffic before the schema exists: a clear error, not a hang.
+    let empty = cluster.create_database("empty").await.unwrap();
+    let err = demo::traffic(&empty, 10.0, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("load the demo schema first"), "{err}");
+
+    // `walcast tail` on the demo's slot and publication (the CLI defaults).
+    let mut tail = spawn(&["tail", "--database-url", &url]);
+
+    // ~40 ticks of traffic, as fast as the test likes.
+    let shutdown = CancellationToken::new();
+    let traffic = tokio::spawn({
+        let url = url.clone();
+        let shutdown = shutdown.clone();
+        async move { demo::traffic(&url, 200.0, shutdown).await }
+    });
+    wait_for("40 demo ticks", T, || async {
+        (num(&c, "select last_value from demo.tick_seq").await >= 40.0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    let ticks = traffic.await.unwrap().unwrap();
+    assert!(ticks >= 40, "{ticks} ticks");
+
+    // Now one confirmation by hand, to check the triggers exactly.
+    let order_id: i64 = c
+        .query_one(
+            "insert into orders (customer_id)
+             select id from customers where email = 'ada@example.com' returning id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.execute(
+        "insert into order_items (order_id, recipe_id, quantity)
+         select $1, id, case name when 'sourdough loaf' then 2 else 3 end
+           from recipes where name in ('sourdough loaf', 'croissant')",
+        &[&order_id],
+    )
+    .await
+    .unwrap();
+    let total = num(
+        &c,
+        &format!("select total from orders where id = {order_id}"),
+    )
+    .await;
+    let expected_total = num(
+        &c,
+        &format!("select sum(quantity * price) from order_items where order_id = {order_id}"),
+    )
+    .await;
+    assert!(close(total, expected_total) && total > 0.0, "{total}");
+    let customer = "from customers where email = 'ada@example.com'";
+    let orders_before = num(&c, &format!("select total_orders {customer}")).await;
+    let spent_before = num(&c, &format!("select total_spent {customer}")).await;
+    let points_before = num(&c, &format!("select loyalty_points {customer}")).await;
+    // What the order needs, per ingredient, and the stock before.
+    let needs = c
+        .query(
+            "select i.id, i.stock::text, sum(oi.quantity * ri.quantity)::text
+               from order_items oi
+               join recipe_ingredients ri on ri.recipe_id = oi.recipe_id
+               join ingredients i on i.id = ri.ingredient_id
+              where oi.order_id = $1
+              group by i.id order by i.id",
+            &[&order_id],
+        )
+        .await
+        .unwrap();
+    assert!(
+        needs.len() >= 5,
+        "sourdough + croissant use at least 5 ingredients"
+    );
+
+    c.execute(
+        "update orders set status = 'confirmed' where id = $1",
+        &[&order_id],
+    )
+    .await
+    .unwrap();
+
+    for row in &needs {
+        let id: i64 = row.get(0);
+        let before: f64 = row.get::<_, String>(1).parse().unwrap();
+        let need: f64 = row.get::<_, String>(2).parse().unwrap();
+        let after = num(
+            &c,
+            &format!("select stock from ingredients where id = {id}"),
+        )
+        .await;
+        assert!(
+            close(after, before - need),
+            "ingredient {id}: {before} - {need} != {after}"
+        );
+        let logged = num(
+            &c,
+            &format!(
+                "select delta from inventory_logs
+                  where order_id = {order_id} and ingredient_id = {id} and reason = 'order'"
+            ),
+        )
+        .await;
+        assert!(
+            close(logged, -need),
+            "ingredient {id}: logged {logged}, needed {need}"
+        );
+    }
+    assert_eq!(
+        num(
+            &c,
+            &format!("select count(*) from inventory_logs where order_id = {order_id}")
+        )
+        .await,
+        needs.len() as f64
+    );
+    assert_eq!(
+        num(&c, &format!("select total_orders {customer}")).await,
+        orders_before + 1.0
+    );
+    assert!(close(
+        num(&c, &format!("select total_spent {customer}")).await,
+        spent_before + total
+    ));
+    assert_eq!(
+        num(&c, &format!("select loyalty_points {customer}")).await,
+        points_before + total.floor()
+    );
+
+    // A confirmed order cannot be cancelled or edited.
+    let err = c
+        .execute(
+            "update orders set status = 'cancelled' where id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("cannot go from confirmed to cancelled"),
+        "{err:?}"
+    );
+    let err = c
+        .execute("delete from order_items where order_id = $1", &[&order_id])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("only change while it is pending"),
+        "{err:?}"
+    );
+
+    // A supplier delivery restocks.
+    let flour_before = num(&c, "select stock from ingredients where name = 'flour'").await;
+    c.batch_execute(
+        "insert into supplier_deliveries (ingredient_id, quantity, cost)
+         select id, 25, 22.50 from ingredients where name = 'flour'",
+    )
+    .await
+    .unwrap();
+    assert!(close(
+        num(&c, "select stock from ingredients where name = 'flour'").await,
+        flour_before + 25.0
+    ));
+    assert_eq!(
+        num(
+            &c,
+            "select count(*) from inventory_logs l join supplier_deliveries d on d.id = l.delivery_id
+              where l.reason = 'delivery' and l.delta = d.quantity"
+        )
+        .await,
+        num(&c, "select count(*) from supplier_deliveries").await
+    );
+
+    // Everything above reached `walcast tail`: every table, the confirmation's
+    // inventory_logs rows, and Ada's new totals, with full old rows.
+    let mut seen = BTreeSet::new();
+    let mut confirmation_logs = 0;
+    let mut ada_updated = false;
+    let mut confirmed_seen = false;
+    let deadline = Instant::now() + T;
+    while !(seen.len() == TABLES.len()
+        && confirmation_logs == needs.len()
+        && ada_updated
+        && confirmed_seen)
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "tail did not show everything: tables {seen:?}, {confirmation_logs} logs of order {order_id}, ada {ada_updated}, confirmed {confirmed_seen}"
+        );
+        let ev = tail.next_json(left).await;
+        let table = ev["table"].as_str().unwrap_or_default().to_string();
+        assert!(TABLES.contains(&table.as_str()), "unexpected table in {ev}");
+        assert_eq!(ev["schema"], "public");
+        let kind = ev["type"].as_str().unwrap_or_default();
+        if kind == "UPDATE" {
+            // REPLICA IDENTITY FULL: the whole old row, not just the key.
+            let old = ev["old_record"].as_object().unwrap();
+            assert_eq!(old.len(), ev["record"].as_object().unwrap().len(), "{ev}");
+        }
+        let rec = &ev["record"];
+        match (table.as_str(), kind) {
+            ("inventory_logs", "INSERT") if rec["order_id"] == order_id => {
+                assert_eq!(rec["reason"], "order");
+                assert!(rec["delta"].as_f64().unwrap() < 0.0, "{ev}");
+                confirmation_logs += 1;
+            }
+            ("customers", "UPDATE")
+                if rec["email"] == "ada@example.com"
+                    && rec["total_orders"].as_f64() == Some(orders_before + 1.0) =>
+            {
+                assert!(close(
+                    rec["total_spent"].as_f64().unwrap(),
+                    spent_before + total
+                ));
+                ada_updated = true;
+            }
+            ("orders", "UPDATE") if rec["id"] == order_id && rec["status"] == "confirmed" => {
+                assert_eq!(ev["old_record"]["status"], "pending");
+                assert!(rec["confirmed_at"].is_string(), "{ev}");
+                confirmed_seen = true;
+            }
+            _ => {}
+        }
+        seen.insert(table);
+    }
+    tail.signal(15);
+    let (ok, err) = tail.wait(T).await;
+    assert!(ok, "tail did not exit cleanly: {err}");
+
+    drop(c);
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!dir.exists(), "{} not removed", dir.display());
+}
