@@ -1,2 +1,3 @@
+mod metrics;
 mod replication;
 mod ws;
