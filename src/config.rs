@@ -324,6 +324,30 @@ pub const DEFAULT_BINDINGS_PER_CHANNEL: usize = 100;
 pub const DEFAULT_PIPELINE_CAPACITY: usize = 8192;
 /// How long a graceful shutdown waits for sessions to close.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// How often the slot's position is read from PostgreSQL for lag metrics: often enough
+/// for alerts measured in minutes, rare enough to cost nothing on the server.
+pub const DEFAULT_SLOT_POLL_INTERVAL_SECS: u64 = 5;
+/// Seconds behind the newest commit before health is "warning": realtime clients
+/// notice a delay of half a minute.
+pub const DEFAULT_LAG_SECONDS_WARNING: u64 = 30;
+/// Seconds behind before health is "critical" and `/ready` fails: five minutes of
+/// delay means the live views are no longer live.
+pub const DEFAULT_LAG_SECONDS_CRITICAL: u64 = 300;
+/// WAL bytes the slot has not confirmed before "warning" (256 MiB): a few seconds of
+/// a busy server's writes; more means walcast is not keeping up.
+pub const DEFAULT_LAG_BYTES_WARNING: u64 = 256 * 1024 * 1024;
+/// Unconfirmed WAL bytes before "critical" (4 GiB): WAL piles up on the server's disk.
+pub const DEFAULT_LAG_BYTES_CRITICAL: u64 = 4 * 1024 * 1024 * 1024;
+/// Seconds without a replication connection before "warning": longer than a
+/// reconnect after a brief network blip or a PostgreSQL restart takes.
+pub const DEFAULT_DISCONNECTED_SECONDS_WARNING: u64 = 15;
+/// Seconds without a replication connection before "critical": clients get no
+/// changes at all.
+pub const DEFAULT_DISCONNECTED_SECONDS_CRITICAL: u64 = 60;
+/// Clients dropped (slow, heartbeat timeout, …) per minute before "warning".
+pub const DEFAULT_CLIENT_DROPS_PER_MINUTE_WARNING: u64 = 10;
+/// Clients dropped per minute before "critical": many clients are being cut off.
+pub const DEFAULT_CLIENT_DROPS_PER_MINUTE_CRITICAL: u64 = 100;
 
 /// The daemon's configuration (`walcast serve`): a TOML file, then environment
 /// variables and flags on top. Every key is documented in `config/walcast.toml`.
@@ -334,6 +358,7 @@ pub struct ServeConfig {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub values: ValuesConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -378,6 +403,9 @@ pub struct ServerConfig {
     pub heartbeat_timeout_secs: u64,
     pub max_frame_bytes: usize,
     pub shutdown_grace_secs: u64,
+    /// A second address serving only `/metrics`, `/health` and `/ready` (e.g. for a
+    /// scraper on another network); they are always on `listen` too.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -387,6 +415,7 @@ impl Default for ServerConfig {
             heartbeat_timeout_secs: DEFAULT_HEARTBEAT_TIMEOUT_SECS,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            metrics_listen: None,
         }
     }
 }
@@ -416,6 +445,89 @@ impl Default for LimitsConfig {
 pub struct ValuesConfig {
     /// Render int8 and numeric as JSON strings (for JavaScript clients).
     pub big_numbers_as_strings: bool,
+}
+
+/// Thresholds of the health levels (`walcast_health_status`, `/ready`). Each check is
+/// "warning" at or above its warning value and "critical" at or above its critical
+/// value; `/ready` fails when replication is disconnected or a lag check is critical.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub slot_poll_interval_secs: u64,
+    pub lag_seconds_warning: u64,
+    pub lag_seconds_critical: u64,
+    pub lag_bytes_warning: u64,
+    pub lag_bytes_critical: u64,
+    pub disconnected_seconds_warning: u64,
+    pub disconnected_seconds_critical: u64,
+    pub client_drops_per_minute_warning: u64,
+    pub client_drops_per_minute_critical: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            slot_poll_interval_secs: DEFAULT_SLOT_POLL_INTERVAL_SECS,
+            lag_seconds_warning: DEFAULT_LAG_SECONDS_WARNING,
+            lag_seconds_critical: DEFAULT_LAG_SECONDS_CRITICAL,
+            lag_bytes_warning: DEFAULT_LAG_BYTES_WARNING,
+            lag_bytes_critical: DEFAULT_LAG_BYTES_CRITICAL,
+            disconnected_seconds_warning: DEFAULT_DISCONNECTED_SECONDS_WARNING,
+            disconnected_seconds_critical: DEFAULT_DISCONNECTED_SECONDS_CRITICAL,
+            client_drops_per_minute_warning: DEFAULT_CLIENT_DROPS_PER_MINUTE_WARNING,
+            client_drops_per_minute_critical: DEFAULT_CLIENT_DROPS_PER_MINUTE_CRITICAL,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The (name, warning, critical) triples, for validation and reporting.
+    pub fn pairs(&self) -> [(&'static str, u64, u64); 4] {
+        [
+            (
+                "lag_seconds",
+                self.lag_seconds_warning,
+                self.lag_seconds_critical,
+            ),
+            ("lag_bytes", self.lag_bytes_warning, self.lag_bytes_critical),
+            (
+                "disconnected_seconds",
+                self.disconnected_seconds_warning,
+                self.disconnected_seconds_critical,
+            ),
+            (
+                "client_drops_per_minute",
+                self.client_drops_per_minute_warning,
+                self.client_drops_per_minute_critical,
+            ),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.slot_poll_interval_secs == 0 {
+            return Err(ConfigError::Invalid {
+                field: "health.slot_poll_interval_secs".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        for (name, warning, critical) in self.pairs() {
+            if warning == 0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("health.{name}_warning"),
+                    reason: "must be at least 1".into(),
+                });
+            }
+            if warning >= critical {
+                return Err(ConfigError::Invalid {
+                    field: format!("health.{name}_warning"),
+                    reason: format!(
+                        "must be below health.{name}_critical ({warning} >= {critical})"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServeConfig {
@@ -457,6 +569,14 @@ impl ServeConfig {
                 "must be an IP address and port, e.g. 127.0.0.1:4000",
             );
         }
+        if let Some(m) = &self.server.metrics_listen {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "server.metrics_listen",
+                    "must be an IP address and port, e.g. 127.0.0.1:9187",
+                );
+            }
+        }
         if self.server.heartbeat_timeout_secs < 30 {
             return bad(
                 "server.heartbeat_timeout_secs",
@@ -491,6 +611,29 @@ impl ServeConfig {
         if self.postgres.publication.is_empty() {
             return bad("postgres.publication", "must not be empty");
         }
-        Ok(())
+        self.health.validate()
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn health_section_parses_and_names_bad_fields() {
+        let c = ServeConfig::from_toml(
+            "[health]\nlag_seconds_warning = 2\nlag_seconds_critical = 9\n[server]\nmetrics_listen = \"127.0.0.1:9187\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.health.lag_seconds_warning, 2);
+        assert_eq!(c.health.lag_bytes_critical, DEFAULT_LAG_BYTES_CRITICAL);
+        let e =
+            ServeConfig::from_toml("[health]\nlag_bytes_warning = 10\nlag_bytes_critical = 10\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("health.lag_bytes_warning"), "{e}");
+        let e = ServeConfig::from_toml("[health]\nlag_secs = 1\n").unwrap_err();
+        assert!(e.to_string().contains("lag_secs"), "{e}");
+        let e = ServeConfig::from_toml("[server]\nmetrics_listen = \"nope\"\n").unwrap_err();
+        assert!(e.to_string().contains("server.metrics_listen"), "{e}");
     }
 }

@@ -30,7 +30,7 @@
 //! replication stream after its changes were handed to the connection queues.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -171,6 +171,28 @@ pub struct HubStats {
     pub frames_queued: AtomicU64,
     pub slow_clients_closed: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Changes routed, by [`ChangeKind`] (see [`HubStats::changes_of`]).
+    pub changes_by_kind: [AtomicU64; 4],
+    /// Commit → queued-to-clients latency of each change that had a subscriber.
+    pub commit_to_send: crate::metrics::LatencyHistogram,
+    /// Unix micros of the commit time of the last transaction the hub finished.
+    pub last_commit_unix_micros: AtomicI64,
+}
+
+impl HubStats {
+    /// Changes of `kind` routed so far.
+    pub fn changes_of(&self, kind: ChangeKind) -> u64 {
+        self.changes_by_kind[kind_index(kind)].load(Ordering::Relaxed)
+    }
+}
+
+fn kind_index(kind: ChangeKind) -> usize {
+    match kind {
+        ChangeKind::Insert => 0,
+        ChangeKind::Update => 1,
+        ChangeKind::Delete => 2,
+        ChangeKind::Truncate => 3,
+    }
 }
 
 type SubId = usize;
@@ -277,7 +299,12 @@ impl Hub {
                     self.route(c)
                 }
             }
-            Item::Commit { end_lsn, .. } => progress.confirm(end_lsn),
+            Item::Commit { end_lsn, info } => {
+                self.stats
+                    .last_commit_unix_micros
+                    .store(info.commit_time.unix_micros(), Ordering::Relaxed);
+                progress.confirm(end_lsn)
+            }
             Item::Begin(_) | Item::Message(_) => {}
         }
     }
@@ -470,6 +497,7 @@ impl Hub {
         self.stats.changes.fetch_add(1, Ordering::Relaxed);
         self.hits.clear();
         let kind = change.kind;
+        self.stats.changes_by_kind[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
         let row = match kind {
             ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
             ChangeKind::Delete => change.old.as_ref(),
@@ -536,6 +564,7 @@ impl Hub {
         change.to_supabase_data(&mut data, &AllColumns, self.render);
         let data: Arc<str> = Arc::from(data);
         let mut slow = Vec::new();
+        let mut queued = false;
         let mut i = 0;
         while i < self.hits.len() {
             let channel = self.hits[i].0;
@@ -558,10 +587,16 @@ impl Hub {
             match conn.handle.tx.try_send(out) {
                 Ok(()) => {
                     self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
+                    queued = true;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push(ch.conn),
                 Err(mpsc::error::TrySendError::Closed(_)) => slow.push(ch.conn),
             }
+        }
+        if queued {
+            self.stats
+                .commit_to_send
+                .observe_since_unix_micros(change.txn.commit_time.unix_micros());
         }
         for conn in slow {
             if let Some(c) = self.conns.get(&conn) {

@@ -50,6 +50,7 @@ pub mod event;
 pub mod filter;
 pub mod hub;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod relation;
 pub mod replication;

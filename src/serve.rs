@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, PgConnInfo, ServeConfig};
 use crate::hub::{Hub, HubStats};
+use crate::metrics::{Metrics, MetricsError, Sources};
 use crate::replication::{self, Progress, ReplicationError, ReplicationOptions, StreamState};
 use crate::value::RenderOptions;
 use crate::ws::{self, Shared, WsStats};
@@ -42,6 +43,8 @@ pub enum ServeError {
     Replication(#[from] ReplicationError),
     #[error("{0}")]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Everything running, for callers (tests, the demo) that need the address or stats.
@@ -50,6 +53,9 @@ pub struct Running {
     pub hub_stats: Arc<HubStats>,
     pub ws_stats: Arc<WsStats>,
     pub stream: Arc<StreamState>,
+    pub metrics: Arc<Metrics>,
+    /// The separate metrics listener (`server.metrics_listen`), when configured.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` fires or replication fails for good.
@@ -83,6 +89,18 @@ pub async fn run(
         source,
     })?;
 
+    let metrics_listener =
+        match &config.server.metrics_listen {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
+                ServeError::Listen {
+                    addr: a.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
     let config = Arc::new(config);
     let render = RenderOptions {
         big_numbers_as_strings: config.values.big_numbers_as_strings,
@@ -94,6 +112,22 @@ pub async fn run(
     let hub_stats = Arc::new(HubStats::default());
     let ws_stats = Arc::new(WsStats::default());
     let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new(
+        Sources {
+            stream: stream.clone(),
+            progress: progress.clone(),
+            hub: hub_stats.clone(),
+            ws: ws_stats.clone(),
+        },
+        config.health.clone(),
+    )?);
+    let monitor_stop = CancellationToken::new();
+    let monitor = tokio::spawn(crate::metrics::monitor(
+        metrics.clone(),
+        conn.clone(),
+        config.postgres.slot.clone(),
+        monitor_stop.clone(),
+    ));
 
     // Replication stops on its own token, cancelled after the server stops accepting.
     let stop_stream = CancellationToken::new();
@@ -125,7 +159,7 @@ pub async fn run(
         shutdown: sessions_stop.clone(),
         tracker: tracker.clone(),
     });
-    let app = ws::router(shared.clone());
+    let app = ws::router(shared.clone()).merge(crate::metrics::routes(metrics.clone()));
     // Serve once the slot is streaming (so a slot created at startup exists before the
     // first client can write), or after a deadline so /health answers while PostgreSQL
     // is unreachable.
@@ -141,6 +175,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if repl.is_finished() {
+        monitor_stop.cancel();
+        let _ = monitor.await;
         stop_stream.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), hub).await;
         return match (&mut repl).await {
@@ -156,6 +192,8 @@ pub async fn run(
         hub_stats,
         ws_stats,
         stream,
+        metrics: metrics.clone(),
+        metrics_addr,
     });
     tracing::info!(%addr, "listening");
 
@@ -171,6 +209,19 @@ pub async fn run(
             .await
         })
     };
+
+    let metrics_http = metrics_listener.map(|l| {
+        let stop = http_stop.clone();
+        if let Some(a) = metrics_addr {
+            tracing::info!(addr = %a, "metrics listening");
+        }
+        let app = crate::metrics::routes_with_health(metrics.clone());
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    });
 
     // Wait for shutdown, or for replication to fail for good.
     let repl_result = tokio::select! {
@@ -194,6 +245,11 @@ pub async fn run(
         tracing::warn!("some connections did not close within the grace period");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+    if let Some(h) = metrics_http {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
+    monitor_stop.cancel();
+    let _ = monitor.await;
     drop(shared);
     match repl_result {
         Ok(Ok(())) => Ok(()),

@@ -123,6 +123,9 @@ pub struct StreamState {
     pub decode_errors: AtomicU64,
     /// Unix seconds when the connection was last lost (0 = never / connected).
     pub disconnected_since: AtomicI64,
+    /// End LSN of the last commit handed downstream; downstream has caught up when
+    /// [`Progress::confirmed`] reaches it.
+    pub handed_commit_end: AtomicU64,
 }
 
 /// Why streaming stopped.
@@ -489,6 +492,9 @@ impl<'a> Session<'a> {
                 .last_commit_unix_micros
                 .store(info.commit_time.unix_micros(), Ordering::Relaxed);
             self.state.transactions.fetch_add(1, Ordering::Relaxed);
+            self.state
+                .handed_commit_end
+                .fetch_max(end_lsn.0, Ordering::Release);
         }
     }
 

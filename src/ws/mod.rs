@@ -47,6 +47,8 @@ pub struct WsStats {
     pub malformed_frames: AtomicU64,
     pub joins_ok: AtomicU64,
     pub joins_error: AtomicU64,
+    /// Clients dropped and auth failures, by reason.
+    pub events: crate::metrics::ClientEvents,
 }
 
 /// Everything sessions share.
@@ -128,6 +130,9 @@ pub(crate) async fn writer(
                     .lock()
                     .ok()
                     .and_then(|r| r.clone());
+                if let Some(r) = &reason {
+                    stats.events.client_dropped(handle.id, r.code, &r.reason);
+                }
                 let (code, text) = reason
                     .map(|r| (r.code, r.reason))
                     .unwrap_or((1000, "closed".into()));

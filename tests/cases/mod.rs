@@ -1,5 +1,6 @@
 mod demo;
 mod filter;
+mod metrics;
 mod realtime_js;
 mod replication;
 mod setup;
