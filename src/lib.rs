@@ -43,6 +43,7 @@ pub mod filter;
 pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
+pub mod presence;
 pub mod relation;
 pub mod replication;
 pub mod serve;
