@@ -35,6 +35,7 @@
 //! transaction after it commits. A transaction's end LSN is confirmed to the
 //! server only after every change of it has been handed downstream.
 
+pub mod broadcast;
 pub mod catalog;
 pub mod cli;
 pub mod config;
