@@ -1,2 +1,3 @@
+mod broadcast;
 mod replication;
 mod ws;
