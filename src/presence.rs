@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_METAS_PER_KEY: usize = 16;
 /// Largest tracked payload (JSON bytes). Presence state is sent whole to every
 /// joiner, so it must stay small.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 10 * 1024;
+/// Longest presence key (it is repeated in every state and diff).
+pub const MAX_KEY_BYTES: usize = 256;
 /// Tracks per second one connection may make (steady rate).
 pub const DEFAULT_TRACKS_PER_SECOND: u32 = 10;
 /// Tracks one connection may make in a burst.
@@ -82,6 +84,8 @@ impl PresenceConfig {
 pub enum PresenceError {
     #[error("presence payload must be a JSON object")]
     NotAnObject,
+    #[error("presence key is {size} bytes; the limit is {MAX_KEY_BYTES}")]
+    KeyTooLong { size: usize },
     #[error("presence payload is {size} bytes; the limit is {limit} (presence.max_payload_bytes)")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("this topic already has {limit} presence keys (presence.max_keys_per_topic)")]
@@ -156,6 +160,9 @@ impl PresenceState {
         phx_ref: String,
         limits: &PresenceConfig,
     ) -> Result<Diff, PresenceError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(PresenceError::KeyTooLong { size: key.len() });
+        }
         let payload = match payload {
             Value::Object(m) => m,
             Value::Null => Map::new(),
@@ -307,6 +314,10 @@ mod tests {
             s.track(1, "k", json!({"x": "y".repeat(100)}), "a".into(), &l),
             Err(PresenceError::PayloadTooLarge { .. })
         ));
+        assert_eq!(
+            s.track(1, &"k".repeat(300), json!({}), "a".into(), &l),
+            Err(PresenceError::KeyTooLong { size: 300 })
+        );
         s.track(1, "a", json!({}), "1".into(), &l).unwrap();
         s.track(2, "a", json!({}), "2".into(), &l).unwrap();
         assert!(matches!(
