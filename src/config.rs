@@ -359,6 +359,12 @@ pub struct ServeConfig {
     pub limits: LimitsConfig,
     pub values: ValuesConfig,
     pub health: HealthConfig,
+    /// `[broadcast]`: payload size and per-connection rate limits.
+    pub broadcast: crate::broadcast::BroadcastConfig,
+    /// `[presence]`: bounds on presence state and the track rate.
+    pub presence: crate::presence::PresenceConfig,
+    /// `[[channels]]`: who may read and write private channels.
+    pub channels: Vec<crate::broadcast::ChannelRule>,
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -610,6 +616,18 @@ impl ServeConfig {
         })?;
         if self.postgres.publication.is_empty() {
             return bad("postgres.publication", "must not be empty");
+        }
+        if let Some((field, reason)) = self
+            .broadcast
+            .invalid_field()
+            .or_else(|| self.presence.invalid_field())
+        {
+            return bad(field, reason);
+        }
+        for (i, rule) in self.channels.iter().enumerate() {
+            if let Some(reason) = rule.invalid() {
+                return bad(&format!("channels[{i}] ({:?})", rule.topic), reason);
+            }
         }
         self.health.validate()
     }

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{AllColumns, Change, ChangeKind, Item};
+use crate::event::{AllColumns, Change, ChangeKind, DbMessage, Item};
 use crate::filter::{canonical_key, BoundFilter, Filter};
 use crate::pgoutput::RelId;
 use crate::relation::Table;
@@ -56,6 +56,8 @@ pub enum Outbound {
     Text(String),
     /// A complete binary frame (vsn 2.0.0 only).
     Binary(Vec<u8>),
+    /// A complete frame whose bytes are shared by many connections (broadcast fan-out).
+    Ws(axum::extract::ws::Message),
     /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
     Change {
         topic: Arc<str>,
@@ -251,7 +253,13 @@ pub struct Hub {
     stats: Arc<HubStats>,
     /// Scratch buffer of (channel, binding id) hits, reused per change.
     hits: Vec<(ChannelId, u32)>,
+    /// Where logical decoding messages go (the broadcast module).
+    on_message: Option<MessageHook>,
 }
+
+/// Receives each logical decoding message (`pg_logical_emit_message`) the stream
+/// carries, in commit order with the changes; must not block.
+pub type MessageHook = Arc<dyn Fn(&DbMessage) + Send + Sync>;
 
 impl Hub {
     pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
@@ -265,7 +273,14 @@ impl Hub {
             render,
             stats,
             hits: Vec::new(),
+            on_message: None,
         }
+    }
+
+    /// Hands logical decoding messages to `hook`.
+    pub fn with_message_hook(mut self, hook: MessageHook) -> Self {
+        self.on_message = Some(hook);
+        self
     }
 
     /// Runs until the item stream ends (the replication stream stopped).
@@ -305,7 +320,13 @@ impl Hub {
                     .store(info.commit_time.unix_micros(), Ordering::Relaxed);
                 progress.confirm(end_lsn)
             }
-            Item::Begin(_) | Item::Message(_) => {}
+            // Logical messages (e.g. `walcast.broadcast()`), in stream order.
+            Item::Message(m) => {
+                if let Some(hook) = &self.on_message {
+                    hook(&m)
+                }
+            }
+            Item::Begin(_) => {}
         }
     }
 

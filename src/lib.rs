@@ -42,6 +42,7 @@
 //! server only after every change of it has been handed downstream.
 
 pub mod auth;
+pub mod broadcast;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -52,6 +53,7 @@ pub mod hub;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;
+pub mod presence;
 pub mod relation;
 pub mod replication;
 pub mod serve;

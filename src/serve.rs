@@ -14,8 +14,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broadcast::{BroadcastStats, Broadcaster};
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, PgConnInfo, ServeConfig};
+use crate::event::DbMessage;
 use crate::hub::{Hub, HubStats};
 use crate::metrics::{Metrics, MetricsError, Sources};
 use crate::replication::{self, Progress, ReplicationError, ReplicationOptions, StreamState};
@@ -56,6 +58,7 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The separate metrics listener (`server.metrics_listen`), when configured.
     pub metrics_addr: Option<SocketAddr>,
+    pub broadcast_stats: Arc<BroadcastStats>,
 }
 
 /// Runs the daemon until `shutdown` fires or replication fails for good.
@@ -147,11 +150,22 @@ pub async fn run(
         stream.clone(),
         stop_stream.clone(),
     ));
-    let hub = tokio::spawn(Hub::new(render, hub_stats.clone()).run(items_rx, cmd_rx, progress));
+    let broadcast = Arc::new(Broadcaster::new(
+        config.broadcast.clone(),
+        config.presence.clone(),
+        config.channels.clone(),
+    ));
+    let hub = {
+        let b = broadcast.clone();
+        let hub = Hub::new(render, hub_stats.clone())
+            .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)));
+        tokio::spawn(hub.run(items_rx, cmd_rx, progress))
+    };
 
     let sessions_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         hub: cmd_tx,
+        broadcast: broadcast.clone(),
         catalog,
         config: config.clone(),
         stats: ws_stats.clone(),
@@ -194,6 +208,7 @@ pub async fn run(
         stream,
         metrics: metrics.clone(),
         metrics_addr,
+        broadcast_stats: broadcast.stats(),
     });
     tracing::info!(%addr, "listening");
 

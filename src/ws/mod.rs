@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::SplitSink;
 use futures::SinkExt;
@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broadcast::Broadcaster;
 use crate::catalog::Catalog;
 use crate::config::ServeConfig;
 use crate::hub::{ConnHandle, HubCommand, Outbound};
@@ -54,6 +55,8 @@ pub struct WsStats {
 /// Everything sessions share.
 pub struct Shared {
     pub hub: mpsc::Sender<HubCommand>,
+    /// Topic membership, broadcast fan-out and presence.
+    pub broadcast: Arc<Broadcaster>,
     pub catalog: Arc<Catalog>,
     pub config: Arc<ServeConfig>,
     pub stats: Arc<WsStats>,
@@ -73,6 +76,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/realtime/v1/websocket", get(upgrade))
         .route("/socket/websocket", get(upgrade))
         .route("/health", get(health))
+        .route("/api/broadcast", post(crate::broadcast::rest_handler))
+        .route(
+            "/realtime/v1/api/broadcast",
+            post(crate::broadcast::rest_handler),
+        )
         .with_state(shared)
 }
 
@@ -207,6 +215,7 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
     match o {
         Outbound::Text(t) => Message::Text(t.into()),
         Outbound::Binary(b) => Message::Binary(b.into()),
+        Outbound::Ws(m) => m,
         Outbound::Change { topic, ids, data } => {
             let mut payload = String::with_capacity(data.len() + 32);
             payload.push_str("{\"ids\":[");

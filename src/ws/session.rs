@@ -43,6 +43,8 @@ struct Session {
     channels: HashMap<String, Joined>,
     joined: JoinedTopics,
     peer: SocketAddr,
+    /// Broadcast and presence rate limits of this connection.
+    limits: crate::broadcast::ConnLimits,
 }
 
 pub async fn run(
@@ -84,6 +86,7 @@ pub async fn run(
         channels: HashMap::new(),
         joined,
         peer,
+        limits: shared.broadcast.conn_limits(),
     };
     let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
     loop {
@@ -111,6 +114,10 @@ pub async fn run(
         }
     }
     let channels = s.channels.len() as i64;
+    // Broadcast hook: drop this connection's memberships and presences.
+    for j in s.channels.values() {
+        shared.broadcast.leave(j.id);
+    }
     shared.stats.channels.fetch_sub(channels, Ordering::Relaxed);
     let _ = shared
         .hub
@@ -191,21 +198,23 @@ impl Session {
             return;
         }
         match frame::decode_binary(b) {
-            Ok(bb) => {
-                let payload = if bb.json {
-                    serde_json::from_slice::<Value>(&bb.payload).unwrap_or(Value::Null)
-                } else {
-                    Value::Null
-                };
-                let f = Frame {
-                    join_ref: Some(bb.join_ref),
-                    ref_: Some(bb.ref_),
-                    topic: bb.topic,
-                    event: "broadcast".into(),
-                    payload: json!({"type": "broadcast", "event": bb.event, "payload": payload}),
-                };
-                self.dispatch(f).await;
-            }
+            // Broadcast hook: kind-3 user broadcast push.
+            Ok(bb) => match self.channels.get(&bb.topic).map(|j| j.id) {
+                Some(id) => self
+                    .shared
+                    .broadcast
+                    .client_binary(&mut self.limits, id, &bb),
+                None => {
+                    let f = Frame {
+                        join_ref: Some(bb.join_ref),
+                        ref_: Some(bb.ref_),
+                        topic: bb.topic,
+                        event: "broadcast".into(),
+                        payload: json!({}),
+                    };
+                    self.reply(&f, false, json!({"reason": "unmatched topic"}))
+                }
+            },
             Err(e) => {
                 self.shared
                     .stats
@@ -225,9 +234,18 @@ impl Session {
                 self.reply(&f, false, json!({"reason": "unmatched topic"}))
             }
             (_, "access_token") => {}
-            (_, "broadcast") | (_, "presence") => {
-                // Acknowledge so acked sends and tracks do not time out.
-                self.reply(&f, true, json!({}))
+            // Broadcast hooks.
+            (t, "broadcast") => {
+                if let Some(id) = self.channels.get(t).map(|j| j.id) {
+                    self.shared.broadcast.client_text(&mut self.limits, id, &f)
+                }
+            }
+            (t, "presence") => {
+                if let Some(id) = self.channels.get(t).map(|j| j.id) {
+                    self.shared
+                        .broadcast
+                        .client_presence(&mut self.limits, id, &f)
+                }
             }
             _ => self.reply(
                 &f,
@@ -246,6 +264,8 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, topic: &str, j: Joined) {
+        // Broadcast hook: leave the topic (presence leaves go to the others).
+        self.shared.broadcast.leave(j.id);
         let _ = self
             .shared
             .hub
@@ -291,6 +311,18 @@ impl Session {
             );
         }
         let config = f.payload.get("config").cloned().unwrap_or(Value::Null);
+        // Broadcast hook: private channels need a [[channels]] rule granting read.
+        if let Err(reason) = self
+            .shared
+            .broadcast
+            .authorize_join(&topic, &config, &self.claims())
+        {
+            self.shared
+                .stats
+                .joins_error
+                .fetch_add(1, Ordering::Relaxed);
+            return self.reply(&f, false, json!({ "reason": reason }));
+        }
         let (echo, bindings) = match self.resolve_bindings(&config).await {
             Ok(v) => v,
             Err(reason) => {
@@ -336,7 +368,27 @@ impl Session {
         }
         self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.joins_ok.fetch_add(1, Ordering::Relaxed);
-        self.reply(&f, true, json!({ "postgres_changes": echo }));
+        // Broadcast hook: join the topic, then the ok reply and presence_state.
+        let reply = frame::encode(
+            self.vsn,
+            f.join_ref.as_deref(),
+            f.ref_.as_deref(),
+            &topic,
+            "phx_reply",
+            &frame::reply_payload(true, &json!({ "postgres_changes": echo })),
+        );
+        self.shared.broadcast.join(
+            crate::broadcast::JoinRequest {
+                conn: &self.handle,
+                vsn: self.vsn,
+                channel,
+                topic: &topic,
+                join_ref: f.join_ref.as_deref(),
+                config: &config,
+                claims: self.claims(),
+            },
+            reply,
+        );
         if has_bindings {
             self.push(
                 &topic,
@@ -345,12 +397,12 @@ impl Session {
                 &system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &topic),
             );
         }
-        let presence = config
-            .pointer("/presence/enabled")
-            .is_some_and(|v| v == &Value::Bool(true) || v == "true");
-        if presence {
-            self.push(&topic, f.join_ref.as_deref(), "presence_state", "{}");
-        }
+    }
+
+    /// The connection's verified JWT claims, for private channel rules. Empty
+    /// until auth provides them: then only rules that need no claim can match.
+    fn claims(&self) -> Map<String, Value> {
+        Map::new()
     }
 
     /// Checks and resolves a join's `postgres_changes`; the error names the binding and

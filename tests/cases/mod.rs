@@ -1,3 +1,4 @@
+mod broadcast;
 mod demo;
 mod filter;
 mod metrics;
