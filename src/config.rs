@@ -365,6 +365,8 @@ pub struct ServeConfig {
     pub presence: crate::presence::PresenceConfig,
     /// `[[channels]]`: who may read and write private channels.
     pub channels: Vec<crate::broadcast::ChannelRule>,
+    /// `[auth]`: JWT verification and per-table row rules.
+    pub auth: crate::auth::AuthConfig,
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -569,11 +571,21 @@ impl ServeConfig {
                 reason: reason.into(),
             })
         };
-        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+        let Ok(listen) = self.server.listen.parse::<std::net::SocketAddr>() else {
             return bad(
                 "server.listen",
                 "must be an IP address and port, e.g. 127.0.0.1:4000",
             );
+        };
+        // Secure by default: without an explicit auth mode, only loopback is served.
+        if self.auth.mode.is_none() && !listen.ip().is_loopback() {
+            return bad(
+                "server.listen",
+                "serving a non-loopback address needs authentication: configure [auth] mode = \"jwt\" with a secret or JWKS, or say mode = \"none\" explicitly to serve without auth",
+            );
+        }
+        if let Err(e) = self.auth.validate() {
+            return bad("auth", &e);
         }
         if let Some(m) = &self.server.metrics_listen {
             if m.parse::<std::net::SocketAddr>().is_err() {
