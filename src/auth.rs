@@ -226,7 +226,7 @@ impl AuthError {
 #[derive(Clone, Debug)]
 pub struct Verified {
     pub claims: Claims,
-    /// Unix seconds.
+    /// Unix seconds until which the token is accepted: its `exp` plus the leeway.
     pub exp: i64,
 }
 
@@ -349,11 +349,10 @@ impl Verifier {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
-                AuthError::Algorithm("(unsupported, e.g. none)".into())
-            }
-            _ => AuthError::Malformed(e.to_string()),
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match header_alg(token) {
+            // A readable header naming an algorithm walcast does not accept (e.g. `none`).
+            Some(alg) => AuthError::Algorithm(alg),
+            None => AuthError::Malformed(e.to_string()),
         })?;
         let alg = header.alg;
         let key = if HS.contains(&alg) {
@@ -411,7 +410,10 @@ impl Verifier {
                 return Err(AuthError::NotYetValid);
             }
         }
-        Ok(Verified { claims, exp })
+        Ok(Verified {
+            claims,
+            exp: exp.saturating_add(self.cfg.leeway_secs as i64),
+        })
     }
 
     fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
@@ -488,6 +490,43 @@ impl Verifier {
                 .and_then(Verified::role)
                 .is_some_and(|r| self.cfg.bypass_roles.iter().any(|b| b == r))
     }
+}
+
+/// The `alg` of a token's header when the header is readable JSON.
+fn header_alg(token: &str) -> Option<String> {
+    let head = token.split('.').next()?;
+    let bytes = base64url_decode(head)?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("alg")?.as_str().map(str::to_string)
+}
+
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes),
+            3 => out.extend_from_slice(&bytes[..2]),
+            2 => out.push(bytes[0]),
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 fn fetch(url: &str) -> Result<String, AuthError> {

@@ -1085,9 +1085,36 @@ impl Broadcaster {
 /// `POST /api/broadcast` and `/realtime/v1/api/broadcast`: 202 when every message
 /// was accepted, 400 with `{"error": …}` for bad input, 403 for a private topic the
 /// caller may not write to.
-pub async fn rest_handler(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    // The caller's claims come from auth (Authorization / apikey) once it lands.
-    let claims = Map::new();
+pub async fn rest_handler(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    // Authenticated like the socket: `Authorization: Bearer <jwt>`, else the apikey
+    // (header or query parameter).
+    let mut claims = Map::new();
+    if shared.auth.enabled() {
+        let bearer = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let apikey = headers
+            .get("apikey")
+            .or_else(|| headers.get("x-api-key"))
+            .and_then(|v| v.to_str().ok())
+            .or(params.get("apikey").map(String::as_str));
+        match shared.auth.verify(bearer.or(apikey).unwrap_or("")).await {
+            Ok(t) => claims = t.claims,
+            Err(e) => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({ "error": e.to_string(), "reason": e.reason() })),
+                )
+                    .into_response()
+            }
+        }
+    }
     match shared.broadcast.rest(&body, &claims) {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),

@@ -253,11 +253,13 @@ impl Change {
 
     /// The `data` object of a Supabase `postgres_changes` frame, limited to `cols`.
     /// An unchanged-TOAST column absent from `record` is named in `unchanged_toast`.
+    /// With `hide_old`, `old_record` is `{}`: the old image is not the subscriber's to see.
     pub fn to_supabase_data(
         &self,
         out: &mut String,
         cols: &(impl ColumnSet + ?Sized),
         opts: RenderOptions,
+        hide_old: bool,
     ) {
         out.push_str("{\"schema\":");
         value::write_str(out, &self.table.schema);
@@ -277,7 +279,11 @@ impl Change {
         }
         if let Some(r) = &self.old {
             out.push_str(",\"old_record\":");
-            self.write_row(out, r, cols, opts);
+            if hide_old {
+                out.push_str("{}");
+            } else {
+                self.write_row(out, r, cols, opts);
+            }
         }
         if self.unchanged_toast().next().is_some() {
             out.push_str(",\"unchanged_toast\":");

@@ -148,6 +148,21 @@ pub struct Binding {
     pub target: Target,
     /// The subscriber's filter (already checked to bind to the target table).
     pub filter: Filter,
+    /// What the subscriber's token allows (all, without auth).
+    pub access: BindingAccess,
+}
+
+/// The auth rule applied to a binding (see `auth`).
+#[derive(Clone, Debug, Default)]
+pub struct BindingAccess {
+    /// Rows the subscriber may see; `None` = all.
+    pub rows: Option<Filter>,
+    /// The rule matches nothing (a claim it needs is missing).
+    pub deny_all: bool,
+    /// Columns the subscriber may see; `None` = all.
+    pub columns: Option<Arc<Vec<String>>>,
+    /// Unix seconds after which nothing more is delivered (the token's `exp`).
+    pub expires_at: Option<i64>,
 }
 
 pub enum HubCommand {
@@ -160,6 +175,12 @@ pub enum HubCommand {
     },
     Unsubscribe {
         channel: ChannelId,
+    },
+    /// Replaces a channel's bindings (after a token refresh changed what it may see).
+    Replace {
+        channel: ChannelId,
+        bindings: Vec<Binding>,
+        done: oneshot::Sender<()>,
     },
     Disconnect {
         conn: ConnId,
@@ -199,12 +220,29 @@ fn kind_index(kind: ChangeKind) -> usize {
 
 type SubId = usize;
 
+/// A change's `data` encoded for one (column mask, old image hidden) variant.
+type Encoding = (Option<Arc<[bool]>>, bool, Arc<str>);
+
+/// A subscription that matched a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Hit {
+    channel: ChannelId,
+    binding_id: u32,
+    sub: SubId,
+}
+
 struct Sub {
     channel: ChannelId,
     binding_id: u32,
     events: EventMask,
     filter: Filter,
+    access: BindingAccess,
+    /// Subscriber filter AND row rule, bound to the table.
     bound: Option<BoundFilter>,
+    /// The row rule alone, to judge an UPDATE's old image.
+    rule: Option<BoundFilter>,
+    /// Column allow-list as a mask over the table's columns.
+    mask: Option<Arc<[bool]>>,
     /// Where the sub sits in its table's index, to remove it.
     slot: IndexSlot,
 }
@@ -251,8 +289,8 @@ pub struct Hub {
     conns: HashMap<ConnId, ConnState>,
     render: RenderOptions,
     stats: Arc<HubStats>,
-    /// Scratch buffer of (channel, binding id) hits, reused per change.
-    hits: Vec<(ChannelId, u32)>,
+    /// Scratch buffer of hits, reused per change.
+    hits: Vec<Hit>,
     /// Where logical decoding messages go (the broadcast module).
     on_message: Option<MessageHook>,
 }
@@ -363,6 +401,30 @@ impl Hub {
                 let _ = done.send(());
             }
             HubCommand::Unsubscribe { channel } => self.remove_channel(channel),
+            HubCommand::Replace {
+                channel,
+                bindings,
+                done,
+            } => {
+                let old = self
+                    .channels
+                    .get_mut(&channel)
+                    .map(|ch| std::mem::take(&mut ch.subs))
+                    .unwrap_or_default();
+                for s in old {
+                    self.remove_sub(s);
+                }
+                if self.channels.contains_key(&channel) {
+                    let mut subs = Vec::with_capacity(bindings.len());
+                    for b in bindings {
+                        subs.push(self.add_sub(channel, b));
+                    }
+                    if let Some(ch) = self.channels.get_mut(&channel) {
+                        ch.subs = subs;
+                    }
+                }
+                let _ = done.send(());
+            }
             HubCommand::Disconnect { conn } => self.remove_conn(conn),
         }
     }
@@ -370,7 +432,15 @@ impl Hub {
     fn add_sub(&mut self, channel: ChannelId, b: Binding) -> SubId {
         let (slot, bound) = match &b.target {
             Target::Table(t) => {
-                let bound = b.filter.bind(t).ok();
+                let combined = match &b.access.rows {
+                    Some(rule) => b.filter.clone().and(rule.clone()),
+                    None => b.filter.clone(),
+                };
+                let bound = if b.access.deny_all {
+                    None
+                } else {
+                    combined.bind(t).ok()
+                };
                 let relid = t.id;
                 let slot = match bound.as_ref().and_then(BoundFilter::index_key) {
                     Some((column, keys)) => IndexSlot::Keyed {
@@ -390,12 +460,27 @@ impl Hub {
                 None,
             ),
         };
+        let (rule, mask) = match &b.target {
+            Target::Table(t) => (
+                b.access.rows.as_ref().and_then(|r| r.bind(t).ok()),
+                b.access.columns.as_ref().map(|cols| {
+                    t.columns
+                        .iter()
+                        .map(|c| cols.contains(&c.name))
+                        .collect::<Arc<[bool]>>()
+                }),
+            ),
+            Target::Pattern { .. } => (None, None),
+        };
         let sub = Sub {
             channel,
             binding_id: b.id,
             events: b.events,
             filter: b.filter,
+            access: b.access,
             bound,
+            rule,
+            mask,
             slot: slot.clone(),
         };
         let id = match self.free.pop() {
@@ -528,12 +613,13 @@ impl Hub {
         if self.tables.contains_key(&relid) {
             self.rebind_if_changed(relid, &change.table);
         }
+        let now = crate::auth::now_unix();
         if let Some(ti) = self.tables.get(&relid) {
             let subs = &self.subs;
             let hits = &mut self.hits;
             let mut consider = |sid: SubId| {
                 if let Some(Some(s)) = subs.get(sid) {
-                    if !s.events.has(kind) {
+                    if !s.events.has(kind) || s.access.expires_at.is_some_and(|e| e <= now) {
                         return;
                     }
                     let ok = match (&s.bound, row) {
@@ -543,7 +629,11 @@ impl Hub {
                         (None, _) => false,
                     };
                     if ok {
-                        hits.push((s.channel, s.binding_id));
+                        hits.push(Hit {
+                            channel: s.channel,
+                            binding_id: s.binding_id,
+                            sub: sid,
+                        });
                     }
                 }
             };
@@ -570,8 +660,13 @@ impl Hub {
                 if let IndexSlot::Pattern { schema, table } = &s.slot {
                     let schema_ok = schema.as_deref().is_none_or(|x| x == change.table.schema);
                     let table_ok = table.as_deref().is_none_or(|x| x == change.table.name);
-                    if schema_ok && table_ok && s.events.has(kind) {
-                        self.hits.push((s.channel, s.binding_id));
+                    let live = s.access.expires_at.is_none_or(|e| e > now);
+                    if schema_ok && table_ok && s.events.has(kind) && live {
+                        self.hits.push(Hit {
+                            channel: s.channel,
+                            binding_id: s.binding_id,
+                            sub: sid,
+                        });
                     }
                 }
             }
@@ -580,20 +675,58 @@ impl Hub {
             return;
         }
         self.hits.sort_unstable();
-        self.hits.dedup();
-        let mut data = String::with_capacity(512);
-        change.to_supabase_data(&mut data, &AllColumns, self.render);
-        let data: Arc<str> = Arc::from(data);
+        self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
+        // One encoding per distinct (column mask, old image kept) among the channels.
+        let mut encodings: Vec<Encoding> = Vec::new();
         let mut slow = Vec::new();
         let mut queued = false;
         let mut i = 0;
         while i < self.hits.len() {
-            let channel = self.hits[i].0;
+            let channel = self.hits[i].channel;
+            let first_sub = self.hits[i].sub;
             let mut ids = Vec::with_capacity(1);
-            while i < self.hits.len() && self.hits[i].0 == channel {
-                ids.push(self.hits[i].1);
+            while i < self.hits.len() && self.hits[i].channel == channel {
+                ids.push(self.hits[i].binding_id);
                 i += 1;
             }
+            let Some(Some(sub)) = self.subs.get(first_sub) else {
+                continue;
+            };
+            // An UPDATE that brought a row into the subscriber's rule: its old image
+            // is not the subscriber's to see. (Under REPLICA IDENTITY FULL pgoutput
+            // flags every column as key, so "key only" cannot be trusted here.)
+            let old_key_only = kind == ChangeKind::Update
+                && match (&sub.rule, change.old.as_ref()) {
+                    (Some(rule), Some(old)) => !rule.matches(old),
+                    _ => false,
+                };
+            let data = match encodings.iter().find(|(m, k, _)| {
+                *k == old_key_only
+                    && match (m, &sub.mask) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                        _ => false,
+                    }
+            }) {
+                Some((_, _, d)) => d.clone(),
+                None => {
+                    let mut text = String::with_capacity(512);
+                    match &sub.mask {
+                        Some(m) => {
+                            change.to_supabase_data(&mut text, &m[..], self.render, old_key_only)
+                        }
+                        None => change.to_supabase_data(
+                            &mut text,
+                            &AllColumns,
+                            self.render,
+                            old_key_only,
+                        ),
+                    }
+                    let d: Arc<str> = Arc::from(text);
+                    encodings.push((sub.mask.clone(), old_key_only, d.clone()));
+                    d
+                }
+            };
             let Some(ch) = self.channels.get(&channel) else {
                 continue;
             };
@@ -677,6 +810,7 @@ impl Hub {
                 events: sub.events,
                 target: Target::Table(table.clone()),
                 filter: sub.filter.clone(),
+                access: sub.access.clone(),
             };
             let channel = sub.channel;
             self.remove_sub(sid);

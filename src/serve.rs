@@ -43,6 +43,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    #[error("auth configuration: {0}")]
+    Auth(String),
     #[error("{0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error(transparent)]
@@ -80,6 +82,21 @@ pub async fn run(
         config.postgres.publication.clone(),
     ));
     catalog.check().await?;
+    let auth = Arc::new(crate::auth::Verifier::new(config.auth.clone()));
+    auth.preload()
+        .await
+        .map_err(|e| ServeError::Auth(e.to_string()))?;
+    match config.auth.mode {
+        None => tracing::warn!(
+            "no [auth] mode configured: serving without authentication, on loopback only"
+        ),
+        Some(crate::auth::AuthMode::None) => {
+            tracing::warn!(
+                "auth.mode = \"none\": any client may subscribe to every published table"
+            )
+        }
+        Some(crate::auth::AuthMode::Jwt) => {}
+    }
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -165,6 +182,7 @@ pub async fn run(
     let sessions_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         hub: cmd_tx,
+        auth,
         broadcast: broadcast.clone(),
         catalog,
         config: config.clone(),

@@ -55,6 +55,8 @@ pub struct WsStats {
 /// Everything sessions share.
 pub struct Shared {
     pub hub: mpsc::Sender<HubCommand>,
+    /// Token verification and table rules.
+    pub auth: Arc<crate::auth::Verifier>,
     /// Topic membership, broadcast fan-out and presence.
     pub broadcast: Arc<Broadcaster>,
     pub catalog: Arc<Catalog>,
@@ -92,6 +94,7 @@ async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let vsn = match Vsn::parse(params.get("vsn").map(String::as_str)) {
@@ -105,13 +108,39 @@ async fn upgrade(
         )
             .into_response();
     }
-    let apikey = params.get("apikey").cloned();
+    // With auth on, the connect token (apikey) must verify before the upgrade.
+    let mut connect_token = None;
+    if shared.auth.enabled() {
+        let apikey = params
+            .get("apikey")
+            .map(String::as_str)
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .unwrap_or("");
+        match shared.auth.verify(apikey).await {
+            Ok(t) => connect_token = Some(t),
+            Err(e) => {
+                use crate::auth::AuthError;
+                use crate::metrics::AuthFailure;
+                let reason = match e {
+                    AuthError::Missing => AuthFailure::MissingToken,
+                    AuthError::Expired => AuthFailure::Expired,
+                    _ => AuthFailure::InvalidToken,
+                };
+                shared.stats.events.auth_failed(reason, peer);
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": e.to_string(), "reason": e.reason()})),
+                )
+                    .into_response();
+            }
+        }
+    }
     let max = shared.config.server.max_frame_bytes;
     let tracker = shared.tracker.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            tracker.track_future(session::run(socket, vsn, shared, peer, apikey))
+            tracker.track_future(session::run(socket, vsn, shared, peer, connect_token))
         })
 }
 

@@ -23,10 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, Frame, Vsn};
 use super::{system_payload, JoinedTopics, Shared};
+use crate::auth::{now_unix, Access, AuthError, RowRule, Verified};
 use crate::filter::Filter;
 use crate::hub::{
-    binding_id, Binding, ChannelId, ConnHandle, EventMask, HubCommand, Outbound, Target,
+    binding_id, Binding, BindingAccess, ChannelId, ConnHandle, EventMask, HubCommand, Outbound,
+    Target,
 };
+use crate::metrics::AuthFailure;
 
 /// Close code when a client sends nothing (not even heartbeats) for too long.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
@@ -34,6 +37,12 @@ pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 struct Joined {
     id: ChannelId,
     join_ref: Option<String>,
+    /// The join's `config`, to resolve the bindings again after a token refresh.
+    config: Value,
+    /// The token the channel's access was judged with (`None` without auth).
+    token: Option<Verified>,
+    /// Its text, to ignore refreshes that repeat it.
+    token_text: Option<String>,
 }
 
 struct Session {
@@ -45,6 +54,8 @@ struct Session {
     peer: SocketAddr,
     /// Broadcast and presence rate limits of this connection.
     limits: crate::broadcast::ConnLimits,
+    /// The token verified at connect (the `apikey`), the fallback for joins.
+    connect_token: Option<Verified>,
 }
 
 pub async fn run(
@@ -52,7 +63,7 @@ pub async fn run(
     vsn: Vsn,
     shared: Arc<Shared>,
     peer: SocketAddr,
-    _apikey: Option<String>,
+    connect_token: Option<Verified>,
 ) {
     let conn_id = shared.next_id();
     let (tx, rx) = mpsc::channel(shared.config.limits.client_queue);
@@ -87,13 +98,19 @@ pub async fn run(
         joined,
         peer,
         limits: shared.broadcast.conn_limits(),
+        connect_token,
     };
     let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
     loop {
+        let expiry = s.next_expiry();
         let next = tokio::select! {
             biased;
             _ = handle.kill.cancelled() => break,
             _ = shared.shutdown.cancelled() => break,
+            _ = sleep_until_unix(expiry), if expiry.is_some() => {
+                s.expire_channels().await;
+                continue;
+            }
             n = tokio::time::timeout(idle, stream.next()) => n,
         };
         match next {
@@ -233,7 +250,7 @@ impl Session {
             (t, _) if !self.channels.contains_key(t) => {
                 self.reply(&f, false, json!({"reason": "unmatched topic"}))
             }
-            (_, "access_token") => {}
+            (_, "access_token") => self.refresh_token(&f).await,
             // Broadcast hooks.
             (t, "broadcast") => {
                 if let Some(id) = self.channels.get(t).map(|j| j.id) {
@@ -311,11 +328,23 @@ impl Session {
             );
         }
         let config = f.payload.get("config").cloned().unwrap_or(Value::Null);
+        let (token, token_text) = match self.join_token(&f.payload).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.shared
+                    .stats
+                    .joins_error
+                    .fetch_add(1, Ordering::Relaxed);
+                self.auth_failed(&e);
+                return self.reply(&f, false, json!({ "reason": e.to_string() }));
+            }
+        };
+        let claims = token.as_ref().map(|t| t.claims.clone()).unwrap_or_default();
         // Broadcast hook: private channels need a [[channels]] rule granting read.
         if let Err(reason) = self
             .shared
             .broadcast
-            .authorize_join(&topic, &config, &self.claims())
+            .authorize_join(&topic, &config, &claims)
         {
             self.shared
                 .stats
@@ -323,7 +352,7 @@ impl Session {
                 .fetch_add(1, Ordering::Relaxed);
             return self.reply(&f, false, json!({ "reason": reason }));
         }
-        let (echo, bindings) = match self.resolve_bindings(&config).await {
+        let (echo, bindings) = match self.resolve_bindings(&config, token.as_ref()).await {
             Ok(v) => v,
             Err(reason) => {
                 self.shared
@@ -361,6 +390,9 @@ impl Session {
             Joined {
                 id: channel,
                 join_ref: f.join_ref.clone(),
+                config: config.clone(),
+                token,
+                token_text,
             },
         );
         if let Ok(mut joined) = self.joined.lock() {
@@ -385,7 +417,7 @@ impl Session {
                 topic: &topic,
                 join_ref: f.join_ref.as_deref(),
                 config: &config,
-                claims: self.claims(),
+                claims,
             },
             reply,
         );
@@ -399,15 +431,139 @@ impl Session {
         }
     }
 
-    /// The connection's verified JWT claims, for private channel rules. Empty
-    /// until auth provides them: then only rules that need no claim can match.
-    fn claims(&self) -> Map<String, Value> {
-        Map::new()
+    fn auth_failed(&self, e: &AuthError) {
+        let reason = match e {
+            AuthError::Missing => AuthFailure::MissingToken,
+            AuthError::Expired => AuthFailure::Expired,
+            _ => AuthFailure::InvalidToken,
+        };
+        self.shared.stats.events.auth_failed(reason, self.peer);
+    }
+
+    /// The token a join is judged with: its `access_token`, else the connect token.
+    async fn join_token(
+        &self,
+        payload: &Value,
+    ) -> Result<(Option<Verified>, Option<String>), AuthError> {
+        let auth = &self.shared.auth;
+        if !auth.enabled() {
+            return Ok((None, None));
+        }
+        match user_token(payload) {
+            Some(t) => Ok((Some(auth.verify(t).await?), Some(t.to_string()))),
+            None => match &self.connect_token {
+                Some(t) => {
+                    if t.exp <= now_unix() {
+                        return Err(AuthError::Expired);
+                    }
+                    Ok((Some(t.clone()), None))
+                }
+                None => Err(AuthError::Missing),
+            },
+        }
+    }
+
+    /// The earliest token expiry among joined channels.
+    fn next_expiry(&self) -> Option<i64> {
+        self.channels
+            .values()
+            .filter_map(|j| j.token.as_ref().map(|t| t.exp))
+            .min()
+    }
+
+    /// Closes every channel whose token has expired: a `system` error, then `phx_close`.
+    async fn expire_channels(&mut self) {
+        let now = now_unix();
+        let expired: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, j)| j.token.as_ref().is_some_and(|t| t.exp <= now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in expired {
+            self.auth_failed(&AuthError::Expired);
+            self.close_channel(
+                &topic,
+                "Token has expired: send a fresh access_token and rejoin",
+            )
+            .await;
+        }
+    }
+
+    /// Server-side close of one channel: a `system` error naming why, then `phx_close`.
+    async fn close_channel(&mut self, topic: &str, message: &str) {
+        if let Some(j) = self.channels.remove(topic) {
+            let join_ref = j.join_ref.clone();
+            self.push(
+                topic,
+                join_ref.as_deref(),
+                "system",
+                &system_payload("system", "error", message, topic),
+            );
+            self.unsubscribe(topic, j).await;
+            self.push(topic, join_ref.as_deref(), "phx_close", "{}");
+        }
+    }
+
+    /// An `access_token` message: verify it and re-judge what the channel may see.
+    async fn refresh_token(&mut self, f: &Frame) {
+        if !self.shared.auth.enabled() {
+            return;
+        }
+        let Some(text) = user_token(&f.payload) else {
+            return;
+        };
+        let Some(j) = self.channels.get(&f.topic) else {
+            return;
+        };
+        if j.token_text.as_deref() == Some(text) {
+            return;
+        }
+        let (id, config) = (j.id, j.config.clone());
+        let token = match self.shared.auth.verify(text).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.auth_failed(&e);
+                let msg = format!("access_token refused: {e}");
+                return self.close_channel(&f.topic, &msg).await;
+            }
+        };
+        let bindings = match self.resolve_bindings(&config, Some(&token)).await {
+            Ok((_, b)) => b,
+            Err(reason) => {
+                self.shared
+                    .stats
+                    .events
+                    .auth_failed(AuthFailure::Forbidden, self.peer);
+                let msg = format!("You no longer have access to this channel: {reason}");
+                return self.close_channel(&f.topic, &msg).await;
+            }
+        };
+        let (done, wait) = oneshot::channel();
+        let sent = self
+            .shared
+            .hub
+            .send(HubCommand::Replace {
+                channel: id,
+                bindings,
+                done,
+            })
+            .await;
+        if sent.is_ok() && wait.await.is_ok() {
+            if let Some(j) = self.channels.get_mut(&f.topic) {
+                j.token = Some(token);
+                j.token_text = Some(text.to_string());
+            }
+        }
     }
 
     /// Checks and resolves a join's `postgres_changes`; the error names the binding and
     /// what is wrong.
-    async fn resolve_bindings(&self, config: &Value) -> Result<(Vec<Value>, Vec<Binding>), String> {
+    async fn resolve_bindings(
+        &self,
+        config: &Value,
+        token: Option<&Verified>,
+    ) -> Result<(Vec<Value>, Vec<Binding>), String> {
         let list = match config.get("postgres_changes") {
             None | Some(Value::Null) => return Ok((Vec::new(), Vec::new())),
             Some(Value::Array(a)) => a,
@@ -427,7 +583,7 @@ impl Session {
                 return Err(format!("postgres_changes[{i}] must be an object"));
             };
             let (binding, id) = self
-                .resolve_binding(obj)
+                .resolve_binding(obj, token)
                 .await
                 .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
             let mut e: Map<String, Value> = obj.clone();
@@ -438,7 +594,11 @@ impl Session {
         Ok((echo, bindings))
     }
 
-    async fn resolve_binding(&self, obj: &Map<String, Value>) -> Result<(Binding, u32), String> {
+    async fn resolve_binding(
+        &self,
+        obj: &Map<String, Value>,
+        token: Option<&Verified>,
+    ) -> Result<(Binding, u32), String> {
         let str_field = |k: &str| -> Result<Option<&str>, String> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -459,7 +619,18 @@ impl Session {
             None => Filter::default(),
         };
         let wildcard = schema == "*" || table.is_none_or(|t| t == "*");
+        let auth = &self.shared.auth;
+        let mut access = BindingAccess {
+            expires_at: token.map(|t| t.exp),
+            ..BindingAccess::default()
+        };
         let target = if wildcard {
+            if !auth.may_use_wildcards(token) {
+                return Err(format!(
+                    "wildcard subscriptions need a role in auth.bypass_roles ({}); name the table",
+                    auth.config().bypass_roles.join(", ")
+                ));
+            }
             if filter_text.is_some() {
                 return Err("a filter needs a single table: name the table".into());
             }
@@ -495,6 +666,30 @@ impl Session {
             filter
                 .bind(&t)
                 .map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
+            match auth.table_access(schema, table, token) {
+                Access::Denied(reason) => return Err(reason),
+                Access::Allowed { rows, columns } => {
+                    match rows {
+                        RowRule::All => {}
+                        RowRule::Filter(rule) => access.rows = Some(rule),
+                        RowRule::Nothing => access.deny_all = true,
+                    }
+                    if let Some(cols) = &columns {
+                        // Filtering on a hidden column would reveal its values.
+                        if let Some(c) = filter
+                            .conditions()
+                            .iter()
+                            .find(|c| !cols.contains(&c.column))
+                        {
+                            return Err(format!(
+                                "the filter uses column {:?}, which this token may not see",
+                                c.column
+                            ));
+                        }
+                    }
+                    access.columns = columns.map(Arc::new);
+                }
+            }
             Target::Table(t)
         };
         Ok((
@@ -503,10 +698,26 @@ impl Session {
                 events,
                 target,
                 filter,
+                access,
             },
             id,
         ))
     }
+}
+
+/// The user token in a join or `access_token` payload; `sb_` keys are not JWTs.
+fn user_token(payload: &Value) -> Option<&str> {
+    payload
+        .get("access_token")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with("sb_"))
+}
+
+/// Sleeps until a Unix time (seconds).
+async fn sleep_until_unix(at: Option<i64>) {
+    let secs = at.map(|a| a - now_unix()).unwrap_or(0).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
 /// The topic and ref of a frame that failed to decode, when they can be found.

@@ -1,3 +1,4 @@
+mod auth;
 mod broadcast;
 mod demo;
 mod filter;
