@@ -48,6 +48,7 @@ pub mod replication;
 pub mod serve;
 pub mod shutdown;
 pub mod tail;
+pub mod testing;
 pub mod tls;
 pub mod value;
 pub mod ws;
