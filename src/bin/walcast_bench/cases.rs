@@ -303,6 +303,9 @@ async fn paced_writes(
         let c = env.sql().await;
         let table = table.to_string();
         tasks.push(tokio::spawn(async move {
+            // Commit waits for the WAL flush, as by default: with `off` the walsender only
+            // sees a commit after the WAL writer's next round (wal_writer_delay, 200 ms).
+            c.batch_execute("set synchronous_commit = on").await?;
             let stmt = c
                 .prepare(&format!(
                     "insert into {table}(owner, sent_us, pad) values ($1, \

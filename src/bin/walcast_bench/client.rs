@@ -113,7 +113,8 @@ pub async fn receive(
         };
         match m {
             Some(Ok(Message::Text(t))) => {
-                if !t.contains("\"postgres_changes\"") {
+                // Not `"postgres_changes"` alone: the join's `system` message names it too.
+                if !t.contains("\"event\":\"postgres_changes\"") {
                     continue;
                 }
                 count.fetch_add(1, Ordering::Relaxed);
