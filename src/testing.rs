@@ -277,11 +277,13 @@ impl Cluster {
 
     /// A command for a client program of the server's bin dir (`pg_recvlogical`,
     /// `psql`…), run as `postgres` when we are root.
-    /// The server's bin dir may be a directory of wrappers holding only `initdb` and
-    /// `pg_ctl`; the client programs are then looked up in the packaged bin dirs.
+    /// A client program of the server's bin dir (`pg_recvlogical`, `psql`…), run
+    /// as the current user (only the server refuses root). The bin dir may be a
+    /// directory of wrappers holding only `initdb` and `pg_ctl`; the client
+    /// programs are then looked up in the packaged bin dirs.
     pub fn client_cmd(&self, bin: &str) -> Command {
         if self.bindir.join(bin).is_file() {
-            return self.pg_cmd(bin);
+            return Command::new(self.bindir.join(bin));
         }
         let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
             .into_iter()
@@ -291,17 +293,11 @@ impl Cluster {
             .filter(|d| d.join(bin).is_file())
             .collect();
         dirs.sort();
-        let path = dirs
-            .pop()
-            .map(|d| d.join(bin))
-            .unwrap_or_else(|| bin.into());
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
+        Command::new(
+            dirs.pop()
+                .map(|d| d.join(bin))
+                .unwrap_or_else(|| bin.into()),
+        )
     }
 
     pub fn server_log(&self) -> String {

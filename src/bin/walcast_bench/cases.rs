@@ -97,12 +97,23 @@ async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(D
         env::DB
     );
     let mut cmd = env.cluster.client_cmd("pg_recvlogical");
-    cmd.args(["-d", &conn, "-S", slot, "--start", "-E", end_lsn, "-F", "0"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=pub"])
-        .args(["-o", "messages=true", "-f", "-"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
+    cmd.args([
+        "-d",
+        &conn,
+        "-S",
+        slot,
+        "--start",
+        "-E",
+        end_lsn,
+        "-F",
+        "0",
+        "--no-loop",
+    ])
+    .args(["-o", "proto_version=1", "-o", "publication_names=pub"])
+    .args(["-o", "messages=true", "-f", "-"])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit());
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
