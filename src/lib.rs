@@ -60,6 +60,7 @@ pub mod serve;
 pub mod setup;
 pub mod shutdown;
 pub mod tail;
+pub mod testing;
 pub mod tls;
 pub mod value;
 pub mod ws;

@@ -246,22 +246,27 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
         Outbound::Binary(b) => Message::Binary(b.into()),
         Outbound::Ws(m) => m,
         Outbound::Change { topic, ids, data } => {
-            let mut payload = String::with_capacity(data.len() + 32);
-            payload.push_str("{\"ids\":[");
-            for (i, id) in ids.iter().enumerate() {
-                if i > 0 {
-                    payload.push(',');
-                }
-                payload.push_str(&id.to_string());
-            }
-            payload.push_str("],\"data\":");
-            payload.push_str(&data);
-            payload.push('}');
-            Message::Text(
-                frame::encode(vsn, None, None, &topic, "postgres_changes", &payload).into(),
-            )
+            Message::Text(change_frame(vsn, &topic, &ids, &data).into())
         }
     }
+}
+
+/// The text of a `postgres_changes` frame for one channel: the binding ids that
+/// matched around the change's shared `data`. The writer calls it once per
+/// channel a change goes to (public for the fan-out benchmark).
+pub fn change_frame(vsn: Vsn, topic: &str, ids: &[u32], data: &str) -> String {
+    let mut payload = String::with_capacity(data.len() + 32);
+    payload.push_str("{\"ids\":[");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            payload.push(',');
+        }
+        payload.push_str(&id.to_string());
+    }
+    payload.push_str("],\"data\":");
+    payload.push_str(data);
+    payload.push('}');
+    frame::encode(vsn, None, None, topic, "postgres_changes", &payload)
 }
 
 /// The payload of a `system` message.

@@ -1,0 +1,186 @@
+//! `walcast-bench`: end-to-end benchmarks against a live throwaway cluster.
+//!
+//! ```text
+//! cargo run --release --bin walcast-bench -- <case|all> [--quick]
+//! cases: drain latency fanout routing connections   (capture: rewrite the decode corpus)
+//! ```
+//!
+//! Each case starts its own cluster (`walcast::testing`), writes its workload,
+//! runs `walcast serve` (the binary built beside this one) and a WebSocket load
+//! generator in this process, and prints one table: the figure, the baseline
+//! measured in the same run (`pg_recvlogical` for the drain), their ratio and the
+//! target. `--quick` runs every case at a tiny scale to prove it works (CI).
+//! The method and the latest figures are in BENCHMARKS.md.
+
+#[path = "walcast_bench/cases.rs"]
+mod cases;
+#[path = "walcast_bench/client.rs"]
+mod client;
+#[path = "walcast_bench/env.rs"]
+mod env;
+#[path = "walcast_bench/relay.rs"]
+mod relay;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+/// One line of the results table.
+pub struct Figure {
+    case: &'static str,
+    name: String,
+    value: String,
+    baseline: String,
+    /// walcast ÷ baseline (or as the figure says).
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+impl Figure {
+    pub fn new(
+        case: &'static str,
+        name: impl Into<String>,
+        value: impl Into<String>,
+        baseline: impl Into<String>,
+        ratio: Option<f64>,
+        target: impl Into<String>,
+        met: Option<bool>,
+    ) -> Figure {
+        Figure {
+            case,
+            name: name.into(),
+            value: value.into(),
+            baseline: baseline.into(),
+            ratio,
+            target: target.into(),
+            met,
+        }
+    }
+}
+
+const CASES: &[&str] = &["drain", "latency", "fanout", "routing", "connections"];
+
+fn usage() -> String {
+    format!(
+        "usage: walcast-bench <{}|all|capture> [--quick]",
+        CASES.join("|")
+    )
+}
+
+fn print_table(figs: &[Figure]) {
+    let rows: Vec<[String; 7]> = figs
+        .iter()
+        .map(|f| {
+            [
+                f.case.to_string(),
+                f.name.clone(),
+                f.value.clone(),
+                f.baseline.clone(),
+                f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+                f.target.clone(),
+                match f.met {
+                    Some(true) => "yes".into(),
+                    Some(false) => "NO".into(),
+                    None => String::new(),
+                },
+            ]
+        })
+        .collect();
+    let head = [
+        "case", "figure", "walcast", "baseline", "ratio", "target", "met",
+    ];
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        println!("| {} |", parts.join(" | "));
+    };
+    line(head.to_vec());
+    println!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+async fn run_case(name: &str, quick: bool) -> Result<Vec<Figure>> {
+    let figs = match name {
+        "drain" => cases::drain(quick).await?,
+        "latency" => cases::latency(quick).await?,
+        "fanout" => cases::fanout(quick).await?,
+        "routing" => cases::routing(quick).await?,
+        "connections" => cases::connections(quick).await?,
+        "capture" => cases::capture().await?,
+        other => bail!("unknown case {other:?}; {}", usage()),
+    };
+    Ok(figs)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let names: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let [case] = names.as_slice() else {
+        bail!("{}", usage());
+    };
+    let list: Vec<&str> = if *case == "all" {
+        CASES.to_vec()
+    } else {
+        vec![case]
+    };
+    env::walcast_binary()?;
+    let start = Instant::now();
+    let mut figs = Vec::new();
+    let mut failed = Vec::new();
+    for c in list {
+        eprintln!("== {c}{}", if quick { " (quick)" } else { "" });
+        let t = Instant::now();
+        match run_case(c, quick).await {
+            Ok(f) => figs.extend(f),
+            Err(e) => {
+                eprintln!("{c}: FAILED: {e:#}");
+                failed.push(c);
+            }
+        }
+        eprintln!("== {c} took {:.1} s", t.elapsed().as_secs_f64());
+    }
+    println!();
+    print_table(&figs);
+    println!(
+        "\n{} case(s) in {:.0} s{}",
+        figs.iter()
+            .map(|f| f.case)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        start.elapsed().as_secs_f64(),
+        if quick {
+            " (--quick: tiny scale, figures are not meaningful)"
+        } else {
+            ""
+        }
+    );
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

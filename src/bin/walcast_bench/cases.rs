@@ -1,0 +1,767 @@
+//! The benchmark cases. Each starts its own cluster, prepares its workload, runs
+//! walcast (and, where there is one, the baseline) and returns its figures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{self, Received};
+use super::env::{self, exec, Env};
+use super::relay::Relay;
+use super::Figure;
+
+/// The prefix of the end marker written with `pg_logical_emit_message`.
+const END_MARKER: &str = "walcast-bench-end";
+/// Upper bound of any single wait for deliveries.
+const DELIVERY_LIMIT: Duration = Duration::from_secs(600);
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn thousands(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn ms(us: u32) -> String {
+    format!("{:.2} ms", f64::from(us) / 1000.0)
+}
+
+/// Waits until `count` reaches `want` (polled every 2 ms) or `limit` passes; returns when it did.
+async fn wait_count(count: &AtomicU64, want: u64, limit: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if count.load(Ordering::Relaxed) >= want {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {want} changes arrived within {limit:?}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// drain
+
+/// `rec` as in reference/cdc-peers.md §1.2.
+const REC_TABLE: &str =
+    "create table rec(id bigint primary key, s text, n numeric, ts timestamptz, \
+     j jsonb, ins timestamp, upd timestamp); alter table rec replica identity full; \
+     create publication pub for table rec";
+
+fn rec_workload(inserts: u64, updates: u64) -> Vec<String> {
+    let ins_batches = inserts / 1000;
+    let upd_batches = updates / 1000;
+    vec![
+        format!(
+            "do $$ begin for b in 0..{} loop \
+               insert into rec select g, md5(g::text) || md5((g + 1)::text), g * 1.5, now(), \
+                 jsonb_build_object('k', g, 'v', 'some text value here', 'a', jsonb_build_array(1, 2, 3)), \
+                 localtimestamp, null \
+               from generate_series(b * 1000 + 1, b * 1000 + 1000) g; \
+               commit; end loop; end $$",
+            ins_batches.saturating_sub(1)
+        ),
+        format!(
+            "do $$ begin for b in 0..{} loop \
+               update rec set upd = localtimestamp, n = n + 1 where id between b * 1000 + 1 and b * 1000 + 1000; \
+               commit; end loop; end $$",
+            upd_batches.saturating_sub(1)
+        ),
+    ]
+}
+
+/// Times `pg_recvlogical` draining `slot` through a relay, from the stream's start
+/// to the end marker in its output.
+async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(Duration, u64)> {
+    let relay = Relay::start(env.cluster.port).await?;
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname={} user=postgres sslmode=disable",
+        relay.port,
+        env::DB
+    );
+    let mut cmd = env.cluster.client_cmd("pg_recvlogical");
+    cmd.args([
+        "-d",
+        &conn,
+        "-S",
+        slot,
+        "--start",
+        "-E",
+        end_lsn,
+        "-F",
+        "0",
+        "--no-loop",
+    ])
+    .args(["-o", "proto_version=1", "-o", "publication_names=pub"])
+    .args(["-o", "messages=true", "-f", "-"])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn pg_recvlogical")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    relay.stream_started(Duration::from_secs(60)).await?;
+    let t0 = relay.release();
+    let marker = END_MARKER.as_bytes();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut tail: Vec<u8> = Vec::new();
+    let mut bytes = 0u64;
+    let found = tokio::time::timeout(DELIVERY_LIMIT, async {
+        loop {
+            let n = out.read(&mut buf).await?;
+            if n == 0 {
+                bail!("pg_recvlogical ended before the end marker ({bytes} bytes)");
+            }
+            bytes += n as u64;
+            // Search the new bytes plus the end of the previous read.
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(marker.len()).any(|w| w == marker) {
+                return Ok(Instant::now());
+            }
+            let keep = tail.len().min(marker.len());
+            tail.drain(..tail.len() - keep);
+        }
+    })
+    .await
+    .context("pg_recvlogical did not reach the end marker")??;
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    Ok((found - t0, bytes))
+}
+
+/// Times walcast draining `slot` to clients: the relay holds the stream until
+/// `subscribe` has joined its clients, then releases it; the clock stops when
+/// the clients have counted `expected` changes.
+async fn drain_walcast<F, Fut>(
+    env: &Env,
+    slot: &str,
+    config: &str,
+    expected: u64,
+    subscribe: F,
+) -> Result<(Duration, Duration)>
+where
+    F: FnOnce(u16, Arc<AtomicU64>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<tokio::task::JoinHandle<Received>>>>,
+{
+    let relay = Relay::start(env.cluster.port).await?;
+    let walcast = env::serve(&env.url_via(relay.port), slot, "pub", config).await?;
+    relay.stream_started(Duration::from_secs(60)).await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks = subscribe(walcast.port, count.clone(), stop.clone()).await?;
+    let cpu0 = walcast.cpu();
+    let t0 = relay.release();
+    let done = wait_count(&count, expected, DELIVERY_LIMIT).await;
+    let cpu = walcast.cpu().saturating_sub(cpu0);
+    stop.cancel();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            if let (Some(why), Err(_)) = (&r.closed, &done) {
+                eprintln!("a client was closed: {why}");
+            }
+        }
+    }
+    walcast.stop().await;
+    Ok((done? - t0, cpu))
+}
+
+/// One client per entry of `plan`, each joining one channel per list of bindings.
+async fn clients(
+    port: u16,
+    plan: Vec<Vec<Vec<serde_json::Value>>>,
+    count: Arc<AtomicU64>,
+    stop: CancellationToken,
+    sample_every: usize,
+) -> Result<Vec<tokio::task::JoinHandle<Received>>> {
+    let mut tasks = Vec::with_capacity(plan.len());
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut joining = Vec::with_capacity(plan.len());
+    for (i, channels) in plan.into_iter().enumerate() {
+        let sem = sem.clone();
+        joining.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let mut ws = client::connect(port).await?;
+            for (c, bindings) in channels.into_iter().enumerate() {
+                client::join(&mut ws, &format!("c{i}_{c}"), c as u64 + 1, bindings).await?;
+            }
+            Ok::<_, anyhow::Error>(ws)
+        }));
+    }
+    for (i, j) in joining.into_iter().enumerate() {
+        let ws = j.await??;
+        let sample = sample_every > 0 && i % sample_every == 0;
+        tasks.push(tokio::spawn(client::receive(
+            ws,
+            count.clone(),
+            sample,
+            stop.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
+pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
+    let (inserts, updates) = if quick {
+        (10_000, 5_000)
+    } else {
+        (1_000_000, 500_000)
+    };
+    let env = Env::start().await?;
+    let sql = env.sql().await;
+    exec(&sql, &[REC_TABLE.into()]).await?;
+    sql.batch_execute(
+        "select pg_create_logical_replication_slot('s_recv', 'pgoutput'); \
+         select pg_create_logical_replication_slot('s_walcast', 'pgoutput')",
+    )
+    .await?;
+    let write = exec(&sql, &rec_workload(inserts, updates)).await?;
+    let end: String = sql
+        .query_one(
+            "select pg_logical_emit_message(false, $1, 'end')::text",
+            &[&END_MARKER],
+        )
+        .await?
+        .get(0);
+    eprintln!("drain: workload written in {}", secs(write));
+    let (base, bytes) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
+    eprintln!(
+        "drain: pg_recvlogical {} ({} MB)",
+        secs(base),
+        bytes / 1_000_000
+    );
+    let expected = inserts + updates;
+    let (ours, cpu) = drain_walcast(
+        &env,
+        "s_walcast",
+        &env::config(4_000_000, 100),
+        expected,
+        |port, count, stop| async move {
+            clients(
+                port,
+                vec![vec![vec![client::binding("rec", None)]]],
+                count,
+                stop,
+                0,
+            )
+            .await
+        },
+    )
+    .await?;
+    eprintln!("drain: walcast {} (walcast CPU {})", secs(ours), secs(cpu));
+    let ratio = ours.as_secs_f64() / base.as_secs_f64();
+    Ok(vec![
+        Figure::new(
+            "drain",
+            format!(
+                "drain {} INSERT + {} UPDATE (RI FULL), to 1 client",
+                thousands(inserts as f64),
+                thousands(updates as f64)
+            ),
+            secs(ours),
+            format!("pg_recvlogical {}", secs(base)),
+            Some(ratio),
+            "≤ 1.2×",
+            Some(ratio <= 1.2),
+        ),
+        Figure::new(
+            "drain",
+            "changes/s delivered",
+            thousands(per_sec(expected, ours)),
+            format!("{} rows/s", thousands(per_sec(expected, base))),
+            Some(per_sec(expected, ours) / per_sec(expected, base)),
+            "",
+            None,
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// live writers (latency, fanout)
+
+/// Writes `rate` single-row commits per second for `duration` over `writers`
+/// connections; row `k` goes to owner `k % owners`. Returns rows written.
+async fn paced_writes(
+    env: &Env,
+    table: &str,
+    rate: u64,
+    duration: Duration,
+    owners: u64,
+    writers: u64,
+) -> Result<u64> {
+    let total = rate * duration.as_secs();
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let c = env.sql().await;
+        let table = table.to_string();
+        tasks.push(tokio::spawn(async move {
+            // Commit waits for the WAL flush, as by default: with `off` the walsender only
+            // sees a commit after the WAL writer's next round (wal_writer_delay, 200 ms).
+            c.batch_execute("set synchronous_commit = on").await?;
+            let stmt = c
+                .prepare(&format!(
+                    "insert into {table}(owner, sent_us, pad) values ($1, \
+                     (extract(epoch from clock_timestamp()) * 1000000)::int8, 'payload text')"
+                ))
+                .await?;
+            let mut written = 0u64;
+            let mut k = w;
+            while k < total {
+                let due = start + Duration::from_micros(k * 1_000_000 / rate);
+                tokio::time::sleep_until(due).await;
+                let owner = (k % owners) as i32;
+                c.execute(&stmt, &[&owner]).await?;
+                written += 1;
+                k += writers;
+            }
+            Ok::<u64, anyhow::Error>(written)
+        }));
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await??;
+    }
+    Ok(written)
+}
+
+const LIVE_TABLE: &str =
+    "(id bigserial primary key, owner int not null, sent_us int8 not null, pad text)";
+
+async fn live_setup(env: &Env, table: &str) -> Result<()> {
+    let sql = env.sql().await;
+    exec(
+        &sql,
+        &[
+            format!("create table {table} {LIVE_TABLE}"),
+            format!("alter table {table} replica identity full"),
+            format!("create publication pub for table {table}"),
+            "select pg_create_logical_replication_slot('s_walcast', 'pgoutput')".into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+fn latency_figures(case: &'static str, mut lat: Vec<u32>, p50: u32, p99: u32) -> Vec<Figure> {
+    lat.sort_unstable();
+    let (a, b, c) = (
+        client::percentile(&lat, 50.0),
+        client::percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(0),
+    );
+    let t = |x: u32| {
+        if x == 0 {
+            String::new()
+        } else {
+            format!("≤ {}", ms(x))
+        }
+    };
+    vec![
+        Figure::new(
+            case,
+            "latency p50",
+            ms(a),
+            "—",
+            None,
+            t(p50),
+            (p50 > 0).then_some(a <= p50),
+        ),
+        Figure::new(
+            case,
+            "latency p99",
+            ms(b),
+            "—",
+            None,
+            t(p99),
+            (p99 > 0).then_some(b <= p99),
+        ),
+        Figure::new(case, "latency max", ms(c), "—", None, "", None),
+    ]
+}
+
+pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
+    let (rate, secs_, owners, wide) = if quick {
+        (200, 3, 20, 2)
+    } else {
+        (2_000, 30, 1_000, 10)
+    };
+    let env = Env::start().await?;
+    live_setup(&env, "lat").await?;
+    let walcast = env::serve(&env.url(), "s_walcast", "pub", &env::config(4096, 100)).await?;
+    let mut plan: Vec<Vec<Vec<serde_json::Value>>> = (0..owners)
+        .map(|o| vec![vec![client::binding("lat", Some(&format!("owner=eq.{o}")))]])
+        .collect();
+    plan.extend((0..wide).map(|_| vec![vec![client::binding("lat", None)]]));
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks = clients(walcast.port, plan, count.clone(), stop.clone(), 1).await?;
+    let written = paced_writes(&env, "lat", rate, Duration::from_secs(secs_), owners, 4).await?;
+    let expected = written * (1 + wide);
+    let got = wait_count(&count, expected, Duration::from_secs(30)).await;
+    stop.cancel();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?.latencies_us);
+    }
+    walcast.stop().await;
+    got?;
+    let mut figs = vec![Figure::new(
+        "latency",
+        format!("{rate} commits/s × {secs_} s, {owners} eq clients + {wide} whole-table"),
+        format!("{} delivered", expected),
+        "—",
+        None,
+        "",
+        None,
+    )];
+    figs.extend(latency_figures("latency", lat, 2_000, 10_000));
+    Ok(figs)
+}
+
+pub async fn fanout(quick: bool) -> Result<Vec<Figure>> {
+    let (conns, rate, secs_) = if quick {
+        (200, 100, 3)
+    } else {
+        (10_000, 100, 20)
+    };
+    let env = Env::start().await?;
+    live_setup(&env, "fan").await?;
+    let walcast = env::serve(&env.url(), "s_walcast", "pub", &env::config(4096, 100)).await?;
+    let plan = (0..conns)
+        .map(|_| vec![vec![client::binding("fan", None)]])
+        .collect();
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let joined = Instant::now();
+    // Latency sampled on 1 in 100 connections (parsing every frame would measure the client).
+    let tasks = clients(walcast.port, plan, count.clone(), stop.clone(), 100).await?;
+    eprintln!(
+        "fanout: {conns} connections joined in {}",
+        secs(joined.elapsed())
+    );
+    let cpu0 = walcast.cpu();
+    let t0 = Instant::now();
+    let written = paced_writes(&env, "fan", rate, Duration::from_secs(secs_), 1, 1).await?;
+    let expected = written * conns;
+    let got = wait_count(&count, expected, Duration::from_secs(60)).await;
+    let elapsed = t0.elapsed();
+    let cpu = walcast.cpu().saturating_sub(cpu0);
+    stop.cancel();
+    let mut lat = Vec::new();
+    let mut closed = 0;
+    for t in tasks {
+        let r = t.await?;
+        closed += usize::from(r.closed.is_some());
+        lat.extend(r.latencies_us);
+    }
+    walcast.stop().await;
+    let delivered = count.load(Ordering::Relaxed);
+    if let Err(e) = got {
+        eprintln!("fanout: {e} ({closed} connections closed by the server)");
+    }
+    // Offered load is rate × conns; the figure is what arrived per second of the run.
+    let rate_out = per_sec(delivered, elapsed);
+    let mut figs = vec![
+        Figure::new(
+            "fanout",
+            format!("{conns} connections × {rate} commits/s, delivered msg/s"),
+            thousands(rate_out),
+            format!("offered {}", thousands((rate * conns) as f64)),
+            Some(rate_out / (rate * conns) as f64),
+            "≥ 500k",
+            Some(rate_out >= 500_000.0),
+        ),
+        Figure::new(
+            "fanout",
+            "delivered / expected",
+            format!("{delivered} / {expected}"),
+            "—",
+            None,
+            "all",
+            Some(delivered >= expected),
+        ),
+        Figure::new(
+            "fanout",
+            "walcast CPU per 1k deliveries",
+            format!(
+                "{:.1} ms",
+                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9)
+            ),
+            "—",
+            None,
+            "",
+            None,
+        ),
+    ];
+    figs.extend(latency_figures("fanout", lat, 0, 0));
+    Ok(figs)
+}
+
+// ---------------------------------------------------------------------------
+// routing
+
+pub async fn routing(quick: bool) -> Result<Vec<Figure>> {
+    let (rows, big) = if quick {
+        (5_000u64, 2_000u64)
+    } else {
+        (200_000, 100_000)
+    };
+    let small = 100u64;
+    // The same 100 connections in both runs; each row matches exactly one subscription.
+    let conns = 100u64;
+    let env = Env::start().await?;
+    let sql = env.sql().await;
+    exec(
+        &sql,
+        &[
+            "create table rt(id bigint primary key, k_small int, k_big int, pad text)".into(),
+            "alter table rt replica identity full".into(),
+            "create publication pub for table rt".into(),
+            "select pg_create_logical_replication_slot('s_small', 'pgoutput')".into(),
+            "select pg_create_logical_replication_slot('s_big', 'pgoutput')".into(),
+            format!(
+                "do $$ begin for b in 0..{} loop \
+                   insert into rt select g, g % {small}, g % {big}, 'payload text' \
+                   from generate_series(b * 1000, b * 1000 + 999) g; commit; end loop; end $$",
+                rows / 1000 - 1
+            ),
+        ],
+    )
+    .await?;
+    let mut results = Vec::new();
+    for (slot, column, n) in [("s_small", "k_small", small), ("s_big", "k_big", big)] {
+        // Connection c holds keys c, c + conns, c + 2·conns…, 100 bindings per channel.
+        let plan: Vec<Vec<Vec<serde_json::Value>>> = (0..conns)
+            .map(|c| {
+                let keys: Vec<u64> = (c..n).step_by(conns as usize).collect();
+                keys.chunks(100)
+                    .map(|chunk| {
+                        chunk
+                            .iter()
+                            .map(|k| client::binding("rt", Some(&format!("{column}=eq.{k}"))))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let channels = (n / conns).div_ceil(100) as usize;
+        let joined = Instant::now();
+        let (d, cpu) = drain_walcast(
+            &env,
+            slot,
+            &env::config(1_000_000, channels.max(1) + 1),
+            rows,
+            |port, count, stop| async move { clients(port, plan, count, stop, 0).await },
+        )
+        .await?;
+        eprintln!(
+            "routing: {n} subscriptions: {} rows in {} (walcast CPU {}; setup+run {})",
+            rows,
+            secs(d),
+            secs(cpu),
+            secs(joined.elapsed())
+        );
+        results.push((n, d, cpu));
+    }
+    let thr = |d: Duration| per_sec(rows, d);
+    let (_, d_small, cpu_small) = results[0];
+    let (_, d_big, cpu_big) = results[1];
+    let ratio = thr(d_big) / thr(d_small);
+    let cpu_ratio = cpu_small.as_secs_f64() / cpu_big.as_secs_f64().max(1e-9);
+    Ok(vec![
+        Figure::new(
+            "routing",
+            format!("changes/s with {} eq subscriptions", thousands(big as f64)),
+            thousands(thr(d_big)),
+            format!("{} with 100", thousands(thr(d_small))),
+            Some(ratio),
+            "≥ 0.8",
+            Some(ratio >= 0.8),
+        ),
+        Figure::new(
+            "routing",
+            "walcast CPU per change, 100 vs big (inverse ratio)",
+            format!("{:.2} µs", cpu_big.as_secs_f64() * 1e6 / rows as f64),
+            format!("{:.2} µs", cpu_small.as_secs_f64() * 1e6 / rows as f64),
+            Some(cpu_ratio),
+            "≥ 0.8",
+            Some(cpu_ratio >= 0.8),
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// connections
+
+pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
+    let n = if quick { 200usize } else { 10_000 };
+    let env = Env::start().await?;
+    live_setup(&env, "conn").await?;
+    let walcast = env::serve(&env.url(), "s_walcast", "pub", &env::config(4096, 100)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = walcast.rss_kib();
+    let port = walcast.port;
+    // Connect everything first, 64 at a time.
+    let t_connect = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut pending = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sem = sem.clone();
+        pending.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await?;
+            client::connect(port).await
+        }));
+    }
+    let mut sockets = Vec::with_capacity(n);
+    for p in pending {
+        sockets.push(p.await??);
+    }
+    let connect_time = t_connect.elapsed();
+    // Then join one channel on each, all at once.
+    let t_join = Instant::now();
+    let mut joins = Vec::with_capacity(n);
+    for (i, mut ws) in sockets.into_iter().enumerate() {
+        joins.push(tokio::spawn(async move {
+            let b = client::binding("conn", Some(&format!("owner=eq.{i}")));
+            client::join(&mut ws, &format!("room{i}"), 1, vec![b]).await?;
+            Ok::<_, anyhow::Error>(ws)
+        }));
+    }
+    let mut joined = Vec::with_capacity(n);
+    for j in joins {
+        joined.push(j.await??);
+    }
+    let join_time = t_join.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = walcast.rss_kib();
+    ensure!(joined.len() == n, "not every connection joined");
+    let per_conn_kb = (rss1.saturating_sub(rss0)) as f64 * 1.024 / n as f64;
+    let joins_per_s = per_sec(n as u64, join_time);
+    drop(joined);
+    walcast.stop().await;
+    Ok(vec![
+        Figure::new(
+            "connections",
+            format!("RSS per idle connection + 1 channel ({n} conns)"),
+            format!("{per_conn_kb:.1} KB"),
+            format!("{} MB idle", rss0 / 1024),
+            None,
+            "≤ 20 KB",
+            Some(per_conn_kb <= 20.0),
+        ),
+        Figure::new(
+            "connections",
+            "joins/s (all connections joining at once)",
+            thousands(joins_per_s),
+            "—",
+            None,
+            "≥ 5,000/s",
+            Some(joins_per_s >= 5_000.0),
+        ),
+        Figure::new(
+            "connections",
+            "WebSocket connects/s (64 in flight)",
+            thousands(per_sec(n as u64, connect_time)),
+            "—",
+            None,
+            "",
+            None,
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// capture
+
+/// Records the pgoutput messages of a realistic workload into
+/// `benches/fixtures/pgoutput.bin` (the corpus of the `decode` micro benchmark).
+pub async fn capture() -> Result<Vec<Figure>> {
+    let env = Env::start().await?;
+    let sql = env.sql().await;
+    exec(
+        &sql,
+        &[
+            "create type mood as enum ('calm', 'busy')".into(),
+            "create table orders(id bigint primary key, owner int not null, status text, \
+               amount numeric(12,2), qty int2, price float8, paid bool, created timestamptz, \
+               due date, note text, tags text[], scores int4[], meta jsonb, ref uuid, m mood, \
+               raw bytea)"
+                .into(),
+            "alter table orders replica identity full".into(),
+            "create table events(id bigserial primary key, kind text, at timestamp)".into(),
+            "create publication pub for table orders, events".into(),
+            "select pg_create_logical_replication_slot('cap', 'pgoutput')".into(),
+            "do $$ begin for b in 0..9 loop \
+               insert into orders select g, g % 97, (array['open','paid','shipped'])[g % 3 + 1], \
+                 (g * 7.31)::numeric(12,2), (g % 30)::int2, g / 3.0, g % 2 = 0, \
+                 timestamptz '2024-05-06 07:08:09.123456+00' + g * interval '1 minute', \
+                 date '2024-05-06' + g % 60, \
+                 case when g % 5 = 0 then null else 'note for order ' || g || ' with \"quotes\"' end, \
+                 array['a' || g % 7, 'tag two'], array[g, g + 1, g + 2], \
+                 jsonb_build_object('sku', 'SKU-' || g, 'lines', jsonb_build_array(g % 3, g % 5)), \
+                 md5(g::text)::uuid, (array['calm','busy']::mood[])[g % 2 + 1], \
+                 decode(md5(g::text), 'hex') \
+               from generate_series(b * 100 + 1, b * 100 + 100) g; \
+               insert into events(kind, at) select 'created', localtimestamp from generate_series(1, 20); \
+               commit; end loop; end $$"
+                .into(),
+            "do $$ begin for b in 0..5 loop \
+               update orders set status = 'paid', paid = true, amount = amount + 1 \
+                 where id between b * 100 + 1 and b * 100 + 100; commit; end loop; end $$"
+                .into(),
+            "delete from orders where id % 10 = 0".into(),
+            "select pg_logical_emit_message(true, 'walcast-bench', 'checkpoint')".into(),
+            "truncate events".into(),
+        ],
+    )
+    .await?;
+    let rows = sql
+        .query(
+            "select data from pg_logical_slot_get_binary_changes('cap', null, null, \
+             'proto_version', '1', 'publication_names', 'pub', 'messages', 'true')",
+            &[],
+        )
+        .await?;
+    let payloads: Vec<Vec<u8>> = rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    ensure!(
+        bytes < 1_000_000,
+        "corpus of {bytes} bytes: keep it under 1 MB"
+    );
+    // Every message must decode: the corpus is the decoder's benchmark.
+    for p in &payloads {
+        walcast::pgoutput::decode(&bytes::Bytes::copy_from_slice(p))
+            .map_err(|e| anyhow::anyhow!("captured message does not decode: {e}"))?;
+    }
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fixtures/pgoutput.bin");
+    walcast::testing::write_capture(&path, &payloads)?;
+    Ok(vec![Figure::new(
+        "capture",
+        format!("{} messages written to {}", payloads.len(), path.display()),
+        format!("{bytes} bytes"),
+        "—",
+        None,
+        "< 1 MB",
+        Some(bytes < 1_000_000),
+    )])
+}
