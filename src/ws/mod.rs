@@ -34,6 +34,11 @@ use crate::config::ServeConfig;
 use crate::hub::{ConnHandle, HubCommand, Outbound};
 use frame::Vsn;
 
+/// Initial read buffer of a connection.
+const WS_READ_BUFFER: usize = 1024;
+/// Bytes buffered for writing before the library writes to the socket.
+const WS_WRITE_BUFFER: usize = 4 * 1024;
+
 /// Most frames the writer sends before flushing.
 const WRITE_BATCH: usize = 128;
 
@@ -137,8 +142,13 @@ async fn upgrade(
     }
     let max = shared.config.server.max_frame_bytes;
     let tracker = shared.tracker.clone();
+    // Small initial buffers: most connections are idle most of the time, and the
+    // library's defaults (128 KiB to read) would dominate per-connection memory.
+    // Both grow on demand up to the frame limit.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| {
             tracker.track_future(session::run(socket, vsn, shared, peer, connect_token))
         })

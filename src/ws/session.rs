@@ -108,7 +108,7 @@ pub async fn run(
             _ = handle.kill.cancelled() => break,
             _ = shared.shutdown.cancelled() => break,
             _ = sleep_until_unix(expiry), if expiry.is_some() => {
-                s.expire_channels().await;
+                Box::pin(s.expire_channels()).await;
                 continue;
             }
             n = tokio::time::timeout(idle, stream.next()) => n,
@@ -123,8 +123,9 @@ pub async fn run(
             }
             Ok(None) | Ok(Some(Err(_))) => break,
             Ok(Some(Ok(msg))) => match msg {
-                Message::Text(t) => s.on_text(t.as_str()).await,
-                Message::Binary(b) => s.on_binary(&b).await,
+                // Boxed so the idle session future stays small (see `dispatch`).
+                Message::Text(t) => Box::pin(s.on_text(t.as_str())).await,
+                Message::Binary(b) => Box::pin(s.on_binary(&b)).await,
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => {}
             },
@@ -245,12 +246,14 @@ impl Session {
     async fn dispatch(&mut self, f: Frame) {
         match (f.topic.as_str(), f.event.as_str()) {
             ("phoenix", "heartbeat") => self.reply(&f, true, json!({})),
-            (_, "phx_join") => self.join(f).await,
-            (_, "phx_leave") => self.leave(&f).await,
+            // Boxed: joins are rare and their futures large; keeping them out of the
+            // session's own future keeps idle connections small.
+            (_, "phx_join") => Box::pin(self.join(f)).await,
+            (_, "phx_leave") => Box::pin(self.leave(&f)).await,
             (t, _) if !self.channels.contains_key(t) => {
                 self.reply(&f, false, json!({"reason": "unmatched topic"}))
             }
-            (_, "access_token") => self.refresh_token(&f).await,
+            (_, "access_token") => Box::pin(self.refresh_token(&f)).await,
             // Broadcast hooks.
             (t, "broadcast") => {
                 if let Some(id) = self.channels.get(t).map(|j| j.id) {
