@@ -600,6 +600,11 @@ pub async fn load_schema(url: &str) -> Result<(), DemoError> {
             crate::replication::slot::WAL_LEVEL_HELP
         )));
     }
+    // The schema's `drop … if exists` notices are noise in the demo's output.
+    client
+        .batch_execute("set client_min_messages = warning")
+        .await
+        .map_err(|e| DemoError::sql("cannot set client_min_messages", e))?;
     client
         .batch_execute(SCHEMA_SQL)
         .await
