@@ -313,7 +313,7 @@ impl ChannelOptions {
     }
 }
 
-/// Counters (read by metrics). Each is counted by [`Broadcaster::note`], which also logs.
+/// Counters (read by metrics). Each is counted by `Broadcaster::note`, which also logs.
 #[derive(Debug, Default)]
 pub struct BroadcastStats {
     /// Client broadcasts accepted for fan-out.

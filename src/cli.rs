@@ -45,6 +45,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Drop the slot and/or the publication.
     Teardown(TeardownArgs),
+    /// Try walcast in one command: a throwaway PostgreSQL with a bakery, live traffic, and `serve`.
+    Demo(DemoArgs),
+    /// Check a config file: print "ok", or name the bad field and exit 2.
+    CheckConfig(CheckConfigArgs),
 }
 
 /// Where to connect and which slot and publication to use.
@@ -138,6 +142,25 @@ impl ServeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// `walcast demo`: a throwaway cluster, the bakery, traffic and `serve`, until Ctrl-C.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Address for HTTP and WebSocket (loopback only: the demo has no auth).
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    pub listen: String,
+
+    /// Business steps (orders, deliveries, …) per second, at most 1000.
+    #[arg(long, default_value_t = crate::demo::DEFAULT_TICKS_PER_SECOND)]
+    pub rate: f64,
+}
+
+/// `walcast check-config`: validate a config file without starting anything.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The TOML config file to check (see config/walcast.toml).
+    pub file: std::path::PathBuf,
 }
 
 /// `walcast setup`: make the database ready for walcast. Idempotent.

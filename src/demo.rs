@@ -97,11 +97,22 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Connect(#[from] ReplicationError),
+    /// Boxed: a serve error is large, and this enum is returned often.
+    #[error(transparent)]
+    Serve(Box<crate::serve::ServeError>),
+    #[error("{0} (a demo task stopped unexpectedly)")]
+    Task(String),
     #[error("{context}: {message}")]
     Sql {
         context: &'static str,
         message: String,
     },
+}
+
+impl From<crate::serve::ServeError> for DemoError {
+    fn from(e: crate::serve::ServeError) -> Self {
+        DemoError::Serve(Box::new(e))
+    }
 }
 
 impl DemoError {
@@ -367,6 +378,7 @@ impl LocalCluster {
 
     fn shut_down(&mut self) -> Result<(), DemoError> {
         let mut result = Ok(());
+        let was_running = self.running;
         if self.running {
             let stop = |mode: &str| {
                 run(self.pg_cmd("pg_ctl").arg("-D").arg(self.data_dir()).args([
@@ -399,7 +411,7 @@ impl LocalCluster {
             let _ = w.kill();
             let _ = w.wait();
         }
-        if result.is_ok() {
+        if result.is_ok() && was_running {
             tracing::info!("demo postgres stopped and removed");
         }
         result
@@ -416,6 +428,11 @@ impl LocalCluster {
             Command::new(path)
         };
         cmd.stdin(Stdio::null());
+        // A process group of its own: Ctrl-C in the terminal reaches walcast, which
+        // stops the server in order, and not the server directly (which would
+        // shut down under walcast's feet).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd
     }
 
@@ -583,6 +600,11 @@ pub async fn load_schema(url: &str) -> Result<(), DemoError> {
             crate::replication::slot::WAL_LEVEL_HELP
         )));
     }
+    // The schema's `drop … if exists` notices are noise in the demo's output.
+    client
+        .batch_execute("set client_min_messages = warning")
+        .await
+        .map_err(|e| DemoError::sql("cannot set client_min_messages", e))?;
     client
         .batch_execute(SCHEMA_SQL)
         .await
@@ -660,6 +682,110 @@ fn tick_period(rate_per_sec: f64) -> Result<Duration, DemoError> {
         return Err(DemoError::Rate(rate_per_sec));
     }
     Ok(Duration::from_secs_f64(1.0 / rate_per_sec))
+}
+
+// ---------------------------------------------------------------------------
+// `walcast demo`
+
+/// The key the printed supabase-js snippet passes. The demo runs without auth, so
+/// walcast accepts any key; supabase-js merely insists on having one.
+pub const DEMO_API_KEY: &str = "walcast-demo";
+
+/// What `walcast demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where `serve` listens (WebSocket, `/metrics`, `/health`). Loopback only:
+    /// the demo runs without auth, and `serve` refuses other addresses then.
+    pub listen: String,
+    /// Business steps per second; see [`traffic`].
+    pub ticks_per_second: f64,
+    /// How to run walcast from another terminal, for the printed `tail` command.
+    pub walcast: String,
+}
+
+/// `walcast demo`: starts a [`LocalCluster`], loads the bakery, runs
+/// [`crate::serve::run`] on it with the traffic generator beside it, writes
+/// [`next_steps`] to `out` once serve listens, and runs until `shutdown` fires.
+/// Then serve stops, traffic stops, and the cluster is stopped and its
+/// directory removed — also when something failed on the way.
+///
+/// Bad options (rate, listen address) are refused before anything starts.
+pub async fn run_demo(
+    options: DemoOptions,
+    shutdown: CancellationToken,
+    out: &mut (dyn Write + Send),
+) -> Result<(), DemoError> {
+    tick_period(options.ticks_per_second)?;
+    let mut config = crate::config::ServeConfig::default();
+    config.server.listen = options.listen.clone();
+    config.postgres.slot = DEMO_SLOT.into();
+    config.postgres.publication = DEMO_PUBLICATION.into();
+    config.validate()?;
+
+    let cluster = tokio::task::spawn_blocking(LocalCluster::start)
+        .await
+        .map_err(|e| DemoError::Task(format!("starting PostgreSQL: {e}")))??;
+    let result = if shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        serve_with_traffic(&cluster, config, &options, shutdown, out).await
+    };
+    let stopped = tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .map_err(|e| DemoError::Task(format!("stopping PostgreSQL: {e}")))
+        .and_then(|r| r);
+    result.and(stopped)
+}
+
+/// The part of [`run_demo`] that needs the cluster: schema, serve and traffic. A
+/// failure of either serve or traffic stops the other.
+async fn serve_with_traffic(
+    cluster: &LocalCluster,
+    mut config: crate::config::ServeConfig,
+    options: &DemoOptions,
+    shutdown: CancellationToken,
+    out: &mut (dyn Write + Send),
+) -> Result<(), DemoError> {
+    let url = cluster.create_database(DEMO_DATABASE).await?;
+    load_schema(&url).await?;
+    config.postgres.database_url = Some(url.clone());
+
+    let stop = shutdown.child_token();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let on_ready = |r: &crate::serve::Running| {
+        let steps = NextSteps {
+            walcast: &options.walcast,
+            database_url: &url,
+            http_addr: r.addr,
+            api_key: DEMO_API_KEY,
+            ticks_per_second: options.ticks_per_second,
+        };
+        if let Err(e) = print_next_steps(out, &steps) {
+            tracing::warn!(error = %e, "cannot print the demo's next steps");
+        }
+        let _ = ready_tx.send(());
+    };
+    let serve = async {
+        let r = crate::serve::run(config, stop.clone(), on_ready).await;
+        stop.cancel();
+        r
+    };
+    let generate = async {
+        // Traffic starts once clients can connect, so the first steps are seen.
+        if ready_rx.await.is_err() {
+            return Ok(0);
+        }
+        let r = traffic(&url, options.ticks_per_second, stop.clone()).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let (served, generated) = tokio::join!(serve, generate);
+    served?;
+    let ticks = generated?;
+    tracing::info!(ticks, "demo stopped");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

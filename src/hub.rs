@@ -6,7 +6,7 @@
 //!
 //! # Routing index
 //!
-//! Subscriptions to a specific table live in that table's [`TableIndex`]:
+//! Subscriptions to a specific table live in that table's `TableIndex`:
 //! those whose filter has an `eq`/`in` condition are hashed by the canonical key
 //! of that value (per column); the rest sit in a scan list. A change looks up its
 //! row's value in each indexed column and scans the short list, so the work is

@@ -32,10 +32,32 @@
 //! - [`event`]: change events and their encodings.
 //! - [`filter`]: Supabase/PostgREST row filters, bound to column types and
 //!   evaluated in memory with PostgreSQL's comparison semantics.
+//! - [`catalog`]: the publication's tables and their columns, read over SQL, so
+//!   a join's bindings and filters are checked before anything is subscribed.
+//! - [`hub`]: the routing index; encodes each change once and hands the shared
+//!   bytes to every matching connection's bounded queue; confirms a
+//!   transaction's flush LSN once all of it was routed.
+//! - [`ws`]: the HTTP routes, the WebSocket upgrade and the Phoenix-protocol
+//!   sessions (vsn 1.0.0 and 2.0.0) that realtime-js speaks.
 //!
-//! Beside the pipeline, [`demo`] holds what `walcast demo` is made of: a
-//! throwaway PostgreSQL cluster, a bakery schema with business triggers, and a
-//! traffic generator.
+//! Beside the pipeline:
+//!
+//! - [`auth`]: JWT verification and per-table row rules (roles, a row filter
+//!   with claims, a column allow-list), evaluated in memory.
+//! - [`broadcast`] and [`presence`]: Supabase Broadcast (client to client, REST,
+//!   and from the database through logical decoding messages) and Presence.
+//! - [`metrics`]: Prometheus metrics read from the pipeline's counters, health
+//!   levels, `/metrics`, `/health` and `/ready`.
+//! - [`serve`]: `walcast serve`, wiring the stages together with an explicit
+//!   shutdown order; [`shutdown`] turns SIGINT/SIGTERM into a cancellation token.
+//! - [`setup`]: `walcast setup`, `status` and `teardown`: publication, replica
+//!   identity and slot, each checked before anything changes.
+//! - [`tail`]: `walcast tail`, every change as a JSON line on stdout.
+//! - [`demo`]: what `walcast demo` is made of: a throwaway PostgreSQL cluster, a
+//!   bakery schema with business triggers, a traffic generator, and
+//!   [`demo::run_demo`], which runs them with `serve`.
+//! - [`config`] and [`tls`]: the config file, connection strings and `sslmode`;
+//!   [`cli`]: the command line; [`lsn`]: log sequence numbers.
 //!
 //! Only committed data leaves walcast: pgoutput without `streaming` sends a
 //! transaction after it commits. A transaction's end LSN is confirmed to the

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use walcast::cli::{Cli, Command, LogFormat};
-use walcast::config::PgConnInfo;
+use walcast::config::{ConfigError, PgConnInfo, ServeConfig};
 use walcast::replication::ReplicationOptions;
 use walcast::value::RenderOptions;
 
@@ -24,8 +24,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("walcast: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Exit codes: 0 success, 1 a runtime error, 2 a usage or configuration error
+/// (clap's own usage errors exit 2 as well).
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// 2 when the error is about what the user gave walcast (flags, config file,
+/// database URL), 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use walcast::demo::DemoError;
+    use walcast::serve::ServeError;
+    let usage = e.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || matches!(
+                cause.downcast_ref::<ServeError>(),
+                Some(ServeError::Config(_) | ServeError::NoDatabaseUrl)
+            )
+            || match cause.downcast_ref::<DemoError>() {
+                Some(DemoError::Config(_) | DemoError::Rate(_)) => true,
+                Some(DemoError::Serve(e)) => {
+                    matches!(**e, ServeError::Config(_) | ServeError::NoDatabaseUrl)
+                }
+                _ => false,
+            }
+    });
+    if usage {
+        EXIT_USAGE
+    } else {
+        EXIT_RUNTIME
     }
 }
 
@@ -72,6 +103,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Setup(args) => print_lines(walcast::setup::setup(&args.options()?).await?.lines),
         Command::Teardown(args) => {
             print_lines(walcast::setup::teardown(&args.options()?).await?.lines)
+        }
+        Command::Demo(args) => {
+            let options = walcast::demo::DemoOptions {
+                listen: args.listen,
+                ticks_per_second: args.rate,
+                walcast: std::env::args().next().unwrap_or_else(|| "walcast".into()),
+            };
+            let mut out = std::io::stdout();
+            walcast::demo::run_demo(options, shutdown, &mut out).await?;
+        }
+        Command::CheckConfig(args) => {
+            ServeConfig::from_file(&args.file)?;
+            println!("{}: ok", args.file.display());
         }
         Command::Status(args) => {
             let conn = PgConnInfo::parse(&args.database_url)?;

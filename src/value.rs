@@ -346,7 +346,7 @@ pub mod json {
 
     /// Appends the canonical form of `text`; `false` (and nothing appended) when
     /// `text` is not JSON that `jsonb` accepts (`\u0000`, a lone surrogate, a
-    /// number out of `numeric`'s range) or nests deeper than [`MAX_DEPTH`].
+    /// number out of `numeric`'s range) or nests deeper than `MAX_DEPTH`.
     pub fn write_canonical(out: &mut String, text: &str) -> bool {
         let mut p = Parser {
             s: text.as_bytes(),

@@ -13,7 +13,7 @@
 //!   after a complete message are an error.
 //! - Column values are zero-copy slices of the input [`Bytes`].
 //! - Transaction framing (no row change outside `Begin`..`Commit`, matching commit
-//!   LSN) is not a property of one message; [`crate::relation::Transactions`]
+//!   LSN) is not a property of one message; [`crate::relation::Assembler`]
 //!   enforces it over the stream.
 
 mod reader;

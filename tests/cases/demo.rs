@@ -299,3 +299,139 @@ async fn demo_bakery_changes_reach_tail_and_triggers_do_their_job() {
         .unwrap();
     assert!(!dir.exists(), "{} not removed", dir.display());
 }
+
+/// `walcast demo` as a user runs it: the binary starts its own cluster, serves
+/// the bakery with traffic, prints the next steps; supabase-js (as in the printed
+/// snippet) gets changes of every demo table; SIGTERM stops it with exit code 0
+/// and removes the cluster.
+#[tokio::test]
+async fn walcast_demo_serves_every_table_and_cleans_up() {
+    use serde_json::json;
+    use tokio::io::AsyncReadExt;
+
+    use crate::support::js::{is_on, JsClient};
+
+    let port = crate::support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut proc = spawn(&["demo", "--listen", &listen, "--rate", "50"]);
+    let pid = proc.pid();
+    // Keep stderr drained; keep it for failure messages.
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut err = proc.stderr.take().unwrap();
+    let sink = stderr.clone();
+    let drain = tokio::spawn(async move {
+        let mut buf = String::new();
+        let _ = err.read_to_string(&mut buf).await;
+        sink.lock().unwrap().push_str(&buf);
+    });
+
+    // The next steps appear once serve listens.
+    let mut printed = Vec::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while !printed.iter().any(|l: &String| l.starts_with("Ctrl-C")) {
+        let line = tokio::time::timeout_at(deadline, proc.stdout.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no next steps within {T:?}: {printed:?}"))
+            .expect("read demo stdout");
+        match line {
+            Some(l) => printed.push(l),
+            None => {
+                drain.await.unwrap();
+                panic!(
+                    "walcast demo exited early: {printed:?}\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains(&format!("http://{listen}/metrics")), "{text}");
+    assert!(text.contains(" tail --database-url "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "createClient(\"http://{listen}\", \"{}\")",
+            demo::DEMO_API_KEY
+        )),
+        "{text}"
+    );
+    let prefix = format!("walcast-demo-{pid}-");
+    let cluster_dirs = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    };
+    assert_eq!(cluster_dirs(), 1, "the demo's cluster dir in the temp dir");
+
+    // supabase-js, as in the printed snippet, plus one binding per demo table.
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": demo::DEMO_API_KEY}),
+        T,
+    )
+    .await;
+    let bindings: Vec<_> = TABLES
+        .iter()
+        .map(|t| json!({"event": "*", "schema": "public", "table": t}))
+        .collect();
+    js.call(
+        json!({"cmd": "subscribe", "channel": "everything", "postgres_changes": bindings}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("everything", T).await, "SUBSCRIBED");
+    js.call(
+        json!({"cmd": "subscribe", "channel": "bakery", "postgres_changes": [
+            {"event": "*", "schema": "public", "table": "orders"},
+            {"event": "*", "schema": "public", "table": "ingredients", "filter": "stock=lt.20"},
+        ]}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("bakery", T).await, "SUBSCRIBED");
+
+    let mut seen = BTreeSet::new();
+    let mut orders_on_bakery = false;
+    let deadline = Instant::now() + T;
+    while seen.len() < TABLES.len() || !orders_on_bakery {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "changes seen from {seen:?} of {TABLES:?}; orders on the snippet's channel: {orders_on_bakery}"
+        );
+        let Some(ev) = js.next_event(left).await else {
+            continue;
+        };
+        if is_on(&ev, "postgres_changes", "everything") {
+            let p = &ev["payload"];
+            let i = ev["binding"].as_u64().unwrap() as usize;
+            assert_eq!(p["schema"], "public", "{ev}");
+            assert_eq!(p["table"], TABLES[i], "{ev}");
+            seen.insert(TABLES[i]);
+        } else if is_on(&ev, "postgres_changes", "bakery") {
+            let p = &ev["payload"];
+            if p["table"] == "orders" {
+                orders_on_bakery = true;
+            } else {
+                assert_eq!(p["table"], "ingredients", "{ev}");
+                let stock = p["new"]["stock"].as_f64().unwrap_or(f64::NAN);
+                assert!(stock < 20.0, "the stock=lt.20 filter let through {ev}");
+            }
+        }
+    }
+    js.exit().await;
+
+    proc.signal(15);
+    let status = tokio::time::timeout(T, proc.child.wait())
+        .await
+        .expect("walcast demo did not exit within the timeout")
+        .expect("wait for walcast demo");
+    drain.await.unwrap();
+    assert!(
+        status.success(),
+        "walcast demo exited with {status}: {}",
+        stderr.lock().unwrap()
+    );
+    assert_eq!(cluster_dirs(), 0, "the demo's cluster dir was not removed");
+}

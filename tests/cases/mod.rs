@@ -1,5 +1,6 @@
 mod auth;
 mod broadcast;
+mod config;
 mod demo;
 mod filter;
 mod metrics;

@@ -508,7 +508,7 @@ async fn create_slot_and_temporary_slot_work() {
         wait_for("the slot to exist", T, || async {
             let n: i64 = c
                 .query_one(
-                    "select count(*) from pg_replication_slots where slot_name = $1 and active",
+                    "select count(*) from pg_replication_slots where slot_name = $1 and active and confirmed_flush_lsn is not null",
                     &[&slot],
                 )
                 .await

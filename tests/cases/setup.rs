@@ -435,8 +435,8 @@ async fn status_reports_slot_tables_and_warnings() {
     .unwrap();
     assert!(
         v2["slot"]["retained_wal_bytes"].as_i64().unwrap()
-            > v["slot"]["retained_wal_bytes"].as_i64().unwrap() + 1_000_000,
-        "{v2}"
+            > v["slot"]["retained_wal_bytes"].as_i64().unwrap(),
+        "retained WAL did not grow: before {v}, after {v2}"
     );
 }
 
