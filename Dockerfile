@@ -8,6 +8,9 @@
 #     -v "$PWD/walcast.toml:/etc/walcast/walcast.toml:ro" \
 #     walcast
 #
+# It listens on 0.0.0.0:4000, which walcast serves only with an auth mode: set
+# WALCAST_AUTH_MODE=jwt and WALCAST_JWT_SECRET (or [auth] in the config file), or
+# WALCAST_AUTH_MODE=none to serve without auth on purpose.
 # Configuration: environment variables (DATABASE_URL, WALCAST_LOG, …) and the
 # file /etc/walcast/walcast.toml, mounted read-only (WALCAST_CONFIG points at
 # it). The server listens on 0.0.0.0:4000: WebSocket, /metrics, /health, /ready.

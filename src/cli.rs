@@ -115,6 +115,15 @@ pub struct ServeArgs {
     /// Address for HTTP and WebSocket [default: 127.0.0.1:4000].
     #[arg(long, env = "WALCAST_LISTEN")]
     pub listen: Option<String>,
+
+    /// Authentication: `jwt` (tokens required, row rules enforced) or `none`
+    /// (explicitly no auth). Unset: no auth, loopback addresses only.
+    #[arg(long, env = "WALCAST_AUTH_MODE", value_parser = ["jwt", "none"])]
+    pub auth_mode: Option<String>,
+
+    /// Secret for HS256/384/512 tokens (prefer the environment variable to the flag).
+    #[arg(long, env = "WALCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
 }
 
 impl ServeArgs {
@@ -138,6 +147,14 @@ impl ServeArgs {
         }
         if let Some(l) = self.listen {
             c.server.listen = l;
+        }
+        match self.auth_mode.as_deref() {
+            Some("jwt") => c.auth.mode = Some(crate::auth::AuthMode::Jwt),
+            Some("none") => c.auth.mode = Some(crate::auth::AuthMode::None),
+            _ => {}
+        }
+        if self.jwt_secret.is_some() {
+            c.auth.jwt_secret = self.jwt_secret;
         }
         c.validate()?;
         Ok(c)
