@@ -1,5 +1,6 @@
 mod auth;
 mod broadcast;
+mod broadcast_js;
 mod config;
 mod demo;
 mod filter;
