@@ -687,9 +687,107 @@ fn tick_period(rate_per_sec: f64) -> Result<Duration, DemoError> {
 // ---------------------------------------------------------------------------
 // `walcast demo`
 
-/// The key the printed supabase-js snippet passes. The demo runs without auth, so
-/// walcast accepts any key; supabase-js merely insists on having one.
-pub const DEMO_API_KEY: &str = "walcast-demo";
+/// The customer whose portal the demo shows.
+pub const DEMO_CUSTOMER_ID: i64 = 1;
+
+/// How long the demo's tokens stay valid.
+const DEMO_TOKEN_SECS: i64 = 7 * 24 * 3600;
+
+/// The demo's auth: a fresh HS256 secret, row rules like a customer portal's, and
+/// two tokens signed with it — staff (`service_role`, sees everything) and one
+/// customer (`role: customer`, `sub` = the customer id: their own orders and
+/// customer row, without the email; ingredients are public).
+pub struct DemoAuth {
+    pub config: crate::auth::AuthConfig,
+    pub staff_token: String,
+    pub customer_token: String,
+}
+
+impl DemoAuth {
+    pub fn new() -> Result<Self, DemoError> {
+        let secret = random_hex(32);
+        let rule =
+            |name: &str, row_filter: Option<&str>, columns: Option<&[&str]>, public: bool| {
+                crate::auth::TableRule {
+                    name: name.into(),
+                    roles: if public {
+                        vec![]
+                    } else {
+                        vec!["customer".into()]
+                    },
+                    row_filter: row_filter.map(str::to_string),
+                    columns: columns.map(|c| c.iter().map(|s| s.to_string()).collect()),
+                    public,
+                }
+            };
+        let config = crate::auth::AuthConfig {
+            mode: Some(crate::auth::AuthMode::Jwt),
+            jwt_secret: Some(secret.clone()),
+            tables: vec![
+                rule(
+                    "public.orders",
+                    Some("customer_id=eq.{claims.sub}"),
+                    None,
+                    false,
+                ),
+                rule(
+                    "public.customers",
+                    Some("id=eq.{claims.sub}"),
+                    Some(&[
+                        "id",
+                        "name",
+                        "total_orders",
+                        "total_spent",
+                        "loyalty_points",
+                        "last_order_at",
+                    ]),
+                    false,
+                ),
+                rule("public.ingredients", None, None, true),
+                rule("public.recipes", None, None, true),
+            ],
+            ..crate::auth::AuthConfig::default()
+        };
+        let exp = crate::auth::now_unix() + DEMO_TOKEN_SECS;
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .map_err(|e| DemoError::Setup(format!("cannot sign a demo token: {e}")))
+        };
+        Ok(DemoAuth {
+            staff_token: sign(serde_json::json!({"role": "service_role", "exp": exp}))?,
+            customer_token: sign(serde_json::json!({
+                "role": "customer",
+                "sub": DEMO_CUSTOMER_ID.to_string(),
+                "exp": exp,
+            }))?,
+            config,
+        })
+    }
+}
+
+/// `n` random bytes as hex, from the OS (a throwaway demo secret).
+fn random_hex(n: usize) -> String {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_ok();
+    if !filled {
+        // No /dev/urandom: fall back to the standard library's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            let v = h.finish().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// What `walcast demo` was asked for.
 #[derive(Debug, Clone)]
@@ -720,6 +818,8 @@ pub async fn run_demo(
     config.server.listen = options.listen.clone();
     config.postgres.slot = DEMO_SLOT.into();
     config.postgres.publication = DEMO_PUBLICATION.into();
+    let auth = DemoAuth::new()?;
+    config.auth = auth.config.clone();
     config.validate()?;
 
     let cluster = tokio::task::spawn_blocking(LocalCluster::start)
@@ -728,7 +828,7 @@ pub async fn run_demo(
     let result = if shutdown.is_cancelled() {
         Ok(())
     } else {
-        serve_with_traffic(&cluster, config, &options, shutdown, out).await
+        serve_with_traffic(&cluster, config, &auth, &options, shutdown, out).await
     };
     let stopped = tokio::task::spawn_blocking(move || cluster.stop())
         .await
@@ -742,6 +842,7 @@ pub async fn run_demo(
 async fn serve_with_traffic(
     cluster: &LocalCluster,
     mut config: crate::config::ServeConfig,
+    auth: &DemoAuth,
     options: &DemoOptions,
     shutdown: CancellationToken,
     out: &mut (dyn Write + Send),
@@ -757,7 +858,8 @@ async fn serve_with_traffic(
             walcast: &options.walcast,
             database_url: &url,
             http_addr: r.addr,
-            api_key: DEMO_API_KEY,
+            api_key: &auth.staff_token,
+            customer_token: &auth.customer_token,
             ticks_per_second: options.ticks_per_second,
         };
         if let Err(e) = print_next_steps(out, &steps) {
@@ -802,6 +904,8 @@ pub struct NextSteps<'a> {
     pub http_addr: SocketAddr,
     /// The key a client passes as supabase-js's `supabaseKey`.
     pub api_key: &'a str,
+    /// A token of customer [`DEMO_CUSTOMER_ID`], for the portal snippet.
+    pub customer_token: &'a str,
     /// The traffic rate.
     pub ticks_per_second: f64,
 }
@@ -817,6 +921,8 @@ pub fn next_steps(s: &NextSteps<'_>) -> String {
         shell_quote(s.walcast)
     );
     let key = js_string(s.api_key);
+    let customer_key = js_string(s.customer_token);
+    let customer = DEMO_CUSTOMER_ID;
     let base_js = js_string(&base);
     format!(
         r#"walcast demo: a bakery in a throwaway PostgreSQL, {rate} business steps a second
@@ -841,6 +947,17 @@ as `realtime: {{ transport: WebSocket }}` in createClient's options):
       .on('postgres_changes', {{ event: '*', schema: 'public', table: 'ingredients', filter: 'stock=lt.20' }},
         (change) => console.log('low stock:', change.new.name, change.new.stock, change.new.unit))
       .subscribe((status) => console.log('channel:', status))
+
+That key is a staff token (role service_role: every table, row and column). The demo
+runs with JWT auth and customer-portal rules: customer {customer} sees only their own
+orders and their own customer row (without the email). Their portal:
+
+    const portal = createClient({base_js}, {customer_key})
+    portal
+      .channel('my-orders')
+      .on('postgres_changes', {{ event: '*', schema: 'public', table: 'orders' }},
+        (change) => console.log('my order', change.new.id, change.new.status))
+      .subscribe()
 
 Metrics:  {base}/metrics
 Health:   {base}/health
@@ -989,6 +1106,7 @@ mod tests {
             database_url: "postgres://postgres@127.0.0.1:5433/bakery?sslmode=disable",
             http_addr: "0.0.0.0:4000".parse().unwrap(),
             api_key: "demo-'key",
+            customer_token: "cust-token",
             ticks_per_second: 2.0,
         });
         assert!(text.contains(

@@ -347,11 +347,20 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
     let text = printed.join("\n");
     assert!(text.contains(&format!("http://{listen}/metrics")), "{text}");
     assert!(text.contains(" tail --database-url "), "{text}");
+    // The printed snippets carry a staff token and a customer token.
+    let token_after = |prefix: &str| -> String {
+        let start = text
+            .find(prefix)
+            .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+            + prefix.len();
+        text[start..].split('"').next().unwrap().to_string()
+    };
+    let staff = token_after(&format!("createClient(\"http://{listen}\", \""));
+    let customer = token_after(&format!(
+        "const portal = createClient(\"http://{listen}\", \""
+    ));
     assert!(
-        text.contains(&format!(
-            "createClient(\"http://{listen}\", \"{}\")",
-            demo::DEMO_API_KEY
-        )),
+        staff.split('.').count() == 3 && customer.split('.').count() == 3,
         "{text}"
     );
     let prefix = format!("walcast-demo-{pid}-");
@@ -367,7 +376,7 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
     // supabase-js, as in the printed snippet, plus one binding per demo table.
     let mut js = JsClient::spawn().await;
     js.call(
-        json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": demo::DEMO_API_KEY}),
+        json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": staff}),
         T,
     )
     .await;
@@ -421,6 +430,51 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
         }
     }
     js.exit().await;
+
+    // The customer portal: only this customer's orders, and no table without a rule.
+    let mut portal = JsClient::spawn().await;
+    portal
+        .call(
+            json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": customer}),
+            T,
+        )
+        .await;
+    portal
+        .call(
+            json!({"cmd": "subscribe", "channel": "my-orders", "postgres_changes": [
+                {"event": "*", "schema": "public", "table": "orders"}]}),
+            T,
+        )
+        .await;
+    assert_eq!(portal.status("my-orders", T).await, "SUBSCRIBED");
+    portal
+        .call(
+            json!({"cmd": "subscribe", "channel": "logs", "postgres_changes": [
+                {"event": "*", "schema": "public", "table": "inventory_logs"}]}),
+            T,
+        )
+        .await;
+    assert_eq!(portal.status("logs", T).await, "CHANNEL_ERROR");
+    let mine = demo::DEMO_CUSTOMER_ID;
+    for _ in 0..2 {
+        let ev = portal
+            .wait_for(
+                "an order of the demo customer",
+                Duration::from_secs(60),
+                |v| is_on(v, "postgres_changes", "my-orders"),
+            )
+            .await;
+        let p = &ev["payload"];
+        let owner = p["new"]["customer_id"]
+            .as_i64()
+            .or(p["old"]["customer_id"].as_i64());
+        assert_eq!(
+            owner,
+            Some(mine),
+            "the portal saw another customer's order: {ev}"
+        );
+    }
+    portal.exit().await;
 
     proc.signal(15);
     let status = tokio::time::timeout(T, proc.child.wait())
