@@ -327,3 +327,47 @@ async fn leave_stops_delivery_and_a_slow_client_is_closed_without_hurting_others
         assert!(t.contains("phx_close"), "unexpected frame after leave: {t}");
     }
 }
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1001_confirms_and_exits_cleanly() {
+    let db = "ws_shutdown";
+    let c = setup_db(db, "create table t (id int primary key)").await;
+    let server = start(db, &[]).await;
+    let mut ws = connect(&server, "2.0.0").await;
+    let binding = json!({"postgres_changes": [{"event": "*", "schema": "public", "table": "t"}]});
+    assert_eq!(
+        join(&mut ws, "2.0.0", "s", "1", binding).await[4]["status"],
+        "ok"
+    );
+    c.batch_execute("insert into t values (1)").await.unwrap();
+    recv_event(&mut ws, "postgres_changes").await;
+    let before: String = c
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    server.proc.signal(15);
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(T, ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1001), "sockets close with 1001 on shutdown");
+    let (ok, err) = server.proc.wait(T).await;
+    assert!(ok, "serve did not exit cleanly: {err}");
+    // The delivered transaction was confirmed: the slot is past it.
+    let confirmed: bool = c
+        .query_one(
+            "select confirmed_flush_lsn >= $1::text::pg_lsn from pg_replication_slots where slot_name = 'slot_ws_shutdown'",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        confirmed,
+        "the slot was not confirmed past the delivered change"
+    );
+}
