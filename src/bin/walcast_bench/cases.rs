@@ -422,6 +422,9 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     for t in tasks {
         lat.extend(t.await?.latencies_us);
     }
+    // walcast's own share: commit record time → change queued for clients, from its
+    // histogram (upper bucket bounds), separating it from writer, WAL flush and client.
+    let share = commit_to_queued(walcast.port).await;
     walcast.stop().await;
     got?;
     let mut figs = vec![Figure::new(
@@ -434,7 +437,59 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
         None,
     )];
     figs.extend(latency_figures("latency", lat, 2_000, 10_000));
+    if let Some((p50, p99)) = share {
+        for (q, v) in [("p50", p50), ("p99", p99)] {
+            figs.push(Figure::new(
+                "latency",
+                format!("commit → queued by walcast {q} (its histogram, bucket bound)"),
+                format!("≤ {v} ms"),
+                "—",
+                None,
+                "",
+                None,
+            ));
+        }
+    }
     Ok(figs)
+}
+
+/// p50 and p99 (ms, as histogram bucket upper bounds) of
+/// `walcast_commit_to_send_latency_seconds`, scraped from `/metrics`.
+async fn commit_to_queued(port: u16) -> Option<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text))
+        .await
+        .ok()?
+        .ok()?;
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("walcast_commit_to_send_latency_seconds_bucket{le=\"")
+        else {
+            continue;
+        };
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.trim().parse().ok()?));
+    }
+    let total = buckets.last()?.1;
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= p * total)
+            .map(|(le, _)| le * 1000.0)
+    };
+    Some((q(0.5)?, q(0.99)?))
 }
 
 pub async fn fanout(quick: bool) -> Result<Vec<Figure>> {
