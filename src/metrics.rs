@@ -177,6 +177,15 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    /// The metric reason of a refused token.
+    pub fn of(e: &crate::auth::AuthError) -> AuthFailure {
+        match e {
+            crate::auth::AuthError::Missing => AuthFailure::MissingToken,
+            crate::auth::AuthError::Expired => AuthFailure::Expired,
+            _ => AuthFailure::InvalidToken,
+        }
+    }
+
     pub const ALL: [AuthFailure; 4] = [
         AuthFailure::MissingToken,
         AuthFailure::InvalidToken,

@@ -124,14 +124,10 @@ async fn upgrade(
         match shared.auth.verify(apikey).await {
             Ok(t) => connect_token = Some(t),
             Err(e) => {
-                use crate::auth::AuthError;
-                use crate::metrics::AuthFailure;
-                let reason = match e {
-                    AuthError::Missing => AuthFailure::MissingToken,
-                    AuthError::Expired => AuthFailure::Expired,
-                    _ => AuthFailure::InvalidToken,
-                };
-                shared.stats.events.auth_failed(reason, peer);
+                shared
+                    .stats
+                    .events
+                    .auth_failed(crate::metrics::AuthFailure::of(&e), peer);
                 return (
                     StatusCode::UNAUTHORIZED,
                     Json(json!({"error": e.to_string(), "reason": e.reason()})),

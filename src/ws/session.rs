@@ -297,18 +297,19 @@ impl Session {
         }
     }
 
+    /// A join refused: counted, and answered with an error reply naming the reason.
+    fn refuse_join(&self, f: &Frame, response: Value) {
+        self.shared
+            .stats
+            .joins_error
+            .fetch_add(1, Ordering::Relaxed);
+        self.reply(f, false, response);
+    }
+
     async fn join(&mut self, f: Frame) {
         let topic = f.topic.clone();
         if !topic.starts_with("realtime:") || topic.len() <= "realtime:".len() {
-            self.shared
-                .stats
-                .joins_error
-                .fetch_add(1, Ordering::Relaxed);
-            return self.reply(
-                &f,
-                false,
-                json!({"reason": "topic must be realtime:<name>"}),
-            );
+            return self.refuse_join(&f, json!({"reason": "topic must be realtime:<name>"}));
         }
         // A second join of a joined topic replaces the first (as Phoenix does).
         if let Some(old) = self.channels.remove(&topic) {
@@ -317,13 +318,8 @@ impl Session {
             self.push(&topic, old_ref.as_deref(), "phx_close", "{}");
         }
         if self.channels.len() >= self.shared.config.limits.channels_per_connection {
-            self.shared
-                .stats
-                .joins_error
-                .fetch_add(1, Ordering::Relaxed);
-            return self.reply(
+            return self.refuse_join(
                 &f,
-                false,
                 json!({"reason": format!(
                     "too many channels on this connection (limit {})",
                     self.shared.config.limits.channels_per_connection
@@ -334,12 +330,8 @@ impl Session {
         let (token, token_text) = match self.join_token(&f.payload).await {
             Ok(t) => t,
             Err(e) => {
-                self.shared
-                    .stats
-                    .joins_error
-                    .fetch_add(1, Ordering::Relaxed);
                 self.auth_failed(&e);
-                return self.reply(&f, false, json!({ "reason": e.to_string() }));
+                return self.refuse_join(&f, json!({ "reason": e.to_string() }));
             }
         };
         let claims = token.as_ref().map(|t| t.claims.clone()).unwrap_or_default();
@@ -349,21 +341,13 @@ impl Session {
             .broadcast
             .authorize_join(&topic, &config, &claims)
         {
-            self.shared
-                .stats
-                .joins_error
-                .fetch_add(1, Ordering::Relaxed);
-            return self.reply(&f, false, json!({ "reason": reason }));
+            return self.refuse_join(&f, json!({ "reason": reason }));
         }
         let (echo, bindings) = match self.resolve_bindings(&config, token.as_ref()).await {
             Ok(v) => v,
             Err(reason) => {
-                self.shared
-                    .stats
-                    .joins_error
-                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %self.peer, %topic, %reason, "join refused");
-                return self.reply(&f, false, json!({ "reason": reason }));
+                return self.refuse_join(&f, json!({ "reason": reason }));
             }
         };
         let channel = self.shared.next_id();
@@ -382,11 +366,7 @@ impl Session {
             })
             .await;
         if sent.is_err() || done_rx.await.is_err() {
-            self.shared
-                .stats
-                .joins_error
-                .fetch_add(1, Ordering::Relaxed);
-            return self.reply(&f, false, json!({"reason": "walcast is shutting down"}));
+            return self.refuse_join(&f, json!({"reason": "walcast is shutting down"}));
         }
         self.channels.insert(
             topic.clone(),
@@ -435,12 +415,10 @@ impl Session {
     }
 
     fn auth_failed(&self, e: &AuthError) {
-        let reason = match e {
-            AuthError::Missing => AuthFailure::MissingToken,
-            AuthError::Expired => AuthFailure::Expired,
-            _ => AuthFailure::InvalidToken,
-        };
-        self.shared.stats.events.auth_failed(reason, self.peer);
+        self.shared
+            .stats
+            .events
+            .auth_failed(AuthFailure::of(e), self.peer);
     }
 
     /// The token a join is judged with: its `access_token`, else the connect token.
