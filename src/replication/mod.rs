@@ -335,6 +335,24 @@ impl<'a> Session<'a> {
         let sql = crate::tls::connect_sql(&self.opts.conn).await?;
         let checks = slot::preflight(&sql, self.opts).await?;
         let mut conn = ReplicationConnection::connect(&self.opts.conn).await?;
+        // IDENTIFY_SYSTEM: the server's identity and position, logged so an operator can
+        // tell which cluster and timeline a stream came from.
+        let ident = conn.simple_query("IDENTIFY_SYSTEM").await?;
+        match ident.first().map(|r| r.as_slice()) {
+            Some([Some(system), Some(timeline), Some(xlogpos), ..]) => tracing::info!(
+                slot = %self.opts.slot,
+                system = %system,
+                timeline = %timeline,
+                xlogpos = %xlogpos,
+                server_version = %conn.server_version,
+                "connected for replication"
+            ),
+            _ => {
+                return Err(ReplicationError::Protocol(
+                    "IDENTIFY_SYSTEM returned no row".into(),
+                ))
+            }
+        }
         if checks.slot.is_none() {
             slot::create_slot(&mut conn, &self.opts.slot, self.opts.temporary).await?;
             tracing::info!(slot = %self.opts.slot, temporary = self.opts.temporary, "created replication slot");
