@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -234,6 +235,14 @@ pub async fn run(
     let http = {
         let stop = http_stop.clone();
         tokio::spawn(async move {
+            // No Nagle: a change frame written while the previous one is still
+            // unacknowledged would otherwise wait for the client's delayed ACK (up to
+            // 40 ms). The writer already batches what is queued into one flush.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

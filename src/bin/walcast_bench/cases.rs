@@ -361,41 +361,54 @@ async fn live_setup(env: &Env, table: &str) -> Result<()> {
     Ok(())
 }
 
-fn latency_figures(case: &'static str, mut lat: Vec<u32>, p50: u32, p99: u32) -> Vec<Figure> {
+/// p50, p99 and max of `lat` (sorted here).
+fn quantiles(lat: &mut [u32]) -> [u32; 3] {
     lat.sort_unstable();
-    let (a, b, c) = (
-        client::percentile(&lat, 50.0),
-        client::percentile(&lat, 99.0),
+    [
+        client::percentile(lat, 50.0),
+        client::percentile(lat, 99.0),
         lat.last().copied().unwrap_or(0),
-    );
-    let t = |x: u32| {
-        if x == 0 {
-            String::new()
-        } else {
-            format!("≤ {}", ms(x))
-        }
-    };
-    vec![
-        Figure::new(
-            case,
-            "latency p50",
-            ms(a),
-            "—",
-            None,
-            t(p50),
-            (p50 > 0).then_some(a <= p50),
-        ),
-        Figure::new(
-            case,
-            "latency p99",
-            ms(b),
-            "—",
-            None,
-            t(p99),
-            (p99 > 0).then_some(b <= p99),
-        ),
-        Figure::new(case, "latency max", ms(c), "—", None, "", None),
     ]
+}
+
+/// Figures p50, p99 and max of `lat`, against `floor` (the same quantiles of a
+/// baseline measured in the same run) when there is one, and targets for p50 and
+/// p99 in µs (0: none).
+fn latency_figures(
+    case: &'static str,
+    what: &str,
+    mut lat: Vec<u32>,
+    floor: Option<(&str, [u32; 3])>,
+    targets: [u32; 2],
+) -> Vec<Figure> {
+    let q = quantiles(&mut lat);
+    ["p50", "p99", "max"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let target = targets.get(i).copied().unwrap_or(0);
+            let (baseline, ratio) = match floor {
+                Some((label, f)) => (
+                    format!("{label} {}", ms(f[i])),
+                    (f[i] > 0).then(|| q[i] as f64 / f[i] as f64),
+                ),
+                None => ("—".to_string(), None),
+            };
+            Figure::new(
+                case,
+                format!("{what} {name}"),
+                ms(q[i]),
+                baseline,
+                ratio,
+                if target == 0 {
+                    String::new()
+                } else {
+                    format!("≤ {}", ms(target))
+                },
+                (target > 0).then_some(q[i] <= target),
+            )
+        })
+        .collect()
 }
 
 pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
@@ -406,6 +419,11 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     };
     let env = Env::start().await?;
     live_setup(&env, "lat").await?;
+    exec(
+        &env.sql().await,
+        &["select pg_create_logical_replication_slot('s_floor', 'pgoutput')".into()],
+    )
+    .await?;
     let walcast = env::serve(&env.url(), "s_walcast", "pub", &env::config(4096, 100)).await?;
     let mut plan: Vec<Vec<Vec<serde_json::Value>>> = (0..owners)
         .map(|o| vec![vec![client::binding("lat", Some(&format!("owner=eq.{o}")))]])
@@ -414,19 +432,29 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     let count = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let tasks = clients(walcast.port, plan, count.clone(), stop.clone(), 1).await?;
+    let floor = Floor::start(&env, "s_floor")?;
     let written = paced_writes(&env, "lat", rate, Duration::from_secs(secs_), owners, 4).await?;
     let expected = written * (1 + wide);
     let got = wait_count(&count, expected, Duration::from_secs(30)).await;
     stop.cancel();
-    let mut lat = Vec::new();
+    let mut floor = floor.stop();
+    let (mut lat, mut after_commit) = (Vec::new(), Vec::new());
     for t in tasks {
-        lat.extend(t.await?.latencies_us);
+        let r = t.await?;
+        lat.extend(r.latencies_us);
+        after_commit.extend(r.after_commit_us);
     }
     // walcast's own share: commit record time → change queued for clients, from its
     // histogram (upper bucket bounds), separating it from writer, WAL flush and client.
     let share = commit_to_queued(walcast.port).await;
     walcast.stop().await;
     got?;
+    ensure!(
+        floor.len() as u64 >= written,
+        "the floor reader saw {} of {written} rows",
+        floor.len()
+    );
+    let floor_q = quantiles(&mut floor);
     let mut figs = vec![Figure::new(
         "latency",
         format!("{rate} commits/s × {secs_} s, {owners} eq clients + {wide} whole-table"),
@@ -436,7 +464,20 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
         "",
         None,
     )];
-    figs.extend(latency_figures("latency", lat, 2_000, 10_000));
+    figs.extend(latency_figures(
+        "latency",
+        "write → client",
+        lat,
+        Some(("pg_recvlogical", floor_q)),
+        [2_000, 10_000],
+    ));
+    figs.extend(latency_figures(
+        "latency",
+        "commit → client (ms clock)",
+        after_commit,
+        None,
+        [0, 0],
+    ));
     if let Some((p50, p99)) = share {
         for (q, v) in [("p50", p50), ("p99", p99)] {
             figs.push(Figure::new(
@@ -451,6 +492,84 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
         }
     }
     Ok(figs)
+}
+
+/// The floor of the latency case: `pg_recvlogical` reading its own slot of the same
+/// publication on a thread of its own, each inserted row's latency taken from its
+/// `sent_us` column (16 digits) when its bytes arrive. What PostgreSQL and the
+/// machine cost before any walcast code runs.
+struct Floor {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<Vec<u32>>,
+}
+
+impl Floor {
+    fn start(env: &Env, slot: &str) -> Result<Floor> {
+        let conn = format!(
+            "host=127.0.0.1 port={} dbname={} user=postgres sslmode=disable",
+            env.cluster.port,
+            env::DB
+        );
+        let mut child = env
+            .cluster
+            .client_cmd("pg_recvlogical")
+            .args(["-d", &conn, "-S", slot, "--start", "--no-loop", "-F", "0"])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=pub",
+                "-f",
+                "-",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("spawn pg_recvlogical")?;
+        let out = child.stdout.take().context("stdout")?;
+        let reader = std::thread::spawn(move || floor_read(out));
+        Ok(Floor { child, reader })
+    }
+
+    fn stop(mut self) -> Vec<u32> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader.join().unwrap_or_default()
+    }
+}
+
+/// Reads pgoutput bytes until the end of `out`: each text column of exactly 16
+/// bytes (`'t'`, length 16) that is all digits is a `sent_us`.
+fn floor_read(mut out: impl std::io::Read) -> Vec<u32> {
+    const MARK: &[u8] = b"t\x00\x00\x00\x10";
+    const LEN: usize = MARK.len() + 16;
+    let mut lat = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    while let Ok(n) = out.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let now = client::now_us();
+        pending.extend_from_slice(&buf[..n]);
+        let mut i = 0;
+        while i + LEN <= pending.len() {
+            let digits = &pending[i + MARK.len()..i + LEN];
+            if &pending[i..i + MARK.len()] == MARK && digits.iter().all(u8::is_ascii_digit) {
+                let sent: i64 = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(now);
+                lat.push((now - sent).clamp(0, u32::MAX as i64) as u32);
+                i += LEN;
+            } else {
+                i += 1;
+            }
+        }
+        pending.drain(..i);
+    }
+    lat
 }
 
 /// p50 and p99 (ms, as histogram bucket upper bounds) of
@@ -567,7 +686,7 @@ pub async fn fanout(quick: bool) -> Result<Vec<Figure>> {
             None,
         ),
     ];
-    figs.extend(latency_figures("fanout", lat, 0, 0));
+    figs.extend(latency_figures("fanout", "latency", lat, None, [0, 0]));
     Ok(figs)
 }
 

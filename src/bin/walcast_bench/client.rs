@@ -91,8 +91,12 @@ pub async fn join(ws: &mut Ws, topic: &str, r: u64, bindings: Vec<Value>) -> Res
 /// What one receiving client saw.
 #[derive(Default)]
 pub struct Received {
-    /// Commit→receipt latencies in microseconds, when sampled.
+    /// Write→receipt latencies in microseconds (`sent_us`, stamped by the
+    /// writer's INSERT), when sampled.
     pub latencies_us: Vec<u32>,
+    /// Commit→receipt latencies in microseconds, from the frame's
+    /// `commit_timestamp` (millisecond resolution, so up to 1 ms high), when sampled.
+    pub after_commit_us: Vec<u32>,
     /// Set when the server closed the connection (e.g. as a slow client).
     pub closed: Option<String>,
 }
@@ -119,9 +123,14 @@ pub async fn receive(
                 }
                 count.fetch_add(1, Ordering::Relaxed);
                 if sample {
+                    let now = now_us();
                     if let Some(sent) = field_i64(&t, "\"sent_us\":") {
-                        let lat = (now_us() - sent).max(0);
-                        out.latencies_us.push(lat.min(u32::MAX as i64) as u32);
+                        out.latencies_us.push(clamp_us(now - sent));
+                    }
+                    if let Some(commit) = time_of_day_us(&t, "\"commit_timestamp\":\"") {
+                        let day = 86_400_000_000;
+                        out.after_commit_us
+                            .push(clamp_us((now.rem_euclid(day) - commit).rem_euclid(day)));
                     }
                 }
             }
@@ -153,6 +162,22 @@ fn field_i64(text: &str, key: &str) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
+fn clamp_us(us: i64) -> u32 {
+    us.clamp(0, u32::MAX as i64) as u32
+}
+
+/// Microseconds since midnight UTC of the ISO timestamp after `key`
+/// (`YYYY-MM-DDTHH:MM:SS.mmmZ`, as `commit_timestamp` is written).
+fn time_of_day_us(text: &str, key: &str) -> Option<i64> {
+    let at = text.find(key)? + key.len();
+    let t = text.get(at + 11..at + 23)?.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        std::str::from_utf8(&t[r]).ok()?.parse().ok()
+    };
+    let (h, m, s, ms) = (num(0..2)?, num(3..5)?, num(6..8)?, num(9..12)?);
+    Some((((h * 60 + m) * 60 + s) * 1000 + ms) * 1000)
+}
+
 /// Percentile (0..=100) of sorted values.
 pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
@@ -172,6 +197,14 @@ mod tests {
         assert_eq!(field_i64(t, "\"sent_us\":"), Some(1_700_000_000_123_456));
         assert_eq!(field_i64(r#"{"sent_us":"42"}"#, "\"sent_us\":"), Some(42));
         assert_eq!(field_i64("{}", "\"sent_us\":"), None);
+    }
+
+    #[test]
+    fn reads_a_commit_time_of_day() {
+        let t = r#"{"commit_timestamp":"2026-11-22T07:54:27.123Z","x":1}"#;
+        let want = ((7 * 3600 + 54 * 60 + 27) * 1000 + 123) * 1000;
+        assert_eq!(time_of_day_us(t, "\"commit_timestamp\":\""), Some(want));
+        assert_eq!(time_of_day_us("{}", "\"commit_timestamp\":\""), None);
     }
 
     #[test]
