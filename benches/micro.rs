@@ -7,6 +7,8 @@
 //! - `filter`: `BoundFilter::matches` for the filter shapes clients use.
 //! - `route`: `Hub::route` of one change with 100 / 10,000 / 100,000 `eq`
 //!   subscriptions on one column plus a few range filters (encoding included).
+//! - `route_fanout`: `Hub::route` of one change to 10,000 whole-table
+//!   subscriptions on 10,000 connections (per delivery: match, queue, shared data).
 //! - `fanout_encode`: one change's `data` encoded once, then one frame per channel
 //!   as the connection writer assembles it, for 1 / 100 / 10,000 channels.
 //!
@@ -220,13 +222,21 @@ struct HubFixture {
 }
 
 fn hub_with(table: &Arc<Table>, n: usize, ranges: usize) -> HubFixture {
+    let filters: Vec<Filter> = (0..n)
+        .map(|i| Filter::parse(&format!("owner=eq.{i}")).expect("eq filter"))
+        .collect();
+    hub_of(table, filters, ranges, n.clamp(1, 256))
+}
+
+/// A hub with one subscription per filter (plus `ranges` range filters), spread
+/// over `conns` connections.
+fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: usize) -> HubFixture {
     let stats = Arc::new(HubStats::default());
     let mut hub = Hub::new(RenderOptions::default(), stats.clone());
-    let conns = n.clamp(1, 256);
     let mut handles = Vec::with_capacity(conns);
     let mut receivers = Vec::with_capacity(conns);
     for id in 0..conns {
-        let (tx, rx) = mpsc::channel(1 << 16);
+        let (tx, rx) = mpsc::channel(if conns > 256 { 512 } else { 1 << 16 });
         handles.push(ConnHandle {
             id: id as u64 + 1,
             tx,
@@ -235,9 +245,6 @@ fn hub_with(table: &Arc<Table>, n: usize, ranges: usize) -> HubFixture {
         });
         receivers.push(rx);
     }
-    let mut filters: Vec<Filter> = (0..n)
-        .map(|i| Filter::parse(&format!("owner=eq.{i}")).expect("eq filter"))
-        .collect();
     let mut skipped = 0;
     for r in 0..ranges {
         match Filter::parse(&format!("amount=gt.{}", 900 + r * 10)) {
@@ -320,6 +327,40 @@ fn bench_route(c: &mut Criterion) {
     g.finish();
 }
 
+/// Routing one change to 10,000 whole-table subscriptions, each on a connection of
+/// its own (the end-to-end `fanout` case's hub side): per-delivery cost of matching,
+/// queueing and the shared encoding.
+fn bench_route_fanout(c: &mut Criterion) {
+    let table = orders_table();
+    let n = 10_000;
+    let mut fx = hub_of(&table, vec![Filter::default(); n], 0, n);
+    let change = order_change(&table, 42, 7);
+    let mut g = c.benchmark_group("route_fanout");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::from_parameter(n), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                fx.hub.route(&change);
+                total += start.elapsed();
+                for rx in &mut fx.receivers {
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            total
+        })
+    });
+    g.finish();
+    assert_eq!(
+        fx.stats
+            .slow_clients_closed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a subscription was dropped as a slow client during the bench"
+    );
+}
+
 fn bench_fanout_encode(c: &mut Criterion) {
     let table = orders_table();
     let change = order_change(&table, 42, 7);
@@ -349,6 +390,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = bench_decode, bench_values, bench_filter, bench_route, bench_fanout_encode
+    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_fanout_encode
 }
 criterion_main!(benches);

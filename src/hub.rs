@@ -30,6 +30,7 @@
 //! replication stream after its changes were handed to the connection queues.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -61,10 +62,52 @@ pub enum Outbound {
     /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
     Change {
         topic: Arc<str>,
-        ids: Vec<u32>,
+        ids: BindingIds,
         data: Arc<str>,
     },
 }
+
+/// The binding ids of one channel that a change matched: nearly always one, so
+/// that case is kept inline (no allocation per delivery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindingIds {
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl std::ops::Deref for BindingIds {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        match self {
+            BindingIds::One(id) => std::slice::from_ref(id),
+            BindingIds::Many(ids) => ids,
+        }
+    }
+}
+
+/// Hasher for the hub's own sequential ids (channels, connections): one
+/// multiplication. Not for keys a client chooses (those keep SipHash).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// Why a connection is being closed by the server.
 #[derive(Clone, Debug)]
@@ -265,6 +308,8 @@ enum IndexSlot {
 
 struct ChannelState {
     conn: ConnId,
+    /// The connection's queue (a clone of its handle's), saving a lookup per delivery.
+    tx: mpsc::Sender<Outbound>,
     topic: Arc<str>,
     subs: Vec<SubId>,
 }
@@ -285,8 +330,8 @@ pub struct Hub {
     free: Vec<SubId>,
     tables: HashMap<RelId, TableIndex>,
     patterns: Vec<SubId>,
-    channels: HashMap<ChannelId, ChannelState>,
-    conns: HashMap<ConnId, ConnState>,
+    channels: IdMap<ChannelId, ChannelState>,
+    conns: IdMap<ConnId, ConnState>,
     render: RenderOptions,
     stats: Arc<HubStats>,
     /// Scratch buffer of hits, reused per change.
@@ -306,8 +351,8 @@ impl Hub {
             free: Vec::new(),
             tables: HashMap::new(),
             patterns: Vec::new(),
-            channels: HashMap::new(),
-            conns: HashMap::new(),
+            channels: IdMap::default(),
+            conns: IdMap::default(),
             render,
             stats,
             hits: Vec::new(),
@@ -378,14 +423,12 @@ impl Hub {
                 done,
             } => {
                 let cid = conn.id;
-                self.conns
-                    .entry(cid)
-                    .or_insert_with(|| ConnState {
-                        handle: conn,
-                        channels: Vec::new(),
-                    })
-                    .channels
-                    .push(channel);
+                let state = self.conns.entry(cid).or_insert_with(|| ConnState {
+                    handle: conn,
+                    channels: Vec::new(),
+                });
+                state.channels.push(channel);
+                let tx = state.handle.tx.clone();
                 let mut subs = Vec::with_capacity(bindings.len());
                 for b in bindings {
                     subs.push(self.add_sub(channel, b));
@@ -394,6 +437,7 @@ impl Hub {
                     channel,
                     ChannelState {
                         conn: cid,
+                        tx,
                         topic,
                         subs,
                     },
@@ -679,16 +723,19 @@ impl Hub {
         // One encoding per distinct (column mask, old image kept) among the channels.
         let mut encodings: Vec<Encoding> = Vec::new();
         let mut slow = Vec::new();
-        let mut queued = false;
+        let mut queued = 0u64;
         let mut i = 0;
         while i < self.hits.len() {
             let channel = self.hits[i].channel;
             let first_sub = self.hits[i].sub;
-            let mut ids = Vec::with_capacity(1);
+            let start = i;
             while i < self.hits.len() && self.hits[i].channel == channel {
-                ids.push(self.hits[i].binding_id);
                 i += 1;
             }
+            let ids = match &self.hits[start..i] {
+                [one] => BindingIds::One(one.binding_id),
+                many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
+            };
             let Some(Some(sub)) = self.subs.get(first_sub) else {
                 continue;
             };
@@ -730,24 +777,21 @@ impl Hub {
             let Some(ch) = self.channels.get(&channel) else {
                 continue;
             };
-            let Some(conn) = self.conns.get(&ch.conn) else {
-                continue;
-            };
             let out = Outbound::Change {
                 topic: ch.topic.clone(),
                 ids,
-                data: data.clone(),
+                data,
             };
-            match conn.handle.tx.try_send(out) {
-                Ok(()) => {
-                    self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
-                    queued = true;
-                }
+            match ch.tx.try_send(out) {
+                Ok(()) => queued += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push(ch.conn),
                 Err(mpsc::error::TrySendError::Closed(_)) => slow.push(ch.conn),
             }
         }
-        if queued {
+        if queued > 0 {
+            self.stats
+                .frames_queued
+                .fetch_add(queued, Ordering::Relaxed);
             self.stats
                 .commit_to_send
                 .observe_since_unix_micros(change.txn.commit_time.unix_micros());

@@ -208,7 +208,29 @@ pub fn encode(
     event: &str,
     payload_json: &str,
 ) -> String {
-    let mut out = String::with_capacity(payload_json.len() + topic.len() + event.len() + 48);
+    encode_with(
+        vsn,
+        join_ref,
+        ref_,
+        topic,
+        event,
+        payload_json.len(),
+        |out| out.push_str(payload_json),
+    )
+}
+
+/// Encodes a server → client text frame, `payload` writing the payload's JSON text
+/// in place (one allocation for the whole frame); `payload_len` sizes it.
+pub fn encode_with(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    ref_: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload_len: usize,
+    payload: impl FnOnce(&mut String),
+) -> String {
+    let mut out = String::with_capacity(payload_len + topic.len() + event.len() + 48);
     match vsn {
         Vsn::V2 => {
             out.push('[');
@@ -220,7 +242,7 @@ pub fn encode(
             out.push(',');
             crate::value::write_str(&mut out, event);
             out.push(',');
-            out.push_str(payload_json);
+            payload(&mut out);
             out.push(']');
         }
         Vsn::V1 => {
@@ -229,7 +251,7 @@ pub fn encode(
             out.push_str(",\"event\":");
             crate::value::write_str(&mut out, event);
             out.push_str(",\"payload\":");
-            out.push_str(payload_json);
+            payload(&mut out);
             out.push_str(",\"ref\":");
             push_opt(&mut out, ref_);
             out.push_str(",\"join_ref\":");

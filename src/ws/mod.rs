@@ -261,18 +261,27 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
 /// matched around the change's shared `data`. The writer calls it once per
 /// channel a change goes to (public for the fan-out benchmark).
 pub fn change_frame(vsn: Vsn, topic: &str, ids: &[u32], data: &str) -> String {
-    let mut payload = String::with_capacity(data.len() + 32);
-    payload.push_str("{\"ids\":[");
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            payload.push(',');
-        }
-        payload.push_str(&id.to_string());
-    }
-    payload.push_str("],\"data\":");
-    payload.push_str(data);
-    payload.push('}');
-    frame::encode(vsn, None, None, topic, "postgres_changes", &payload)
+    use std::fmt::Write;
+    frame::encode_with(
+        vsn,
+        None,
+        None,
+        topic,
+        "postgres_changes",
+        data.len() + 12 * ids.len() + 20,
+        |out| {
+            out.push_str("{\"ids\":[");
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{id}");
+            }
+            out.push_str("],\"data\":");
+            out.push_str(data);
+            out.push('}');
+        },
+    )
 }
 
 /// The payload of a `system` message.
@@ -284,4 +293,35 @@ pub fn system_payload(extension: &str, status: &str, message: &str, topic: &str)
         "channel": topic.strip_prefix("realtime:").unwrap_or(topic),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::BindingIds;
+
+    #[test]
+    fn change_frames_list_every_matched_binding_around_the_shared_data() {
+        let data = r#"{"type":"INSERT","record":{"id":1}}"#;
+        for ids in [
+            BindingIds::One(7),
+            BindingIds::Many(vec![3, 4_000_000].into()),
+        ] {
+            let v1: serde_json::Value =
+                serde_json::from_str(&change_frame(Vsn::V1, "realtime:r\"x", &ids, data)).unwrap();
+            assert_eq!(
+                v1,
+                json!({"topic": "realtime:r\"x", "event": "postgres_changes",
+                       "payload": {"ids": &*ids, "data": {"type": "INSERT", "record": {"id": 1}}},
+                       "ref": null, "join_ref": null})
+            );
+            let v2: serde_json::Value =
+                serde_json::from_str(&change_frame(Vsn::V2, "realtime:r", &ids, data)).unwrap();
+            assert_eq!(
+                v2,
+                json!([null, null, "realtime:r", "postgres_changes",
+                       {"ids": &*ids, "data": {"type": "INSERT", "record": {"id": 1}}}])
+            );
+        }
+    }
 }
