@@ -654,7 +654,10 @@ impl Class {
             TypeKind::Date => Class::Date,
             TypeKind::Timestamp => Class::Timestamp,
             TypeKind::TimestampTz => Class::TimestampTz,
-            TypeKind::Json | TypeKind::Array { .. } | TypeKind::Composite { .. } => Class::Opaque,
+            TypeKind::Json
+            | TypeKind::Jsonb
+            | TypeKind::Array { .. }
+            | TypeKind::Composite { .. } => Class::Opaque,
             TypeKind::Text => match ty.name.as_str() {
                 "uuid" => Class::Uuid,
                 "text" | "varchar" | "name" | "char" => Class::Text { padded: false },

@@ -44,7 +44,10 @@ pub enum TypeKind {
     Int8,
     Float,
     Numeric,
+    /// `json`: rewritten as `jsonb` holds it.
     Json,
+    /// `jsonb`: its text output is already what `to_jsonb()` gives.
+    Jsonb,
     Date,
     Timestamp,
     TimestampTz,
@@ -87,7 +90,8 @@ impl PgType {
             "int8" => TypeKind::Int8,
             "float4" | "float8" => TypeKind::Float,
             "numeric" => TypeKind::Numeric,
-            "json" | "jsonb" => TypeKind::Json,
+            "json" => TypeKind::Json,
+            "jsonb" => TypeKind::Jsonb,
             "date" => TypeKind::Date,
             "timestamp" => TypeKind::Timestamp,
             "timestamptz" => TypeKind::TimestampTz,
@@ -139,6 +143,15 @@ pub fn write_json(out: &mut String, ty: &PgType, text: &str, opts: RenderOptions
         },
         TypeKind::Json => {
             if !json::write_canonical(out, text) {
+                write_str(out, text)
+            }
+        }
+        // `jsonb_out` text is already canonical and on one line: embedded as it is
+        // once a syntax check (no tree built) says it is JSON; otherwise as `json`.
+        TypeKind::Jsonb => {
+            if serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok() {
+                out.push_str(text)
+            } else if !json::write_canonical(out, text) {
                 write_str(out, text)
             }
         }
@@ -920,6 +933,17 @@ mod tests {
             render_str(TypeKind::Text, "12:34:56.789+05:30"),
             "\"12:34:56.789+05:30\""
         );
+    }
+
+    #[test]
+    fn jsonb_text_is_embedded_as_it_is_and_anything_else_stays_json() {
+        let j = |t: &str| render_str(TypeKind::Jsonb, t);
+        let out = r#"{"a": 4, "b": [1, 2.50, null], "aa": "x\"y\n"}"#;
+        assert_eq!(j(out), out);
+        assert_eq!(j("12.0"), "12.0");
+        // Not JSON (a type that only claims the name): rewritten, else a string.
+        assert_eq!(j(r#"{"b":1,"a":2,}"#), r#""{\"b\":1,\"a\":2,}""#);
+        assert_eq!(j("{'a': 1}"), r#""{'a': 1}""#);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `walcast-bench`: end-to-end benchmarks against a live throwaway cluster.
 //!
 //! ```text
-//! cargo run --release --bin walcast-bench -- <case|all> [--quick]
+//! cargo run --release --bin walcast-bench -- <case|all> [--quick] [--rate=N]
 //! cases: drain latency fanout routing connections   (capture: rewrite the decode corpus)
+//! --rate=N: commits/s of the fanout case (default 100), to find the rate it sustains
 //! ```
 //!
 //! Each case starts its own cluster (`walcast::testing`), writes its workload,
@@ -23,7 +24,7 @@ mod relay;
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// One line of the results table.
 pub struct Figure {
@@ -63,7 +64,7 @@ const CASES: &[&str] = &["drain", "latency", "fanout", "routing", "connections"]
 
 fn usage() -> String {
     format!(
-        "usage: walcast-bench <{}|all|capture> [--quick]",
+        "usage: walcast-bench <{}|all|capture> [--quick] [--rate=N (fanout commits/s)]",
         CASES.join("|")
     )
 }
@@ -118,11 +119,11 @@ fn print_table(figs: &[Figure]) {
     }
 }
 
-async fn run_case(name: &str, quick: bool) -> Result<Vec<Figure>> {
+async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
     let figs = match name {
         "drain" => cases::drain(quick).await?,
         "latency" => cases::latency(quick).await?,
-        "fanout" => cases::fanout(quick).await?,
+        "fanout" => cases::fanout(quick, rate).await?,
         "routing" => cases::routing(quick).await?,
         "connections" => cases::connections(quick).await?,
         "capture" => cases::capture().await?,
@@ -135,6 +136,18 @@ async fn run_case(name: &str, quick: bool) -> Result<Vec<Figure>> {
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let mut rate = None;
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        if let Some(v) = a.strip_prefix("--rate=") {
+            let r: u64 = v
+                .parse()
+                .with_context(|| format!("--rate={v}: not a number"))?;
+            ensure!(r > 0, "--rate must be at least 1");
+            rate = Some(r);
+        } else if a != "--quick" {
+            bail!("unknown option {a}; {}", usage());
+        }
+    }
     let names: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
@@ -155,7 +168,7 @@ async fn main() -> Result<()> {
     for c in list {
         eprintln!("== {c}{}", if quick { " (quick)" } else { "" });
         let t = Instant::now();
-        match run_case(c, quick).await {
+        match run_case(c, quick, rate).await {
             Ok(f) => figs.extend(f),
             Err(e) => {
                 eprintln!("{c}: FAILED: {e:#}");

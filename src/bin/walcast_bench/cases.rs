@@ -611,12 +611,13 @@ async fn commit_to_queued(port: u16) -> Option<(f64, f64)> {
     Some((q(0.5)?, q(0.99)?))
 }
 
-pub async fn fanout(quick: bool) -> Result<Vec<Figure>> {
-    let (conns, rate, secs_) = if quick {
+pub async fn fanout(quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
+    let (conns, default_rate, secs_) = if quick {
         (200, 100, 3)
     } else {
         (10_000, 100, 20)
     };
+    let rate = rate.unwrap_or(default_rate);
     let env = Env::start().await?;
     live_setup(&env, "fan").await?;
     let walcast = env::serve(&env.url(), "s_walcast", "pub", &env::config(4096, 100)).await?;
