@@ -9,8 +9,9 @@
 //! Each case starts its own cluster (`walcast::testing`), writes its workload,
 //! runs `walcast serve` (the binary built beside this one) and a WebSocket load
 //! generator in this process, and prints one table: the figure, the baseline
-//! measured in the same run (`pg_recvlogical` for the drain), their ratio and the
-//! target. `--quick` runs every case at a tiny scale to prove it works (CI).
+//! measured in the same run (`pg_recvlogical` for the drain and as the latency
+//! floor), their ratio and the target. `--quick` runs every case at a tiny scale
+//! to prove it works (CI).
 //! The method and the latest figures are in BENCHMARKS.md.
 
 #[path = "walcast_bench/cases.rs"]

@@ -437,7 +437,7 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     let expected = written * (1 + wide);
     let got = wait_count(&count, expected, Duration::from_secs(30)).await;
     stop.cancel();
-    let mut floor = floor.stop();
+    let mut floor = floor.stop(written, Duration::from_secs(30)).await;
     let (mut lat, mut after_commit) = (Vec::new(), Vec::new());
     for t in tasks {
         let r = t.await?;
@@ -501,6 +501,8 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
 struct Floor {
     child: std::process::Child,
     reader: std::thread::JoinHandle<Vec<u32>>,
+    /// Rows seen so far.
+    seen: Arc<AtomicU64>,
 }
 
 impl Floor {
@@ -528,11 +530,22 @@ impl Floor {
             .spawn()
             .context("spawn pg_recvlogical")?;
         let out = child.stdout.take().context("stdout")?;
-        let reader = std::thread::spawn(move || floor_read(out));
-        Ok(Floor { child, reader })
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        let reader = std::thread::spawn(move || floor_read(out, &counter));
+        Ok(Floor {
+            child,
+            reader,
+            seen,
+        })
     }
 
-    fn stop(mut self) -> Vec<u32> {
+    /// Stops once `want` rows were seen (or after `limit`) and returns their latencies.
+    async fn stop(mut self, want: u64, limit: Duration) -> Vec<u32> {
+        let deadline = Instant::now() + limit;
+        while self.seen.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.reader.join().unwrap_or_default()
@@ -541,7 +554,7 @@ impl Floor {
 
 /// Reads pgoutput bytes until the end of `out`: each text column of exactly 16
 /// bytes (`'t'`, length 16) that is all digits is a `sent_us`.
-fn floor_read(mut out: impl std::io::Read) -> Vec<u32> {
+fn floor_read(mut out: impl std::io::Read, seen: &AtomicU64) -> Vec<u32> {
     const MARK: &[u8] = b"t\x00\x00\x00\x10";
     const LEN: usize = MARK.len() + 16;
     let mut lat = Vec::new();
@@ -562,6 +575,7 @@ fn floor_read(mut out: impl std::io::Read) -> Vec<u32> {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(now);
                 lat.push((now - sent).clamp(0, u32::MAX as i64) as u32);
+                seen.fetch_add(1, Ordering::Relaxed);
                 i += LEN;
             } else {
                 i += 1;
@@ -939,4 +953,47 @@ pub async fn capture() -> Result<Vec<Figure>> {
         "< 1 MB",
         Some(bytes < 1_000_000),
     )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives its bytes a few at a time, so a column can straddle two reads.
+    struct Trickle(Vec<u8>, usize);
+
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(7).min(self.0.len() - self.1);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn floor_reader_finds_each_sent_us_column() {
+        let sent = client::now_us() - 5_000;
+        let mut bytes = Vec::new();
+        for _ in 0..3 {
+            // An Insert's tuple: id, owner, sent_us (16 digits), pad — as pgoutput sends it.
+            bytes.extend_from_slice(b"I\x00\x00\x40\x00N\x00\x04t\x00\x00\x00\x0242");
+            bytes.extend_from_slice(b"t\x00\x00\x00\x017");
+            bytes.extend_from_slice(b"t\x00\x00\x00\x10");
+            bytes.extend_from_slice(sent.to_string().as_bytes());
+            bytes.extend_from_slice(b"t\x00\x00\x00\x10payload text abc\n");
+        }
+        let seen = AtomicU64::new(0);
+        let lat = floor_read(Trickle(bytes, 0), &seen);
+        assert_eq!(
+            lat.len(),
+            3,
+            "the 16-byte text column that is not digits is skipped"
+        );
+        assert_eq!(seen.load(Ordering::Relaxed), 3);
+        assert!(
+            lat.iter().all(|&l| (5_000..60_000_000).contains(&l)),
+            "{lat:?}"
+        );
+    }
 }
