@@ -9,6 +9,7 @@
 //!   subscriptions on one column plus a few range filters (encoding included).
 //! - `route_fanout`: `Hub::route` of one change to 10,000 whole-table
 //!   subscriptions on 10,000 connections (per delivery: match, queue, shared data).
+//! - `leave`: those 10,000 subscribers all disconnecting.
 //! - `fanout_encode`: one change's `data` encoded once, then one frame per channel
 //!   as the connection writer assembles it, for 1 / 100 / 10,000 channels.
 //!
@@ -361,6 +362,29 @@ fn bench_route_fanout(c: &mut Criterion) {
     );
 }
 
+/// 10,000 whole-table subscribers, each on its own connection, all disconnecting
+/// (a network blip, a deploy of the client app): the hub's work to forget them.
+fn bench_leave(c: &mut Criterion) {
+    let table = orders_table();
+    let n = 10_000;
+    let mut g = c.benchmark_group("leave");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::from_parameter(n), |b| {
+        b.iter_batched(
+            || hub_of(&table, vec![Filter::default(); n], 0, n),
+            |mut fx| {
+                for conn in 1..=n as u64 {
+                    fx.hub.command(HubCommand::Disconnect { conn });
+                }
+                assert_eq!(fx.hub.subscription_count(), 0);
+                fx
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn bench_fanout_encode(c: &mut Criterion) {
     let table = orders_table();
     let change = order_change(&table, 42, 7);
@@ -390,6 +414,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_fanout_encode
+    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode
 }
 criterion_main!(benches);

@@ -109,6 +109,59 @@ impl Hasher for IdHasher {
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// Past this many entries a [`SubList`] keeps a position map.
+const SUB_LIST_INDEXED_FROM: usize = 32;
+
+/// A set of subscription ids iterated as a plain vector. Removal is O(1) once
+/// the list is long (a position map, kept from [`SUB_LIST_INDEXED_FROM`]
+/// entries), so thousands of subscribers of one table or one key leaving at once
+/// cost linear, not quadratic, time; short lists (most `eq` keys) stay small.
+#[derive(Debug, Default)]
+struct SubList {
+    ids: Vec<SubId>,
+    pos: Option<Box<IdMap<SubId, usize>>>,
+}
+
+impl SubList {
+    fn insert(&mut self, id: SubId) {
+        match &mut self.pos {
+            Some(pos) => {
+                if pos.contains_key(&id) {
+                    return;
+                }
+                pos.insert(id, self.ids.len());
+            }
+            None if self.ids.contains(&id) => return,
+            None => {}
+        }
+        self.ids.push(id);
+        if self.pos.is_none() && self.ids.len() > SUB_LIST_INDEXED_FROM {
+            let pos = self.ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+            self.pos = Some(Box::new(pos));
+        }
+    }
+
+    fn remove(&mut self, id: SubId) {
+        let at = match &mut self.pos {
+            Some(pos) => pos.remove(&id),
+            None => self.ids.iter().position(|&s| s == id),
+        };
+        let Some(i) = at else { return };
+        self.ids.swap_remove(i);
+        if let (Some(pos), Some(&moved)) = (&mut self.pos, self.ids.get(i)) {
+            pos.insert(moved, i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = SubId> + '_ {
+        self.ids.iter().copied()
+    }
+}
+
 /// Why a connection is being closed by the server.
 #[derive(Clone, Debug)]
 pub struct CloseReason {
@@ -321,15 +374,15 @@ struct ConnState {
 
 struct TableIndex {
     table: Arc<Table>,
-    keyed: HashMap<usize, HashMap<String, Vec<SubId>>>,
-    scan: Vec<SubId>,
+    keyed: HashMap<usize, HashMap<String, SubList>>,
+    scan: SubList,
 }
 
 pub struct Hub {
     subs: Vec<Option<Sub>>,
     free: Vec<SubId>,
     tables: HashMap<RelId, TableIndex>,
-    patterns: Vec<SubId>,
+    patterns: SubList,
     channels: IdMap<ChannelId, ChannelState>,
     conns: IdMap<ConnId, ConnState>,
     render: RenderOptions,
@@ -350,7 +403,7 @@ impl Hub {
             subs: Vec::new(),
             free: Vec::new(),
             tables: HashMap::new(),
-            patterns: Vec::new(),
+            patterns: SubList::default(),
             channels: IdMap::default(),
             conns: IdMap::default(),
             render,
@@ -553,11 +606,11 @@ impl Hub {
                 let ti = self.table_index(relid, t);
                 let col = ti.keyed.entry(column).or_default();
                 for k in keys {
-                    col.entry(k).or_default().push(id);
+                    col.entry(k).or_default().insert(id);
                 }
             }
-            (IndexSlot::Scan { relid }, Some(t)) => self.table_index(relid, t).scan.push(id),
-            _ => self.patterns.push(id),
+            (IndexSlot::Scan { relid }, Some(t)) => self.table_index(relid, t).scan.insert(id),
+            _ => self.patterns.insert(id),
         }
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
         id
@@ -567,7 +620,7 @@ impl Hub {
         self.tables.entry(relid).or_insert_with(|| TableIndex {
             table,
             keyed: HashMap::new(),
-            scan: Vec::new(),
+            scan: SubList::default(),
         })
     }
 
@@ -587,7 +640,7 @@ impl Hub {
                     if let Some(col) = ti.keyed.get_mut(&column) {
                         for k in keys {
                             if let Some(v) = col.get_mut(&k) {
-                                v.retain(|&s| s != id);
+                                v.remove(id);
                                 if v.is_empty() {
                                     col.remove(&k);
                                 }
@@ -604,13 +657,13 @@ impl Hub {
             }
             IndexSlot::Scan { relid } => {
                 if let Some(ti) = self.tables.get_mut(&relid) {
-                    ti.scan.retain(|&s| s != id);
+                    ti.scan.remove(id);
                     if ti.keyed.is_empty() && ti.scan.is_empty() {
                         self.tables.remove(&relid);
                     }
                 }
             }
-            IndexSlot::Pattern { .. } => self.patterns.retain(|&s| s != id),
+            IndexSlot::Pattern { .. } => self.patterns.remove(id),
         }
     }
 
@@ -689,17 +742,17 @@ impl Hub {
                         continue;
                     };
                     if let Some(v) = map.get(&key) {
-                        for &sid in v {
+                        for sid in v.iter() {
                             consider(sid);
                         }
                     }
                 }
             }
-            for &sid in &ti.scan {
+            for sid in ti.scan.iter() {
                 consider(sid);
             }
         }
-        for &sid in &self.patterns {
+        for sid in self.patterns.iter() {
             if let Some(Some(s)) = self.subs.get(sid) {
                 if let IndexSlot::Pattern { schema, table } = &s.slot {
                     let schema_ok = schema.as_deref().is_none_or(|x| x == change.table.schema);
@@ -837,10 +890,10 @@ impl Hub {
             return;
         }
         // Re-index every sub of this table.
-        let mut ids: Vec<SubId> = ti.scan.clone();
+        let mut ids: Vec<SubId> = ti.scan.iter().collect();
         for col in ti.keyed.values() {
             for v in col.values() {
-                ids.extend(v.iter().copied());
+                ids.extend(v.iter());
             }
         }
         ids.sort_unstable();
@@ -894,5 +947,54 @@ pub fn binding_id(event: &str, schema: &str, table: Option<&str>, filter: Option
         1
     } else {
         id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any mix of inserts and removals leaves the same set as a plain model,
+        /// below and above the size where the position map takes over.
+        #[test]
+        fn sub_list_is_a_set(ops in proptest::collection::vec((any::<bool>(), 0usize..80), 0..400)) {
+            let mut list = SubList::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (insert, id) in ops {
+                if insert {
+                    list.insert(id);
+                    model.insert(id);
+                } else {
+                    list.remove(id);
+                    model.remove(&id);
+                }
+                let mut got: Vec<SubId> = list.iter().collect();
+                got.sort_unstable();
+                prop_assert_eq!(&got, &model.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(list.is_empty(), model.is_empty());
+                if let Some(pos) = &list.pos {
+                    prop_assert_eq!(pos.len(), list.ids.len());
+                    for (i, s) in list.ids.iter().enumerate() {
+                        prop_assert_eq!(pos.get(s), Some(&i));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_list_empties_by_removal_in_arrival_order() {
+        let mut list = SubList::default();
+        for id in 0..100_000 {
+            list.insert(id);
+        }
+        assert!(list.pos.is_some());
+        // Each removal moves the last id into the hole; its position must follow.
+        for id in 0..100_000 {
+            list.remove(id);
+        }
+        assert!(list.is_empty());
     }
 }
