@@ -149,6 +149,7 @@ fn orders_table() -> Arc<Table> {
         schema: "public".into(),
         name: "orders".into(),
         replica_identity: ReplicaIdentity::Full,
+        json: Default::default(),
         columns: vec![
             col("id", scalar(20, "int8"), true),
             col("owner", scalar(23, "int4"), true),

@@ -206,6 +206,7 @@ async fn load_table(
         schema: schema.into(),
         name: table.into(),
         replica_identity,
+        json: Default::default(),
         columns,
     });
     Ok(t)

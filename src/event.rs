@@ -11,6 +11,7 @@
 //! `unchanged_toast` — so clients can tell "not sent" from `null`. A key-only old
 //! image (identity DEFAULT/INDEX) holds only the key columns.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -112,6 +113,11 @@ pub enum Item {
 /// Which columns an encoding includes.
 pub trait ColumnSet {
     fn includes(&self, index: usize) -> bool;
+
+    /// Includes every column (lets encoders use a table's pre-rendered text).
+    fn is_all(&self) -> bool {
+        false
+    }
 }
 
 /// Every column.
@@ -119,6 +125,10 @@ pub struct AllColumns;
 
 impl ColumnSet for AllColumns {
     fn includes(&self, _: usize) -> bool {
+        true
+    }
+
+    fn is_all(&self) -> bool {
         true
     }
 }
@@ -148,6 +158,7 @@ impl Change {
         opts: RenderOptions,
     ) {
         out.push('{');
+        let names = &self.table.columns_json().names;
         let mut first = true;
         for (i, (cell, col)) in row.iter().zip(&self.table.columns).enumerate() {
             if *cell == Cell::Absent || !cols.includes(i) {
@@ -157,7 +168,7 @@ impl Change {
                 out.push(',');
             }
             first = false;
-            value::write_str(out, &col.name);
+            out.push_str(&names[i]);
             out.push(':');
             match cell {
                 Cell::Null | Cell::Absent => out.push_str("null"),
@@ -179,9 +190,14 @@ impl Change {
     }
 
     fn write_columns(&self, out: &mut String, cols: &(impl ColumnSet + ?Sized)) {
+        let json = self.table.columns_json();
+        if cols.is_all() {
+            out.push_str(&json.all);
+            return;
+        }
         out.push('[');
         let mut first = true;
-        for (i, c) in self.table.columns.iter().enumerate() {
+        for (i, entry) in json.entries.iter().enumerate() {
             if !cols.includes(i) {
                 continue;
             }
@@ -189,11 +205,7 @@ impl Change {
                 out.push(',');
             }
             first = false;
-            out.push_str("{\"name\":");
-            value::write_str(out, &c.name);
-            out.push_str(",\"type\":");
-            value::write_str(out, &c.ty.name);
-            out.push('}');
+            out.push_str(entry);
         }
         out.push(']');
     }
@@ -267,8 +279,7 @@ impl Change {
         value::write_str(out, &self.table.name);
         out.push_str(",\"commit_timestamp\":\"");
         out.push_str(&self.txn.commit_time.to_iso_millis());
-        out.push_str("\",\"commit_lsn\":\"");
-        out.push_str(&self.txn.commit_lsn.to_string());
+        let _ = write!(out, "\",\"commit_lsn\":\"{}", self.txn.commit_lsn);
         out.push_str("\",\"type\":\"");
         out.push_str(self.kind.as_str());
         out.push_str("\",\"columns\":");

@@ -1668,6 +1668,7 @@ mod tests {
             schema: "public".into(),
             name: "t".into(),
             replica_identity: ReplicaIdentity::Full,
+            json: Default::default(),
             columns: cols
                 .iter()
                 .map(|(n, ty)| Column {

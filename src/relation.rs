@@ -30,6 +30,30 @@ pub struct Table {
     pub name: String,
     pub replica_identity: ReplicaIdentity,
     pub columns: Vec<Column>,
+    /// JSON text of the columns, made on first use (`Default::default()` to build).
+    pub json: ColumnsJson,
+}
+
+/// JSON text derived from a table's columns, made once on first use and shared
+/// by every change of the table, so encoding a change does not re-escape names.
+/// A cache, not part of the table's identity: it compares equal always.
+#[derive(Debug, Default)]
+pub struct ColumnsJson(std::sync::OnceLock<RenderedColumns>);
+
+#[derive(Debug)]
+pub struct RenderedColumns {
+    /// Each column's name as a JSON string (quoted and escaped).
+    pub names: Vec<Box<str>>,
+    /// Each column's `{"name":…,"type":…}` entry of the Supabase `columns` array.
+    pub entries: Vec<Box<str>>,
+    /// The whole `columns` array.
+    pub all: Box<str>,
+}
+
+impl PartialEq for ColumnsJson {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -43,6 +67,34 @@ pub struct Column {
 impl Table {
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// The columns' JSON text, rendered on first use.
+    pub fn columns_json(&self) -> &RenderedColumns {
+        self.json.0.get_or_init(|| {
+            let quoted = |s: &str| {
+                let mut out = String::with_capacity(s.len() + 2);
+                crate::value::write_str(&mut out, s);
+                out
+            };
+            let names: Vec<Box<str>> = self
+                .columns
+                .iter()
+                .map(|c| quoted(&c.name).into())
+                .collect();
+            let entries: Vec<Box<str>> = self
+                .columns
+                .iter()
+                .zip(&names)
+                .map(|(c, n)| format!("{{\"name\":{n},\"type\":{}}}", quoted(&c.ty.name)).into())
+                .collect();
+            let all = format!("[{}]", entries.join(",")).into();
+            RenderedColumns {
+                names,
+                entries,
+                all,
+            }
+        })
     }
 }
 
@@ -306,6 +358,7 @@ impl Assembler {
                         schema,
                         name: r.name,
                         replica_identity: r.replica_identity,
+                        json: Default::default(),
                         columns,
                     }),
                 );

@@ -459,6 +459,7 @@ fn table(c: &Case) -> Table {
         schema: "public".into(),
         name: "t".into(),
         replica_identity: ReplicaIdentity::Full,
+        json: Default::default(),
         columns: vec![Column {
             name: "c".into(),
             ty: Arc::new(PgType::new(

@@ -291,6 +291,16 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
             "",
             None,
         ),
+        // Steadier than wall time on a shared machine: what walcast itself spent.
+        Figure::new(
+            "drain",
+            "walcast CPU per change",
+            format!("{:.2} µs", cpu.as_secs_f64() * 1e6 / expected as f64),
+            "—",
+            None,
+            "",
+            None,
+        ),
     ])
 }
 
