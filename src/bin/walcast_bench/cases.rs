@@ -510,7 +510,7 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
 /// machine cost before any walcast code runs.
 struct Floor {
     child: std::process::Child,
-    reader: std::thread::JoinHandle<Vec<u32>>,
+    reader: Option<std::thread::JoinHandle<Vec<u32>>>,
     /// Rows seen so far.
     seen: Arc<AtomicU64>,
 }
@@ -545,7 +545,7 @@ impl Floor {
         let reader = std::thread::spawn(move || floor_read(out, &counter));
         Ok(Floor {
             child,
-            reader,
+            reader: Some(reader),
             seen,
         })
     }
@@ -558,7 +558,18 @@ impl Floor {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.reader.join().unwrap_or_default()
+        match self.reader.take() {
+            Some(r) => r.join().unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Floor {
+    /// A case that fails midway must not leave `pg_recvlogical` running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
