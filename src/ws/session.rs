@@ -432,13 +432,15 @@ impl Session {
         }
     }
 
-    /// Whether a channel judged with `token` was judged with the apikey's token (the
-    /// join carried no user token, or the apikey itself): then bindings it may not
-    /// see wait for an `access_token` instead of being refused, since supabase-js
-    /// often joins before it has the user's token.
+    /// Whether a channel judged with `token` was judged with a project apikey
+    /// rather than a user's token: the join carried no token or the apikey itself,
+    /// and the apikey names no user (no `sub` claim, as Supabase's anon key). Then
+    /// bindings it may not see wait for an `access_token` instead of being refused,
+    /// since supabase-js often joins before it has the user's token. A user's own
+    /// token used as the apikey is judged as it is: its refusals are final.
     fn judged_by_apikey(&self, token: Option<&Verified>) -> bool {
         match (token, &self.connect_token) {
-            (Some(t), Some(c)) => t.claims == c.claims,
+            (Some(t), Some(c)) => t.claims == c.claims && !c.claims.contains_key("sub"),
             _ => false,
         }
     }
