@@ -35,6 +35,26 @@
 //! subscribable unless marked `public = true`, or the token's role is in
 //! `bypass_roles`.
 //!
+//! A table may have several rules for different roles (managers see every sale,
+//! reps only theirs); the one whose `roles` name the token's role applies.
+//! [`AuthConfig::validate`] refuses two rules of a table that can match the same
+//! role (a shared role, or a rule without `roles` or with `public` beside
+//! another), naming both, so the answer never depends on rule order.
+//!
+//! # Refusals
+//!
+//! Access is judged before anything is looked up in the catalog, and a token
+//! without rights to a table gets one message, [`refusal`], whether the table does
+//! not exist, is not published, or has no rule for its role: otherwise any token
+//! could map the schema. The precise reason goes to the debug log only.
+//!
+//! # HTTP requests
+//!
+//! [`request_token`] is the one place a token is taken from an HTTP request (the
+//! WebSocket upgrade and `POST /api/broadcast`): `Authorization: Bearer`, whose
+//! scheme is case-insensitive, then the `apikey` and `x-api-key` headers, then
+//! the `apikey` query parameter.
+//!
 //! # Secure by default
 //!
 //! With no `[auth]` mode set, `serve` refuses to listen on anything but loopback;

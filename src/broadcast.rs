@@ -28,7 +28,11 @@
 //! broadcasts; a push over it is answered with a `system` error "Too many messages
 //! per second" (and an error reply with `ack`), never dropped silently. Private
 //! channels are read and written only when a `[[channels]]` rule grants the
-//! caller's JWT claims ([`may_read`], [`may_write`]).
+//! caller's JWT claims ([`may_read`], [`may_write`]); on a private channel
+//! presence `track` is a write. A rule's `presence_sees` limits whose presences a
+//! member sees (by role): `presence_state` and each `presence_diff` are then
+//! filtered per recipient (encoded once per version for everyone else). A token
+//! refresh re-judges a member's claims ([`Broadcaster::update_claims`]).
 //!
 //! # From the database
 //!

@@ -8,6 +8,23 @@
 //! on working. The `ok` reply is sent only after the hub has the subscription
 //! (DESIGN.md §8), echoing the client's bindings in order with an `id` each, then a
 //! `system` message "Subscribed to PostgreSQL".
+//!
+//! # Access
+//!
+//! Each binding is judged ([`crate::auth`]) before the catalog is asked, so a
+//! refusal says nothing about the schema, and a filter is checked against the
+//! columns the token may see only (a hidden column is "unknown"). A join judged
+//! with a project apikey (no user token in the join, and an apikey without `sub`)
+//! does not fail for tables that role may not see: those bindings are *pending*
+//! — accepted, echoed, not subscribed — and a `system` message (status
+//! `pending`) says so. supabase-js often joins before it has the user's token;
+//! the `access_token` that follows re-judges the channel at once, without the
+//! rejoin that would lose the changes in between.
+//!
+//! An `access_token` re-judges everything the channel may do: its
+//! `postgres_changes` (hub bindings replaced), and on a private channel its
+//! `[[channels]]` rights — without read rights the channel is closed with a
+//! `system` error, and broadcast and presence judge writes with the new claims.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
