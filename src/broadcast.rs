@@ -162,6 +162,12 @@ impl ChannelRule {
         if self.match_claim.is_some() && self.pattern().matches('*').count() != 1 {
             return Some("match_claim needs a topic pattern with exactly one '*'");
         }
+        if self.presence_sees.as_ref().is_some_and(|m| {
+            m.iter()
+                .any(|(k, v)| k.is_empty() || v.iter().any(String::is_empty))
+        }) {
+            return Some("presence_sees maps role names to lists of role names; none may be empty");
+        }
         None
     }
 
@@ -1288,6 +1294,29 @@ mod tests {
         assert!(may_write(&rules, &admin, "room:1"));
         assert!(rule("a", &[], &[], Some("sub")).invalid().is_some());
         assert!(rule("a:*", &[], &[], Some("sub")).invalid().is_none());
+        let mut sees = rule("a:*", &[], &[], None);
+        sees.presence_sees = Some([("staff".to_string(), vec![String::new()])].into());
+        assert!(sees.invalid().unwrap().contains("presence_sees"));
+    }
+
+    #[test]
+    fn presence_view_follows_the_granting_rule() {
+        let mut r = rule("support:*", &["staff", "customer"], &["staff"], None);
+        r.presence_sees = Some(
+            [
+                ("staff".to_string(), vec!["*".to_string()]),
+                ("customer".to_string(), vec!["staff".to_string()]),
+            ]
+            .into(),
+        );
+        let rules = vec![r];
+        let c = claims(json!({"role": "customer"}));
+        assert_eq!(
+            presence_view(&rules, &c, "realtime:support:1"),
+            (Some("customer".into()), Some(vec!["staff".into()]))
+        );
+        let other = claims(json!({"role": "other"}));
+        assert_eq!(presence_view(&rules, &other, "support:1"), (None, None));
     }
 
     #[test]

@@ -181,9 +181,23 @@ write_roles = ["authenticated"]
     .await;
 
     // A writer downgraded to anon may still read room:1, but no longer write.
-    join_private(&mut js, "d", "room:1", ack.clone()).await;
+    let mut d_config = ack.clone();
+    d_config["presence"] = json!({"key": "writer-d"});
+    join_private(&mut js, "d", "room:1", d_config).await;
     join_private(&mut js, "r", "room:1", json!({})).await;
     join_private(&mut js, "w", "room:1", ack.clone()).await;
+    assert_eq!(
+        js.call(
+            json!({"cmd": "track", "client": "d", "channel": "room:1", "payload": {"on": 1}}),
+            T
+        )
+        .await,
+        "ok"
+    );
+    js.wait_for("d's presence at r", T, |v| {
+        v["client"] == "r" && is(v, "presence") && v["event"] == "join" && v["key"] == "writer-d"
+    })
+    .await;
     assert_eq!(send(&mut js, "d", "room:1", "before").await, "ok");
     js.wait_for("before", T, |v| is_broadcast(v, "r", "before"))
         .await;
@@ -193,6 +207,19 @@ write_roles = ["authenticated"]
     )
     .await;
     assert_eq!(send(&mut js, "d", "room:1", "after").await, "error");
+    // Its presence goes (tracking is a write), and it cannot track again.
+    js.wait_for("d's presence leaves r", T, |v| {
+        v["client"] == "r" && is(v, "presence") && v["event"] == "leave" && v["key"] == "writer-d"
+    })
+    .await;
+    assert_eq!(
+        js.call(
+            json!({"cmd": "track", "client": "d", "channel": "room:1", "payload": {"on": 2}}),
+            T
+        )
+        .await,
+        "error"
+    );
     assert_eq!(send(&mut js, "w", "room:1", "fence").await, "ok");
     js.wait_for("the fence on r", T, |v| is_broadcast(v, "r", "fence"))
         .await;
