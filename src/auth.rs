@@ -35,6 +35,26 @@
 //! subscribable unless marked `public = true`, or the token's role is in
 //! `bypass_roles`.
 //!
+//! A table may have several rules for different roles (managers see every sale,
+//! reps only theirs); the one whose `roles` name the token's role applies.
+//! [`AuthConfig::validate`] refuses two rules of a table that can match the same
+//! role (a shared role, or a rule without `roles` or with `public` beside
+//! another), naming both, so the answer never depends on rule order.
+//!
+//! # Refusals
+//!
+//! Access is judged before anything is looked up in the catalog, and a token
+//! without rights to a table gets one message, [`refusal`], whether the table does
+//! not exist, is not published, or has no rule for its role: otherwise any token
+//! could map the schema. The precise reason goes to the debug log only.
+//!
+//! # HTTP requests
+//!
+//! [`request_token`] is the one place a token is taken from an HTTP request (the
+//! WebSocket upgrade and `POST /api/broadcast`): `Authorization: Bearer`, whose
+//! scheme is case-insensitive, then the `apikey` and `x-api-key` headers, then
+//! the `apikey` query parameter.
+//!
 //! # Secure by default
 //!
 //! With no `[auth]` mode set, `serve` refuses to listen on anything but loopback;
@@ -141,6 +161,31 @@ pub struct TableRule {
     pub public: bool,
 }
 
+impl TableRule {
+    /// Whether this rule applies to a token with `role` (public rules and rules
+    /// without `roles` apply to every role).
+    pub fn matches_role(&self, role: Option<&str>) -> bool {
+        self.public
+            || self.roles.is_empty()
+            || role.is_some_and(|r| self.roles.iter().any(|x| x == r))
+    }
+
+    /// A role both rules apply to (`None` inside: any role), if there is one.
+    fn overlap<'a>(&'a self, other: &'a TableRule) -> Option<Option<&'a str>> {
+        let any = |r: &TableRule| r.public || r.roles.is_empty();
+        match (any(self), any(other)) {
+            (true, true) => Some(None),
+            (true, false) => other.roles.first().map(|r| Some(r.as_str())),
+            (false, true) => self.roles.first().map(|r| Some(r.as_str())),
+            (false, false) => self
+                .roles
+                .iter()
+                .find(|r| other.roles.contains(r))
+                .map(|r| Some(r.as_str())),
+        }
+    }
+}
+
 impl AuthConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.mode == Some(AuthMode::Jwt)
@@ -159,6 +204,22 @@ impl AuthConfig {
             {
                 return Err(format!(
                     "auth.tables[{i}].name must be schema.table, got {:?}",
+                    t.name
+                ));
+            }
+            // Several rules per table are fine when no role can match two of them:
+            // otherwise which one applies would depend on their order.
+            if let Some((j, other)) = self.tables[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, o)| o.name == t.name && o.overlap(t).is_some())
+            {
+                let who = match other.overlap(t).flatten() {
+                    Some(r) => format!("role {r:?}"),
+                    None => "every role".to_string(),
+                };
+                return Err(format!(
+                    "auth.tables[{j}] and auth.tables[{i}] ({}) can both match {who}: give each rule of a table its own roles (a rule without roles, or with public = true, matches every role)",
                     t.name
                 ));
             }
@@ -449,23 +510,21 @@ impl Verifier {
             return Access::all();
         }
         let name = format!("{schema}.{table}");
-        let Some(rule) = self.cfg.tables.iter().find(|t| t.name == name) else {
+        let mut rules = self.cfg.tables.iter().filter(|t| t.name == name).peekable();
+        if rules.peek().is_none() {
             return Access::Denied(format!(
                 "table {name} has no access rule: add an [[auth.tables]] rule for it (or public = true)"
+            ));
+        }
+        // Validation guarantees at most one rule of a table matches a role.
+        let Some(rule) = rules.find(|r| r.matches_role(token.role())) else {
+            return Access::Denied(format!(
+                "no [[auth.tables]] rule of {name} names role {:?}",
+                token.role().unwrap_or("")
             ));
         };
         if rule.public {
             return Access::all();
-        }
-        if !rule.roles.is_empty()
-            && !token
-                .role()
-                .is_some_and(|r| rule.roles.iter().any(|x| x == r))
-        {
-            return Access::Denied(format!(
-                "role {:?} may not subscribe to {name}",
-                token.role().unwrap_or("")
-            ));
         }
         let row_filter = match &rule.row_filter {
             None => RowRule::All,
@@ -490,6 +549,40 @@ impl Verifier {
                 .and_then(Verified::role)
                 .is_some_and(|r| self.cfg.bypass_roles.iter().any(|b| b == r))
     }
+}
+
+/// The one refusal a subscriber gets for a table it may not see, whatever the
+/// reason (no such table, not published, no rule for its role): telling them apart
+/// would let any token map the schema. The precise reason goes to the debug log.
+pub fn refusal(schema: &str, table: &str) -> String {
+    format!(
+        "Unauthorized: you may not subscribe to {schema}.{table} (it does not exist, is not published, or no [[auth.tables]] rule grants your token's role access)"
+    )
+}
+
+/// The token of an HTTP request (the WebSocket upgrade, `POST /api/broadcast`),
+/// first found of: `Authorization: Bearer <jwt>` (scheme case-insensitive), the
+/// `apikey` header, the `x-api-key` header, the `apikey` query parameter.
+pub fn request_token<'a>(
+    headers: &'a axum::http::HeaderMap,
+    query: &'a HashMap<String, String>,
+) -> Option<&'a str> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    header("authorization")
+        .and_then(bearer)
+        .or_else(|| header("apikey"))
+        .or_else(|| header("x-api-key"))
+        .or_else(|| query.get("apikey").map(String::as_str))
+}
+
+/// The credentials of an `Authorization: Bearer …` value; the scheme is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The `alg` of a token's header when the header is readable JSON.
@@ -641,6 +734,112 @@ mod tests {
 
     fn claims(v: Value) -> Claims {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        let mut h = axum::http::HeaderMap::new();
+        let mut q = HashMap::new();
+        q.insert("apikey".to_string(), "query".to_string());
+        assert_eq!(request_token(&h, &q), Some("query"));
+        h.insert("x-api-key", "x".parse().unwrap());
+        assert_eq!(request_token(&h, &q), Some("x"));
+        h.insert("apikey", "header".parse().unwrap());
+        assert_eq!(request_token(&h, &q), Some("header"));
+        h.insert("authorization", "bearer user".parse().unwrap());
+        assert_eq!(request_token(&h, &q), Some("user"));
+    }
+
+    fn rule(name: &str, roles: &[&str], public: bool) -> TableRule {
+        TableRule {
+            name: name.into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            row_filter: None,
+            columns: None,
+            public,
+        }
+    }
+
+    #[test]
+    fn rules_of_one_table_must_not_share_a_role() {
+        let cfg = |tables| AuthConfig {
+            tables,
+            ..AuthConfig::default()
+        };
+        let ok = cfg(vec![
+            rule("public.sales", &["manager"], false),
+            rule("public.other", &[], false),
+            rule("public.sales", &["rep"], false),
+        ]);
+        assert!(ok.validate().is_ok());
+        for (tables, needle) in [
+            (
+                vec![
+                    rule("public.sales", &["manager", "rep"], false),
+                    rule("public.sales", &["rep"], false),
+                ],
+                "auth.tables[0] and auth.tables[1] (public.sales) can both match role \"rep\"",
+            ),
+            (
+                vec![
+                    rule("public.sales", &["rep"], false),
+                    rule("public.x", &[], false),
+                    rule("public.sales", &[], false),
+                ],
+                "auth.tables[0] and auth.tables[2]",
+            ),
+            (
+                vec![
+                    rule("public.sales", &[], true),
+                    rule("public.sales", &[], false),
+                ],
+                "every role",
+            ),
+        ] {
+            let e = cfg(tables).validate().unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn each_role_gets_its_own_rule() {
+        let mut c = AuthConfig {
+            mode: Some(AuthMode::Jwt),
+            jwt_secret: Some("s".into()),
+            ..AuthConfig::default()
+        };
+        let mut rep = rule("public.sales", &["rep"], false);
+        rep.row_filter = Some("rep_id=eq.{claims.sub}".into());
+        c.tables = vec![rule("public.sales", &["manager"], false), rep];
+        let v = Verifier::new(c);
+        let token = |role: &str| Verified {
+            claims: claims(json!({"role": role, "sub": "u1"})),
+            exp: i64::MAX,
+        };
+        assert!(matches!(
+            v.table_access("public", "sales", Some(&token("manager"))),
+            Access::Allowed {
+                rows: RowRule::All,
+                ..
+            }
+        ));
+        assert!(matches!(
+            v.table_access("public", "sales", Some(&token("rep"))),
+            Access::Allowed {
+                rows: RowRule::Filter(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            v.table_access("public", "sales", Some(&token("anon"))),
+            Access::Denied(_)
+        ));
     }
 
     #[test]

@@ -28,7 +28,11 @@
 //! broadcasts; a push over it is answered with a `system` error "Too many messages
 //! per second" (and an error reply with `ack`), never dropped silently. Private
 //! channels are read and written only when a `[[channels]]` rule grants the
-//! caller's JWT claims ([`may_read`], [`may_write`]).
+//! caller's JWT claims ([`may_read`], [`may_write`]); on a private channel
+//! presence `track` is a write. A rule's `presence_sees` limits whose presences a
+//! member sees (by role): `presence_state` and each `presence_diff` are then
+//! filtered per recipient (encoded once per version for everyone else). A token
+//! refresh re-judges a member's claims ([`Broadcaster::update_claims`]).
 //!
 //! # From the database
 //!
@@ -135,6 +139,11 @@ pub struct ChannelRule {
     pub role_claim: String,
     #[serde(default)]
     pub match_claim: Option<String>,
+    /// Presence visibility: for each role, the roles whose presences it sees
+    /// (`"*"` = every role). Unset: every member sees every presence. Set: a role
+    /// not listed sees only its own presences.
+    #[serde(default)]
+    pub presence_sees: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl ChannelRule {
@@ -152,6 +161,12 @@ impl ChannelRule {
         }
         if self.match_claim.is_some() && self.pattern().matches('*').count() != 1 {
             return Some("match_claim needs a topic pattern with exactly one '*'");
+        }
+        if self.presence_sees.as_ref().is_some_and(|m| {
+            m.iter()
+                .any(|(k, v)| k.is_empty() || v.iter().any(String::is_empty))
+        }) {
+            return Some("presence_sees maps role names to lists of role names; none may be empty");
         }
         None
     }
@@ -221,6 +236,46 @@ fn glob<'n>(pattern: &str, name: &'n str) -> Option<Option<&'n str>> {
 pub fn may_read(rules: &[ChannelRule], claims: &Map<String, Value>, topic: &str) -> bool {
     let name = channel_name(topic);
     rules.iter().any(|r| r.grants(&r.read_roles, claims, name))
+}
+
+/// What a member of the private channel `topic` is in presence terms: its role
+/// (the role claim of the first rule granting it read access) and, when that rule
+/// has `presence_sees`, the roles whose presences it sees.
+fn presence_view(
+    rules: &[ChannelRule],
+    claims: &Map<String, Value>,
+    topic: &str,
+) -> (Option<String>, Option<Vec<String>>) {
+    let name = channel_name(topic);
+    let Some(rule) = rules.iter().find(|r| r.grants(&r.read_roles, claims, name)) else {
+        return (None, None);
+    };
+    let role = claims
+        .get(&rule.role_claim)
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let sees = rule.presence_sees.as_ref().map(|m| {
+        role.as_ref()
+            .and_then(|r| m.get(r))
+            .cloned()
+            .unwrap_or_default()
+    });
+    (role, sees)
+}
+
+/// Whether `viewer` may see the presences tracked by channel `owner`.
+fn sees_presence(viewer: &Member, members: &[Member], owner: ChannelId) -> bool {
+    let Some(sees) = &viewer.sees else {
+        return true;
+    };
+    if owner == viewer.channel {
+        return true;
+    }
+    let role = members
+        .iter()
+        .find(|m| m.channel == owner)
+        .and_then(|m| m.role.as_deref());
+    sees.iter().any(|s| s == "*" || Some(s.as_str()) == role)
 }
 
 /// Whether `claims` may broadcast to the private channel `topic`.
@@ -390,6 +445,10 @@ struct Member {
     opts: ChannelOptions,
     presence_key: String,
     claims: Map<String, Value>,
+    /// Its role on a private channel (see [`presence_view`]).
+    role: Option<String>,
+    /// Roles whose presences it sees; `None`: all.
+    sees: Option<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -636,7 +695,14 @@ impl Broadcaster {
         let opts = ChannelOptions::from_join_config(j.config);
         let presence_key = opts.presence_key.clone().unwrap_or_else(|| self.ids.uuid());
         let key: TopicKey = (j.topic.to_string(), opts.private);
+        let (role, sees) = if opts.private {
+            presence_view(&self.rules, &j.claims, j.topic)
+        } else {
+            (None, None)
+        };
         let member = Member {
+            role,
+            sees,
             channel: j.channel,
             conn: j.conn.clone(),
             vsn: j.vsn,
@@ -655,21 +721,51 @@ impl Broadcaster {
         let topic = reg.topics.entry(key).or_default();
         self.enqueue(j.conn, Outbound::Text(reply));
         if member.opts.presence {
-            self.send_state(&member, j.topic, &topic.presence);
+            self.send_state(&member, &topic.members, j.topic, &topic.presence);
         }
         topic.members.push(member);
     }
 
-    fn send_state(&self, m: &Member, topic: &str, state: &PresenceState) {
+    /// `presence_state` to `m`: the presences it may see (`members`: the topic's).
+    fn send_state(&self, m: &Member, members: &[Member], topic: &str, state: &PresenceState) {
+        let payload = match &m.sees {
+            None => state.to_json(),
+            Some(_) => state.to_json_where(|owner| sees_presence(m, members, owner)),
+        };
         let text = frame::encode(
             m.vsn,
             m.join_ref.as_deref(),
             None,
             topic,
             "presence_state",
-            &state.to_json().to_string(),
+            &payload.to_string(),
         );
         self.enqueue(&m.conn, Outbound::Text(text));
+    }
+
+    /// After an `access_token` re-judged a channel: broadcasts and tracks are
+    /// judged with `claims` from now on, and a member of a private channel that
+    /// lost write rights no longer shows a presence.
+    pub fn update_claims(&self, channel: ChannelId, claims: &Map<String, Value>) {
+        let mut reg = self.lock();
+        let Some(key) = reg.channels.get(&channel).cloned() else {
+            return;
+        };
+        let Some(topic) = reg.topics.get_mut(&key) else {
+            return;
+        };
+        let Some(me) = topic.members.iter_mut().find(|m| m.channel == channel) else {
+            return;
+        };
+        me.claims = claims.clone();
+        if !me.opts.private {
+            return;
+        }
+        (me.role, me.sees) = presence_view(&self.rules, claims, &key.0);
+        if !may_write(&self.rules, claims, &key.0) && topic.presence.tracks(channel) {
+            let diff = topic.presence.untrack(channel);
+            self.send_diff(&topic.members, &key.0, &diff, None);
+        }
     }
 
     /// Removes a channel (leave, rejoin, disconnect): its presences leave, and the
@@ -682,21 +778,36 @@ impl Broadcaster {
         let Some(topic) = reg.topics.get_mut(&key) else {
             return;
         };
-        topic.members.retain(|m| m.channel != channel);
+        // The diff goes out while the leaving member is still known (its role
+        // decides who sees it leave), to everyone but itself.
         let diff = topic.presence.untrack(channel);
         if !diff.is_empty() {
-            self.send_diff(&topic.members, &key.0, &diff);
+            self.send_diff(&topic.members, &key.0, &diff, Some(channel));
         }
+        topic.members.retain(|m| m.channel != channel);
         if topic.members.is_empty() && topic.presence.is_empty() {
             reg.topics.remove(&key);
         }
     }
 
-    /// `presence_diff` to every member with presence enabled, encoded once per version.
-    fn send_diff(&self, members: &[Member], topic: &str, diff: &Diff) {
+    /// `presence_diff` to every member with presence enabled (but `exclude`), with
+    /// only the presences each may see; encoded once per version for members that
+    /// see every presence.
+    fn send_diff(&self, members: &[Member], topic: &str, diff: &Diff, exclude: Option<ChannelId>) {
         let payload = diff.to_json().to_string();
         let mut frames: [Option<Message>; 2] = [None, None];
-        for m in members.iter().filter(|m| m.opts.presence) {
+        for m in members
+            .iter()
+            .filter(|m| m.opts.presence && Some(m.channel) != exclude)
+        {
+            if m.sees.is_some() {
+                if let Some(p) = diff.to_json_where(|owner| sees_presence(m, members, owner)) {
+                    let text =
+                        frame::encode(m.vsn, None, None, topic, "presence_diff", &p.to_string());
+                    self.enqueue(&m.conn, Outbound::Text(text));
+                }
+                continue;
+            }
             let slot = &mut frames[usize::from(m.vsn == Vsn::V2)];
             let msg = slot
                 .get_or_insert_with(|| {
@@ -899,6 +1010,15 @@ impl Broadcaster {
         let event = f.payload.get("event").and_then(Value::as_str).unwrap_or("");
         match event {
             "track" => {
+                let me = &topic.members[idx];
+                if me.opts.private && !may_write(&self.rules, &me.claims, &key.0) {
+                    self.note(&self.stats.denied, "private track denied", &key.0);
+                    let reason = format!(
+                        "Unauthorized: you may not track presence on private channel {:?}; no [[channels]] rule grants your token's claims write access",
+                        channel_name(&key.0)
+                    );
+                    return self.reply(me, &key.0, &origin, false, json!({ "reason": reason }));
+                }
                 if !limits.tracks.take() {
                     self.note(&self.stats.presence_rejected, "track rate limited", &key.0);
                     let reason = format!(
@@ -925,9 +1045,14 @@ impl Broadcaster {
                         if !topic.members[idx].opts.presence {
                             // Tracking turns presence on for a channel joined without it.
                             topic.members[idx].opts.presence = true;
-                            self.send_state(&topic.members[idx], &key.0, &topic.presence);
+                            self.send_state(
+                                &topic.members[idx],
+                                &topic.members,
+                                &key.0,
+                                &topic.presence,
+                            );
                         }
-                        self.send_diff(&topic.members, &key.0, &diff);
+                        self.send_diff(&topic.members, &key.0, &diff, None);
                         self.reply(&topic.members[idx], &key.0, &origin, true, json!({}));
                     }
                     Err(e) => {
@@ -945,7 +1070,7 @@ impl Broadcaster {
             "untrack" => {
                 let diff = topic.presence.untrack(channel);
                 if !diff.is_empty() {
-                    self.send_diff(&topic.members, &key.0, &diff);
+                    self.send_diff(&topic.members, &key.0, &diff, None);
                 }
                 self.reply(&topic.members[idx], &key.0, &origin, true, json!({}));
             }
@@ -1091,20 +1216,11 @@ pub async fn rest_handler(
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    // Authenticated like the socket: `Authorization: Bearer <jwt>`, else the apikey
-    // (header or query parameter).
+    // Authenticated like the socket ([`crate::auth::request_token`]).
     let mut claims = Map::new();
     if shared.auth.enabled() {
-        let bearer = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let apikey = headers
-            .get("apikey")
-            .or_else(|| headers.get("x-api-key"))
-            .and_then(|v| v.to_str().ok())
-            .or(params.get("apikey").map(String::as_str));
-        match shared.auth.verify(bearer.or(apikey).unwrap_or("")).await {
+        let token = crate::auth::request_token(&headers, &params).unwrap_or("");
+        match shared.auth.verify(token).await {
             Ok(t) => claims = t.claims,
             Err(e) => {
                 return (
@@ -1133,6 +1249,7 @@ mod tests {
             write_roles: write.iter().map(|s| s.to_string()).collect(),
             role_claim: "role".into(),
             match_claim: match_claim.map(str::to_string),
+            presence_sees: None,
         }
     }
 
@@ -1177,6 +1294,29 @@ mod tests {
         assert!(may_write(&rules, &admin, "room:1"));
         assert!(rule("a", &[], &[], Some("sub")).invalid().is_some());
         assert!(rule("a:*", &[], &[], Some("sub")).invalid().is_none());
+        let mut sees = rule("a:*", &[], &[], None);
+        sees.presence_sees = Some([("staff".to_string(), vec![String::new()])].into());
+        assert!(sees.invalid().unwrap().contains("presence_sees"));
+    }
+
+    #[test]
+    fn presence_view_follows_the_granting_rule() {
+        let mut r = rule("support:*", &["staff", "customer"], &["staff"], None);
+        r.presence_sees = Some(
+            [
+                ("staff".to_string(), vec!["*".to_string()]),
+                ("customer".to_string(), vec!["staff".to_string()]),
+            ]
+            .into(),
+        );
+        let rules = vec![r];
+        let c = claims(json!({"role": "customer"}));
+        assert_eq!(
+            presence_view(&rules, &c, "realtime:support:1"),
+            (Some("customer".into()), Some(vec!["staff".into()]))
+        );
+        let other = claims(json!({"role": "other"}));
+        assert_eq!(presence_view(&rules, &other, "support:1"), (None, None));
     }
 
     #[test]

@@ -414,6 +414,9 @@ pub struct ServerConfig {
     /// A second address serving only `/metrics`, `/health` and `/ready` (e.g. for a
     /// scraper on another network); they are always on `listen` too.
     pub metrics_listen: Option<String>,
+    /// Origins whose browser pages may call the HTTP endpoints (CORS); none by
+    /// default. `"*"` allows any.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -424,6 +427,7 @@ impl Default for ServerConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             metrics_listen: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -593,6 +597,11 @@ impl ServeConfig {
                     "server.metrics_listen",
                     "must be an IP address and port, e.g. 127.0.0.1:9187",
                 );
+            }
+        }
+        for (i, o) in self.server.cors_origins.iter().enumerate() {
+            if let Some(reason) = crate::ws::http::invalid_origin(o) {
+                return bad(&format!("server.cors_origins[{i}] ({o:?})"), reason);
             }
         }
         if self.server.heartbeat_timeout_secs < 30 {

@@ -114,11 +114,12 @@ impl Meta {
     }
 }
 
-/// A `presence_diff`: metas that joined and left, by key.
+/// A `presence_diff`: metas that joined and left, by key, each with the channel
+/// that tracked it (so a recipient can be shown only the presences it may see).
 #[derive(Debug, Default, PartialEq)]
 pub struct Diff {
-    joins: BTreeMap<String, Vec<Value>>,
-    leaves: BTreeMap<String, Vec<Value>>,
+    joins: BTreeMap<String, Vec<(ChannelId, Value)>>,
+    leaves: BTreeMap<String, Vec<(ChannelId, Value)>>,
 }
 
 impl Diff {
@@ -128,14 +129,31 @@ impl Diff {
 
     /// The payload: `{"joins": {key: {"metas": […]}}, "leaves": {…}}`.
     pub fn to_json(&self) -> Value {
-        let side = |m: &BTreeMap<String, Vec<Value>>| {
-            Value::Object(
-                m.iter()
-                    .map(|(k, metas)| (k.clone(), json!({ "metas": metas })))
-                    .collect(),
-            )
+        self.to_json_where(|_| true)
+            .unwrap_or_else(|| json!({"joins": {}, "leaves": {}}))
+    }
+
+    /// The payload with only the metas of channels `keep` accepts; `None` when
+    /// nothing is left.
+    pub fn to_json_where(&self, keep: impl Fn(ChannelId) -> bool) -> Option<Value> {
+        let mut any = false;
+        let mut side = |m: &BTreeMap<String, Vec<(ChannelId, Value)>>| {
+            let mut out = Map::new();
+            for (k, metas) in m {
+                let metas: Vec<&Value> = metas
+                    .iter()
+                    .filter(|(c, _)| keep(*c))
+                    .map(|(_, v)| v)
+                    .collect();
+                if !metas.is_empty() {
+                    any = true;
+                    out.insert(k.clone(), json!({ "metas": metas }));
+                }
+            }
+            Value::Object(out)
         };
-        json!({"joins": side(&self.joins), "leaves": side(&self.leaves)})
+        let v = json!({"joins": side(&self.joins), "leaves": side(&self.leaves)});
+        any.then_some(v)
     }
 }
 
@@ -190,8 +208,10 @@ impl PresenceState {
                     channel,
                     payload,
                 };
-                diff.leaves.insert(key.to_string(), vec![old.to_json()]);
-                diff.joins.insert(key.to_string(), vec![new.to_json()]);
+                diff.leaves
+                    .insert(key.to_string(), vec![(channel, old.to_json())]);
+                diff.joins
+                    .insert(key.to_string(), vec![(channel, new.to_json())]);
                 metas.push(new);
             }
             None => {
@@ -215,7 +235,8 @@ impl PresenceState {
                     channel,
                     payload,
                 };
-                diff.joins.insert(key.to_string(), vec![new.to_json()]);
+                diff.joins
+                    .insert(key.to_string(), vec![(channel, new.to_json())]);
                 self.keys.entry(key.to_string()).or_default().push(new);
             }
         }
@@ -229,7 +250,7 @@ impl PresenceState {
             let mut left = Vec::new();
             metas.retain(|m| {
                 if m.channel == channel {
-                    left.push(m.to_json());
+                    left.push((channel, m.to_json()));
                     false
                 } else {
                     true
@@ -245,15 +266,31 @@ impl PresenceState {
 
     /// The `presence_state` payload.
     pub fn to_json(&self) -> Value {
+        self.to_json_where(|_| true)
+    }
+
+    /// The `presence_state` payload with only the metas of channels `keep` accepts.
+    pub fn to_json_where(&self, keep: impl Fn(ChannelId) -> bool) -> Value {
         Value::Object(
             self.keys
                 .iter()
-                .map(|(k, metas)| {
-                    let metas: Vec<Value> = metas.iter().map(Meta::to_json).collect();
-                    (k.clone(), json!({ "metas": metas }))
+                .filter_map(|(k, metas)| {
+                    let metas: Vec<Value> = metas
+                        .iter()
+                        .filter(|m| keep(m.channel))
+                        .map(Meta::to_json)
+                        .collect();
+                    (!metas.is_empty()).then(|| (k.clone(), json!({ "metas": metas })))
                 })
                 .collect(),
         )
+    }
+
+    /// Whether `channel` tracks anything.
+    pub fn tracks(&self, channel: ChannelId) -> bool {
+        self.keys
+            .values()
+            .any(|metas| metas.iter().any(|m| m.channel == channel))
     }
 }
 
@@ -297,6 +334,15 @@ mod tests {
         let d = s.untrack(1);
         assert_eq!(d.to_json()["leaves"]["alice"]["metas"][0]["phx_ref"], "r2");
         assert!(s.untrack(1).is_empty());
+        assert_eq!(s.to_json_where(|c| c != 2), json!({}));
+        s.track(3, "bob", json!({}), "r4".into(), &l).unwrap();
+        assert_eq!(
+            s.to_json_where(|c| c == 3),
+            json!({"bob": {"metas": [{"phx_ref": "r4"}]}})
+        );
+        let d = s.untrack(3);
+        assert!(d.to_json_where(|c| c != 3).is_none());
+        assert!(d.to_json_where(|c| c == 3).is_some());
         s.untrack(2);
         assert!(s.is_empty());
         assert_eq!(s.to_json(), json!({}));

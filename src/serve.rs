@@ -193,6 +193,7 @@ pub async fn run(
         tracker: tracker.clone(),
     });
     let app = ws::router(shared.clone()).merge(crate::metrics::routes(metrics.clone()));
+    let app = ws::http::finish(app, &config.server.cors_origins);
     // Serve once the slot is streaming (so a slot created at startup exists before the
     // first client can write), or after a deadline so /health answers while PostgreSQL
     // is unreachable.
@@ -257,7 +258,10 @@ pub async fn run(
         if let Some(a) = metrics_addr {
             tracing::info!(addr = %a, "metrics listening");
         }
-        let app = crate::metrics::routes_with_health(metrics.clone());
+        let app = ws::http::finish(
+            crate::metrics::routes_with_health(metrics.clone()),
+            &config.server.cors_origins,
+        );
         tokio::spawn(async move {
             axum::serve(l, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })

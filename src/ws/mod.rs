@@ -7,6 +7,7 @@
 //! batches whatever is queued into one flush.
 
 pub mod frame;
+pub mod http;
 pub mod session;
 
 use std::collections::HashMap;
@@ -116,11 +117,7 @@ async fn upgrade(
     // With auth on, the connect token (apikey) must verify before the upgrade.
     let mut connect_token = None;
     if shared.auth.enabled() {
-        let apikey = params
-            .get("apikey")
-            .map(String::as_str)
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-            .unwrap_or("");
+        let apikey = crate::auth::request_token(&headers, &params).unwrap_or("");
         match shared.auth.verify(apikey).await {
             Ok(t) => connect_token = Some(t),
             Err(e) => {

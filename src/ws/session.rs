@@ -8,6 +8,23 @@
 //! on working. The `ok` reply is sent only after the hub has the subscription
 //! (DESIGN.md §8), echoing the client's bindings in order with an `id` each, then a
 //! `system` message "Subscribed to PostgreSQL".
+//!
+//! # Access
+//!
+//! Each binding is judged ([`crate::auth`]) before the catalog is asked, so a
+//! refusal says nothing about the schema, and a filter is checked against the
+//! columns the token may see only (a hidden column is "unknown"). A join judged
+//! with a project apikey (no user token in the join, and an apikey without `sub`)
+//! does not fail for tables that role may not see: those bindings are *pending*
+//! — accepted, echoed, not subscribed — and a `system` message (status
+//! `pending`) says so. supabase-js often joins before it has the user's token;
+//! the `access_token` that follows re-judges the channel at once, without the
+//! rejoin that would lose the changes in between.
+//!
+//! An `access_token` re-judges everything the channel may do: its
+//! `postgres_changes` (hub bindings replaced), and on a private channel its
+//! `[[channels]]` rights — without read rights the channel is closed with a
+//! `system` error, and broadcast and presence judge writes with the new claims.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +48,10 @@ use crate::hub::{
 };
 use crate::metrics::AuthFailure;
 
+/// Start of the `system` message (status `pending`) of a channel whose bindings
+/// wait for a token that grants them.
+pub const PENDING_MESSAGE: &str = "Waiting for an access token";
+
 /// Close code when a client sends nothing (not even heartbeats) for too long.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 
@@ -43,6 +64,8 @@ struct Joined {
     token: Option<Verified>,
     /// Its text, to ignore refreshes that repeat it.
     token_text: Option<String>,
+    /// Tables of bindings waiting for a token that grants them.
+    pending: Vec<String>,
 }
 
 struct Session {
@@ -343,7 +366,15 @@ impl Session {
         {
             return self.refuse_join(&f, json!({ "reason": reason }));
         }
-        let (echo, bindings) = match self.resolve_bindings(&config, token.as_ref()).await {
+        let pending_ok = self.judged_by_apikey(token.as_ref());
+        let Resolved {
+            echo,
+            bindings,
+            pending,
+        } = match self
+            .resolve_bindings(&config, token.as_ref(), pending_ok)
+            .await
+        {
             Ok(v) => v,
             Err(reason) => {
                 tracing::debug!(peer = %self.peer, %topic, %reason, "join refused");
@@ -376,6 +407,7 @@ impl Session {
                 config: config.clone(),
                 token,
                 token_text,
+                pending: pending.clone(),
             },
         );
         if let Ok(mut joined) = self.joined.lock() {
@@ -412,6 +444,36 @@ impl Session {
                 &system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &topic),
             );
         }
+        if !pending.is_empty() {
+            self.push_pending(&topic, f.join_ref.as_deref(), &pending);
+        }
+    }
+
+    /// Whether a channel judged with `token` was judged with a project apikey
+    /// rather than a user's token: the join carried no token or the apikey itself,
+    /// and the apikey names no user (no `sub` claim, as Supabase's anon key). Then
+    /// bindings it may not see wait for an `access_token` instead of being refused,
+    /// since supabase-js often joins before it has the user's token. A user's own
+    /// token used as the apikey is judged as it is: its refusals are final.
+    fn judged_by_apikey(&self, token: Option<&Verified>) -> bool {
+        match (token, &self.connect_token) {
+            (Some(t), Some(c)) => t.claims == c.claims && !c.claims.contains_key("sub"),
+            _ => false,
+        }
+    }
+
+    /// The `system` message of a channel whose bindings wait for a token.
+    fn push_pending(&self, topic: &str, join_ref: Option<&str>, pending: &[String]) {
+        let msg = format!(
+            "{PENDING_MESSAGE}: this token may not see {}; nothing is delivered until an access_token grants it",
+            pending.join(", ")
+        );
+        self.push(
+            topic,
+            join_ref,
+            "system",
+            &system_payload("postgres_changes", "pending", &msg, topic),
+        );
     }
 
     fn auth_failed(&self, e: &AuthError) {
@@ -501,6 +563,8 @@ impl Session {
             return;
         }
         let (id, config) = (j.id, j.config.clone());
+        let was_pending = !j.pending.is_empty();
+        let join_ref = j.join_ref.clone();
         let token = match self.shared.auth.verify(text).await {
             Ok(t) => t,
             Err(e) => {
@@ -509,8 +573,27 @@ impl Session {
                 return self.close_channel(&f.topic, &msg).await;
             }
         };
-        let bindings = match self.resolve_bindings(&config, Some(&token)).await {
-            Ok((_, b)) => b,
+        // Broadcast and presence: a private channel needs read rights still.
+        if let Err(reason) = self
+            .shared
+            .broadcast
+            .authorize_join(&f.topic, &config, &token.claims)
+        {
+            self.shared
+                .stats
+                .events
+                .auth_failed(AuthFailure::Forbidden, self.peer);
+            let msg = format!("You no longer have access to this channel: {reason}");
+            return self.close_channel(&f.topic, &msg).await;
+        }
+        let pending_ok = self.judged_by_apikey(Some(&token));
+        let Resolved {
+            bindings, pending, ..
+        } = match self
+            .resolve_bindings(&config, Some(&token), pending_ok)
+            .await
+        {
+            Ok(r) => r,
             Err(reason) => {
                 self.shared
                     .stats
@@ -520,6 +603,7 @@ impl Session {
                 return self.close_channel(&f.topic, &msg).await;
             }
         };
+        let live = !bindings.is_empty();
         let (done, wait) = oneshot::channel();
         let sent = self
             .shared
@@ -530,23 +614,51 @@ impl Session {
                 done,
             })
             .await;
-        if sent.is_ok() && wait.await.is_ok() {
-            if let Some(j) = self.channels.get_mut(&f.topic) {
-                j.token = Some(token);
-                j.token_text = Some(text.to_string());
-            }
+        if sent.is_err() || wait.await.is_err() {
+            return;
+        }
+        // Broadcast and presence now judge writes with the new claims.
+        self.shared.broadcast.update_claims(id, &token.claims);
+        let newly_pending = !pending.is_empty()
+            && self
+                .channels
+                .get(&f.topic)
+                .is_none_or(|j| j.pending != pending);
+        if let Some(j) = self.channels.get_mut(&f.topic) {
+            j.token = Some(token);
+            j.token_text = Some(text.to_string());
+            j.pending = pending.clone();
+        }
+        if was_pending && pending.is_empty() && live {
+            self.push(
+                &f.topic,
+                join_ref.as_deref(),
+                "system",
+                &system_payload(
+                    "postgres_changes",
+                    "ok",
+                    "Subscribed to PostgreSQL",
+                    &f.topic,
+                ),
+            );
+        }
+        if newly_pending {
+            self.push_pending(&f.topic, join_ref.as_deref(), &pending);
         }
     }
 
     /// Checks and resolves a join's `postgres_changes`; the error names the binding and
-    /// what is wrong.
+    /// what is wrong. With `pending_ok` (the channel is judged with the apikey's
+    /// token), a binding to a table that token may not see is accepted as pending:
+    /// nothing is subscribed for it until an `access_token` grants it.
     async fn resolve_bindings(
         &self,
         config: &Value,
         token: Option<&Verified>,
-    ) -> Result<(Vec<Value>, Vec<Binding>), String> {
+        pending_ok: bool,
+    ) -> Result<Resolved, String> {
         let list = match config.get("postgres_changes") {
-            None | Some(Value::Null) => return Ok((Vec::new(), Vec::new())),
+            None | Some(Value::Null) => return Ok(Resolved::default()),
             Some(Value::Array(a)) => a,
             Some(_) => return Err("config.postgres_changes must be an array".into()),
         };
@@ -557,29 +669,39 @@ impl Session {
                 self.shared.config.limits.bindings_per_channel
             ));
         }
-        let mut echo = Vec::with_capacity(list.len());
-        let mut bindings = Vec::with_capacity(list.len());
+        let mut r = Resolved {
+            echo: Vec::with_capacity(list.len()),
+            bindings: Vec::with_capacity(list.len()),
+            pending: Vec::new(),
+        };
         for (i, b) in list.iter().enumerate() {
             let Some(obj) = b.as_object() else {
                 return Err(format!("postgres_changes[{i}] must be an object"));
             };
             let (binding, id) = self
-                .resolve_binding(obj, token)
+                .resolve_binding(obj, token, pending_ok)
                 .await
                 .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
             let mut e: Map<String, Value> = obj.clone();
             e.insert("id".into(), json!(id));
-            echo.push(Value::Object(e));
-            bindings.push(binding);
+            r.echo.push(Value::Object(e));
+            match binding {
+                Ok(b) => r.bindings.push(b),
+                Err(what) => r.pending.push(what),
+            }
         }
-        Ok((echo, bindings))
+        Ok(r)
     }
 
+    /// One binding: `Ok((Ok(binding), id))` live, `Ok((Err(table), id))` pending
+    /// (only with `pending_ok`), `Err` refused. Access is judged before the catalog
+    /// is asked, so a refusal says nothing about the schema.
     async fn resolve_binding(
         &self,
         obj: &Map<String, Value>,
         token: Option<&Verified>,
-    ) -> Result<(Binding, u32), String> {
+        pending_ok: bool,
+    ) -> Result<(Result<Binding, String>, u32), String> {
         let str_field = |k: &str| -> Result<Option<&str>, String> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -607,6 +729,9 @@ impl Session {
         };
         let target = if wildcard {
             if !auth.may_use_wildcards(token) {
+                if pending_ok && filter_text.is_none() {
+                    return Ok((Err(format!("{schema}.*")), id));
+                }
                 return Err(format!(
                     "wildcard subscriptions need a role in auth.bypass_roles ({}); name the table",
                     auth.config().bypass_roles.join(", ")
@@ -638,51 +763,84 @@ impl Session {
             }
         } else {
             let table = table.unwrap_or_default();
-            let t = self
-                .shared
-                .catalog
-                .table(schema, table)
-                .await
-                .map_err(|e| e.to_string())?;
-            filter
-                .bind(&t)
-                .map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
-            match auth.table_access(schema, table, token) {
-                Access::Denied(reason) => return Err(reason),
+            // Access first: a token without rights learns nothing of the table.
+            let columns = match auth.table_access(schema, table, token) {
+                Access::Denied(reason) => {
+                    tracing::debug!(peer = %self.peer, %reason, "binding refused");
+                    if pending_ok {
+                        return Ok((Err(format!("{schema}.{table}")), id));
+                    }
+                    return Err(crate::auth::refusal(schema, table));
+                }
                 Access::Allowed { rows, columns } => {
                     match rows {
                         RowRule::All => {}
                         RowRule::Filter(rule) => access.rows = Some(rule),
                         RowRule::Nothing => access.deny_all = true,
                     }
-                    if let Some(cols) = &columns {
-                        // Filtering on a hidden column would reveal its values.
-                        if let Some(c) = filter
-                            .conditions()
-                            .iter()
-                            .find(|c| !cols.contains(&c.column))
-                        {
-                            return Err(format!(
-                                "the filter uses column {:?}, which this token may not see",
-                                c.column
-                            ));
-                        }
-                    }
-                    access.columns = columns.map(Arc::new);
+                    columns
                 }
-            }
+            };
+            let t = self
+                .shared
+                .catalog
+                .table(schema, table)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The filter is checked against the columns this token may see, so a
+            // hidden column is reported exactly as a column that does not exist
+            // (filtering on it would reveal its values).
+            let bound = match &columns {
+                None => filter.bind(&t),
+                Some(cols) => filter.bind(&visible_columns(&t, cols)),
+            };
+            bound.map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
+            access.columns = columns.map(Arc::new);
             Target::Table(t)
         };
         Ok((
-            Binding {
+            Ok(Binding {
                 id,
                 events,
                 target,
                 filter,
                 access,
-            },
+            }),
             id,
         ))
+    }
+}
+
+/// A join's resolved `postgres_changes`.
+#[derive(Default)]
+struct Resolved {
+    /// The client's bindings with their ids, for the `ok` reply.
+    echo: Vec<Value>,
+    /// Bindings to subscribe now.
+    bindings: Vec<Binding>,
+    /// Tables (`schema.table`) of bindings waiting for a token that grants them.
+    pending: Vec<String>,
+}
+
+/// `t` with only the columns in `cols`, to check a filter against what a token
+/// may see.
+fn visible_columns(t: &crate::relation::Table, cols: &[String]) -> crate::relation::Table {
+    crate::relation::Table {
+        id: t.id,
+        schema: t.schema.clone(),
+        name: t.name.clone(),
+        replica_identity: t.replica_identity,
+        columns: t
+            .columns
+            .iter()
+            .filter(|c| cols.contains(&c.name))
+            .map(|c| crate::relation::Column {
+                name: c.name.clone(),
+                ty: c.ty.clone(),
+                key: c.key,
+            })
+            .collect(),
+        json: Default::default(),
     }
 }
 

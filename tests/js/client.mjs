@@ -38,9 +38,15 @@
 //  "realtime":{…},                   (merged into createClient's realtime options;
 //                                     "vsn", "heartbeat_interval_ms", "trace_frames",
 //                                     "logger" as above are also accepted at top level)
-//  "connect":true}                   (optional: connect now rather than on subscribe)
+//  "connect":true,                   (optional: connect now rather than on subscribe)
+//  "access_token_deferred":true}     (optional: createClient's accessToken option, a
+//                                     callback whose promise resolves only on
+//                                     "resolve_token": the user's token arrives late)
 //    → createClient(url, apikey, {realtime:{transport, …}, auth:{persistSession:false,…}})
 //    ack result: {"endpoint": …}
+// {"cmd":"resolve_token","token":"jwt"}            → the deferred accessToken resolves
+// {"cmd":"rest_select","table":"t"}                → supabase.from(t).select();
+//    ack result {"status":…, "data":…, "error":…}
 // {"cmd":"subscribe","channel":"room1",
 //  "config":{…},                     (RealtimeChannel config: broadcast, presence, private)
 //  "postgres_changes":[{"event":"*","schema":"public","table":"t","filter":"id=eq.1"}],
@@ -276,12 +282,19 @@ const handlers = {
     const name = cmd.client ?? 'main';
     if (typeof cmd.url !== 'string') throw new Error('"url" (string) is required');
     replaceClient(name);
-    const supabase = createClient(cmd.url, cmd.apikey, {
+    const options = {
       realtime: { ...commonRealtimeOptions(name, cmd), ...(cmd.realtime ?? {}) },
       auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-    });
+    };
+    let deferred = null;
+    if (cmd.access_token_deferred) {
+      deferred = {};
+      deferred.promise = new Promise((resolve) => (deferred.resolve = resolve));
+      options.accessToken = async () => deferred.promise;
+    }
+    const supabase = createClient(cmd.url, cmd.apikey, options);
     const rt = supabase.realtime;
-    clients.set(name, { name, rt, supabase, channels: new Map() });
+    clients.set(name, { name, rt, supabase, deferred, channels: new Map() });
     watchClient(name, rt);
     if (cmd.connect) rt.connect();
     return { endpoint: rt.endpointURL() };
@@ -373,6 +386,20 @@ const handlers = {
     c.channels.delete(cmd.channel);
     if (cmd.remove) return await c.rt.removeChannel(ch);
     return await ch.unsubscribe(timeoutArg(cmd));
+  },
+
+  resolve_token(cmd) {
+    const c = getClient(cmd);
+    if (!c.deferred) throw new Error('resolve_token needs connect_supabase_js with access_token_deferred');
+    c.deferred.resolve(cmd.token);
+    return null;
+  },
+
+  async rest_select(cmd) {
+    const c = getClient(cmd);
+    if (!c.supabase) throw new Error('rest_select needs connect_supabase_js');
+    const r = await c.supabase.from(cmd.table).select();
+    return { status: r.status, data: r.data, error: r.error };
   },
 
   async set_auth(cmd) {
