@@ -82,7 +82,16 @@ pub async fn run(
         conn.clone(),
         config.postgres.publication.clone(),
     ));
-    catalog.check().await?;
+    // PostgreSQL may accept the connection and never answer: the check has a
+    // timeout, and SIGTERM during it stops at once.
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutdown requested while connecting to PostgreSQL; stopping");
+            return Ok(());
+        }
+        r = catalog.check() => r?,
+    }
     let auth = Arc::new(crate::auth::Verifier::new(config.auth.clone()));
     auth.preload()
         .await
