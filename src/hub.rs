@@ -59,6 +59,9 @@ pub enum Outbound {
     Binary(Vec<u8>),
     /// A complete frame whose bytes are shared by many connections (broadcast fan-out).
     Ws(axum::extract::ws::Message),
+    /// A `system` message for one channel (the writer encodes it for the socket's
+    /// protocol version); `payload` is the JSON object.
+    System { topic: Arc<str>, payload: String },
     /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
     Change {
         topic: Arc<str>,
@@ -281,6 +284,31 @@ pub enum HubCommand {
     Disconnect {
         conn: ConnId,
     },
+    /// A `system` message to every channel with `postgres_changes` bindings (the
+    /// replication outage notices; see `notice`).
+    Notice(Notice),
+    /// The channel asked (`config.broadcast.replication_ready`) to be told once
+    /// replication is ready: a `system` message `ok` then, or `error` if it is not
+    /// ready by `deadline`.
+    WatchReplicationReady {
+        channel: ChannelId,
+        deadline: std::time::Instant,
+    },
+    /// Whether replication is ready now (sent periodically by the outage monitor;
+    /// also expires replication-ready watches past their deadline).
+    ReplicationReady(bool),
+}
+
+/// A `system` message to all `postgres_changes` channels.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    /// `ok` or `error`.
+    pub status: &'static str,
+    /// A stable machine-readable code (`REPLICATION_DOWN`, `REPLICATION_OK`, …).
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields of the payload (such as `from_lsn` / `to_lsn` of a gap).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Counters the hub keeps (read by metrics).
@@ -391,6 +419,9 @@ pub struct Hub {
     hits: Vec<Hit>,
     /// Where logical decoding messages go (the broadcast module).
     on_message: Option<MessageHook>,
+    /// Replication readiness as last reported, and the channels waiting for it.
+    replication_ready: bool,
+    ready_watches: Vec<(ChannelId, std::time::Instant)>,
 }
 
 /// Receives each logical decoding message (`pg_logical_emit_message`) the stream
@@ -410,6 +441,8 @@ impl Hub {
             stats,
             hits: Vec::new(),
             on_message: None,
+            replication_ready: false,
+            ready_watches: Vec::new(),
         }
     }
 
@@ -523,6 +556,11 @@ impl Hub {
                 let _ = done.send(());
             }
             HubCommand::Disconnect { conn } => self.remove_conn(conn),
+            HubCommand::Notice(n) => self.notice(&n),
+            HubCommand::WatchReplicationReady { channel, deadline } => {
+                self.watch_replication_ready(channel, deadline)
+            }
+            HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
         }
     }
 
@@ -921,6 +959,110 @@ impl Hub {
             }
         }
     }
+}
+
+// Replication notices: `system` messages about the stream behind the channels.
+impl Hub {
+    /// Sends `n` to every channel that has `postgres_changes` bindings.
+    fn notice(&mut self, n: &Notice) {
+        let targets: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.subs.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for channel in targets {
+            let Some(topic) = self.channels.get(&channel).map(|ch| ch.topic.clone()) else {
+                continue;
+            };
+            let mut payload = serde_json::Map::new();
+            payload.insert("extension".into(), "postgres_changes".into());
+            payload.insert("status".into(), n.status.into());
+            payload.insert("message".into(), n.message.clone().into());
+            payload.insert("channel".into(), channel_name(&topic).into());
+            payload.insert("code".into(), n.code.into());
+            payload.extend(n.extra.clone());
+            self.system_to(channel, serde_json::Value::Object(payload).to_string());
+        }
+    }
+
+    fn watch_replication_ready(&mut self, channel: ChannelId, deadline: std::time::Instant) {
+        if self.replication_ready {
+            self.replication_ready_reply(channel, true);
+        } else {
+            self.ready_watches.push((channel, deadline));
+        }
+    }
+
+    fn set_replication_ready(&mut self, ready: bool) {
+        self.replication_ready = ready;
+        if self.ready_watches.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let watches = std::mem::take(&mut self.ready_watches);
+        for (channel, deadline) in watches {
+            if ready {
+                self.replication_ready_reply(channel, true);
+            } else if now >= deadline {
+                self.replication_ready_reply(channel, false);
+            } else {
+                self.ready_watches.push((channel, deadline));
+            }
+        }
+    }
+
+    /// The answer to `replication_ready`, in the form realtime-js documents.
+    fn replication_ready_reply(&mut self, channel: ChannelId, ok: bool) {
+        let Some(topic) = self.channels.get(&channel).map(|ch| ch.topic.clone()) else {
+            return;
+        };
+        let payload = serde_json::json!({
+            "extension": "system",
+            "status": if ok { "ok" } else { "error" },
+            "message": if ok {
+                "Replication connection established"
+            } else {
+                "Replication connection was not established in time"
+            },
+            "channel": channel_name(&topic),
+            "code": if ok { "REPLICATION_OK" } else { "REPLICATION_DOWN" },
+        });
+        self.system_to(channel, payload.to_string());
+    }
+
+    /// Queues a `system` message for one channel; a full queue closes the
+    /// connection as a slow client, as for changes.
+    fn system_to(&mut self, channel: ChannelId, payload: String) {
+        let Some(ch) = self.channels.get(&channel) else {
+            return;
+        };
+        let conn = ch.conn;
+        let out = Outbound::System {
+            topic: ch.topic.clone(),
+            payload,
+        };
+        if ch.tx.try_send(out).is_ok() {
+            return;
+        }
+        if let Some(c) = self.conns.get(&conn) {
+            if !c.handle.tx.is_closed() {
+                self.stats
+                    .slow_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                c.handle.close(
+                    CLOSE_SLOW_CLIENT,
+                    "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
+                );
+            }
+        }
+        self.remove_conn(conn);
+    }
+}
+
+/// A topic without its `realtime:` prefix, as `system` payloads name channels.
+fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
 /// A deterministic, non-zero binding id (27 bits, like Supabase's) from the binding's

@@ -685,7 +685,16 @@ impl<'a> Session<'a> {
                 self.reported = self.reported.max(s.confirmed_flush);
             }
         }
-        let start = self.opts.start_lsn.unwrap_or(Lsn::ZERO);
+        // On a reconnect, start after what downstream already handled: the server
+        // skips transactions that committed before the requested position, so a
+        // change handled but not yet confirmed to the server (the connection broke
+        // first) is not delivered twice. The server never goes back before the
+        // slot's confirmed position.
+        let start = self
+            .opts
+            .start_lsn
+            .unwrap_or(Lsn::ZERO)
+            .max(self.progress.confirmed());
         let mut options = format!(
             "proto_version '1', publication_names {}",
             slot::quote_literal(&slot::quote_ident(&self.opts.publication))

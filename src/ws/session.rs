@@ -412,6 +412,20 @@ impl Session {
                 &system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &topic),
             );
         }
+        // realtime-js `config.broadcast.replication_ready`: the hub answers once
+        // replication is ready (or not in time), after this join's reply.
+        if config.pointer("/broadcast/replication_ready") == Some(&Value::Bool(true)) {
+            let wait =
+                Duration::from_secs(self.shared.config.server.replication_ready_timeout_secs);
+            let _ = self
+                .shared
+                .hub
+                .send(HubCommand::WatchReplicationReady {
+                    channel,
+                    deadline: std::time::Instant::now() + wait,
+                })
+                .await;
+        }
     }
 
     fn auth_failed(&self, e: &AuthError) {
