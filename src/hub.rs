@@ -1126,6 +1126,110 @@ mod tests {
         }
     }
 
+    fn subscribe(
+        hub: &mut Hub,
+        conn: ConnId,
+        channel: ChannelId,
+        topic: &str,
+        bindings: Vec<Binding>,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(8);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle {
+                id: conn,
+                tx,
+                kill: CancellationToken::new(),
+                close_reason: Arc::default(),
+            },
+            channel,
+            topic: Arc::from(topic),
+            bindings,
+            done,
+        });
+        rx
+    }
+
+    fn any_table() -> Binding {
+        Binding {
+            id: 1,
+            events: EventMask::ALL,
+            target: Target::Pattern {
+                schema: None,
+                table: None,
+            },
+            filter: Filter::default(),
+            access: BindingAccess::default(),
+        }
+    }
+
+    fn system(rx: &mut mpsc::Receiver<Outbound>) -> Option<(String, serde_json::Value)> {
+        match rx.try_recv().ok()? {
+            Outbound::System { topic, payload } => {
+                Some((topic.to_string(), serde_json::from_str(&payload).unwrap()))
+            }
+            other => panic!("not a system message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn notices_reach_only_postgres_changes_channels() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut pg = subscribe(&mut hub, 1, 10, "realtime:room", vec![any_table()]);
+        let mut chat = subscribe(&mut hub, 2, 20, "realtime:chat", vec![]);
+        hub.command(HubCommand::Notice(Notice {
+            status: "error",
+            code: "REPLICATION_DOWN",
+            message: "down".into(),
+            extra: [("reason".to_string(), serde_json::json!("disconnected"))]
+                .into_iter()
+                .collect(),
+        }));
+        let (topic, v) = system(&mut pg).expect("a notice");
+        assert_eq!(topic, "realtime:room");
+        assert_eq!(
+            v,
+            serde_json::json!({"extension": "postgres_changes", "status": "error", "message": "down",
+                "channel": "room", "code": "REPLICATION_DOWN", "reason": "disconnected"})
+        );
+        assert!(system(&mut chat).is_none());
+    }
+
+    #[test]
+    fn replication_ready_is_answered_when_ready_or_after_the_deadline() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe(&mut hub, 1, 10, "realtime:a", vec![]);
+        let mut b = subscribe(&mut hub, 2, 20, "realtime:b", vec![]);
+        let now = std::time::Instant::now();
+        hub.command(HubCommand::WatchReplicationReady {
+            channel: 10,
+            deadline: now + std::time::Duration::from_secs(60),
+        });
+        hub.command(HubCommand::WatchReplicationReady {
+            channel: 20,
+            deadline: now,
+        });
+        assert!(system(&mut a).is_none());
+        // Not ready: only the watch past its deadline is answered, with an error.
+        hub.command(HubCommand::ReplicationReady(false));
+        assert!(system(&mut a).is_none());
+        let (_, v) = system(&mut b).expect("an answer for b");
+        assert_eq!(
+            (v["extension"].as_str(), v["status"].as_str()),
+            (Some("system"), Some("error"))
+        );
+        hub.command(HubCommand::ReplicationReady(true));
+        let (_, v) = system(&mut a).expect("an answer for a");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["message"], "Replication connection established");
+        // Ready now: a new watch is answered at once.
+        hub.command(HubCommand::WatchReplicationReady {
+            channel: 20,
+            deadline: now,
+        });
+        assert_eq!(system(&mut b).expect("at once").1["status"], "ok");
+    }
+
     #[test]
     fn a_long_list_empties_by_removal_in_arrival_order() {
         let mut list = SubList::default();
