@@ -31,7 +31,8 @@
 //! Each check — lag seconds, lag bytes, seconds disconnected from PostgreSQL and
 //! client drops per minute — is `normal` (0), `warning` (1) or `critical` (2)
 //! against the `[health]` thresholds; `walcast_health_status` is the worst of
-//! them. `/ready` is 200 when replication is connected and neither lag check is
+//! them. `/ready` is 200 when replication is connected, not blocked (a dropped
+//! slot or publication, see [`Blocked`]; always critical) and neither lag check is
 //! critical, else 503, and names each check with its value, thresholds and level.
 //! `/health` only says the process is alive.
 

@@ -36,6 +36,29 @@
 //! again (if it was handled but not yet confirmed), never skipped. Every event
 //! carries its commit LSN so clients can de-duplicate.
 //!
+//! On a reconnect, `START_REPLICATION` asks for the position downstream already
+//! confirmed (the server skips transactions that committed before it), so what
+//! was handled but not yet reported is not delivered again.
+//!
+//! # The slot and the publication under a running walcast
+//!
+//! A missing slot is created (when asked) only before the first successful
+//! stream. Later, a missing slot, a missing publication, or a publication that
+//! was re-created after changes the slot still has to decode (SQLSTATE 42704 from
+//! the walsender while the publication exists) is [`Blocked`]: it needs an
+//! operator, shows in [`StreamState`] (`/ready`, metrics, client notices), and is
+//! never "fixed" by re-creating anything. When walcast finds its slot past the
+//! position it had confirmed (re-created or advanced), it records a gap.
+//!
+//! # Timeouts
+//!
+//! Connecting (TCP, TLS, startup, authentication) has [`CONNECT_TIMEOUT`], every
+//! query and replication command [`QUERY_TIMEOUT`] (slot creation, which waits for
+//! open transactions, has none), and the whole start of a session watches the
+//! shutdown token, so SIGTERM is prompt even when PostgreSQL accepts the
+//! connection and never answers. A stream that hears nothing for several status
+//! intervals counts as lost.
+//!
 //! # Backpressure
 //!
 //! When the channel is full the stream stops reading the socket (the walsender
