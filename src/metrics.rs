@@ -534,12 +534,15 @@ impl State_ {
         if before == h.level as u8 {
             return;
         }
-        let failing: Vec<String> = h
+        let mut failing: Vec<String> = h
             .checks
             .iter()
             .filter(|c| c.level > Level::Normal)
             .map(|c| format!("{}={:.0} ({})", c.name, c.value, c.level))
             .collect();
+        if let Some((b, _)) = &h.blocked {
+            failing.push(format!("replication_blocked={} (critical)", b.as_str()));
+        }
         let failing = failing.join(", ");
         match h.level {
             Level::Normal => tracing::info!(level = %h.level, "health back to normal"),

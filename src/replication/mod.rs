@@ -690,7 +690,9 @@ impl<'a> Session<'a> {
                 ))
             }
         }
-        let last = Lsn(self.state.reported_flush.load(Ordering::Acquire));
+        // Where walcast was: what it last reported, or downstream handled since.
+        let last =
+            Lsn(self.state.reported_flush.load(Ordering::Acquire)).max(self.progress.confirmed());
         match &checks.slot {
             None => {
                 // Slot creation waits for open transactions: no timeout (the caller
@@ -700,11 +702,17 @@ impl<'a> Session<'a> {
                 if ever_streamed && last > Lsn::ZERO && at > last {
                     self.gap(last, at);
                 }
+                self.state.reported_flush.fetch_max(at.0, Ordering::AcqRel);
             }
             Some(s) => {
                 if ever_streamed && last > Lsn::ZERO && s.confirmed_flush > last {
                     self.gap(last, s.confirmed_flush);
                 }
+                // The position streaming resumes from is where walcast is now,
+                // also before its first status update.
+                self.state
+                    .reported_flush
+                    .fetch_max(s.confirmed_flush.0, Ordering::AcqRel);
                 self.reported = self.reported.max(s.confirmed_flush);
             }
         }
