@@ -56,8 +56,8 @@
 //! query and replication command [`QUERY_TIMEOUT`] (slot creation, which waits for
 //! open transactions, has none), and the whole start of a session watches the
 //! shutdown token, so SIGTERM is prompt even when PostgreSQL accepts the
-//! connection and never answers. A stream that hears nothing for several status
-//! intervals counts as lost.
+//! connection and never answers. A stream that hears nothing for twice the
+//! server's `wal_sender_timeout` (at least 30 s) counts as lost.
 //!
 //! # Backpressure
 //!
@@ -96,11 +96,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// which waits for open transactions, has none; it only watches shutdown).
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The stream counts as lost when the server sent nothing (not even a keepalive,
-/// which every status update asks for) for this many status intervals, and at
-/// least [`MIN_SILENCE_LIMIT`].
-const SILENCE_INTERVALS: u32 = 3;
-const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// The stream counts as lost when the server sent nothing for this many times its
+/// `wal_sender_timeout` (a busy walsender still sends a keepalive every half of it),
+/// and at least [`MIN_SILENCE_LIMIT`]. With `wal_sender_timeout = 0` the server
+/// promises nothing, and there is no limit.
+const SILENCE_TIMEOUTS: u32 = 2;
+const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(30);
 
 /// How often a blocked stream (see [`Blocked`]) looks whether an operator fixed it.
 const BLOCKED_POLL: Duration = Duration::from_secs(2);
@@ -590,7 +591,11 @@ impl<'a> Session<'a> {
             .map(|t| (t / 2).min(MAX_STATUS_INTERVAL))
             .unwrap_or(MAX_STATUS_INTERVAL)
             .max(Duration::from_millis(100));
-        match self.stream(&mut conn, &sql, interval).await {
+        let silence_limit = checks
+            .wal_sender_timeout
+            .filter(|t| !t.is_zero())
+            .map(|t| (t * SILENCE_TIMEOUTS).max(MIN_SILENCE_LIMIT));
+        match self.stream(&mut conn, &sql, interval, silence_limit).await {
             Ok(()) => {
                 conn.close().await;
                 Ok(())
@@ -824,10 +829,10 @@ impl<'a> Session<'a> {
         conn: &mut ReplicationConnection,
         sql: &tokio_postgres::Client,
         interval: Duration,
+        silence_limit: Option<Duration>,
     ) -> Result<(), ReplicationError> {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let silence_limit = (interval * SILENCE_INTERVALS).max(MIN_SILENCE_LIMIT);
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
@@ -838,10 +843,10 @@ impl<'a> Session<'a> {
                 }
                 _ = self.tx.closed() => return Err(closed()),
                 _ = ticker.tick() => {
-                    if self.pending.is_none() && last_heard.elapsed() > silence_limit {
+                    if let Some(limit) = silence_limit.filter(|l| self.pending.is_none() && last_heard.elapsed() > *l) {
                         return Err(ReplicationError::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            format!("the server sent nothing for {}s (not even a keepalive)", silence_limit.as_secs()),
+                            format!("the server sent nothing for {}s (not even a keepalive)", limit.as_secs()),
                         )));
                     }
                     timed(QUERY_TIMEOUT, "sending a status update", self.send_status(conn, true)).await?;
