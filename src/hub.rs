@@ -287,12 +287,14 @@ pub enum HubCommand {
     /// A `system` message to every channel with `postgres_changes` bindings (the
     /// replication outage notices; see `notice`).
     Notice(Notice),
-    /// The channel asked (`config.broadcast.replication_ready`) to be told once
-    /// replication is ready: a `system` message `ok` then, or `error` if it is not
-    /// ready by `deadline`.
-    WatchReplicationReady {
+    /// Sent by a session after a join's reply: a channel with `postgres_changes`
+    /// bindings that joins during an outage gets the `REPLICATION_DOWN` notice now;
+    /// with `replication_ready` (`config.broadcast.replication_ready`) it is told
+    /// once replication is ready: a `system` message `ok` then, or `error` if it is
+    /// not ready by that deadline.
+    Joined {
         channel: ChannelId,
-        deadline: std::time::Instant,
+        replication_ready: Option<std::time::Instant>,
     },
     /// Whether replication is ready now (sent periodically by the outage monitor;
     /// also expires replication-ready watches past their deadline).
@@ -422,6 +424,8 @@ pub struct Hub {
     /// Replication readiness as last reported, and the channels waiting for it.
     replication_ready: bool,
     ready_watches: Vec<(ChannelId, std::time::Instant)>,
+    /// The `REPLICATION_DOWN` notice in force (for channels that join meanwhile).
+    down_notice: Option<Notice>,
 }
 
 /// Receives each logical decoding message (`pg_logical_emit_message`) the stream
@@ -443,6 +447,7 @@ impl Hub {
             on_message: None,
             replication_ready: false,
             ready_watches: Vec::new(),
+            down_notice: None,
         }
     }
 
@@ -557,8 +562,16 @@ impl Hub {
             }
             HubCommand::Disconnect { conn } => self.remove_conn(conn),
             HubCommand::Notice(n) => self.notice(&n),
-            HubCommand::WatchReplicationReady { channel, deadline } => {
-                self.watch_replication_ready(channel, deadline)
+            HubCommand::Joined {
+                channel,
+                replication_ready,
+            } => {
+                if let Some(n) = self.down_notice.clone() {
+                    self.notice_to(channel, &n);
+                }
+                if let Some(deadline) = replication_ready {
+                    self.watch_replication_ready(channel, deadline)
+                }
             }
             HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
         }
@@ -965,6 +978,11 @@ impl Hub {
 impl Hub {
     /// Sends `n` to every channel that has `postgres_changes` bindings.
     fn notice(&mut self, n: &Notice) {
+        match n.code {
+            "REPLICATION_DOWN" => self.down_notice = Some(n.clone()),
+            "REPLICATION_OK" => self.down_notice = None,
+            _ => {}
+        }
         let targets: Vec<ChannelId> = self
             .channels
             .iter()
@@ -972,18 +990,28 @@ impl Hub {
             .map(|(&id, _)| id)
             .collect();
         for channel in targets {
-            let Some(topic) = self.channels.get(&channel).map(|ch| ch.topic.clone()) else {
-                continue;
-            };
-            let mut payload = serde_json::Map::new();
-            payload.insert("extension".into(), "postgres_changes".into());
-            payload.insert("status".into(), n.status.into());
-            payload.insert("message".into(), n.message.clone().into());
-            payload.insert("channel".into(), channel_name(&topic).into());
-            payload.insert("code".into(), n.code.into());
-            payload.extend(n.extra.clone());
-            self.system_to(channel, serde_json::Value::Object(payload).to_string());
+            self.notice_to(channel, n);
         }
+    }
+
+    /// Sends `n` to one channel, if it has `postgres_changes` bindings.
+    fn notice_to(&mut self, channel: ChannelId, n: &Notice) {
+        let Some(topic) = self
+            .channels
+            .get(&channel)
+            .filter(|ch| !ch.subs.is_empty())
+            .map(|ch| ch.topic.clone())
+        else {
+            return;
+        };
+        let mut payload = serde_json::Map::new();
+        payload.insert("extension".into(), "postgres_changes".into());
+        payload.insert("status".into(), n.status.into());
+        payload.insert("message".into(), n.message.clone().into());
+        payload.insert("channel".into(), channel_name(&topic).into());
+        payload.insert("code".into(), n.code.into());
+        payload.extend(n.extra.clone());
+        self.system_to(channel, serde_json::Value::Object(payload).to_string());
     }
 
     fn watch_replication_ready(&mut self, channel: ChannelId, deadline: std::time::Instant) {
@@ -1193,6 +1221,28 @@ mod tests {
                 "channel": "room", "code": "REPLICATION_DOWN", "reason": "disconnected"})
         );
         assert!(system(&mut chat).is_none());
+        // A channel joining during the outage is told after its join.
+        let mut late = subscribe(&mut hub, 3, 30, "realtime:late", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 30,
+            replication_ready: None,
+        });
+        assert_eq!(
+            system(&mut late).expect("the notice in force").1["code"],
+            "REPLICATION_DOWN"
+        );
+        hub.command(HubCommand::Notice(Notice {
+            status: "ok",
+            code: "REPLICATION_OK",
+            message: "back".into(),
+            extra: Default::default(),
+        }));
+        let mut later = subscribe(&mut hub, 4, 40, "realtime:later", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 40,
+            replication_ready: None,
+        });
+        assert!(system(&mut later).is_none());
     }
 
     #[test]
@@ -1201,13 +1251,13 @@ mod tests {
         let mut a = subscribe(&mut hub, 1, 10, "realtime:a", vec![]);
         let mut b = subscribe(&mut hub, 2, 20, "realtime:b", vec![]);
         let now = std::time::Instant::now();
-        hub.command(HubCommand::WatchReplicationReady {
+        hub.command(HubCommand::Joined {
             channel: 10,
-            deadline: now + std::time::Duration::from_secs(60),
+            replication_ready: Some(now + std::time::Duration::from_secs(60)),
         });
-        hub.command(HubCommand::WatchReplicationReady {
+        hub.command(HubCommand::Joined {
             channel: 20,
-            deadline: now,
+            replication_ready: Some(now),
         });
         assert!(system(&mut a).is_none());
         // Not ready: only the watch past its deadline is answered, with an error.
@@ -1223,9 +1273,9 @@ mod tests {
         assert_eq!(v["status"], "ok");
         assert_eq!(v["message"], "Replication connection established");
         // Ready now: a new watch is answered at once.
-        hub.command(HubCommand::WatchReplicationReady {
+        hub.command(HubCommand::Joined {
             channel: 20,
-            deadline: now,
+            replication_ready: Some(now),
         });
         assert_eq!(system(&mut b).expect("at once").1["status"], "ok");
     }

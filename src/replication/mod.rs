@@ -623,6 +623,7 @@ impl<'a> Session<'a> {
         ),
         ReplicationError,
     > {
+        tracing::debug!(slot = %self.opts.slot, "connecting to PostgreSQL");
         let sql = crate::tls::connect_sql(&self.opts.conn).await?;
         let checks = timed(QUERY_TIMEOUT, "checking the slot and publication", async {
             slot::preflight(&sql, self.opts).await

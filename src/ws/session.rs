@@ -412,17 +412,18 @@ impl Session {
                 &system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &topic),
             );
         }
-        // realtime-js `config.broadcast.replication_ready`: the hub answers once
-        // replication is ready (or not in time), after this join's reply.
-        if config.pointer("/broadcast/replication_ready") == Some(&Value::Bool(true)) {
+        // Replication notices for this channel (one in force during an outage;
+        // realtime-js `config.broadcast.replication_ready`), after the reply.
+        let ready = config.pointer("/broadcast/replication_ready") == Some(&Value::Bool(true));
+        if has_bindings || ready {
             let wait =
                 Duration::from_secs(self.shared.config.server.replication_ready_timeout_secs);
             let _ = self
                 .shared
                 .hub
-                .send(HubCommand::WatchReplicationReady {
+                .send(HubCommand::Joined {
                     channel,
-                    deadline: std::time::Instant::now() + wait,
+                    replication_ready: ready.then(|| std::time::Instant::now() + wait),
                 })
                 .await;
         }

@@ -27,17 +27,24 @@ struct Daemon {
     child: Child,
     port: u16,
     log: Arc<Mutex<String>>,
+    /// The task collecting stderr (ends at EOF, after the process exited).
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts `walcast serve` with `args` (plus `--listen` and `--log info`); waits
 /// until it listens when `wait_listening`.
 async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
+    daemon_logging(args, wait_listening, "info").await
+}
+
+/// [`daemon`] with a log filter.
+async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Daemon {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .arg("serve")
         .args(args)
-        .args(["--listen", &listen, "--log", "info"])
+        .args(["--listen", &listen, "--log", filter])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -47,7 +54,7 @@ async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
     let log = Arc::new(Mutex::new(String::new()));
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let sink = log.clone();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         while let Ok(Some(l)) = lines.next_line().await {
             if std::env::var_os("WALCAST_TEST_VERBOSE").is_some() {
                 eprintln!("[walcast] {l}");
@@ -57,7 +64,12 @@ async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
             s.push('\n');
         }
     });
-    let d = Daemon { child, port, log };
+    let d = Daemon {
+        child,
+        port,
+        log,
+        reader: Some(reader),
+    };
     if wait_listening {
         d.wait_log("listening on", T).await;
     }
@@ -98,6 +110,10 @@ impl Daemon {
                 )
             })
             .unwrap();
+        // The last lines of the log, up to EOF.
+        if let Some(r) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
         status.code().unwrap_or(-1)
     }
 }
@@ -258,7 +274,7 @@ async fn sigterm_during_a_reconnect_to_a_postgres_that_never_answers() {
         "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
         proxy.port
     );
-    let mut d = daemon(
+    let mut d = daemon_logging(
         &[
             "--database-url",
             &url,
@@ -269,15 +285,22 @@ async fn sigterm_during_a_reconnect_to_a_postgres_that_never_answers() {
             "--create-slot",
         ],
         true,
+        "info,walcast::replication=debug",
     )
     .await;
     d.wait_log("streaming", T).await;
     proxy.go_silent();
     // The stream is cut; walcast reconnects (after its 1 s backoff) into silence.
     d.wait_log("replication stream lost; reconnecting", T).await;
+    let log = d.log.clone();
     wait_for("a reconnect attempt to the silent server", T, || {
+        let attempts = log
+            .lock()
+            .unwrap()
+            .matches("connecting to PostgreSQL")
+            .count();
         let n = proxy.held();
-        async move { (n > 0).then_some(()) }
+        async move { (attempts >= 2 && n > 0).then_some(()) }
     })
     .await;
     let sent = Instant::now();
@@ -408,6 +431,10 @@ async fn a_slot_dropped_while_serving_is_critical_and_not_recreated() {
         1.0
     );
     assert!(d.log().contains("replication blocked"), "{}", d.log());
+    // A channel that joins meanwhile is told too, after its join.
+    subscribe(&mut js, "late", "t", json!({})).await;
+    let late = system_with_code(&mut js, "late", "REPLICATION_DOWN").await;
+    assert_eq!(late["reason"], "slot_missing");
     // walcast keeps looking (reconnect attempts go on) but never re-creates it.
     let before = metric(d.port, "walcast_replication_reconnects_total").await;
     wait_for("two more attempts", T, || async {
@@ -737,12 +764,20 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
     ))
     .await
     .unwrap();
-    wait_for("a reconnect after the logged warning", T, || async {
-        (metric(port, "walcast_replication_reconnects_total").await >= 1.0
-            && metric(port, "walcast_replication_connected").await == 1.0)
-            .then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + T;
+    loop {
+        if metric(port, "walcast_replication_reconnects_total").await >= 1.0
+            && metric(port, "walcast_replication_connected").await == 1.0
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let (_, m) = get(port, "/metrics").await;
+            let (_, r) = get(port, "/ready").await;
+            panic!("no reconnect after the logged warning within {T:?}; /ready {r}\n{m}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(child.try_wait().unwrap().is_none(), "walcast exited");
     let pid = child.id().unwrap();
     std::process::Command::new("kill")
