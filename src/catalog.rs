@@ -21,6 +21,10 @@ use crate::replication::ReplicationError;
 /// How long the list of published tables is trusted before it is read again.
 const PUBLICATION_TTL: Duration = Duration::from_secs(5);
 
+/// Longest wait for one catalog query (a join waits on it; realtime-js gives a
+/// join 10 s).
+const CATALOG_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("table {schema}.{table} does not exist")]
@@ -86,14 +90,19 @@ impl Catalog {
             return Ok(());
         }
         let c = client(st, &self.conn).await?;
-        let rows = c
-            .query(
-                "select schemaname::text, tablename::text from pg_catalog.pg_publication_tables \
-                 where pubname = $1 order by 1, 2",
-                &[&self.publication],
-            )
-            .await
-            .map_err(db_err)?;
+        let rows = timed(c.query(
+            "select schemaname::text, tablename::text from pg_catalog.pg_publication_tables \
+             where pubname = $1 order by 1, 2",
+            &[&self.publication],
+        ))
+        .await;
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                st.client = None;
+                return Err(e);
+            }
+        };
         st.published = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         st.published_at = Some(Instant::now());
         Ok(())
@@ -135,7 +144,10 @@ impl Catalog {
             &self.publication,
         )
         .await;
-        st.client = Some(c);
+        match &res {
+            Err(CatalogError::Database(_)) => {}
+            _ => st.client = Some(c),
+        }
         let t = res?;
         st.tables.insert(key, t.clone());
         Ok(t)
@@ -150,8 +162,7 @@ async fn load_table(
     published: bool,
     publication: &str,
 ) -> Result<Arc<Table>, CatalogError> {
-    let rows = c
-        .query(
+    let rows = timed(c.query(
             "select c.oid::int8, c.relreplident::text, a.attname::text, a.atttypid::int8, \
                     coalesce(a.attnum = any(i.indkey::int2[]), false) \
              from pg_catalog.pg_class c \
@@ -161,9 +172,8 @@ async fn load_table(
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p') \
              order by a.attnum",
             &[&schema, &table],
-        )
-        .await
-        .map_err(db_err)?;
+        ))
+        .await?;
     if rows.is_empty() {
         return Err(CatalogError::NoSuchTable {
             schema: schema.into(),
@@ -181,10 +191,7 @@ async fn load_table(
         .iter()
         .map(|r| Oid(r.get::<_, i64>(3) as u32))
         .collect();
-    types
-        .ensure(c, oids.iter().copied())
-        .await
-        .map_err(db_err)?;
+    timed(types.ensure(c, oids.iter().copied())).await?;
     let relid = RelId(rows[0].get::<_, i64>(0) as u32);
     let replica_identity = match rows[0].get::<_, String>(1).as_str() {
         "f" => ReplicaIdentity::Full,
@@ -225,6 +232,21 @@ async fn client<'a>(
     st.client
         .as_ref()
         .ok_or_else(|| CatalogError::Database("no connection".into()))
+}
+
+/// Runs one catalog query with [`CATALOG_QUERY_TIMEOUT`]: a database
+/// that stops answering fails the join that asked, instead of holding it (and the
+/// catalog lock) for ever.
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, CatalogError> {
+    match tokio::time::timeout(CATALOG_QUERY_TIMEOUT, f).await {
+        Ok(r) => r.map_err(db_err),
+        Err(_) => Err(CatalogError::Database(format!(
+            "PostgreSQL did not answer within {}s",
+            CATALOG_QUERY_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 fn db_err(e: tokio_postgres::Error) -> CatalogError {

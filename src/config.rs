@@ -324,6 +324,12 @@ pub const DEFAULT_BINDINGS_PER_CHANNEL: usize = 100;
 pub const DEFAULT_PIPELINE_CAPACITY: usize = 8192;
 /// How long a graceful shutdown waits for sessions to close.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// How long replication must be lost (or lag critical) before channels get a
+/// `REPLICATION_DOWN` notice: long enough to hide a routine reconnect.
+pub const DEFAULT_OUTAGE_NOTICE_SECS: u64 = 5;
+/// How long a join with `broadcast.replication_ready` waits for replication before
+/// it is told `error` (Supabase's `replication_ready_timeout`).
+pub const DEFAULT_REPLICATION_READY_TIMEOUT_SECS: u64 = 60;
 /// How often the slot's position is read from PostgreSQL for lag metrics: often enough
 /// for alerts measured in minutes, rare enough to cost nothing on the server.
 pub const DEFAULT_SLOT_POLL_INTERVAL_SECS: u64 = 5;
@@ -417,6 +423,12 @@ pub struct ServerConfig {
     /// Origins whose browser pages may call the HTTP endpoints (CORS); none by
     /// default. `"*"` allows any.
     pub cors_origins: Vec<String>,
+    /// Seconds replication must be lost (or lag critical) before `postgres_changes`
+    /// channels get a `REPLICATION_DOWN` system message (0: at once).
+    pub outage_notice_secs: u64,
+    /// Seconds a join asking `broadcast.replication_ready` waits for replication
+    /// before it gets a `system` error.
+    pub replication_ready_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -428,6 +440,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             metrics_listen: None,
             cors_origins: Vec::new(),
+            outage_notice_secs: DEFAULT_OUTAGE_NOTICE_SECS,
+            replication_ready_timeout_secs: DEFAULT_REPLICATION_READY_TIMEOUT_SECS,
         }
     }
 }
@@ -608,6 +622,12 @@ impl ServeConfig {
             return bad(
                 "server.heartbeat_timeout_secs",
                 "must be at least 30 (clients heartbeat every 25 s)",
+            );
+        }
+        if self.server.replication_ready_timeout_secs == 0 {
+            return bad(
+                "server.replication_ready_timeout_secs",
+                "must be at least 1",
             );
         }
         if self.server.max_frame_bytes < 1024 {

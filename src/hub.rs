@@ -59,6 +59,9 @@ pub enum Outbound {
     Binary(Vec<u8>),
     /// A complete frame whose bytes are shared by many connections (broadcast fan-out).
     Ws(axum::extract::ws::Message),
+    /// A `system` message for one channel (the writer encodes it for the socket's
+    /// protocol version); `payload` is the JSON object.
+    System { topic: Arc<str>, payload: String },
     /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
     Change {
         topic: Arc<str>,
@@ -281,6 +284,33 @@ pub enum HubCommand {
     Disconnect {
         conn: ConnId,
     },
+    /// A `system` message to every channel with `postgres_changes` bindings (the
+    /// replication outage notices; see `notice`).
+    Notice(Notice),
+    /// Sent by a session after a join's reply: a channel with `postgres_changes`
+    /// bindings that joins during an outage gets the `REPLICATION_DOWN` notice now;
+    /// with `replication_ready` (`config.broadcast.replication_ready`) it is told
+    /// once replication is ready: a `system` message `ok` then, or `error` if it is
+    /// not ready by that deadline.
+    Joined {
+        channel: ChannelId,
+        replication_ready: Option<std::time::Instant>,
+    },
+    /// Whether replication is ready now (sent periodically by the outage monitor;
+    /// also expires replication-ready watches past their deadline).
+    ReplicationReady(bool),
+}
+
+/// A `system` message to all `postgres_changes` channels.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    /// `ok` or `error`.
+    pub status: &'static str,
+    /// A stable machine-readable code (`REPLICATION_DOWN`, `REPLICATION_OK`, …).
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields of the payload (such as `from_lsn` / `to_lsn` of a gap).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Counters the hub keeps (read by metrics).
@@ -391,6 +421,11 @@ pub struct Hub {
     hits: Vec<Hit>,
     /// Where logical decoding messages go (the broadcast module).
     on_message: Option<MessageHook>,
+    /// Replication readiness as last reported, and the channels waiting for it.
+    replication_ready: bool,
+    ready_watches: Vec<(ChannelId, std::time::Instant)>,
+    /// The `REPLICATION_DOWN` notice in force (for channels that join meanwhile).
+    down_notice: Option<Notice>,
 }
 
 /// Receives each logical decoding message (`pg_logical_emit_message`) the stream
@@ -410,6 +445,9 @@ impl Hub {
             stats,
             hits: Vec::new(),
             on_message: None,
+            replication_ready: false,
+            ready_watches: Vec::new(),
+            down_notice: None,
         }
     }
 
@@ -523,6 +561,19 @@ impl Hub {
                 let _ = done.send(());
             }
             HubCommand::Disconnect { conn } => self.remove_conn(conn),
+            HubCommand::Notice(n) => self.notice(&n),
+            HubCommand::Joined {
+                channel,
+                replication_ready,
+            } => {
+                if let Some(n) = self.down_notice.clone() {
+                    self.notice_to(channel, &n);
+                }
+                if let Some(deadline) = replication_ready {
+                    self.watch_replication_ready(channel, deadline)
+                }
+            }
+            HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
         }
     }
 
@@ -923,6 +974,125 @@ impl Hub {
     }
 }
 
+// Replication notices: `system` messages about the stream behind the channels.
+impl Hub {
+    /// Sends `n` to every channel that has `postgres_changes` bindings.
+    fn notice(&mut self, n: &Notice) {
+        match n.code {
+            "REPLICATION_DOWN" => self.down_notice = Some(n.clone()),
+            "REPLICATION_OK" => self.down_notice = None,
+            _ => {}
+        }
+        let targets: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.subs.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for channel in targets {
+            self.notice_to(channel, n);
+        }
+    }
+
+    /// Sends `n` to one channel, if it has `postgres_changes` bindings.
+    fn notice_to(&mut self, channel: ChannelId, n: &Notice) {
+        let Some(topic) = self
+            .channels
+            .get(&channel)
+            .filter(|ch| !ch.subs.is_empty())
+            .map(|ch| ch.topic.clone())
+        else {
+            return;
+        };
+        let mut payload = serde_json::Map::new();
+        payload.insert("extension".into(), "postgres_changes".into());
+        payload.insert("status".into(), n.status.into());
+        payload.insert("message".into(), n.message.clone().into());
+        payload.insert("channel".into(), channel_name(&topic).into());
+        payload.insert("code".into(), n.code.into());
+        payload.extend(n.extra.clone());
+        self.system_to(channel, serde_json::Value::Object(payload).to_string());
+    }
+
+    fn watch_replication_ready(&mut self, channel: ChannelId, deadline: std::time::Instant) {
+        if self.replication_ready {
+            self.replication_ready_reply(channel, true);
+        } else {
+            self.ready_watches.push((channel, deadline));
+        }
+    }
+
+    fn set_replication_ready(&mut self, ready: bool) {
+        self.replication_ready = ready;
+        if self.ready_watches.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let watches = std::mem::take(&mut self.ready_watches);
+        for (channel, deadline) in watches {
+            if ready {
+                self.replication_ready_reply(channel, true);
+            } else if now >= deadline {
+                self.replication_ready_reply(channel, false);
+            } else {
+                self.ready_watches.push((channel, deadline));
+            }
+        }
+    }
+
+    /// The answer to `replication_ready`, in the form realtime-js documents.
+    fn replication_ready_reply(&mut self, channel: ChannelId, ok: bool) {
+        let Some(topic) = self.channels.get(&channel).map(|ch| ch.topic.clone()) else {
+            return;
+        };
+        let payload = serde_json::json!({
+            "extension": "system",
+            "status": if ok { "ok" } else { "error" },
+            "message": if ok {
+                "Replication connection established"
+            } else {
+                "Replication connection was not established in time"
+            },
+            "channel": channel_name(&topic),
+            "code": if ok { "REPLICATION_OK" } else { "REPLICATION_DOWN" },
+        });
+        self.system_to(channel, payload.to_string());
+    }
+
+    /// Queues a `system` message for one channel; a full queue closes the
+    /// connection as a slow client, as for changes.
+    fn system_to(&mut self, channel: ChannelId, payload: String) {
+        let Some(ch) = self.channels.get(&channel) else {
+            return;
+        };
+        let conn = ch.conn;
+        let out = Outbound::System {
+            topic: ch.topic.clone(),
+            payload,
+        };
+        if ch.tx.try_send(out).is_ok() {
+            return;
+        }
+        if let Some(c) = self.conns.get(&conn) {
+            if !c.handle.tx.is_closed() {
+                self.stats
+                    .slow_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                c.handle.close(
+                    CLOSE_SLOW_CLIENT,
+                    "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
+                );
+            }
+        }
+        self.remove_conn(conn);
+    }
+}
+
+/// A topic without its `realtime:` prefix, as `system` payloads name channels.
+fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
 /// A deterministic, non-zero binding id (27 bits, like Supabase's) from the binding's
 /// parameters, so identical bindings share an id and a rejoin gets the same ids.
 pub fn binding_id(event: &str, schema: &str, table: Option<&str>, filter: Option<&str>) -> u32 {
@@ -982,6 +1152,132 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn subscribe(
+        hub: &mut Hub,
+        conn: ConnId,
+        channel: ChannelId,
+        topic: &str,
+        bindings: Vec<Binding>,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(8);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle {
+                id: conn,
+                tx,
+                kill: CancellationToken::new(),
+                close_reason: Arc::default(),
+            },
+            channel,
+            topic: Arc::from(topic),
+            bindings,
+            done,
+        });
+        rx
+    }
+
+    fn any_table() -> Binding {
+        Binding {
+            id: 1,
+            events: EventMask::ALL,
+            target: Target::Pattern {
+                schema: None,
+                table: None,
+            },
+            filter: Filter::default(),
+            access: BindingAccess::default(),
+        }
+    }
+
+    fn system(rx: &mut mpsc::Receiver<Outbound>) -> Option<(String, serde_json::Value)> {
+        match rx.try_recv().ok()? {
+            Outbound::System { topic, payload } => {
+                Some((topic.to_string(), serde_json::from_str(&payload).unwrap()))
+            }
+            other => panic!("not a system message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn notices_reach_only_postgres_changes_channels() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut pg = subscribe(&mut hub, 1, 10, "realtime:room", vec![any_table()]);
+        let mut chat = subscribe(&mut hub, 2, 20, "realtime:chat", vec![]);
+        hub.command(HubCommand::Notice(Notice {
+            status: "error",
+            code: "REPLICATION_DOWN",
+            message: "down".into(),
+            extra: [("reason".to_string(), serde_json::json!("disconnected"))]
+                .into_iter()
+                .collect(),
+        }));
+        let (topic, v) = system(&mut pg).expect("a notice");
+        assert_eq!(topic, "realtime:room");
+        assert_eq!(
+            v,
+            serde_json::json!({"extension": "postgres_changes", "status": "error", "message": "down",
+                "channel": "room", "code": "REPLICATION_DOWN", "reason": "disconnected"})
+        );
+        assert!(system(&mut chat).is_none());
+        // A channel joining during the outage is told after its join.
+        let mut late = subscribe(&mut hub, 3, 30, "realtime:late", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 30,
+            replication_ready: None,
+        });
+        assert_eq!(
+            system(&mut late).expect("the notice in force").1["code"],
+            "REPLICATION_DOWN"
+        );
+        hub.command(HubCommand::Notice(Notice {
+            status: "ok",
+            code: "REPLICATION_OK",
+            message: "back".into(),
+            extra: Default::default(),
+        }));
+        let mut later = subscribe(&mut hub, 4, 40, "realtime:later", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 40,
+            replication_ready: None,
+        });
+        assert!(system(&mut later).is_none());
+    }
+
+    #[test]
+    fn replication_ready_is_answered_when_ready_or_after_the_deadline() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe(&mut hub, 1, 10, "realtime:a", vec![]);
+        let mut b = subscribe(&mut hub, 2, 20, "realtime:b", vec![]);
+        let now = std::time::Instant::now();
+        hub.command(HubCommand::Joined {
+            channel: 10,
+            replication_ready: Some(now + std::time::Duration::from_secs(60)),
+        });
+        hub.command(HubCommand::Joined {
+            channel: 20,
+            replication_ready: Some(now),
+        });
+        assert!(system(&mut a).is_none());
+        // Not ready: only the watch past its deadline is answered, with an error.
+        hub.command(HubCommand::ReplicationReady(false));
+        assert!(system(&mut a).is_none());
+        let (_, v) = system(&mut b).expect("an answer for b");
+        assert_eq!(
+            (v["extension"].as_str(), v["status"].as_str()),
+            (Some("system"), Some("error"))
+        );
+        hub.command(HubCommand::ReplicationReady(true));
+        let (_, v) = system(&mut a).expect("an answer for a");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["message"], "Replication connection established");
+        // Ready now: a new watch is answered at once.
+        hub.command(HubCommand::Joined {
+            channel: 20,
+            replication_ready: Some(now),
+        });
+        assert_eq!(system(&mut b).expect("at once").1["status"], "ok");
     }
 
     #[test]

@@ -47,7 +47,8 @@
 //! - [`broadcast`] and [`presence`]: Supabase Broadcast (client to client, REST,
 //!   and from the database through logical decoding messages) and Presence.
 //! - [`metrics`]: Prometheus metrics read from the pipeline's counters, health
-//!   levels, `/metrics`, `/health` and `/ready`.
+//!   levels, `/metrics`, `/health` and `/ready`; [`notice`]: `system` messages
+//!   to channels when replication is down, back, or skipped changes.
 //! - [`serve`]: `walcast serve`, wiring the stages together with an explicit
 //!   shutdown order; [`shutdown`] turns SIGINT/SIGTERM into a cancellation token.
 //! - [`setup`]: `walcast setup`, `status` and `teardown`: publication, replica
@@ -74,6 +75,7 @@ pub mod filter;
 pub mod hub;
 pub mod lsn;
 pub mod metrics;
+pub mod notice;
 pub mod pgoutput;
 pub mod presence;
 pub mod relation;

@@ -23,9 +23,51 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("walcast: {e:#}");
+            // A closed stdout (`walcast tail | head`) is a normal way to stop.
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            say_err(format_args!("walcast: {e:#}"));
             ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Writes a line to stderr, ignoring a closed stderr (`walcast serve 2>&1 | head`
+/// must not panic as `eprintln!` would).
+fn say_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
+}
+
+/// Writes a line to stdout; a closed stdout ends the command quietly.
+fn say(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{args}")
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || matches!(
+                c.downcast_ref::<walcast::tail::TailError>(),
+                Some(walcast::tail::TailError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
+            )
+    })
+}
+
+/// Runs a one-shot command, stopping it on SIGINT/SIGTERM (the signal handler
+/// replaces the default action, so a command stuck on an unanswering database
+/// must watch the token itself).
+async fn interruptible<T>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
+        r = f => r,
     }
 }
 
@@ -68,7 +110,10 @@ fn init_tracing(cli: &Cli) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (`walcast serve 2>&1 | head -n 1`) must not end the
+        // daemon: the default reports a failed write with `eprintln!`, which panics.
+        .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -96,13 +141,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.into_config()?;
             walcast::serve::run(config, shutdown, |r| {
-                eprintln!("walcast: listening on {}", r.addr);
+                say_err(format_args!("walcast: listening on {}", r.addr));
             })
             .await?;
         }
-        Command::Setup(args) => print_lines(walcast::setup::setup(&args.options()?).await?.lines),
+        Command::Setup(args) => {
+            let opts = args.options()?;
+            let report =
+                interruptible(&shutdown, async { Ok(walcast::setup::setup(&opts).await?) }).await?;
+            print_lines(report.lines)?
+        }
         Command::Teardown(args) => {
-            print_lines(walcast::setup::teardown(&args.options()?).await?.lines)
+            let opts = args.options()?;
+            let report = interruptible(&shutdown, async {
+                Ok(walcast::setup::teardown(&opts).await?)
+            })
+            .await?;
+            print_lines(report.lines)?
         }
         Command::Demo(args) => {
             let options = walcast::demo::DemoOptions {
@@ -115,15 +170,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig(args) => {
             ServeConfig::from_file(&args.file)?;
-            println!("{}: ok", args.file.display());
+            say(format_args!("{}: ok", args.file.display()))?;
         }
         Command::Status(args) => {
             let conn = PgConnInfo::parse(&args.database_url)?;
-            let status = walcast::setup::status(&conn, &args.slot, &args.publication).await?;
+            let status = interruptible(&shutdown, async {
+                Ok(walcast::setup::status(&conn, &args.slot, &args.publication).await?)
+            })
+            .await?;
             if args.json {
-                println!("{}", serde_json::to_string(&status)?);
+                say(format_args!("{}", serde_json::to_string(&status)?))?;
             } else {
-                print!("{}", status.to_text());
+                use std::io::Write;
+                std::io::stdout().write_all(status.to_text().as_bytes())?;
             }
         }
     }
@@ -131,8 +190,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Prints a setup/teardown report, one line per action.
-fn print_lines(lines: Vec<String>) {
+fn print_lines(lines: Vec<String>) -> std::io::Result<()> {
     for line in lines {
-        println!("{line}");
+        say(format_args!("{line}"))?;
     }
+    Ok(())
 }

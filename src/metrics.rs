@@ -31,7 +31,8 @@
 //! Each check — lag seconds, lag bytes, seconds disconnected from PostgreSQL and
 //! client drops per minute — is `normal` (0), `warning` (1) or `critical` (2)
 //! against the `[health]` thresholds; `walcast_health_status` is the worst of
-//! them. `/ready` is 200 when replication is connected and neither lag check is
+//! them. `/ready` is 200 when replication is connected, not blocked (a dropped
+//! slot or publication, see [`Blocked`]; always critical) and neither lag check is
 //! critical, else 503, and names each check with its value, thresholds and level.
 //! `/health` only says the process is alive.
 
@@ -56,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HealthConfig, PgConnInfo};
 use crate::event::ChangeKind;
 use crate::hub::{HubStats, CLOSE_SLOW_CLIENT};
-use crate::replication::{Progress, StreamState};
+use crate::replication::{Blocked, Progress, StreamState};
 use crate::ws::session::CLOSE_HEARTBEAT_TIMEOUT;
 use crate::ws::WsStats;
 
@@ -324,12 +325,16 @@ pub struct Health {
     pub drops_per_minute: f64,
     pub checks: Vec<Check>,
     pub level: Level,
+    /// A slot or publication problem that stops streaming until an operator acts
+    /// (always critical), with what to do about it.
+    pub blocked: Option<(Blocked, String)>,
 }
 
 impl Health {
-    /// Replication connected and neither lag check critical.
+    /// Replication connected, not blocked, and neither lag check critical.
     pub fn ready(&self) -> bool {
         self.connected
+            && self.blocked.is_none()
             && self
                 .checks
                 .iter()
@@ -498,12 +503,19 @@ impl State_ {
                 h.client_drops_per_minute_critical,
             ),
         ];
+        let blocked = s.blocked().map(|b| (b, s.blocked_message()));
         let level = checks
             .iter()
             .map(|c| c.level)
             .max()
-            .unwrap_or(Level::Normal);
+            .unwrap_or(Level::Normal)
+            .max(if blocked.is_some() {
+                Level::Critical
+            } else {
+                Level::Normal
+            });
         let health = Health {
+            blocked,
             connected,
             lag_seconds,
             lag_bytes: slot.lag_bytes,
@@ -522,12 +534,15 @@ impl State_ {
         if before == h.level as u8 {
             return;
         }
-        let failing: Vec<String> = h
+        let mut failing: Vec<String> = h
             .checks
             .iter()
             .filter(|c| c.level > Level::Normal)
             .map(|c| format!("{}={:.0} ({})", c.name, c.value, c.level))
             .collect();
+        if let Some((b, _)) = &h.blocked {
+            failing.push(format!("replication_blocked={} (critical)", b.as_str()));
+        }
         let failing = failing.join(", ");
         match h.level {
             Level::Normal => tracing::info!(level = %h.level, "health back to normal"),
@@ -596,6 +611,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_slot_retained_wal_bytes", "pg_current_wal_lsn() minus the slot's restart_lsn: WAL the server keeps for the slot.", MetricType::GAUGE, None),
     ("walcast_slot_wal_status", "The slot's wal_status (1 for the current value; all 0 when the slot is missing).", MetricType::GAUGE, Some("status")),
     ("walcast_slot_exists", "1 when the replication slot exists on the server, as last polled.", MetricType::GAUGE, None),
+    ("walcast_replication_blocked", "1 while streaming is stopped by a slot or publication problem that needs an operator, by reason (see /ready).", MetricType::GAUGE, Some("reason")),
+    ("walcast_replication_gaps_total", "Times walcast found its slot re-created or advanced past the position it had confirmed (changes in between were not delivered).", MetricType::COUNTER, None),
     ("walcast_slot_poll_errors_total", "Failed reads of the slot's position from PostgreSQL.", MetricType::COUNTER, None),
     ("walcast_transactions_total", "Committed transactions received from the slot.", MetricType::COUNTER, None),
     ("walcast_changes_total", "Row changes routed by the hub, by kind.", MetricType::COUNTER, Some("kind")),
@@ -699,6 +716,16 @@ impl Collector for SyncCollector {
                 ),
                 "walcast_slot_exists" => one(if slot.exists { 1.0 } else { 0.0 }),
                 "walcast_slot_poll_errors_total" => one(n(&st.slot_poll_errors)),
+                "walcast_replication_blocked" => labelled(
+                    Blocked::ALL
+                        .iter()
+                        .map(|&b| {
+                            let on = health.blocked.as_ref().is_some_and(|(x, _)| *x == b);
+                            (b.as_str(), if on { 1.0 } else { 0.0 })
+                        })
+                        .collect(),
+                ),
+                "walcast_replication_gaps_total" => one(n(&s.gaps)),
                 "walcast_transactions_total" => one(n(&s.transactions)),
                 "walcast_changes_total" => labelled(
                     CHANGE_KINDS
@@ -915,6 +942,14 @@ async fn ready(State(m): State<Arc<Metrics>>) -> Response {
         "threshold": 1,
         "level": if h.connected { Level::Normal } else { Level::Critical }.as_str(),
     })];
+    if let Some((b, message)) = &h.blocked {
+        checks.push(json!({
+            "name": "replication_blocked",
+            "value": b.as_str(),
+            "level": Level::Critical.as_str(),
+            "message": message,
+        }));
+    }
     for c in &h.checks {
         checks.push(json!({
             "name": c.name,

@@ -82,7 +82,16 @@ pub async fn run(
         conn.clone(),
         config.postgres.publication.clone(),
     ));
-    catalog.check().await?;
+    // PostgreSQL may accept the connection and never answer: the check has a
+    // timeout, and SIGTERM during it stops at once.
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutdown requested while connecting to PostgreSQL; stopping");
+            return Ok(());
+        }
+        r = catalog.check() => r?,
+    }
     let auth = Arc::new(crate::auth::Verifier::new(config.auth.clone()));
     auth.preload()
         .await
@@ -180,6 +189,15 @@ pub async fn run(
         tokio::spawn(hub.run(items_rx, cmd_rx, progress))
     };
 
+    // Stopped first on shutdown: stopping is not an outage to announce.
+    let notices_stop = CancellationToken::new();
+    let notices = tokio::spawn(crate::notice::run(
+        metrics.clone(),
+        stream.clone(),
+        cmd_tx.clone(),
+        Duration::from_secs(config.server.outage_notice_secs),
+        notices_stop.clone(),
+    ));
     let sessions_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         hub: cmd_tx,
@@ -209,8 +227,10 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if repl.is_finished() {
+        notices_stop.cancel();
         monitor_stop.cancel();
         let _ = monitor.await;
+        let _ = notices.await;
         stop_stream.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), hub).await;
         return match (&mut repl).await {
@@ -275,6 +295,7 @@ pub async fn run(
         r = &mut repl => Some(r),
     };
     // 1. Stop accepting.
+    notices_stop.cancel();
     http_stop.cancel();
     // 2. Stop reading the slot; the hub drains and confirms; final status update.
     stop_stream.cancel();
@@ -296,6 +317,7 @@ pub async fn run(
     }
     monitor_stop.cancel();
     let _ = monitor.await;
+    let _ = notices.await;
     drop(shared);
     match repl_result {
         Ok(Ok(())) => Ok(()),

@@ -4,6 +4,10 @@
 //! written to stdout as they arrive (stdout is line-buffered, so each line is
 //! flushed); a transaction is confirmed to the server once all its lines were
 //! written, so Ctrl-C or SIGTERM confirms exactly what was printed.
+//!
+//! A closed stdout (`walcast tail | head -n 10`) stops tail quietly with exit 0 at
+//! the next line it would write. A database restart is routine: tail reconnects with
+//! backoff, as `serve` does, and logs a warning.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -64,6 +68,11 @@ pub async fn run(
         .await
         .map_err(|e| TailError::Stdout(std::io::Error::other(e)))?;
     match (res, printed) {
+        // The reader went away (`walcast tail | head`): a normal way to stop.
+        (_, Err(pe)) if pe.kind() == std::io::ErrorKind::BrokenPipe => {
+            tracing::debug!("stdout closed; stopping");
+            Ok(())
+        }
         (Err(ReplicationError::Io(e)), Err(pe)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             Err(TailError::Stdout(pe))
         }

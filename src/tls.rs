@@ -412,35 +412,52 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Re
         client_config(info)?
     };
     let target = info.to_string();
-    let client = match tls {
-        None => {
-            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            let (client, conn) = cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(ReplicationError::from_sql)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "sql connection ended");
-                }
-            });
-            client
-        }
-        Some(tls_cfg) => {
-            let make = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_cfg).clone());
-            let (client, conn) = cfg
-                .connect(make)
-                .await
-                .map_err(|e| sql_tls_error(e, &target, info.ssl_mode))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "sql connection ended");
-                }
-            });
-            client
-        }
+    // tokio-postgres's connect timeout covers only the TCP connect: a server that
+    // accepts and never answers would hold the startup handshake for ever.
+    let connecting = async {
+        let client = match tls {
+            None => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, conn) = cfg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(ReplicationError::from_sql)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "sql connection ended");
+                    }
+                });
+                client
+            }
+            Some(tls_cfg) => {
+                let make = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_cfg).clone());
+                let (client, conn) = cfg
+                    .connect(make)
+                    .await
+                    .map_err(|e| sql_tls_error(e, &target, info.ssl_mode))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "sql connection ended");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
     };
-    Ok(client)
+    match tokio::time::timeout(crate::replication::CONNECT_TIMEOUT, connecting).await {
+        Ok(r) => r,
+        Err(_) => Err(ReplicationError::Connect {
+            target: target.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {}s (the server accepted the connection but did not complete the PostgreSQL handshake)",
+                    crate::replication::CONNECT_TIMEOUT.as_secs()
+                ),
+            ),
+        }),
+    }
 }
 
 /// TLS failures of the SQL connection are definite (retrying will not fix a

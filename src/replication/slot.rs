@@ -20,6 +20,7 @@ pub struct Preflight {
     pub wal_sender_timeout: Option<Duration>,
     /// The slot, if it exists.
     pub slot: Option<SlotInfo>,
+    pub publication_exists: bool,
 }
 
 #[derive(Debug)]
@@ -57,12 +58,7 @@ pub async fn preflight(
         )
         .await
         .map_err(q)?;
-    if publication.is_none() {
-        return Err(ReplicationError::Setup(format!(
-            "publication {:?} does not exist in database {:?}: create it with `walcast setup --publication {} --tables …` (or CREATE PUBLICATION {} FOR TABLE …)",
-            opts.publication, opts.conn.dbname, opts.publication, quote_ident(&opts.publication)
-        )));
-    }
+    let publication_exists = publication.is_some();
 
     let slot_row = sql
         .query_opt(
@@ -73,16 +69,10 @@ pub async fn preflight(
         )
         .await
         .map_err(q)?;
+    // A missing slot or publication is for the caller to judge (created at first
+    // start, critical later).
     let slot = match slot_row {
-        None => {
-            if !opts.create_slot && !opts.temporary {
-                return Err(ReplicationError::Setup(format!(
-                    "replication slot {:?} does not exist: create it with `walcast setup --publication {} --slot {} --create-slot`, or pass --create-slot",
-                    opts.slot, opts.publication, opts.slot
-                )));
-            }
-            None
-        }
+        None => None,
         Some(r) => {
             let plugin: Option<String> = r.get(0);
             let database: Option<String> = r.get(2);
@@ -125,6 +115,7 @@ pub async fn preflight(
         server_version_num,
         wal_sender_timeout,
         slot,
+        publication_exists,
     })
 }
 

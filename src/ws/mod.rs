@@ -248,6 +248,9 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
         Outbound::Text(t) => Message::Text(t.into()),
         Outbound::Binary(b) => Message::Binary(b.into()),
         Outbound::Ws(m) => m,
+        Outbound::System { topic, payload } => {
+            Message::Text(frame::encode(vsn, None, None, &topic, "system", &payload).into())
+        }
         Outbound::Change { topic, ids, data } => {
             Message::Text(change_frame(vsn, &topic, &ids, &data).into())
         }

@@ -447,6 +447,21 @@ impl Session {
         if !pending.is_empty() {
             self.push_pending(&topic, f.join_ref.as_deref(), &pending);
         }
+        // Replication notices for this channel (one in force during an outage;
+        // realtime-js `config.broadcast.replication_ready`), after the reply.
+        let ready = config.pointer("/broadcast/replication_ready") == Some(&Value::Bool(true));
+        if has_bindings || ready {
+            let wait =
+                Duration::from_secs(self.shared.config.server.replication_ready_timeout_secs);
+            let _ = self
+                .shared
+                .hub
+                .send(HubCommand::Joined {
+                    channel,
+                    replication_ready: ready.then(|| std::time::Instant::now() + wait),
+                })
+                .await;
+        }
     }
 
     /// Whether a channel judged with `token` was judged with a project apikey
