@@ -619,6 +619,16 @@ row_filter = "customer_id=eq.{claims.sub}"
             id - 1
         })
     };
+    // The grant lands in the middle of the stream: rows are committing already.
+    crate::support::wait_for("the writer to get going", T, || async {
+        let n: i32 = c
+            .query_one("select max(id) from orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 1005).then_some(())
+    })
+    .await;
     js.call(
         json!({"cmd": "resolve_token", "token": token("authenticated", "alice")}),
         T,
