@@ -66,6 +66,7 @@
 pub mod auth;
 pub mod broadcast;
 pub mod catalog;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod demo;
