@@ -32,9 +32,10 @@
 //! without re-decoding pgoutput. All IO here is blocking; async callers use
 //! `spawn_blocking` or a thread of their own.
 
+pub mod codec;
 mod segment;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
+use crate::pgoutput::RelId;
+use crate::relation::Table;
 pub use segment::IndexEntry;
 use segment::{ReadError, Record, RecordReader};
 
@@ -198,6 +201,8 @@ struct Inner {
     durable: AtomicU64,
     /// Last commit LSN appended (readable).
     appended: AtomicU64,
+    /// Table shapes by id, as stored in the table file.
+    tables: Mutex<HashMap<u32, Arc<Table>>>,
 }
 
 impl Inner {
@@ -242,7 +247,21 @@ pub struct ChangeLog {
     /// A new segment file whose directory entry is not yet synced.
     dir_unsynced: bool,
     identity: LogIdentity,
+    /// The table file, and the ids of the shapes in it.
+    tables: TableFile,
 }
+
+/// The log's table shapes: `tables.wct`, records of `id u32` + [`codec::encode_table`].
+struct TableFile {
+    file: File,
+    path: PathBuf,
+    by_shape: HashMap<Vec<u8>, u32>,
+    /// The last table seen per relation, to skip encoding the shape per change.
+    last: HashMap<RelId, (Arc<Table>, u32)>,
+    unsynced: bool,
+}
+
+const TABLES: &str = "tables.wct";
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
@@ -349,7 +368,9 @@ impl ChangeLog {
             }
             None => (None, 0),
         };
+        let (tables, decoded) = TableFile::open(&opts.dir, fresh)?;
         let inner = Arc::new(Inner {
+            tables: Mutex::new(decoded),
             opts,
             state: Mutex::new(State {
                 segs,
@@ -372,6 +393,7 @@ impl ChangeLog {
                 unsynced: false,
                 dir_unsynced: false,
                 identity,
+                tables,
             },
             recovery,
         ))
@@ -522,6 +544,12 @@ impl ChangeLog {
 
     /// Makes everything committed so far durable; returns the durable commit LSN.
     pub fn sync(&mut self) -> Result<Lsn, LogError> {
+        if std::mem::take(&mut self.tables.unsynced) {
+            self.tables
+                .file
+                .sync_data()
+                .map_err(io_err(&self.tables.path))?;
+        }
         if self.unsynced {
             if let Some(f) = &self.file {
                 let path = self.active_path();
@@ -537,6 +565,47 @@ impl ChangeLog {
             );
         }
         Ok(self.durable_lsn())
+    }
+
+    /// The id of `table`'s shape in the log, stored on first use. Changes store
+    /// the id; a reader gets the shape back with [`LogReader::table`].
+    pub fn table_id(&mut self, table: &Arc<Table>) -> Result<u32, LogError> {
+        if let Some((t, id)) = self.tables.last.get(&table.id) {
+            if Arc::ptr_eq(t, table) {
+                return Ok(*id);
+            }
+        }
+        let shape = codec::encode_table(table);
+        let id = match self.tables.by_shape.get(&shape) {
+            Some(&id) => id,
+            None => {
+                let id = self.tables.by_shape.len() as u32;
+                let mut rec = Vec::with_capacity(shape.len() + 12);
+                let mut body = id.to_le_bytes().to_vec();
+                body.extend_from_slice(&shape);
+                rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+                rec.extend_from_slice(&body);
+                self.tables
+                    .file
+                    .write_all(&rec)
+                    .map_err(io_err(&self.tables.path))?;
+                self.tables.unsynced = true;
+                let decoded = codec::decode_table(&shape).map_err(|e| LogError::Corrupt {
+                    path: self.tables.path.clone(),
+                    what: e.to_string(),
+                })?;
+                self.inner
+                    .tables
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, Arc::new(decoded));
+                self.tables.by_shape.insert(shape, id);
+                id
+            }
+        };
+        self.tables.last.insert(table.id, (table.clone(), id));
+        Ok(id)
     }
 
     /// Whether `sync` has anything to do.
@@ -597,7 +666,7 @@ impl ChangeLog {
         self.skipping = false;
         self.buf.clear();
         self.file = None;
-        let mut st = self.inner.state();
+        let st = self.inner.state();
         let horizon = Horizon::fresh(start);
         write_meta(
             &self.inner.opts.dir,
@@ -606,6 +675,11 @@ impl ChangeLog {
             self.resets() + 1,
         )?;
         remove_segments(&self.inner.opts.dir)?;
+        drop(st);
+        let (tables, decoded) = TableFile::open(&self.inner.opts.dir, true)?;
+        self.tables = tables;
+        *self.inner.tables.lock().unwrap_or_else(|p| p.into_inner()) = decoded;
+        let mut st = self.inner.state();
         st.segs.clear();
         st.bytes = 0;
         st.horizon = horizon;
@@ -791,6 +865,26 @@ impl LogReader {
     /// Commit LSN of the last transaction readers can see.
     pub fn last_lsn(&self) -> Lsn {
         Lsn(self.inner.appended.load(Ordering::Acquire))
+    }
+
+    /// A table shape stored by [`ChangeLog::table_id`].
+    pub fn table(&self, id: u32) -> Option<Arc<Table>> {
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Decodes a change or message read back inside the transaction `txn` (from
+    /// its [`Entry::Begin`]).
+    pub fn decode(
+        &self,
+        payload: &Bytes,
+        txn: crate::event::TxnInfo,
+    ) -> Result<codec::Logged, codec::CodecError> {
+        codec::decode(payload, txn, |id| self.table(id))
     }
 
     /// A cursor over every transaction after `start`, or [`ReplayError::Gap`].
@@ -1059,6 +1153,63 @@ impl Cursor {
                 }
             }
         }
+    }
+}
+
+impl TableFile {
+    /// Opens the table file, cutting a torn last record; `empty` starts it anew.
+    fn open(dir: &Path, empty: bool) -> Result<(TableFile, HashMap<u32, Arc<Table>>), LogError> {
+        let path = dir.join(TABLES);
+        let bytes = if empty {
+            Vec::new()
+        } else {
+            match fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        };
+        let mut by_shape = HashMap::new();
+        let mut decoded = HashMap::new();
+        let mut at = 0;
+        while let Some(h) = bytes.get(at..at + 8) {
+            let len = u32::from_le_bytes(h[..4].try_into().expect("4")) as usize;
+            let crc = u32::from_le_bytes(h[4..].try_into().expect("4"));
+            let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+                break;
+            };
+            if len < 4 || crc32fast::hash(body) != crc {
+                break;
+            }
+            let id = u32::from_le_bytes(body[..4].try_into().expect("4"));
+            let Ok(t) = codec::decode_table(&body[4..]) else {
+                break;
+            };
+            if id as usize != by_shape.len() {
+                break;
+            }
+            by_shape.insert(body[4..].to_vec(), id);
+            decoded.insert(id, Arc::new(t));
+            at += 8 + len;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if (at as u64) < file.metadata().map_err(io_err(&path))?.len() {
+            file.set_len(at as u64).map_err(io_err(&path))?;
+        }
+        Ok((
+            TableFile {
+                file,
+                path,
+                by_shape,
+                last: HashMap::new(),
+                unsynced: true,
+            },
+            decoded,
+        ))
     }
 }
 

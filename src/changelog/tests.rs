@@ -497,3 +497,95 @@ fn a_cursor_overtaken_by_retention_reports_a_gap() {
     }
     assert!(matches!(err, Some(ReplayError::Gap { .. })), "{err:?}");
 }
+
+fn table(name: &str, columns: &[&str]) -> Arc<Table> {
+    use crate::pgoutput::ReplicaIdentity;
+    use crate::relation::Column;
+    use crate::value::{PgType, TypeKind};
+    let text = Arc::new(PgType::new(25, "text", TypeKind::Text));
+    Arc::new(Table {
+        id: RelId(name.len() as u32),
+        schema: "public".into(),
+        name: name.into(),
+        replica_identity: ReplicaIdentity::Full,
+        columns: columns
+            .iter()
+            .map(|c| Column {
+                name: (*c).into(),
+                ty: text.clone(),
+                key: false,
+            })
+            .collect(),
+        json: Default::default(),
+    })
+}
+
+#[test]
+fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
+    use crate::event::{Cell, Change, ChangeKind};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = ChangeLog::open(opts(dir.path(), 1 << 20), ident("a"), lsn(1)).unwrap();
+    let orders = table("orders", &["id", "note"]);
+    let altered = table("orders", &["id", "note", "total"]);
+    assert_eq!(log.table_id(&orders).unwrap(), 0);
+    assert_eq!(log.table_id(&orders).unwrap(), 0);
+    // Same shape, another Arc (the relation was re-sent unchanged): same id.
+    assert_eq!(log.table_id(&table("orders", &["id", "note"])).unwrap(), 0);
+    assert_eq!(log.table_id(&altered).unwrap(), 1);
+    log.begin(lsn(1), ts(1), 1).unwrap();
+    let c = Change {
+        txn: codec::txn_info(lsn(1), ts(1), 1),
+        table: altered.clone(),
+        kind: ChangeKind::Insert,
+        old: None,
+        new: Some(vec![
+            Cell::Text(Bytes::from_static(b"1")),
+            Cell::Null,
+            Cell::Absent,
+        ]),
+    };
+    let mut p = Vec::new();
+    codec::encode_change(&mut p, 1, &c);
+    log.append(&p).unwrap();
+    log.commit(Lsn(lsn(1).0 + 8)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    // A torn record at the end of the table file is cut.
+    let tf = dir.path().join(TABLES);
+    let mut f = OpenOptions::new().append(true).open(&tf).unwrap();
+    f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+    drop(f);
+    let (mut log, _) = ChangeLog::open(opts(dir.path(), 1 << 20), ident("a"), lsn(1)).unwrap();
+    assert_eq!(
+        log.table_id(&table("orders", &["id", "note", "total"]))
+            .unwrap(),
+        1
+    );
+    assert_eq!(log.table_id(&table("items", &["sku"])).unwrap(), 2);
+    let r = log.reader();
+    let mut cur = r.cursor(Start::AfterLsn(sub(lsn(1), 1))).unwrap();
+    let Some(Entry::Begin {
+        commit_lsn,
+        commit_ts,
+        xid,
+    }) = cur.next_entry().unwrap()
+    else {
+        panic!("no begin")
+    };
+    let Some(Entry::Change(b)) = cur.next_entry().unwrap() else {
+        panic!("no change")
+    };
+    let codec::Logged::Change(d) = r
+        .decode(&b, codec::txn_info(commit_lsn, commit_ts, xid))
+        .unwrap()
+    else {
+        panic!("not a change")
+    };
+    assert_eq!(d.table.columns.len(), 3);
+    assert_eq!(d.table.name, "orders");
+    assert_eq!((d.kind, &d.new, d.txn), (c.kind, &c.new, c.txn));
+    // A reset forgets the shapes.
+    log.reset(lsn(5)).unwrap();
+    assert!(r.table(1).is_none());
+    assert_eq!(log.table_id(&altered).unwrap(), 0);
+}
