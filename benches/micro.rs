@@ -12,6 +12,9 @@
 //! - `leave`: those 10,000 subscribers all disconnecting.
 //! - `fanout_encode`: one change's `data` encoded once, then one frame per channel
 //!   as the connection writer assembles it, for 1 / 100 / 10,000 channels.
+//! - `changelog`: appending transactions of 10 changes of 250 bytes to the change
+//!   log (written, not synced: syncing is batched off the path), and reading them
+//!   back with a cursor as a replay does, in changes/s.
 //!
 //! Run: `cargo bench --bench micro` (add `-- <group>` to pick one).
 
@@ -409,12 +412,65 @@ fn bench_fanout_encode(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_changelog(c: &mut Criterion) {
+    use walcast::changelog::{ChangeLog, LogIdentity, LogOptions, Start};
+    const TXN: u64 = 10;
+    let dir = std::env::temp_dir().join(format!("walcast-bench-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = LogOptions::new(&dir, 4 << 30, Duration::from_secs(3600));
+    let ident = LogIdentity {
+        system_id: "bench".into(),
+        slot: "bench".into(),
+    };
+    let (mut log, _) = ChangeLog::open(opts.clone(), ident.clone(), Lsn(1)).expect("open log");
+    let payload = vec![b'x'; 250];
+    let mut next = 1u64;
+    let mut g = c.benchmark_group("changelog");
+    g.throughput(Throughput::Elements(TXN));
+    g.bench_function("append_txn_of_10", |b| {
+        b.iter(|| {
+            next += 1;
+            log.begin(Lsn(next * 1000), next as i64, 1).expect("begin");
+            for _ in 0..TXN {
+                log.append(black_box(&payload)).expect("append");
+            }
+            log.commit(Lsn(next * 1000 + 8)).expect("commit");
+        })
+    });
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Replay: 10,000 transactions of 10 changes.
+    let (mut log, _) = ChangeLog::open(opts.clone(), ident.clone(), Lsn(1)).expect("open log");
+    for t in 1..=10_000u64 {
+        log.begin(Lsn(t * 1000), t as i64, 1).expect("begin");
+        for _ in 0..TXN {
+            log.append(&payload).expect("append");
+        }
+        log.commit(Lsn(t * 1000 + 8)).expect("commit");
+    }
+    let reader = log.reader();
+    g.throughput(Throughput::Elements(10_000 * TXN));
+    g.bench_function("replay_100k", |b| {
+        b.iter(|| {
+            let mut cur = reader.cursor(Start::AfterLsn(Lsn(0))).expect("cursor");
+            let mut n = 0u64;
+            while let Some(e) = cur.next_entry().expect("read") {
+                n += u64::from(matches!(e, walcast::changelog::Entry::Change(_)));
+            }
+            assert_eq!(n, 10_000 * TXN);
+        })
+    });
+    g.finish();
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode
+    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode, bench_changelog
 }
 criterion_main!(benches);

@@ -67,6 +67,7 @@
 pub mod auth;
 pub mod broadcast;
 pub mod catalog;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod demo;
