@@ -4,6 +4,7 @@ mod broadcast_js;
 mod config;
 mod demo;
 mod filter;
+mod lifecycle;
 mod metrics;
 mod realtime_js;
 mod replication;

@@ -1,0 +1,407 @@
+//! Connection lifecycle (issue 13): every way a connection ends releases its socket,
+//! tasks, channels and subscriptions; a client's queue is bounded in bytes; slow or
+//! silent sockets cannot hold the server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::ws::setup_db;
+use crate::support::cluster;
+use crate::support::js::JsClient;
+use crate::support::walcast::{serve, Server};
+
+const T: Duration = Duration::from_secs(20);
+const SECRET: &str = "walcast-lifecycle-secret-with-enough-bytes";
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn token(exp_in: i64) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"role": "service_role", "exp": now() + exp_in}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn start_with(db: &str, config: &str) -> Server {
+    let path = std::env::temp_dir().join(format!("walcast-{db}-{}.toml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    serve(
+        &cluster().url(db),
+        &format!("slot_{db}"),
+        &format!("pub_{db}"),
+        &["--create-slot", "--config", &p],
+    )
+    .await
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+async fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to walcast's HTTP listener");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response in time")
+        .expect("read HTTP response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The value of an exported series (`name` or `name{label="v"}`).
+async fn metric(port: u16, series: &str) -> f64 {
+    let (status, text) = http(port, "GET", "/metrics", "", "").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("series {series} not in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A raw WebSocket client (vsn 1.0.0); `rcvbuf` shrinks its receive buffer (a
+/// client that stops reading then stalls the server quickly).
+async fn ws_connect(port: u16, apikey: &str, rcvbuf: Option<u32>) -> Ws {
+    let sock = TcpSocket::new_v4().unwrap();
+    if let Some(b) = rcvbuf {
+        sock.set_recv_buffer_size(b).unwrap();
+    }
+    let tcp = sock
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={apikey}&vsn=1.0.0");
+    let (ws, _) = tokio::time::timeout(T, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("upgrade in time")
+        .expect("upgrade");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// How a socket ended: a close frame (with its code, if any) or without one
+/// (reset, EOF, or nothing within the timeout).
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Close(Option<u16>),
+    Gone,
+}
+
+/// The next text frame as JSON, or how the socket ended.
+async fn next_frame(ws: &mut Ws, timeout: Duration) -> Result<Value, Ended> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Err(Ended::Close(c.map(|c| u16::from(c.code))))
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return Err(Ended::Gone),
+        }
+    }
+}
+
+/// How the server ends the socket, skipping frames before it.
+async fn ending(ws: &mut Ws, timeout: Duration) -> Ended {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Err(e) = next_frame(ws, deadline - tokio::time::Instant::now()).await {
+            return e;
+        }
+    }
+}
+
+/// The close code the server ends with (`None`: no close frame or no code).
+async fn close_code(ws: &mut Ws, timeout: Duration) -> Option<u16> {
+    match ending(ws, timeout).await {
+        Ended::Close(code) => code,
+        Ended::Gone => None,
+    }
+}
+
+/// Joins `topic` with a `postgres_changes` binding on `items` (a hub
+/// subscription) and broadcast (a broadcast membership); waits for the `ok` reply.
+async fn join(ws: &mut Ws, topic: &str, access_token: &str) {
+    let topic = format!("realtime:{topic}");
+    send(
+        ws,
+        json!({"topic": topic, "event": "phx_join", "ref": "1", "join_ref": "1",
+               "payload": {"access_token": access_token, "config": {
+                   "broadcast": {"self": false},
+                   "postgres_changes": [{"event": "*", "schema": "public", "table": "items"}]}}}),
+    )
+    .await;
+    loop {
+        let f = next_frame(ws, T).await.expect("join reply");
+        if f["event"] == "phx_reply" && f["topic"] == topic {
+            assert_eq!(f["payload"]["status"], "ok", "{f}");
+            return;
+        }
+    }
+}
+
+/// POSTs broadcasts of `size` bytes each to `topic` (`n` messages per request).
+async fn post_broadcast(port: u16, apikey: &str, topic: &str, n: usize, size: usize) -> u16 {
+    let payload = "x".repeat(size);
+    let messages: Vec<Value> = (0..n)
+        .map(|_| json!({"topic": topic, "event": "big", "payload": {"p": payload}}))
+        .collect();
+    http(
+        port,
+        "POST",
+        "/api/broadcast",
+        &format!("apikey: {apikey}\r\n"),
+        &json!({ "messages": messages }).to_string(),
+    )
+    .await
+    .0
+}
+
+/// How a cycled connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum End {
+    /// The client sends a close frame; the server must answer it.
+    CloseFrame,
+    /// The client resets the TCP connection.
+    Reset,
+    /// The client closes TCP without a close frame.
+    Eof,
+    /// The channel's token expires (the server closes the channel), then the client closes.
+    TokenExpiry,
+    /// The client sends a frame over `server.max_frame_bytes`; the server closes with 1009.
+    OversizedFrame,
+    /// The client stops reading while large broadcasts arrive; the server closes with 4008.
+    SlowClient,
+}
+
+// The heartbeat timeout (at least 30 s by config) is not cycled here: it ends a
+// connection the way a slow client does (a server close with a reason).
+const ENDS: [End; 6] = [
+    End::CloseFrame,
+    End::Reset,
+    End::Eof,
+    End::TokenExpiry,
+    End::OversizedFrame,
+    End::SlowClient,
+];
+
+/// One connection's life; `Err` says what went wrong.
+async fn cycle(port: u16, i: usize, end: End) -> Result<(), String> {
+    let apikey = token(600);
+    let topic = format!("cycle{i}");
+    let rcvbuf = (end == End::SlowClient).then_some(4096);
+    let mut ws = ws_connect(port, &apikey, rcvbuf).await;
+    let user = if end == End::TokenExpiry {
+        token(2)
+    } else {
+        apikey.clone()
+    };
+    join(&mut ws, &topic, &user).await;
+    match end {
+        End::CloseFrame => {
+            ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+            match ending(&mut ws, Duration::from_secs(3)).await {
+                Ended::Close(_) => Ok(()),
+                Ended::Gone => Err("the close handshake was not answered".into()),
+            }
+        }
+        End::Reset => {
+            ws.get_ref().set_zero_linger().unwrap();
+            drop(ws);
+            Ok(())
+        }
+        End::Eof => {
+            drop(ws);
+            Ok(())
+        }
+        End::TokenExpiry => {
+            let t = format!("realtime:{topic}");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match next_frame(&mut ws, deadline - tokio::time::Instant::now()).await {
+                    Ok(f) if f["event"] == "phx_close" && f["topic"] == t => break,
+                    Ok(_) => {}
+                    Err(c) => return Err(format!("no phx_close on token expiry ({c:?})")),
+                }
+            }
+            let _ = ws.close(None).await;
+            let _ = close_code(&mut ws, Duration::from_secs(3)).await;
+            Ok(())
+        }
+        End::OversizedFrame => {
+            let _ = ws.send(Message::Text("x".repeat(200 * 1024).into())).await;
+            match close_code(&mut ws, Duration::from_secs(5)).await {
+                Some(1009) => Ok(()),
+                other => Err(format!("expected close 1009, got {other:?}")),
+            }
+        }
+        End::SlowClient => {
+            // Never read while 768 KB of broadcasts are queued for this client
+            // (its queue holds 256 KiB; the socket's buffers are small).
+            let status = post_broadcast(port, &apikey, &topic, 12, 64 * 1024).await;
+            if status != 202 {
+                return Err(format!("broadcast POST answered {status}"));
+            }
+            match close_code(&mut ws, Duration::from_secs(10)).await {
+                Some(4008) => Ok(()),
+                other => Err(format!("expected close 4008, got {other:?}")),
+            }
+        }
+    }
+}
+
+/// 100 connections ending every way there is (and supabase-js `disconnect()`):
+/// afterwards the connection and channel gauges, the hub's subscriptions and the
+/// process's open descriptors are back to where they started.
+#[tokio::test]
+async fn every_way_a_connection_ends_releases_it() {
+    let db = "life_cycle";
+    setup_db(
+        db,
+        "create table items (id int primary key, name text); alter table items replica identity full;",
+    )
+    .await;
+    let config = format!(
+        "[server]\nmax_frame_bytes = 65536\n\
+         [limits]\nclient_queue_bytes = 262144\n\
+         [broadcast]\nmessages_per_second = 1000\nmessages_burst = 1000\n\
+         [auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\nleeway_secs = 0\n"
+    );
+    let server = start_with(db, &config).await;
+    let (port, pid) = (server.port, server.proc.pid());
+    // Warm up (first connection, first join), then take the baseline.
+    {
+        let mut ws = ws_connect(port, &token(600), None).await;
+        join(&mut ws, "warmup", &token(600)).await;
+        let _ = ws.close(None).await;
+        let _ = close_code(&mut ws, Duration::from_secs(3)).await;
+    }
+    let idle = || async {
+        metric(port, "walcast_websocket_connections").await == 0.0
+            && metric(port, "walcast_websocket_channels").await == 0.0
+            && metric(port, "walcast_subscriptions").await == 0.0
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !idle().await && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let base_fds = open_fds(pid);
+
+    // 90 raw connections at once, every ending mixed.
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let runs = (0..90).map(|i| {
+        let end = ENDS[i % ENDS.len()];
+        async move { (end, cycle(port, i, end).await) }
+    });
+    for (end, r) in futures::future::join_all(runs).await {
+        if let Err(e) = r {
+            *failures.entry(format!("{end:?}: {e}")).or_default() += 1;
+        }
+    }
+    // 10 supabase-js clients that join and call `disconnect()`.
+    let mut js = JsClient::spawn().await;
+    let url = format!("http://127.0.0.1:{port}");
+    for k in 0..10 {
+        let client = format!("js{k}");
+        js.call(
+            json!({"cmd": "connect_supabase_js", "client": client, "url": url,
+                   "apikey": token(600), "connect": true}),
+            T,
+        )
+        .await;
+        js.call(
+            json!({"cmd": "subscribe", "client": client, "channel": format!("js{k}"),
+                   "broadcast": [{"event": "*"}],
+                   "postgres_changes": [{"event": "*", "schema": "public", "table": "items"}]}),
+            T,
+        )
+        .await;
+        js.wait_for("SUBSCRIBED", T, |v| {
+            v["client"] == client && v["ev"] == "status" && v["status"] == "SUBSCRIBED"
+        })
+        .await;
+        js.call(json!({"cmd": "disconnect", "client": client}), T)
+            .await;
+    }
+    js.exit().await;
+
+    // Everything is released within a few seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let conns = metric(port, "walcast_websocket_connections").await;
+        let channels = metric(port, "walcast_websocket_channels").await;
+        let subs = metric(port, "walcast_subscriptions").await;
+        let fds = open_fds(pid);
+        let done = conns == 0.0 && channels == 0.0 && subs == 0.0 && fds <= base_fds + 2;
+        if done || tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "after 100 cycles: connections {conns}, channels {channels}, subscriptions {subs}, \
+                 open fds {fds} (baseline {base_fds}); failures {failures:?}"
+            );
+            assert!(
+                done && failures.is_empty(),
+                "not released: connections {conns}, channels {channels}, subscriptions {subs}, \
+                 fds {fds} (baseline {base_fds}); failures {failures:?}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each ending was counted by reason.
+    for reason in [
+        "client_close",
+        "connection_lost",
+        "frame_too_large",
+        "slow_client",
+    ] {
+        let n = metric(
+            port,
+            &format!("walcast_websocket_disconnects_total{{reason=\"{reason}\"}}"),
+        )
+        .await;
+        assert!(n > 0.0, "no disconnect counted as {reason}");
+    }
+    // And the server still serves.
+    assert_eq!(http(port, "GET", "/health", "", "").await.0, 200);
+    let mut ws = ws_connect(port, &token(600), None).await;
+    join(&mut ws, "after", &token(600)).await;
+}
