@@ -405,3 +405,435 @@ async fn every_way_a_connection_ends_releases_it() {
     let mut ws = ws_connect(port, &token(600), None).await;
     join(&mut ws, "after", &token(600)).await;
 }
+
+/// A TCP connection to walcast from the loopback address `src` (127.0.0.x), so
+/// tests can play several client addresses.
+async fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind((src, 0).into())?;
+    sock.connect(([127, 0, 0, 1], port).into()).await
+}
+
+/// Waits for a metric series to satisfy `ok`, returning its value.
+async fn wait_metric(port: u16, series: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let v = metric(port, series).await;
+        if ok(v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} stayed at {v} for {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next `postgres_changes` insert's `record.id` on `ws`.
+async fn next_insert_id(ws: &mut Ws, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let f = next_frame(ws, deadline - tokio::time::Instant::now())
+            .await
+            .unwrap_or_else(|e| panic!("no change arrived: {e:?}"));
+        if f["event"] == "postgres_changes" {
+            return f["payload"]["data"]["record"]["id"].as_i64().unwrap();
+        }
+    }
+}
+
+/// A client sending a 10 MB frame gets a 1009 close at once, and its connection
+/// is released.
+#[tokio::test]
+async fn a_ten_megabyte_frame_is_closed_with_1009() {
+    let db = "life_big_frame";
+    setup_db(db, "create table items (id int primary key, name text);").await;
+    let server = start_with(db, "").await;
+    let port = server.port;
+    let ws = ws_connect(port, "k", None).await;
+    let (mut tx, mut rx) = ws.split();
+    // Write while reading: the server answers before the frame is all sent.
+    let writer = tokio::spawn(async move {
+        let _ = tx
+            .send(Message::Text("x".repeat(10 * 1024 * 1024).into()))
+            .await;
+    });
+    let code = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(m) = rx.next().await {
+            match m {
+                Ok(Message::Close(c)) => return c.map(|c| u16::from(c.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("no answer to a 10 MB frame within 5 s");
+    assert_eq!(code, Some(1009));
+    writer.abort();
+    wait_metric(
+        port,
+        "walcast_websocket_connections",
+        Duration::from_secs(3),
+        |v| v == 0.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            port,
+            "walcast_websocket_disconnects_total{reason=\"frame_too_large\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+/// With 64 open files allowed, more than a hundred connections opened and ended
+/// one after another leave walcast accepting: new connections and `/health` work.
+#[tokio::test]
+async fn under_a_low_open_file_limit_connections_keep_cycling() {
+    let db = "life_low_fds";
+    setup_db(db, "create table items (id int primary key, name text);").await;
+    let server = start_with(db, "").await;
+    let (port, pid) = (server.port, server.proc.pid());
+    let ok = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=64:64"])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(ok.success());
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 64 ")),
+        "{limits}"
+    );
+    for i in 0..120 {
+        let mut ws = ws_connect(port, "k", None).await;
+        join(&mut ws, &format!("low{i}"), "").await;
+        match i % 3 {
+            0 => {
+                let _ = ws.close(None).await;
+                assert!(matches!(
+                    ending(&mut ws, Duration::from_secs(3)).await,
+                    Ended::Close(_)
+                ));
+            }
+            1 => {
+                ws.get_ref().set_zero_linger().unwrap();
+                drop(ws);
+            }
+            _ => drop(ws),
+        }
+    }
+    assert!(open_fds(pid) < 64);
+    assert_eq!(http(port, "GET", "/health", "", "").await.0, 200);
+    let mut ws = ws_connect(port, "k", None).await;
+    join(&mut ws, "after", "").await;
+    wait_metric(
+        port,
+        "walcast_websocket_connections",
+        Duration::from_secs(3),
+        |v| v == 1.0,
+    )
+    .await;
+}
+
+/// A client that joins and never reads while large broadcasts arrive is closed
+/// as slow once its queue holds `client_queue_bytes`; walcast's memory stays
+/// bounded and a client that reads gets every message meanwhile.
+#[tokio::test]
+async fn a_stalled_reader_is_closed_as_slow_while_others_keep_receiving() {
+    let db = "life_stalled";
+    setup_db(db, "create table items (id int primary key, name text);").await;
+    let queue_bytes: usize = std::env::var("WALCAST_TEST_QUEUE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4 * 1024 * 1024);
+    let config = format!(
+        "[limits]\nclient_queue_bytes = {queue_bytes}\n\
+         [broadcast]\nmessages_per_second = 100000\nmessages_burst = 100000\n"
+    );
+    let server = start_with(db, &config).await;
+    let (port, pid) = (server.port, server.proc.pid());
+    let rss = |what: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with(what))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let mut stalled = ws_connect(port, "k", Some(4096)).await;
+    join(&mut stalled, "big", "").await;
+    let mut reader = ws_connect(port, "k", None).await;
+    join(&mut reader, "big", "").await;
+    let base = rss("VmRSS:");
+    // 60 MB of broadcasts, 200 KB each, while `reader` reads them.
+    let (posts, per_post) = (30, 10);
+    let read = tokio::spawn(async move {
+        let mut n = 0;
+        while n < posts * per_post {
+            let f = next_frame(&mut reader, T)
+                .await
+                .expect("reader gets every broadcast");
+            if f["event"] == "broadcast" {
+                n += 1;
+            }
+        }
+        reader
+    });
+    for _ in 0..posts {
+        assert_eq!(
+            post_broadcast(port, "k", "big", per_post, 200 * 1024).await,
+            202
+        );
+    }
+    let _reader = read.await.unwrap();
+    wait_metric(
+        port,
+        "walcast_websocket_disconnects_total{reason=\"slow_client\"}",
+        Duration::from_secs(5),
+        |v| v == 1.0,
+    )
+    .await;
+    wait_metric(
+        port,
+        "walcast_websocket_connections",
+        Duration::from_secs(3),
+        |v| v == 1.0,
+    )
+    .await;
+    let peak = rss("VmHWM:");
+    eprintln!(
+        "stalled reader, client_queue_bytes {queue_bytes}: RSS {} MiB before, peak {} MiB, now {} MiB",
+        base / 1024,
+        peak / 1024,
+        rss("VmRSS:") / 1024
+    );
+    assert!(
+        peak < base + 48 * 1024,
+        "RSS grew from {base} KiB to a peak of {peak} KiB with one stalled reader"
+    );
+    drop(stalled);
+}
+
+/// `POST /api/broadcast` has the connection's limits: past `messages_burst` the
+/// caller gets 429 with a JSON error and nothing of that request is sent; another
+/// caller has its own budget.
+#[tokio::test]
+async fn rest_broadcast_is_rate_limited_per_caller() {
+    let db = "life_rest_rate";
+    setup_db(db, "create table items (id int primary key, name text);").await;
+    let server = start_with(
+        db,
+        "[broadcast]\nmessages_per_second = 1\nmessages_burst = 150\n",
+    )
+    .await;
+    let port = server.port;
+    let mut ws = ws_connect(port, "k", None).await;
+    join(&mut ws, "room", "").await;
+    let batch = |tag: &str| {
+        let messages: Vec<Value> = (0..100)
+            .map(|i| json!({"topic": "room", "event": tag, "payload": {"i": i}}))
+            .collect();
+        json!({ "messages": messages }).to_string()
+    };
+    assert_eq!(
+        http(port, "POST", "/api/broadcast", "", &batch("first"))
+            .await
+            .0,
+        202
+    );
+    let (status, body) = http(port, "POST", "/api/broadcast", "", &batch("refused")).await;
+    assert_eq!(status, 429, "{body}");
+    let err: Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("Too many messages per second"),
+        "{err}"
+    );
+    // Another address has its own budget; its message fences the refused batch.
+    let mut other = connect_from([127, 0, 0, 2], port).await.unwrap();
+    let fence =
+        json!({"messages": [{"topic": "room", "event": "fence", "payload": {}}]}).to_string();
+    other
+        .write_all(
+            format!(
+                "POST /api/broadcast HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{fence}",
+                fence.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    other.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 202"), "{raw}");
+    let mut firsts = 0;
+    loop {
+        let f = next_frame(&mut ws, T).await.expect("broadcasts");
+        match f["payload"]["event"].as_str() {
+            Some("first") => firsts += 1,
+            Some("fence") => break,
+            Some(other) => panic!("a refused message was sent: {other}"),
+            None => {}
+        }
+    }
+    assert_eq!(firsts, 100);
+}
+
+/// 1,000 silent or byte-a-second sockets from two addresses: each is refused by
+/// the per-address or global limit or dropped by the request timeout, while a
+/// connected client keeps receiving changes and `/health` answers again as soon
+/// as they are gone.
+#[tokio::test]
+async fn slow_and_silent_sockets_are_refused_or_dropped() {
+    let db = "life_slowloris";
+    let sql = setup_db(
+        db,
+        "create table items (id int primary key, name text); alter table items replica identity full;",
+    )
+    .await;
+    let config =
+        "[server]\nheader_timeout_secs = 2\nmax_connections = 700\nmax_connections_per_ip = 400\n";
+    let server = start_with(db, config).await;
+    let (port, pid) = (server.port, server.proc.pid());
+    let mut ws = ws_connect(port, "k", None).await;
+    join(&mut ws, "live", "").await;
+    let base_fds = open_fds(pid);
+    let mut attackers = Vec::new();
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let settled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for i in 0..1000usize {
+        let src = if i < 600 {
+            [127, 0, 0, 2]
+        } else {
+            [127, 0, 0, 3]
+        };
+        let (connected, done) = (connected.clone(), settled.clone());
+        attackers.push(tokio::spawn(async move {
+            let r = connect_from(src, port).await;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Ok(mut s) = r else {
+                return;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i % 2 == 0 {
+                // Silent: hold the socket until walcast drops it.
+                let mut buf = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+            } else {
+                // A byte a second (well, every 300 ms) of a request that never ends.
+                for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                    .iter()
+                    .cycle()
+                    .take(30)
+                {
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }));
+        // In waves, so the kernel's accept queue never overflows (a socket it
+        // drops there is the test's, not walcast's).
+        if i % 100 == 99 {
+            while settled.load(std::sync::atomic::Ordering::SeqCst) <= i {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    // The joined client keeps getting changes throughout.
+    for id in 1..=5 {
+        sql.execute("insert into items values ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(
+            next_insert_id(&mut ws, Duration::from_secs(3)).await,
+            i64::from(id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every attacking socket was refused or dropped: none is held.
+    let counted = || async {
+        let mut n = 0.0;
+        for r in ["global_limit", "ip_limit", "header_timeout"] {
+            n += metric(
+                port,
+                &format!("walcast_connections_refused_total{{reason=\"{r}\"}}"),
+            )
+            .await;
+        }
+        n
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let settled = settled.load(std::sync::atomic::Ordering::SeqCst);
+        let connected = connected.load(std::sync::atomic::Ordering::SeqCst);
+        let n = counted().await;
+        let fds = open_fds(pid);
+        if settled == 1000 && n >= connected as f64 && fds <= base_fds + 2 {
+            assert!(
+                connected >= 900,
+                "only {connected} of 1000 sockets connected"
+            );
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut by = Vec::new();
+            for r in ["global_limit", "ip_limit", "header_timeout"] {
+                let series = format!("walcast_connections_refused_total{{reason=\"{r}\"}}");
+                by.push((r, metric(port, &series).await));
+            }
+            panic!("{n} of {connected} connected slow sockets refused or dropped ({settled} settled): {by:?}; walcast has {fds} open files (baseline {base_fds})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in ["global_limit", "ip_limit", "header_timeout"] {
+        let n = metric(
+            port,
+            &format!("walcast_connections_refused_total{{reason=\"{r}\"}}"),
+        )
+        .await;
+        assert!(n > 0.0, "nothing counted as {r}");
+    }
+    assert_eq!(http(port, "GET", "/health", "", "").await.0, 200);
+    let mut fresh = ws_connect(port, "k", None).await;
+    join(&mut fresh, "fresh", "").await;
+    sql.execute("insert into items values (6, 'x')", &[])
+        .await
+        .unwrap();
+    assert_eq!(next_insert_id(&mut ws, Duration::from_secs(3)).await, 6);
+    assert_eq!(next_insert_id(&mut fresh, Duration::from_secs(3)).await, 6);
+    for a in attackers {
+        a.abort();
+    }
+}
+
+/// On SIGTERM every client gets 1001 and the process exits within its grace.
+#[tokio::test]
+async fn shutdown_closes_every_client_with_1001() {
+    let db = "life_shutdown";
+    setup_db(db, "create table items (id int primary key, name text);").await;
+    let server = start_with(db, "").await;
+    let port = server.port;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut ws = ws_connect(port, "k", None).await;
+        join(&mut ws, &format!("s{i}"), "").await;
+        clients.push(ws);
+    }
+    server.proc.signal(15);
+    for ws in &mut clients {
+        assert_eq!(close_code(ws, Duration::from_secs(5)).await, Some(1001));
+    }
+    let (ok, err) = server.proc.wait(Duration::from_secs(15)).await;
+    assert!(ok, "{err}");
+}
