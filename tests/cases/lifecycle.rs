@@ -572,16 +572,22 @@ async fn a_stalled_reader_is_closed_as_slow_while_others_keep_receiving() {
     let mut reader = ws_connect(port, "k", None).await;
     join(&mut reader, "big", "").await;
     let base = rss("VmRSS:");
-    // 60 MB of broadcasts, 200 KB each, while `reader` reads them.
-    let (posts, per_post) = (30, 10);
+    // 30 MB of broadcasts, 200 KB each, while `reader` reads them.
+    let (posts, per_post) = (15, 10);
     let read = tokio::spawn(async move {
         let mut n = 0;
         while n < posts * per_post {
-            let f = next_frame(&mut reader, T)
-                .await
-                .expect("reader gets every broadcast");
-            if f["event"] == "broadcast" {
-                n += 1;
+            // Only the head of each frame is looked at: parsing 30 MB of JSON
+            // would make the test slow, not more exact.
+            match tokio::time::timeout(T, reader.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let head = &t.as_str()[..t.len().min(64)];
+                    if head.contains("\"event\":\"broadcast\"") {
+                        n += 1;
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the reader lost its broadcasts after {n}: {other:?}"),
             }
         }
         reader
@@ -593,6 +599,13 @@ async fn a_stalled_reader_is_closed_as_slow_while_others_keep_receiving() {
         );
     }
     let _reader = read.await.unwrap();
+    let (peak, after) = (rss("VmHWM:"), rss("VmRSS:"));
+    eprintln!(
+        "stalled reader, client_queue_bytes {queue_bytes}: RSS {} MiB before, {} MiB after 30 MB of broadcasts, peak {} MiB",
+        base / 1024,
+        after / 1024,
+        peak / 1024,
+    );
     wait_metric(
         port,
         "walcast_websocket_disconnects_total{reason=\"slow_client\"}",
@@ -607,16 +620,10 @@ async fn a_stalled_reader_is_closed_as_slow_while_others_keep_receiving() {
         |v| v == 1.0,
     )
     .await;
-    let peak = rss("VmHWM:");
-    eprintln!(
-        "stalled reader, client_queue_bytes {queue_bytes}: RSS {} MiB before, peak {} MiB, now {} MiB",
-        base / 1024,
-        peak / 1024,
-        rss("VmRSS:") / 1024
-    );
+    // Without the byte bound all 30 MB stay queued for the stalled client.
     assert!(
-        peak < base + 48 * 1024,
-        "RSS grew from {base} KiB to a peak of {peak} KiB with one stalled reader"
+        peak < base + 40 * 1024 && after < base + 20 * 1024,
+        "RSS grew from {base} KiB to {after} KiB (peak {peak} KiB) with one stalled reader"
     );
     drop(stalled);
 }
