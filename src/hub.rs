@@ -17,8 +17,9 @@
 //!
 //! A change's Supabase `data` object is encoded once and shared (`Arc<str>`);
 //! each channel gets one frame listing all of its binding ids that matched. Each
-//! connection has one bounded queue. The hub never waits on a connection: when a
-//! queue is full, that client is closed with a reason (a `system` message, then a
+//! connection has one queue, bounded in frames (`limits.client_queue`) and in
+//! bytes (`limits.client_queue_bytes`, one atomic add per frame). The hub never
+//! waits on a connection: when a queue is full, that client is closed with a reason (a `system` message, then a
 //! close frame with [`CLOSE_SLOW_CLIENT`]) and counted — no other client and not
 //! the slot is slowed by it, and nothing is dropped silently.
 //!
