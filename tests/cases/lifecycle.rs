@@ -60,12 +60,12 @@ async fn http(port: u16, method: &str, path: &str, headers: &str, body: &str) ->
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
+    let _ = s.write_all(req.as_bytes()).await;
     let mut raw = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut raw))
+    // A refused connection may be reset after its 503: keep what was read.
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut raw))
         .await
-        .expect("HTTP response in time")
-        .expect("read HTTP response");
+        .expect("HTTP response in time");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -708,7 +708,7 @@ async fn slow_and_silent_sockets_are_refused_or_dropped() {
     )
     .await;
     let config =
-        "[server]\nheader_timeout_secs = 2\nmax_connections = 700\nmax_connections_per_ip = 400\n";
+        "[server]\nheader_timeout_secs = 3\nmax_connections = 450\nmax_connections_per_ip = 300\n";
     let server = start_with(db, config).await;
     let (port, pid) = (server.port, server.proc.pid());
     let mut ws = ws_connect(port, "k", None).await;
@@ -769,16 +769,22 @@ async fn slow_and_silent_sockets_are_refused_or_dropped() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Every attacking socket was refused or dropped: none is held.
+    // While the global limit is reached, a scrape is refused too (503): count 0.
     let counted = || async {
-        let mut n = 0.0;
-        for r in ["global_limit", "ip_limit", "header_timeout"] {
-            n += metric(
-                port,
-                &format!("walcast_connections_refused_total{{reason=\"{r}\"}}"),
-            )
-            .await;
+        let (status, text) = http(port, "GET", "/metrics", "", "").await;
+        if status != 200 {
+            return 0.0;
         }
-        n
+        ["global_limit", "ip_limit", "header_timeout"]
+            .iter()
+            .map(|r| {
+                let series = format!("walcast_connections_refused_total{{reason=\"{r}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(series.as_str()))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
