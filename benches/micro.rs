@@ -19,13 +19,12 @@
 //! Run: `cargo bench --bench micro` (add `-- <group>` to pick one).
 
 use std::hint::black_box;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use walcast::event::{AllColumns, Cell, Change, ChangeKind, Row, TxnInfo};
 use walcast::filter::Filter;
@@ -242,12 +241,7 @@ fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: us
     let mut receivers = Vec::with_capacity(conns);
     for id in 0..conns {
         let (tx, rx) = mpsc::channel(if conns > 256 { 512 } else { 1 << 16 });
-        handles.push(ConnHandle {
-            id: id as u64 + 1,
-            tx,
-            kill: CancellationToken::new(),
-            close_reason: Arc::new(Mutex::new(None)),
-        });
+        handles.push(ConnHandle::new(id as u64 + 1, tx, usize::MAX));
         receivers.push(rx);
     }
     let mut skipped = 0;

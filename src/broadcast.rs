@@ -56,11 +56,10 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::event::DbMessage;
-use crate::hub::{ChannelId, ConnHandle, Outbound, CLOSE_SLOW_CLIENT};
+use crate::hub::{ChannelId, ConnHandle, Outbound, QueueError, CLOSE_SLOW_CLIENT};
 use crate::presence::{Diff, PresenceConfig, PresenceState};
 use crate::ws::frame::{self, BinaryBroadcast, Frame, Vsn};
 use crate::ws::{system_payload, Shared};
@@ -77,6 +76,10 @@ pub const DB_MESSAGE_PREFIX: &str = "walcast.broadcast";
 pub const REST_MAX_MESSAGES: usize = 100;
 /// The `system` message a rate-limited client gets (Supabase's wording).
 pub const RATE_LIMITED: &str = "Too many messages per second";
+/// Callers of `POST /api/broadcast` whose rate is tracked at once (each one is a
+/// token bucket keyed by a hash of its token, or by its address without auth).
+/// Past this, buckets back to full (idle callers) are forgotten first.
+const REST_CALLERS_MAX: usize = 10_000;
 
 /// `[broadcast]` in the config file.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -309,17 +312,33 @@ impl TokenBucket {
     }
 
     pub fn take_at(&mut self, now: Instant) -> bool {
+        self.take_n_at(1, now)
+    }
+
+    /// Takes `n` tokens if there are that many (all or nothing).
+    pub fn take_n_at(&mut self, n: usize, now: Instant) -> bool {
+        self.refill(now);
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
         if now > self.last {
             let dt = now.duration_since(self.last).as_secs_f64();
             self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
             self.last = now;
         }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    }
+
+    /// Whether the bucket has refilled completely (its owner has been idle).
+    fn is_full_at(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.capacity
     }
 }
 
@@ -588,6 +607,8 @@ pub struct Broadcaster {
     registry: Mutex<Registry>,
     stats: Arc<BroadcastStats>,
     ids: Ids,
+    /// Rate of `POST /api/broadcast` per caller (token, or address without auth).
+    rest_buckets: Mutex<HashMap<u64, TokenBucket>>,
 }
 
 impl Broadcaster {
@@ -597,6 +618,7 @@ impl Broadcaster {
             presence,
             rules,
             registry: Mutex::new(Registry::default()),
+            rest_buckets: Mutex::default(),
             stats: Arc::default(),
             ids: Ids {
                 key: RandomState::new(),
@@ -630,12 +652,12 @@ impl Broadcaster {
 
     /// Queues a frame; a full queue closes the connection as a slow client.
     fn enqueue(&self, conn: &ConnHandle, out: Outbound) -> bool {
-        match conn.tx.try_send(out) {
+        match conn.try_queue(out) {
             Ok(()) => {
                 self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
                 true
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(QueueError::Full) => {
                 if !conn.kill.is_cancelled() {
                     self.stats
                         .slow_clients_closed
@@ -651,7 +673,7 @@ impl Broadcaster {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(QueueError::Closed) => false,
         }
     }
 
@@ -1129,6 +1151,31 @@ impl Broadcaster {
         self.publish(&b.topic, b.private, &b.event, payload, Some(meta));
     }
 
+    /// Takes `n` messages from the REST caller `caller`'s budget — the same
+    /// `messages_per_second` / `messages_burst` a connection has. False: over it.
+    fn rest_allow(&self, caller: &impl std::hash::Hash, n: usize) -> bool {
+        let key = self.ids.key.hash_one(caller);
+        let now = Instant::now();
+        let mut buckets = self.rest_buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= REST_CALLERS_MAX && !buckets.contains_key(&key) {
+            buckets.retain(|_, b| !b.is_full_at(now));
+            if buckets.len() >= REST_CALLERS_MAX {
+                // Every tracked caller is busy: start over rather than grow.
+                tracing::warn!(
+                    callers = buckets.len(),
+                    "too many REST broadcast callers to track; their rate limits restart"
+                );
+                buckets.clear();
+            }
+        }
+        buckets
+            .entry(key)
+            .or_insert_with(|| {
+                TokenBucket::new(self.config.messages_per_second, self.config.messages_burst)
+            })
+            .take_n_at(n, now)
+    }
+
     /// Validates and sends the body of `POST /api/broadcast`:
     /// `{"messages": [{"topic", "event", "payload", "private"}]}`. Nothing is sent
     /// unless every message is valid.
@@ -1136,6 +1183,7 @@ impl Broadcaster {
         &self,
         body: &[u8],
         claims: &Map<String, Value>,
+        caller: &impl std::hash::Hash,
     ) -> Result<usize, (StatusCode, String)> {
         let bad = |m: String| (StatusCode::BAD_REQUEST, m);
         let v: Value = serde_json::from_slice(body)
@@ -1197,6 +1245,16 @@ impl Broadcaster {
             ready.push((topic, event, private, payload));
         }
         let n = ready.len();
+        if !self.rest_allow(caller, n) {
+            self.note(&self.stats.rate_limited, "REST rate limited", ready[0].0);
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{RATE_LIMITED}: the limit is {} messages per second, bursts of {} (broadcast.messages_per_second, broadcast.messages_burst); nothing was sent",
+                    self.config.messages_per_second, self.config.messages_burst
+                ),
+            ));
+        }
         for (topic, event, private, payload) in ready {
             self.stats
                 .messages_from_rest
@@ -1212,6 +1270,7 @@ impl Broadcaster {
 /// caller may not write to.
 pub async fn rest_handler(
     State(shared): State<Arc<Shared>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
     body: Bytes,
@@ -1221,7 +1280,14 @@ pub async fn rest_handler(
     if shared.auth.enabled() {
         let token = crate::auth::request_token(&headers, &params).unwrap_or("");
         match shared.auth.verify(token).await {
-            Ok(t) => claims = t.claims,
+            Ok(t) => {
+                claims = t.claims;
+                // Rate-limited per token.
+                return match shared.broadcast.rest(&body, &claims, &token) {
+                    Ok(_) => StatusCode::ACCEPTED.into_response(),
+                    Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),
+                };
+            }
             Err(e) => {
                 return (
                     StatusCode::UNAUTHORIZED,
@@ -1231,7 +1297,8 @@ pub async fn rest_handler(
             }
         }
     }
-    match shared.broadcast.rest(&body, &claims) {
+    // Without auth, rate-limited per client address.
+    match shared.broadcast.rest(&body, &claims, &peer.ip()) {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),
     }
@@ -1401,12 +1468,50 @@ mod tests {
                 StatusCode::FORBIDDEN,
             ),
         ] {
-            assert_eq!(b.rest(body, &none).unwrap_err().0, code);
+            assert_eq!(b.rest(body, &none, &"caller").unwrap_err().0, code);
         }
         assert_eq!(
-            b.rest(br#"{"messages": [{"topic": "t", "event": "e"}]}"#, &none),
+            b.rest(
+                br#"{"messages": [{"topic": "t", "event": "e"}]}"#,
+                &none,
+                &"caller"
+            ),
             Ok(1)
         );
+    }
+
+    #[test]
+    fn rest_is_rate_limited_per_caller_all_or_nothing() {
+        let b = Broadcaster::new(
+            BroadcastConfig {
+                messages_per_second: 1,
+                messages_burst: 3,
+                ..Default::default()
+            },
+            PresenceConfig::default(),
+            Vec::new(),
+        );
+        let none = Map::new();
+        let two = br#"{"messages": [{"topic": "t", "event": "e"}, {"topic": "t", "event": "e"}]}"#;
+        assert_eq!(b.rest(two, &none, &"a"), Ok(2));
+        // One token left: a batch of two is refused whole.
+        let err = b.rest(two, &none, &"a").unwrap_err();
+        assert_eq!(err.0, StatusCode::TOO_MANY_REQUESTS);
+        assert!(err.1.contains("broadcast.messages_per_second"), "{}", err.1);
+        assert_eq!(b.stats().rate_limited.load(Ordering::Relaxed), 1);
+        // Another caller has its own budget.
+        assert_eq!(b.rest(two, &none, &"b"), Ok(2));
+    }
+
+    #[test]
+    fn token_bucket_takes_batches_whole() {
+        let mut t = TokenBucket::new(10, 5);
+        let now = Instant::now();
+        assert!(t.take_n_at(5, now));
+        assert!(!t.take_n_at(1, now));
+        assert!(t.take_n_at(2, now + Duration::from_millis(200)));
+        assert!(!t.is_full_at(now + Duration::from_millis(200)));
+        assert!(t.is_full_at(now + Duration::from_secs(1)));
     }
 
     #[test]

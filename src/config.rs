@@ -315,6 +315,21 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Frames queued for one connection before it counts as too slow and is closed.
 pub const DEFAULT_CLIENT_QUEUE: usize = 4096;
+/// Bytes queued for one connection before it counts as too slow and is closed
+/// (16 MiB): thousands of ordinary changes, or 64 of the largest broadcasts, so a
+/// healthy client never meets it while a stalled one pins at most this much.
+pub const DEFAULT_CLIENT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// How long a new connection may take to send a complete request (headers, the
+/// WebSocket upgrade) and an idle HTTP connection may wait for its next one:
+/// a real client needs milliseconds; a slowloris socket is dropped.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// Open TCP connections (WebSockets and HTTP requests) served at once. It is
+/// also kept below the process's open-file limit, so `/health` and new clients
+/// are refused cleanly rather than failing to accept.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Open connections from one IP address; 0 = no per-address limit (the default,
+/// since behind a reverse proxy every client shares the proxy's address).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 0;
 /// Channels one connection may join (Supabase's default is 100).
 pub const DEFAULT_CHANNELS_PER_CONNECTION: usize = 100;
 /// `postgres_changes` bindings in one join.
@@ -429,6 +444,13 @@ pub struct ServerConfig {
     /// Seconds a join asking `broadcast.replication_ready` waits for replication
     /// before it gets a `system` error.
     pub replication_ready_timeout_secs: u64,
+    /// Seconds a connection may take to send a complete request (and an idle HTTP
+    /// connection to send its next one) before it is dropped.
+    pub header_timeout_secs: u64,
+    /// Open connections at most; more are refused at accept.
+    pub max_connections: usize,
+    /// Open connections from one IP address at most; 0 = no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ServerConfig {
@@ -442,6 +464,9 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             outage_notice_secs: DEFAULT_OUTAGE_NOTICE_SECS,
             replication_ready_timeout_secs: DEFAULT_REPLICATION_READY_TIMEOUT_SECS,
+            header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }
@@ -450,6 +475,8 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub client_queue: usize,
+    /// Bytes queued for one connection at most (the frame count is `client_queue`).
+    pub client_queue_bytes: usize,
     pub channels_per_connection: usize,
     pub bindings_per_channel: usize,
     pub pipeline_capacity: usize,
@@ -459,6 +486,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             client_queue: DEFAULT_CLIENT_QUEUE,
+            client_queue_bytes: DEFAULT_CLIENT_QUEUE_BYTES,
             channels_per_connection: DEFAULT_CHANNELS_PER_CONNECTION,
             bindings_per_channel: DEFAULT_BINDINGS_PER_CHANNEL,
             pipeline_capacity: DEFAULT_PIPELINE_CAPACITY,
@@ -635,6 +663,12 @@ impl ServeConfig {
         }
         for (field, v) in [
             ("limits.client_queue", self.limits.client_queue),
+            ("limits.client_queue_bytes", self.limits.client_queue_bytes),
+            (
+                "server.header_timeout_secs",
+                self.server.header_timeout_secs as usize,
+            ),
+            ("server.max_connections", self.server.max_connections),
             (
                 "limits.channels_per_connection",
                 self.limits.channels_per_connection,

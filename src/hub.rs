@@ -17,8 +17,9 @@
 //!
 //! A change's Supabase `data` object is encoded once and shared (`Arc<str>`);
 //! each channel gets one frame listing all of its binding ids that matched. Each
-//! connection has one bounded queue. The hub never waits on a connection: when a
-//! queue is full, that client is closed with a reason (a `system` message, then a
+//! connection has one queue, bounded in frames (`limits.client_queue`) and in
+//! bytes (`limits.client_queue_bytes`, one atomic add per frame). The hub never
+//! waits on a connection: when a queue is full, that client is closed with a reason (a `system` message, then a
 //! close frame with [`CLOSE_SLOW_CLIENT`]) and counted — no other client and not
 //! the slot is slowed by it, and nothing is dropped silently.
 //!
@@ -31,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -177,11 +178,121 @@ pub struct CloseReason {
 pub struct ConnHandle {
     pub id: ConnId,
     pub tx: mpsc::Sender<Outbound>,
+    /// Bytes queued in `tx` and not yet written, against the connection's limit.
+    pub queued: Arc<QueuedBytes>,
     pub kill: CancellationToken,
     pub close_reason: Arc<Mutex<Option<CloseReason>>>,
 }
 
+/// The bytes a connection's outbound queue holds, bounded by `limit`
+/// (`limits.client_queue_bytes`): one atomic add when a frame is queued, one
+/// subtraction when the writer takes it.
+#[derive(Debug)]
+pub struct QueuedBytes {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl QueuedBytes {
+    pub fn new(limit: usize) -> Self {
+        QueuedBytes {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Reserves `n` bytes; false when that would pass the limit. A frame alone in
+    /// an empty queue is always accepted, so one large change cannot close an idle
+    /// client.
+    fn reserve(&self, n: usize) -> bool {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before > 0 && before + n > self.limit {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the bytes of a frame taken off the queue.
+    pub fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a frame could not be queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// The queue is full (in frames or in bytes): the client is slow.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// Queues `out` on `tx` within the byte bound `queued`.
+fn queue(
+    tx: &mpsc::Sender<Outbound>,
+    queued: &QueuedBytes,
+    out: Outbound,
+) -> Result<(), QueueError> {
+    let n = out.queued_size();
+    if !queued.reserve(n) {
+        return Err(QueueError::Full);
+    }
+    match tx.try_send(out) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            queued.release(n);
+            Err(match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+            })
+        }
+    }
+}
+
+impl Outbound {
+    /// The bytes this frame holds while queued (shared bytes counted in full:
+    /// a stalled client keeps them alive).
+    pub fn queued_size(&self) -> usize {
+        /// Per-frame overhead: the queue slot and the frame's envelope.
+        const FRAME_OVERHEAD: usize = 64;
+        FRAME_OVERHEAD
+            + match self {
+                Outbound::Text(t) => t.len(),
+                Outbound::Binary(b) => b.len(),
+                Outbound::Ws(m) => match m {
+                    axum::extract::ws::Message::Text(t) => t.as_str().len(),
+                    axum::extract::ws::Message::Binary(b) => b.len(),
+                    _ => 0,
+                },
+                Outbound::Change { topic, ids, data } => topic.len() + 12 * ids.len() + data.len(),
+                Outbound::System { topic, payload } => topic.len() + payload.len(),
+            }
+    }
+}
+
 impl ConnHandle {
+    /// A handle for connection `id` whose queue holds at most `max_bytes`.
+    pub fn new(id: ConnId, tx: mpsc::Sender<Outbound>, max_bytes: usize) -> Self {
+        ConnHandle {
+            id,
+            tx,
+            queued: Arc::new(QueuedBytes::new(max_bytes)),
+            kill: CancellationToken::new(),
+            close_reason: Arc::default(),
+        }
+    }
+
+    /// Queues a frame without waiting; `Full` means the client is too slow.
+    pub fn try_queue(&self, out: Outbound) -> Result<(), QueueError> {
+        queue(&self.tx, &self.queued, out)
+    }
+
     /// Asks the connection to close with `reason` (first reason wins).
     pub fn close(&self, code: u16, reason: impl Into<String>) {
         if let Ok(mut r) = self.close_reason.lock() {
@@ -393,6 +504,7 @@ struct ChannelState {
     conn: ConnId,
     /// The connection's queue (a clone of its handle's), saving a lookup per delivery.
     tx: mpsc::Sender<Outbound>,
+    queued: Arc<QueuedBytes>,
     topic: Arc<str>,
     subs: Vec<SubId>,
 }
@@ -520,6 +632,7 @@ impl Hub {
                 });
                 state.channels.push(channel);
                 let tx = state.handle.tx.clone();
+                let queued = state.handle.queued.clone();
                 let mut subs = Vec::with_capacity(bindings.len());
                 for b in bindings {
                     subs.push(self.add_sub(channel, b));
@@ -529,6 +642,7 @@ impl Hub {
                     ChannelState {
                         conn: cid,
                         tx,
+                        queued,
                         topic,
                         subs,
                     },
@@ -886,10 +1000,9 @@ impl Hub {
                 ids,
                 data,
             };
-            match ch.tx.try_send(out) {
+            match queue(&ch.tx, &ch.queued, out) {
                 Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => slow.push(ch.conn),
-                Err(mpsc::error::TrySendError::Closed(_)) => slow.push(ch.conn),
+                Err(_) => slow.push(ch.conn),
             }
         }
         if queued > 0 {
@@ -1070,7 +1183,9 @@ impl Hub {
             topic: ch.topic.clone(),
             payload,
         };
-        if ch.tx.try_send(out).is_ok() {
+        // Within the connection's byte bound, like every other frame (the writer
+        // releases what it takes).
+        if queue(&ch.tx, &ch.queued, out).is_ok() {
             return;
         }
         if let Some(c) = self.conns.get(&conn) {
@@ -1164,12 +1279,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (done, _) = oneshot::channel();
         hub.command(HubCommand::Subscribe {
-            conn: ConnHandle {
-                id: conn,
-                tx,
-                kill: CancellationToken::new(),
-                close_reason: Arc::default(),
-            },
+            conn: ConnHandle::new(conn, tx, usize::MAX),
             channel,
             topic: Arc::from(topic),
             bindings,

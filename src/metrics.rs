@@ -58,7 +58,7 @@ use crate::config::{HealthConfig, PgConnInfo};
 use crate::event::ChangeKind;
 use crate::hub::{HubStats, CLOSE_SLOW_CLIENT};
 use crate::replication::{Blocked, Progress, StreamState};
-use crate::ws::session::CLOSE_HEARTBEAT_TIMEOUT;
+use crate::ws::session::{CLOSE_FRAME_TOO_LARGE, CLOSE_HEARTBEAT_TIMEOUT};
 use crate::ws::WsStats;
 
 /// Upper bounds (seconds) of the commit → send latency buckets: 0.5 ms to 10 s.
@@ -163,6 +163,89 @@ impl DropReason {
     }
 }
 
+/// How a WebSocket connection ended (label `reason` of
+/// `walcast_websocket_disconnects_total`). Every connection ends with exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent a close frame (the server answered it).
+    ClientClose,
+    /// The socket ended without a close frame: reset, EOF or a write error.
+    ConnectionLost,
+    /// The client sent nothing, not even heartbeats, for too long (4000).
+    HeartbeatTimeout,
+    /// The client's outbound queue overflowed, in frames or bytes (4008).
+    SlowClient,
+    /// The client sent a frame over `server.max_frame_bytes` (1009).
+    FrameTooLarge,
+    /// The server shut down (1001).
+    Shutdown,
+    /// Any other close the server initiated.
+    ServerClose,
+}
+
+impl DisconnectReason {
+    pub const ALL: [DisconnectReason; 7] = [
+        DisconnectReason::ClientClose,
+        DisconnectReason::ConnectionLost,
+        DisconnectReason::HeartbeatTimeout,
+        DisconnectReason::SlowClient,
+        DisconnectReason::FrameTooLarge,
+        DisconnectReason::Shutdown,
+        DisconnectReason::ServerClose,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClose => "client_close",
+            DisconnectReason::ConnectionLost => "connection_lost",
+            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::SlowClient => "slow_client",
+            DisconnectReason::FrameTooLarge => "frame_too_large",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::ServerClose => "server_close",
+        }
+    }
+
+    /// The reason for a close code the server sent.
+    pub fn of_close_code(code: u16) -> DisconnectReason {
+        match code {
+            CLOSE_SLOW_CLIENT => DisconnectReason::SlowClient,
+            CLOSE_HEARTBEAT_TIMEOUT => DisconnectReason::HeartbeatTimeout,
+            CLOSE_FRAME_TOO_LARGE => DisconnectReason::FrameTooLarge,
+            1001 => DisconnectReason::Shutdown,
+            _ => DisconnectReason::ServerClose,
+        }
+    }
+}
+
+/// Why a TCP connection was refused or dropped before it became a request or a
+/// WebSocket (label `reason` of `walcast_connections_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// `server.max_connections` connections were open.
+    GlobalLimit,
+    /// `server.max_connections_per_ip` connections from that address were open.
+    IpLimit,
+    /// The request (headers, upgrade) did not arrive within `server.header_timeout_secs`.
+    HeaderTimeout,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 3] = [
+        RefuseReason::GlobalLimit,
+        RefuseReason::IpLimit,
+        RefuseReason::HeaderTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::GlobalLimit => "global_limit",
+            RefuseReason::IpLimit => "ip_limit",
+            RefuseReason::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
 /// Why a client's credentials were refused (label `reason` of
 /// `walcast_auth_failures_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,9 +292,32 @@ impl AuthFailure {
 pub struct ClientEvents {
     dropped: [AtomicU64; DropReason::ALL.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    disconnects: [AtomicU64; DisconnectReason::ALL.len()],
+    refused: [AtomicU64; RefuseReason::ALL.len()],
 }
 
 impl ClientEvents {
+    /// A WebSocket connection ended: logs it and counts it by reason.
+    pub fn disconnected(&self, conn: u64, reason: DisconnectReason) {
+        self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(conn, reason = reason.as_str(), "disconnected");
+    }
+
+    pub fn disconnects(&self, reason: DisconnectReason) -> u64 {
+        self.disconnects[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// A TCP connection refused or dropped before it was served: logs it (debug:
+    /// a flood must not flood the log too) and counts it by reason.
+    pub fn refused(&self, peer: SocketAddr, reason: RefuseReason) {
+        self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, reason = reason.as_str(), "connection refused");
+    }
+
+    pub fn refusals(&self, reason: RefuseReason) -> u64 {
+        self.refused[reason as usize].load(Ordering::Relaxed)
+    }
+
     /// A connection the server closed with `code`: logs it and counts it by reason.
     pub fn client_dropped(&self, conn: u64, code: u16, reason: &str) {
         let r = DropReason::from_close_code(code);
@@ -625,6 +731,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_websocket_sent_bytes_total", "Bytes of WebSocket frame payloads sent to clients.", MetricType::COUNTER, None),
     ("walcast_websocket_malformed_frames_total", "Frames from clients that could not be parsed.", MetricType::COUNTER, None),
     ("walcast_clients_dropped_total", "Clients the server disconnected, by reason.", MetricType::COUNTER, Some("reason")),
+    ("walcast_websocket_disconnects_total", "WebSocket connections ended, by reason.", MetricType::COUNTER, Some("reason")),
+    ("walcast_connections_refused_total", "TCP connections refused or dropped before being served, by reason.", MetricType::COUNTER, Some("reason")),
     ("walcast_joins_total", "Channel joins, by result.", MetricType::COUNTER, Some("result")),
     ("walcast_auth_failures_total", "Refused credentials, by reason.", MetricType::COUNTER, Some("reason")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
@@ -749,6 +857,18 @@ impl Collector for SyncCollector {
                     DropReason::ALL
                         .iter()
                         .map(|&r| (r.as_str(), ws.events.dropped(r) as f64))
+                        .collect(),
+                ),
+                "walcast_websocket_disconnects_total" => labelled(
+                    DisconnectReason::ALL
+                        .iter()
+                        .map(|&r| (r.as_str(), ws.events.disconnects(r) as f64))
+                        .collect(),
+                ),
+                "walcast_connections_refused_total" => labelled(
+                    RefuseReason::ALL
+                        .iter()
+                        .map(|&r| (r.as_str(), ws.events.refusals(r) as f64))
                         .collect(),
                 ),
                 "walcast_joins_total" => {

@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -244,7 +243,7 @@ pub async fn run(
     on_ready(&Running {
         addr,
         hub_stats,
-        ws_stats,
+        ws_stats: ws_stats.clone(),
         stream,
         metrics: metrics.clone(),
         metrics_addr,
@@ -255,22 +254,14 @@ pub async fn run(
     let http_stop = CancellationToken::new();
     let http = {
         let stop = http_stop.clone();
-        tokio::spawn(async move {
-            // No Nagle: a change frame written while the previous one is still
-            // unacknowledged would otherwise wait for the client's delayed ACK (up to
-            // 40 ms). The writer already batches what is queued into one flush.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            });
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        })
+        // Connection limits and the request timeout (slowloris) are applied here.
+        tokio::spawn(ws::listener::serve(
+            listener,
+            app,
+            ws::listener::ListenOptions::of(&config.server),
+            ws_stats.clone(),
+            stop,
+        ))
     };
 
     let metrics_http = metrics_listener.map(|l| {

@@ -8,6 +8,7 @@
 
 pub mod frame;
 pub mod http;
+pub mod listener;
 pub mod session;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::broadcast::Broadcaster;
 use crate::catalog::Catalog;
 use crate::config::ServeConfig;
-use crate::hub::{ConnHandle, HubCommand, Outbound};
+use crate::hub::{CloseReason, ConnHandle, HubCommand, Outbound, QueuedBytes};
 use frame::Vsn;
 
 /// Initial read buffer of a connection.
@@ -150,88 +151,127 @@ async fn upgrade(
 /// Topics a connection has joined, with their join refs (for closing messages).
 pub type JoinedTopics = Arc<Mutex<Vec<(Arc<str>, Option<String>)>>>;
 
-/// Drains a connection's queue into the socket until the queue closes, the
-/// connection is killed (slow client, expired token…) or the server shuts down.
+/// What the writer needs of its connection: never the queue's sender, so the
+/// writer cannot keep its own queue (and itself) alive.
+pub(crate) struct WriterConn {
+    id: crate::hub::ConnId,
+    kill: CancellationToken,
+    close_reason: Arc<Mutex<Option<CloseReason>>>,
+    queued: Arc<QueuedBytes>,
+}
+
+impl WriterConn {
+    pub(crate) fn of(handle: &ConnHandle) -> Self {
+        WriterConn {
+            id: handle.id,
+            kill: handle.kill.clone(),
+            close_reason: handle.close_reason.clone(),
+            queued: handle.queued.clone(),
+        }
+    }
+}
+
+/// How long the writer tries to send its closing frames; a client that does not
+/// read them in time (a stalled one) is cut off.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Drains a connection's queue into the socket until the connection is killed
+/// (the session ended, or the server closes it: slow client, heartbeat timeout,
+/// oversized frame…), the server shuts down, or the socket fails; then sends the
+/// closing frames under [`CLOSE_DEADLINE`]. Waiting on a stalled socket never
+/// hides a kill: the write itself is raced against it.
 pub(crate) async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     vsn: Vsn,
-    handle: ConnHandle,
+    conn: WriterConn,
     joined: JoinedTopics,
     shutdown: CancellationToken,
     stats: Arc<WsStats>,
 ) {
     loop {
-        tokio::select! {
+        let written = tokio::select! {
             biased;
-            _ = handle.kill.cancelled() => {
-                let reason = handle
-                    .close_reason
-                    .lock()
-                    .ok()
-                    .and_then(|r| r.clone());
-                if let Some(r) = &reason {
-                    stats.events.client_dropped(handle.id, r.code, &r.reason);
-                }
-                let (code, text) = reason
-                    .map(|r| (r.code, r.reason))
-                    .unwrap_or((1000, "closed".into()));
-                // Tell each channel why, then close; a stuck client gets a short deadline.
-                let topics = joined.lock().map(|j| j.clone()).unwrap_or_default();
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    for (topic, join_ref) in topics {
-                        let msg = system_payload("system", "error", &text, &topic);
-                        let f = frame::encode(vsn, join_ref.as_deref(), None, &topic, "system", &msg);
-                        let _ = sink.feed(Message::Text(f.into())).await;
-                    }
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame { code, reason: truncate_reason(&text).into() })))
-                        .await;
-                })
-                .await;
+            _ = conn.kill.cancelled() => break,
+            _ = shutdown.cancelled() => break,
+            w = write_batch(&mut sink, &mut rx, vsn, &conn.queued, &stats) => w,
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(()) => {
+                // The socket is gone: the session learns it through the kill.
+                conn.kill.cancel();
                 break;
-            }
-            _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(CloseFrame {
-                    code: 1001,
-                    reason: "server shutting down".into(),
-                }))))
-                .await;
-                break;
-            }
-            m = rx.recv() => {
-                let Some(first) = m else {
-                    let _ = sink.close().await;
-                    break;
-                };
-                let mut n = 0;
-                let mut next = Some(first);
-                let mut failed = false;
-                while let Some(o) = next.take() {
-                    let msg = render(o, vsn);
-                    let len = match &msg {
-                        Message::Text(t) => t.len(),
-                        Message::Binary(b) => b.len(),
-                        _ => 0,
-                    };
-                    if sink.feed(msg).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                    stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
-                    n += 1;
-                    if n < WRITE_BATCH {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if failed || sink.flush().await.is_err() {
-                    handle.kill.cancel();
-                    break;
-                }
             }
         }
     }
+    let reason = conn.close_reason.lock().ok().and_then(|r| r.clone());
+    if let Some(r) = &reason {
+        stats.events.client_dropped(conn.id, r.code, &r.reason);
+    }
+    let shutting_down = shutdown.is_cancelled();
+    // Tell each channel why, then close. Without a reason this answers the
+    // client's own close frame (the library echoes it) or says goodbye.
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
+        let (code, text) = match reason {
+            Some(r) => {
+                let topics = joined.lock().map(|j| j.clone()).unwrap_or_default();
+                for (topic, join_ref) in topics {
+                    let msg = system_payload("system", "error", &r.reason, &topic);
+                    let f = frame::encode(vsn, join_ref.as_deref(), None, &topic, "system", &msg);
+                    let _ = sink.feed(Message::Text(f.into())).await;
+                }
+                (r.code, r.reason)
+            }
+            None if shutting_down => (1001, "server shutting down".to_string()),
+            None => (1000, "closed".to_string()),
+        };
+        let frame = CloseFrame {
+            code,
+            reason: truncate_reason(&text).into(),
+        };
+        if sink.send(Message::Close(Some(frame))).await.is_err() {
+            // After the client's close frame no other may be sent: closing the
+            // sink flushes the library's echo of it (the handshake's answer).
+            let _ = sink.close().await;
+        }
+    })
+    .await;
+}
+
+/// Writes what is queued (up to [`WRITE_BATCH`] frames) and flushes once.
+/// `Ok(false)`: the queue is closed; `Err`: the socket failed.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    vsn: Vsn,
+    queued: &QueuedBytes,
+    stats: &WsStats,
+) -> Result<bool, ()> {
+    let Some(first) = rx.recv().await else {
+        return Ok(false);
+    };
+    let mut n = 0;
+    let mut next = Some(first);
+    while let Some(o) = next.take() {
+        queued.release(o.queued_size());
+        let msg = render(o, vsn);
+        let len = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        sink.feed(msg).await.map_err(|_| ())?;
+        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+        n += 1;
+        if n < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    sink.flush().await.map_err(|_| ())?;
+    Ok(true)
 }
 
 fn truncate_reason(s: &str) -> String {

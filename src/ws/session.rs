@@ -36,7 +36,6 @@ use axum::extract::ws::{Message, WebSocket};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, Frame, Vsn};
 use super::{system_payload, JoinedTopics, Shared};
@@ -44,9 +43,9 @@ use crate::auth::{now_unix, Access, AuthError, RowRule, Verified};
 use crate::filter::Filter;
 use crate::hub::{
     binding_id, Binding, BindingAccess, ChannelId, ConnHandle, EventMask, HubCommand, Outbound,
-    Target,
+    QueueError, Target,
 };
-use crate::metrics::AuthFailure;
+use crate::metrics::{AuthFailure, DisconnectReason};
 
 /// Start of the `system` message (status `pending`) of a channel whose bindings
 /// wait for a token that grants them.
@@ -54,6 +53,30 @@ pub const PENDING_MESSAGE: &str = "Waiting for an access token";
 
 /// Close code when a client sends nothing (not even heartbeats) for too long.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
+
+/// Close code for a frame over `server.max_frame_bytes` (RFC 6455 "Message Too Big").
+pub const CLOSE_FRAME_TOO_LARGE: u16 = 1009;
+
+/// Why a connection the server was asked to close ends: the close reason's code,
+/// or a lost socket (the writer failed) when none was given.
+fn kill_reason(h: &ConnHandle) -> DisconnectReason {
+    match h
+        .close_reason
+        .lock()
+        .ok()
+        .and_then(|r| r.as_ref().map(|r| r.code))
+    {
+        Some(code) => DisconnectReason::of_close_code(code),
+        None => DisconnectReason::ConnectionLost,
+    }
+}
+
+/// Whether a read error is a frame over the size limit (the WebSocket library's
+/// capacity error; its type is not ours to name, so it is recognised by text).
+fn frame_too_large(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("Message too long")
+}
 
 struct Joined {
     id: ChannelId,
@@ -90,12 +113,7 @@ pub async fn run(
 ) {
     let conn_id = shared.next_id();
     let (tx, rx) = mpsc::channel(shared.config.limits.client_queue);
-    let handle = ConnHandle {
-        id: conn_id,
-        tx,
-        kill: CancellationToken::new(),
-        close_reason: Arc::default(),
-    };
+    let handle = ConnHandle::new(conn_id, tx, shared.config.limits.client_queue_bytes);
     let joined: JoinedTopics = Arc::new(Mutex::new(Vec::new()));
     let (sink, mut stream) = socket.split();
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +125,7 @@ pub async fn run(
         sink,
         rx,
         vsn,
-        handle.clone(),
+        super::WriterConn::of(&handle),
         joined.clone(),
         shared.shutdown.clone(),
         shared.stats.clone(),
@@ -124,12 +142,12 @@ pub async fn run(
         connect_token,
     };
     let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
-    loop {
+    let end = loop {
         let expiry = s.next_expiry();
         let next = tokio::select! {
             biased;
-            _ = handle.kill.cancelled() => break,
-            _ = shared.shutdown.cancelled() => break,
+            _ = handle.kill.cancelled() => break kill_reason(&handle),
+            _ = shared.shutdown.cancelled() => break DisconnectReason::Shutdown,
             _ = sleep_until_unix(expiry), if expiry.is_some() => {
                 Box::pin(s.expire_channels()).await;
                 continue;
@@ -142,18 +160,36 @@ pub async fn run(
                     CLOSE_HEARTBEAT_TIMEOUT,
                     format!("no message or heartbeat for {}s", idle.as_secs()),
                 );
-                break;
+                break DisconnectReason::HeartbeatTimeout;
             }
-            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(None) => break DisconnectReason::ConnectionLost,
+            Ok(Some(Err(e))) => {
+                if frame_too_large(&e) {
+                    let max = shared.config.server.max_frame_bytes;
+                    handle.close(
+                        CLOSE_FRAME_TOO_LARGE,
+                        format!(
+                            "frame too large: the limit is {max} bytes (server.max_frame_bytes)"
+                        ),
+                    );
+                    break DisconnectReason::FrameTooLarge;
+                }
+                tracing::debug!(conn = conn_id, error = %e, "connection lost");
+                break DisconnectReason::ConnectionLost;
+            }
             Ok(Some(Ok(msg))) => match msg {
                 // Boxed so the idle session future stays small (see `dispatch`).
                 Message::Text(t) => Box::pin(s.on_text(t.as_str())).await,
                 Message::Binary(b) => Box::pin(s.on_binary(&b)).await,
-                Message::Close(_) => break,
+                Message::Close(_) => break DisconnectReason::ClientClose,
                 Message::Ping(_) | Message::Pong(_) => {}
             },
         }
-    }
+    };
+    // The writer answers the client's close frame (or sends the server's reason)
+    // and ends; it owns no sender of its own queue, so nothing else keeps it alive.
+    handle.kill.cancel();
+    shared.stats.events.disconnected(conn_id, end);
     let channels = s.channels.len() as i64;
     // Broadcast hook: drop this connection's memberships and presences.
     for j in s.channels.values() {
@@ -173,13 +209,13 @@ pub async fn run(
 
 impl Session {
     fn send_text(&self, text: String) {
-        match self.handle.tx.try_send(Outbound::Text(text)) {
+        match self.handle.try_queue(Outbound::Text(text)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.handle.close(
+            Err(QueueError::Full) => self.handle.close(
                 crate::hub::CLOSE_SLOW_CLIENT,
                 "slow client: walcast's outbound queue for this connection is full",
             ),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(QueueError::Closed) => {}
         }
     }
 

@@ -3,6 +3,7 @@ mod auth;
 mod broadcast;
 mod broadcast_js;
 mod config;
+mod connections;
 mod demo;
 mod filter;
 mod lifecycle;

