@@ -1202,6 +1202,15 @@ impl Broadcaster {
                 list.len()
             )));
         }
+        if list.len() > self.config.messages_burst as usize {
+            // The rate limit could never grant it: say so instead of a 429 that
+            // no retry cures.
+            return Err(bad(format!(
+                "too many messages ({}) for one request: the burst allowed is {} (broadcast.messages_burst); send fewer per request",
+                list.len(),
+                self.config.messages_burst
+            )));
+        }
         let mut ready = Vec::with_capacity(list.len());
         for (i, m) in list.iter().enumerate() {
             let field = |k: &str| match m.get(k) {
@@ -1211,7 +1220,10 @@ impl Broadcaster {
             if !m.is_object() {
                 return Err(bad(format!("messages[{i}] must be an object")));
             }
+            // The channel's name as a socket joins it (`realtime:` is the topic's
+            // prefix), so the write check and the delivery judge the same name.
             let topic = field("topic")?;
+            let topic = topic.strip_prefix("realtime:").unwrap_or(topic);
             let event = field("event")?;
             let private = match m.get("private") {
                 None | Some(Value::Null) => false,
@@ -1282,8 +1294,14 @@ pub async fn rest_handler(
         match shared.auth.verify(token).await {
             Ok(t) => {
                 claims = t.claims;
-                // Rate-limited per token.
-                return match shared.broadcast.rest(&body, &claims, &token) {
+                // Rate-limited per user (`sub`); a token naming no user (a
+                // project's anon key, shared by every browser) per token and
+                // client address, so one abuser does not spend everyone's budget.
+                let caller = match claims.get("sub").and_then(Value::as_str) {
+                    Some(sub) => format!("sub:{sub}"),
+                    None => format!("token:{token}@{}", peer.ip()),
+                };
+                return match shared.broadcast.rest(&body, &claims, &caller) {
                     Ok(_) => StatusCode::ACCEPTED.into_response(),
                     Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),
                 };
@@ -1501,6 +1519,35 @@ mod tests {
         assert_eq!(b.stats().rate_limited.load(Ordering::Relaxed), 1);
         // Another caller has its own budget.
         assert_eq!(b.rest(two, &none, &"b"), Ok(2));
+        // A batch larger than the burst could never pass: a 400 naming the
+        // setting, not a 429 that no retry cures.
+        let four = br#"{"messages": [{"topic": "t", "event": "e"}, {"topic": "t", "event": "e"}, {"topic": "t", "event": "e"}, {"topic": "t", "event": "e"}]}"#;
+        let err = b.rest(four, &none, &"fresh").unwrap_err();
+        assert_eq!(err.0, StatusCode::BAD_REQUEST);
+        assert!(err.1.contains("broadcast.messages_burst"), "{}", err.1);
+    }
+
+    #[test]
+    fn rest_judges_a_channel_by_its_name_with_or_without_the_prefix() {
+        let b = Broadcaster::new(
+            BroadcastConfig::default(),
+            PresenceConfig::default(),
+            vec![rule("room:*", &["anon"], &["writer"], None)],
+        );
+        let writer = claims(json!({"role": "writer"}));
+        let anon = claims(json!({"role": "anon"}));
+        // With or without the topic prefix, the rule of `room:1` decides.
+        for topic in ["room:1", "realtime:room:1"] {
+            let body = format!(
+                r#"{{"messages": [{{"topic": "{topic}", "event": "e", "private": true}}]}}"#
+            );
+            assert_eq!(b.rest(body.as_bytes(), &writer, &"w"), Ok(1), "{topic}");
+            assert_eq!(
+                b.rest(body.as_bytes(), &anon, &"a").unwrap_err().0,
+                StatusCode::FORBIDDEN,
+                "{topic}"
+            );
+        }
     }
 
     #[test]

@@ -328,7 +328,7 @@ impl ClientEvents {
     /// Credentials refused: logs it and counts it by reason.
     pub fn auth_failed(&self, reason: AuthFailure, peer: SocketAddr) {
         self.auth_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%peer, reason = reason.as_str(), "authentication failed");
+        tracing::debug!(%peer, reason = reason.as_str(), "authentication failed");
     }
 
     pub fn dropped(&self, reason: DropReason) -> u64 {

@@ -51,7 +51,7 @@ const FD_RESERVE: usize = 32;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// What a refused connection is told before it is closed.
-const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 51\r\nConnection: close\r\n\r\n{\"error\": \"too many connections: try again later\"}";
+const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{\"error\": \"too many connections: try again later\"}";
 
 /// The connection limits of one listener.
 pub struct Limits {

@@ -177,13 +177,28 @@ pub async fn run(
                 tracing::debug!(conn = conn_id, error = %e, "connection lost");
                 break DisconnectReason::ConnectionLost;
             }
-            Ok(Some(Ok(msg))) => match msg {
-                // Boxed so the idle session future stays small (see `dispatch`).
-                Message::Text(t) => Box::pin(s.on_text(t.as_str())).await,
-                Message::Binary(b) => Box::pin(s.on_binary(&b)).await,
-                Message::Close(_) => break DisconnectReason::ClientClose,
-                Message::Ping(_) | Message::Pong(_) => {}
-            },
+            Ok(Some(Ok(Message::Close(_)))) => break DisconnectReason::ClientClose,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(msg))) => {
+                // A join or refresh may wait on the catalog (PostgreSQL slow or
+                // gone): the connection's end and shutdown still win meanwhile. A
+                // join cut short leaves nothing behind: the hub's `Disconnect`
+                // removes whatever it subscribed.
+                let work = async {
+                    match msg {
+                        // Boxed so the idle session future stays small (see `dispatch`).
+                        Message::Text(t) => Box::pin(s.on_text(t.as_str())).await,
+                        Message::Binary(b) => Box::pin(s.on_binary(&b)).await,
+                        _ => {}
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = handle.kill.cancelled() => break kill_reason(&handle),
+                    _ = shared.shutdown.cancelled() => break DisconnectReason::Shutdown,
+                    () = work => {}
+                }
+            }
         }
     };
     // The writer answers the client's close frame (or sends the server's reason)
@@ -692,6 +707,15 @@ impl Session {
                     &f.topic,
                 ),
             );
+            // Now a postgres_changes channel: an outage notice in force reaches it.
+            let _ = self
+                .shared
+                .hub
+                .send(HubCommand::Joined {
+                    channel: id,
+                    replication_ready: None,
+                })
+                .await;
         }
         if newly_pending {
             self.push_pending(&f.topic, join_ref.as_deref(), &pending);
