@@ -269,6 +269,7 @@ fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: us
                 target: Target::Table(table.clone()),
                 filter,
                 access: Default::default(),
+                options: Default::default(),
             }],
             done,
         });
