@@ -386,7 +386,8 @@ impl Delivery<'_> {
                     ),
                 }
                 let d: Arc<str> = Arc::from(text);
-                self.encodings.push((key.clone(), self.delivered, d.clone()));
+                self.encodings
+                    .push((key.clone(), self.delivered, d.clone()));
                 d
             }
         };
@@ -707,7 +708,9 @@ impl Hub {
     /// value no longer parses as its column's new type).
     fn bind_problem(b: &Binding, t: &Table) -> Option<String> {
         if let Err(e) = b.filter.bind(t) {
-            return Some(format!("the table changed and the filter no longer applies: {e}"));
+            return Some(format!(
+                "the table changed and the filter no longer applies: {e}"
+            ));
         }
         if let Some(rule) = &b.access.rows {
             if rule.bind(t).is_err() {
@@ -775,8 +778,14 @@ impl Hub {
                     t.columns
                         .iter()
                         .map(|c| {
-                            b.access.columns.as_ref().is_none_or(|v| v.contains(&c.name))
-                                && b.options.select.as_ref().is_none_or(|v| v.contains(&c.name))
+                            b.access
+                                .columns
+                                .as_ref()
+                                .is_none_or(|v| v.contains(&c.name))
+                                && b.options
+                                    .select
+                                    .as_ref()
+                                    .is_none_or(|v| v.contains(&c.name))
                         })
                         .collect::<Arc<[bool]>>()
                 }),
@@ -975,25 +984,30 @@ impl Hub {
                     }
                 }
             };
-            let lookup = |r: &crate::event::Row, consider: &mut dyn FnMut(SubId), only_moves: bool| {
-                for (&col, map) in &ti.keyed {
-                    let Some(cell) = r.get(col) else { continue };
-                    let Some(text) = cell.text() else { continue };
-                    let Some(column) = ti.table.columns.get(col) else {
-                        continue;
-                    };
-                    let Some(key) = canonical_key(&column.ty, text) else {
-                        continue;
-                    };
-                    if let Some(v) = map.get(&key) {
-                        for sid in v.iter() {
-                            if !only_moves || subs.get(sid).is_some_and(|s| s.as_ref().is_some_and(|s| s.moves)) {
-                                consider(sid);
+            let lookup =
+                |r: &crate::event::Row, consider: &mut dyn FnMut(SubId), only_moves: bool| {
+                    for (&col, map) in &ti.keyed {
+                        let Some(cell) = r.get(col) else { continue };
+                        let Some(text) = cell.text() else { continue };
+                        let Some(column) = ti.table.columns.get(col) else {
+                            continue;
+                        };
+                        let Some(key) = canonical_key(&column.ty, text) else {
+                            continue;
+                        };
+                        if let Some(v) = map.get(&key) {
+                            for sid in v.iter() {
+                                if !only_moves
+                                    || subs
+                                        .get(sid)
+                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                                {
+                                    consider(sid);
+                                }
                             }
                         }
                     }
-                }
-            };
+                };
             if let Some(r) = row {
                 lookup(r, &mut consider, false);
             }
@@ -1006,7 +1020,10 @@ impl Hub {
                         for map in ti.keyed.values() {
                             for v in map.values() {
                                 for sid in v.iter() {
-                                    if subs.get(sid).is_some_and(|s| s.as_ref().is_some_and(|s| s.moves)) {
+                                    if subs
+                                        .get(sid)
+                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                                    {
                                         consider(sid);
                                     }
                                 }
@@ -1225,9 +1242,7 @@ fn moved_kind(s: &Sub, change: &Change) -> Option<ChangeKind> {
         }
         // Every row left: filtered bindings hear of it too.
         ChangeKind::Truncate => {
-            if s.bound.is_none() {
-                return None;
-            }
+            s.bound.as_ref()?;
             ChangeKind::Truncate
         }
     };

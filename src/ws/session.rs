@@ -685,8 +685,7 @@ impl Session {
             let mut e: Map<String, Value> = obj.clone();
             e.insert("id".into(), json!(id));
             if let Ok(b) = &binding {
-                if let Some(note) = moves_fallback(obj, b, self.shared.config.subscriptions.moves)
-                {
+                if let Some(note) = moves_fallback(obj, b, self.shared.config.subscriptions.moves) {
                     e.insert("moves".into(), json!(false));
                     e.insert("moves_unavailable".into(), json!(note));
                 }
@@ -734,7 +733,9 @@ impl Session {
                 let mut cols = Vec::with_capacity(a.len());
                 for c in a {
                     match c.as_str() {
-                        Some(c) if !cols.iter().any(|x: &String| x == c) => cols.push(c.to_string()),
+                        Some(c) if !cols.iter().any(|x: &String| x == c) => {
+                            cols.push(c.to_string())
+                        }
                         Some(_) => {}
                         None => return Err("select must be an array of column names".into()),
                     }

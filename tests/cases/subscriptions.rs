@@ -59,7 +59,10 @@ async fn system_error(js: &mut JsClient, channel: &str) -> String {
             is_on(v, "system", channel) && v["payload"]["status"] == "error"
         })
         .await;
-    v["payload"]["message"].as_str().unwrap_or_default().to_string()
+    v["payload"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {
@@ -175,7 +178,10 @@ async fn select_lists_combine_with_rule_column_lists() {
     )
     .await;
     assert_eq!(st, "CHANNEL_ERROR");
-    assert!(err.contains("not selectable by the subscribing role"), "{err}");
+    assert!(
+        err.contains("not selectable by the subscribing role"),
+        "{err}"
+    );
     subscribed(
         &mut js,
         "rule",
@@ -239,9 +245,12 @@ async fn moves_keep_each_local_list_equal_to_the_query() {
     for id in 1..=12 {
         let st = statuses[rng.below(4) as usize].to_string();
         let total = rng.below(200) as i64;
-        c.execute("insert into orders values ($1, $2, $3)", &[&(id as i32), &st, &(total as i32)])
-            .await
-            .unwrap();
+        c.execute(
+            "insert into orders values ($1, $2, $3)",
+            &[&(id as i32), &st, &(total as i32)],
+        )
+        .await
+        .unwrap();
         model.insert(id, (st, total));
     }
     let server = start(db, &[]).await;
@@ -306,15 +315,19 @@ async fn moves_keep_each_local_list_equal_to_the_query() {
          insert into orders values (100, 'confirmed', 150);
          insert into orders values (101, 'new', 150);",
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     if model.remove(&3).is_some_and(|m| confirmed(&m)) {
         plain_updates += 1;
     }
     for (name, _, _) in filters {
         let list = lists.get_mut(name).unwrap();
         // The last insert each channel sees.
-        let fence = if matches!(name, "big" | "either") { 101 } else { 100 };
+        let fence = if matches!(name, "big" | "either") {
+            101
+        } else {
+            100
+        };
         let mut n = 0;
         loop {
             let ev = js
@@ -336,7 +349,10 @@ async fn moves_keep_each_local_list_equal_to_the_query() {
             }
         }
         if name == "plain" {
-            assert_eq!(n, plain_updates, "moves off: one event per update into the filter");
+            assert_eq!(
+                n, plain_updates,
+                "moves off: one event per update into the filter"
+            );
             continue;
         }
         let want = c
@@ -416,9 +432,11 @@ async fn add_column_joins_at_once_and_drop_column_closes_its_filters() {
         .await
         .unwrap();
     assert_eq!(change(&mut js, "other").await["new"]["id"], 3);
-    js.expect_none("a change on the closed channel", Duration::from_millis(10), |v| {
-        is_on(v, "postgres_changes", "colour")
-    })
+    js.expect_none(
+        "a change on the closed channel",
+        Duration::from_millis(10),
+        |v| is_on(v, "postgres_changes", "colour"),
+    )
     .await;
     js.exit().await;
 }
@@ -426,7 +444,11 @@ async fn add_column_joins_at_once_and_drop_column_closes_its_filters() {
 #[tokio::test]
 async fn alter_type_retypes_live_filters_or_closes_them() {
     let db = "subs_alter_type";
-    let c = setup_db(db, "create table parts (id int primary key, code int, flag int);").await;
+    let c = setup_db(
+        db,
+        "create table parts (id int primary key, code int, flag int);",
+    )
+    .await;
     let server = start(db, &[]).await;
     let mut js = client(&server).await;
     subscribed(
@@ -478,7 +500,9 @@ async fn drop_table_is_announced_and_a_new_table_of_the_same_name_is_joined() {
         json!({"event": "*", "schema": "public", "table": "notes"}),
     )
     .await;
-    c.batch_execute("insert into notes values (1, 'a')").await.unwrap();
+    c.batch_execute("insert into notes values (1, 'a')")
+        .await
+        .unwrap();
     assert_eq!(change(&mut js, "old").await["new"]["id"], 1);
     // DROP + CREATE of the same name (the publication is FOR ALL TABLES).
     c.batch_execute(
