@@ -1335,6 +1335,189 @@ mod tests {
         }
     }
 
+    use crate::event::{Cell, TxnInfo};
+    use crate::lsn::Lsn;
+    use crate::pgoutput::{PgTimestamp, ReplicaIdentity, Xid};
+    use crate::relation::Column;
+    use crate::value::PgType;
+
+    fn table(id: u32, cols: &[(&str, &str)]) -> Arc<Table> {
+        Arc::new(Table {
+            id: RelId(id),
+            schema: "public".into(),
+            name: "orders".into(),
+            replica_identity: ReplicaIdentity::Full,
+            json: Default::default(),
+            columns: cols
+                .iter()
+                .map(|(n, ty)| Column {
+                    name: n.to_string(),
+                    ty: Arc::new(PgType::new(0, ty, PgType::kind_for_base_name(ty))),
+                    key: *n == "id",
+                })
+                .collect(),
+        })
+    }
+
+    fn cells(v: &[&str]) -> crate::event::Row {
+        v.iter()
+            .map(|t| Cell::Text(bytes::Bytes::copy_from_slice(t.as_bytes())))
+            .collect()
+    }
+
+    fn change(
+        t: &Arc<Table>,
+        kind: ChangeKind,
+        new: Option<&[&str]>,
+        old: Option<&[&str]>,
+    ) -> Arc<Change> {
+        Arc::new(Change {
+            txn: TxnInfo {
+                commit_lsn: Lsn(1),
+                commit_time: PgTimestamp(0),
+                xid: Xid(1),
+            },
+            table: t.clone(),
+            kind,
+            new: new.map(cells),
+            old: old.map(cells),
+        })
+    }
+
+    fn subscribe(
+        hub: &mut Hub,
+        t: &Arc<Table>,
+        channel: u64,
+        filter: &str,
+        options: BindingOptions,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(64);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle {
+                id: channel,
+                tx,
+                kill: CancellationToken::new(),
+                close_reason: Arc::default(),
+            },
+            channel,
+            topic: Arc::from(format!("realtime:c{channel}")),
+            bindings: vec![Binding {
+                id: channel as u32,
+                events: EventMask::ALL,
+                target: Target::Table(t.clone()),
+                filter: Filter::parse(filter).unwrap(),
+                access: BindingAccess::default(),
+                options,
+            }],
+            done,
+        });
+        rx
+    }
+
+    /// The `data` of each change frame queued, or the event of each push.
+    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            out.push(match o {
+                Outbound::Change { data, .. } => serde_json::from_str(&data).unwrap(),
+                Outbound::Push { event, payload, .. } => {
+                    serde_json::json!({"push": event, "payload": serde_json::from_str::<serde_json::Value>(&payload).unwrap()})
+                }
+                other => panic!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn select_moves_and_truncate_shape_the_payloads() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let select = BindingOptions {
+            select: Some(Arc::new(vec!["id".into(), "status".into()])),
+            moves: false,
+        };
+        let moves = BindingOptions {
+            select: None,
+            moves: true,
+        };
+        let mut sel = subscribe(&mut hub, &t, 1, "status=eq.new", select);
+        let mut mov = subscribe(&mut hub, &t, 2, "status=eq.new", moves.clone());
+        let mut plain = subscribe(&mut hub, &t, 3, "status=eq.new", BindingOptions::default());
+        let mut keyed_or = subscribe(&mut hub, &t, 4, "or=(status.eq.new,status.eq.x)", moves);
+        hub.route(&change(
+            &t,
+            ChangeKind::Insert,
+            Some(&["1", "new", "5"]),
+            None,
+        ));
+        let d = &drain(&mut sel)[0];
+        assert_eq!(
+            d["columns"],
+            serde_json::json!([{"name": "id", "type": "int4"}, {"name": "status", "type": "text"}])
+        );
+        assert_eq!(d["record"], serde_json::json!({"id": 1, "status": "new"}));
+        // Out of the filter: a DELETE of the old row with moves, nothing without.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "baked", "5"]),
+            Some(&["1", "new", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[1]["type"], "DELETE");
+        assert_eq!(d[1]["old_record"]["status"], "new");
+        assert!(d[1].get("record").is_none());
+        assert_eq!(drain(&mut keyed_or)[1]["type"], "DELETE");
+        assert_eq!(drain(&mut plain).len(), 1);
+        assert!(drain(&mut sel).is_empty());
+        // Back in: an INSERT of the new row.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "new", "6"]),
+            Some(&["1", "baked", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d[0]["type"], "INSERT");
+        assert!(d[0].get("old_record").is_none());
+        assert_eq!(drain(&mut plain)[0]["type"], "UPDATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "INSERT");
+        // TRUNCATE reaches filtered bindings with moves only.
+        hub.route(&change(&t, ChangeKind::Truncate, None, None));
+        assert_eq!(drain(&mut mov)[0]["type"], "TRUNCATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "TRUNCATE");
+        assert!(drain(&mut plain).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_filter_column_closes_only_its_channel() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe(&mut hub, &t, 1, "total=gt.3", BindingOptions::default());
+        let mut b = subscribe(&mut hub, &t, 2, "status=eq.new", BindingOptions::default());
+        let t2 = table(1, &[("id", "int4"), ("status", "text")]);
+        hub.route(&change(&t2, ChangeKind::Insert, Some(&["1", "new"]), None));
+        let d = drain(&mut a);
+        assert_eq!(d[0]["push"], "system");
+        assert!(d[0]["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"total\""));
+        assert_eq!(d[1]["push"], "phx_close");
+        assert_eq!(drain(&mut b)[0]["record"]["id"], 1);
+        assert_eq!(hub.subscription_count(), 1);
+        // A dropped table: the rest is closed too.
+        hub.command(HubCommand::Published {
+            relids: vec![RelId(2)],
+            read_at: Instant::now(),
+        });
+        assert_eq!(drain(&mut b)[0]["push"], "system");
+        assert_eq!(hub.subscription_count(), 0);
+    }
+
     #[test]
     fn a_long_list_empties_by_removal_in_arrival_order() {
         let mut list = SubList::default();
