@@ -525,3 +525,55 @@ async fn drop_table_is_announced_and_a_new_table_of_the_same_name_is_joined() {
     assert_eq!(change(&mut js, "new").await["new"]["id"], 2);
     js.exit().await;
 }
+
+#[tokio::test]
+async fn moves_without_full_identity_say_so_and_fall_back() {
+    let db = "subs_moves_fallback";
+    let c = setup_db(db, "create table tasks (id int primary key, state text);").await;
+    c.batch_execute("insert into tasks values (1, 'open')")
+        .await
+        .unwrap();
+    let server = start(db, &[]).await;
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({"cmd": "connect", "url": format!("ws://127.0.0.1:{}/realtime/v1", server.port),
+               "apikey": "test-key", "vsn": "2.0.0", "trace_frames": true}),
+        T,
+    )
+    .await;
+    subscribed(
+        &mut js,
+        "open",
+        json!({"event": "*", "schema": "public", "table": "tasks", "filter": "state=eq.open",
+               "moves": true}),
+    )
+    .await;
+    let reply = js
+        .wait_for("the join reply", T, |v| {
+            v["ev"] == "frame"
+                && v["dir"] == "in"
+                && v["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("phx_reply") && t.contains("moves_unavailable"))
+        })
+        .await;
+    assert!(
+        reply["text"]
+            .as_str()
+            .unwrap()
+            .contains("REPLICA IDENTITY FULL"),
+        "{reply}"
+    );
+    // Supabase's behaviour: the row leaving the filter is not announced; the
+    // next row entering it is (the fence).
+    c.batch_execute(
+        "update tasks set state = 'done' where id = 1;
+         insert into tasks values (2, 'open');",
+    )
+    .await
+    .unwrap();
+    let ev = change(&mut js, "open").await;
+    assert_eq!(ev["eventType"], "INSERT", "{ev}");
+    assert_eq!(ev["new"]["id"], 2);
+    js.exit().await;
+}
