@@ -45,6 +45,15 @@ use crate::relation::Table;
 use crate::replication::Progress;
 use crate::value::RenderOptions;
 
+/// `system` code of a channel closed because its table's shape changed so that
+/// a binding no longer applies (a filtered or selected column dropped, a value
+/// not valid for a column's new type).
+pub const TABLE_CHANGED: &str = "TABLE_CHANGED";
+
+/// `system` code of a channel closed because its table was dropped or removed
+/// from the publication.
+pub const TABLE_UNPUBLISHED: &str = "TABLE_UNPUBLISHED";
+
 /// Close code sent to a client whose outbound queue overflowed.
 pub const CLOSE_SLOW_CLIENT: u16 = 4008;
 
@@ -647,7 +656,7 @@ impl Hub {
             );
             let channels = self.channels_of(relid);
             for ch in channels {
-                self.close_channel(ch, &message);
+                self.close_channel(ch, TABLE_UNPUBLISHED, &message);
             }
             self.tables.remove(&relid);
         }
@@ -682,7 +691,7 @@ impl Hub {
 
     /// Server-side close of a channel: a `system` error naming why, then
     /// `phx_close`, and its subscriptions leave the index.
-    fn close_channel(&mut self, channel: ChannelId, message: &str) {
+    fn close_channel(&mut self, channel: ChannelId, code: &'static str, message: &str) {
         let Some(ch) = self.channels.get(&channel) else {
             return;
         };
@@ -691,9 +700,10 @@ impl Hub {
             "status": "error",
             "message": message,
             "channel": ch.topic.strip_prefix("realtime:").unwrap_or(&ch.topic),
+            "code": code,
         })
         .to_string();
-        tracing::info!(topic = %ch.topic, %message, "closing a channel");
+        tracing::info!(topic = %ch.topic, code, %message, "closing a channel");
         for (event, payload) in [("system", payload), ("phx_close", "{}".to_string())] {
             let _ = ch.tx.try_send(Outbound::Push {
                 topic: ch.topic.clone(),
@@ -1209,7 +1219,7 @@ impl Hub {
         broken.sort();
         broken.dedup_by_key(|b| b.0);
         for (channel, why) in broken {
-            self.close_channel(channel, &why);
+            self.close_channel(channel, TABLE_CHANGED, &why);
         }
     }
 }
@@ -1502,6 +1512,7 @@ mod tests {
         hub.route(&change(&t2, ChangeKind::Insert, Some(&["1", "new"]), None));
         let d = drain(&mut a);
         assert_eq!(d[0]["push"], "system");
+        assert_eq!(d[0]["payload"]["code"], TABLE_CHANGED);
         assert!(d[0]["payload"]["message"]
             .as_str()
             .unwrap()
@@ -1514,7 +1525,7 @@ mod tests {
             relids: vec![RelId(2)],
             read_at: Instant::now(),
         });
-        assert_eq!(drain(&mut b)[0]["push"], "system");
+        assert_eq!(drain(&mut b)[0]["payload"]["code"], TABLE_UNPUBLISHED);
         assert_eq!(hub.subscription_count(), 0);
     }
 

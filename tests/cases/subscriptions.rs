@@ -53,12 +53,16 @@ async fn change(js: &mut JsClient, channel: &str) -> Value {
         .clone()
 }
 
-async fn system_error(js: &mut JsClient, channel: &str) -> String {
+/// The `system` error of a channel closed by the server, with its code; then
+/// realtime-js reports the channel `CLOSED`.
+async fn system_error(js: &mut JsClient, channel: &str, code: &str) -> String {
     let v = js
         .wait_for(&format!("a system error on {channel}"), T, |v| {
             is_on(v, "system", channel) && v["payload"]["status"] == "error"
         })
         .await;
+    assert_eq!(v["payload"]["code"], code, "{v}");
+    assert_eq!(js.status(channel, T).await, "CLOSED");
     v["payload"]["message"]
         .as_str()
         .unwrap_or_default()
@@ -423,7 +427,7 @@ async fn add_column_joins_at_once_and_drop_column_closes_its_filters() {
     )
     .await
     .unwrap();
-    let msg = system_error(&mut js, "colour").await;
+    let msg = system_error(&mut js, "colour", "TABLE_CHANGED").await;
     assert!(msg.contains("\"colour\""), "{msg}");
     // The others go on: the insert that brought the new shape reaches them.
     assert_eq!(change(&mut js, "other").await["new"]["id"], 2);
@@ -483,7 +487,7 @@ async fn alter_type_retypes_live_filters_or_closes_them() {
     assert_eq!(change(&mut js, "code").await["new"]["code"], "5");
     assert_eq!(change(&mut js, "like").await["new"]["id"], 1);
     // 7 is no bool: closed with the reason.
-    let msg = system_error(&mut js, "flag").await;
+    let msg = system_error(&mut js, "flag", "TABLE_CHANGED").await;
     assert!(msg.contains("bool"), "{msg}");
     js.exit().await;
 }
@@ -511,7 +515,7 @@ async fn drop_table_is_announced_and_a_new_table_of_the_same_name_is_joined() {
     )
     .await
     .unwrap();
-    let msg = system_error(&mut js, "old").await;
+    let msg = system_error(&mut js, "old", "TABLE_UNPUBLISHED").await;
     assert!(msg.contains("public.notes is no longer published"), "{msg}");
     subscribed(
         &mut js,
