@@ -2,10 +2,22 @@
 //!
 //! A join names tables by schema and name; the hub binds filters to column
 //! positions and types. [`Catalog`] answers "is this table in the publication,
-//! and what are its columns" from `pg_publication_tables` and `pg_attribute`, caches
-//! the answer, and reconnects when the SQL connection is lost. The replication
-//! stream remains the authority on a table's shape: when its `Relation` message
-//! differs from what a subscription was bound to, the hub rebinds (see `hub`).
+//! and what are its columns" from `pg_publication_tables` and `pg_attribute`, and
+//! reconnects when the SQL connection is lost. The replication stream remains the
+//! authority on a table's shape: when its `Relation` message differs from what a
+//! subscription was bound to, the hub rebinds (see `hub`).
+//!
+//! # Freshness
+//!
+//! A join must see the table as it is now: after `ADD COLUMN` a filter on the new
+//! column is valid at once, and after `DROP TABLE` + `CREATE TABLE` a join binds
+//! to the new relation. So a table's shape is read again for every join that
+//! arrived after the cached answer was read — but one read serves every join
+//! that was waiting for it, so a storm of joins costs one query per query
+//! round-trip, not one per join. [`watch_published`] polls which relations are
+//! published (every [`PUBLISHED_POLL`]) and tells the hub, which closes the
+//! subscriptions of a dropped or unpublished table with a `system` message
+//! (pgoutput says nothing about `DROP TABLE` or `ALTER PUBLICATION … DROP TABLE`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +36,8 @@ const PUBLICATION_TTL: Duration = Duration::from_secs(5);
 /// Longest wait for one catalog query (a join waits on it; realtime-js gives a
 /// join 10 s).
 const CATALOG_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`watch_published`] reads which relations are published.
+pub const PUBLISHED_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -51,7 +65,8 @@ pub struct Catalog {
 struct State {
     client: Option<tokio_postgres::Client>,
     types: TypeCatalog,
-    tables: HashMap<(String, String), Arc<Table>>,
+    /// Each table with the instant its catalog read was sent.
+    tables: HashMap<(String, String), (Arc<Table>, Instant)>,
     published: Vec<(String, String)>,
     published_at: Option<Instant>,
 }
@@ -115,19 +130,14 @@ impl Catalog {
         st.published_at = None;
     }
 
-    /// Looks a published table up by schema and name.
+    /// Looks a published table up by schema and name, as it is now: the answer
+    /// was read from the catalog after this call began (see "Freshness").
     pub async fn table(&self, schema: &str, table: &str) -> Result<Arc<Table>, CatalogError> {
+        let arrived = Instant::now();
         let mut st = self.state.lock().await;
         let key = (schema.to_string(), table.to_string());
-        self.refresh_published(&mut st).await?;
-        if !st.published.contains(&key) {
-            // Refresh once in case the publication just changed.
-            st.published_at = None;
-            self.refresh_published(&mut st).await?;
-        }
-        let published = st.published.contains(&key);
-        if let Some(t) = st.tables.get(&key) {
-            if published {
+        if let Some((t, read_at)) = st.tables.get(&key) {
+            if *read_at >= arrived {
                 return Ok(t.clone());
             }
         }
@@ -135,22 +145,71 @@ impl Catalog {
         let Some(c) = st.client.take() else {
             return Err(CatalogError::Database("no connection".into()));
         };
-        let res = load_table(
-            &mut st.types,
-            &c,
-            schema,
-            table,
-            published,
-            &self.publication,
-        )
-        .await;
+        let read_at = Instant::now();
+        let res = load_table(&mut st.types, &c, schema, table, &self.publication).await;
+        // A query that failed or timed out leaves the connection in doubt: drop it.
         match &res {
             Err(CatalogError::Database(_)) => {}
             _ => st.client = Some(c),
         }
-        let t = res?;
-        st.tables.insert(key, t.clone());
+        let t = match res {
+            Ok(t) => t,
+            Err(e) => {
+                st.tables.remove(&key);
+                return Err(e);
+            }
+        };
+        st.tables.insert(key, (t.clone(), read_at));
         Ok(t)
+    }
+
+    /// The relations of the publication now, as (relid, schema, table).
+    pub async fn published_relations(&self) -> Result<Vec<(RelId, String, String)>, CatalogError> {
+        let mut st = self.state.lock().await;
+        let c = client(&mut st, &self.conn).await?;
+        let rows = c
+            .query(
+                "select c.oid::int8, p.schemaname::text, p.tablename::text \
+                 from pg_catalog.pg_publication_tables p \
+                 join pg_catalog.pg_namespace n on n.nspname = p.schemaname \
+                 join pg_catalog.pg_class c on c.relnamespace = n.oid and c.relname = p.tablename \
+                 where p.pubname = $1",
+                &[&self.publication],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| (RelId(r.get::<_, i64>(0) as u32), r.get(1), r.get(2)))
+            .collect())
+    }
+}
+
+/// Polls which relations are published (every [`PUBLISHED_POLL`]) and hands the
+/// answer to the hub, which closes subscriptions of tables that were dropped or
+/// left the publication. Runs until `shutdown`; a failed read is retried on the
+/// next tick (the replication side reports a lost server).
+pub async fn watch_published(
+    catalog: Arc<Catalog>,
+    hub: tokio::sync::mpsc::Sender<crate::hub::HubCommand>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PUBLISHED_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let read_at = Instant::now();
+        let Ok(rels) = catalog.published_relations().await else {
+            continue;
+        };
+        let relids = rels.into_iter().map(|(id, _, _)| id).collect();
+        let cmd = crate::hub::HubCommand::Published { relids, read_at };
+        if hub.send(cmd).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -159,19 +218,20 @@ async fn load_table(
     c: &tokio_postgres::Client,
     schema: &str,
     table: &str,
-    published: bool,
     publication: &str,
 ) -> Result<Arc<Table>, CatalogError> {
     let rows = timed(c.query(
             "select c.oid::int8, c.relreplident::text, a.attname::text, a.atttypid::int8, \
-                    coalesce(a.attnum = any(i.indkey::int2[]), false) \
+                    coalesce(a.attnum = any(i.indkey::int2[]), false), \
+                    exists (select 1 from pg_catalog.pg_publication_tables p \
+                            where p.pubname = $3 and p.schemaname = $1 and p.tablename = $2) \
              from pg_catalog.pg_class c \
              join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
              join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
              left join pg_catalog.pg_index i on i.indrelid = c.oid and i.indisprimary \
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p') \
              order by a.attnum",
-            &[&schema, &table],
+            &[&schema, &table, &publication],
         ))
         .await?;
     if rows.is_empty() {
@@ -180,7 +240,7 @@ async fn load_table(
             table: table.into(),
         });
     }
-    if !published {
+    if !rows[0].get::<_, bool>(5) {
         return Err(CatalogError::NotPublished {
             schema: schema.into(),
             table: table.into(),

@@ -380,6 +380,8 @@ pub struct ServeConfig {
     pub limits: LimitsConfig,
     pub values: ValuesConfig,
     pub health: HealthConfig,
+    /// `[subscriptions]`: defaults of `postgres_changes` bindings.
+    pub subscriptions: SubscriptionsConfig,
     /// `[broadcast]`: payload size and per-connection rate limits.
     pub broadcast: crate::broadcast::BroadcastConfig,
     /// `[presence]`: bounds on presence state and the track rate.
@@ -499,6 +501,15 @@ impl Default for LimitsConfig {
 pub struct ValuesConfig {
     /// Render int8 and numeric as JSON strings (for JavaScript clients).
     pub big_numbers_as_strings: bool,
+}
+
+/// Defaults of `postgres_changes` bindings (README "Filters").
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    /// `moves` for bindings that do not say: deliver an UPDATE that takes a row
+    /// out of a filter as a DELETE, one that brings it in as an INSERT.
+    pub moves: bool,
 }
 
 /// Thresholds of the health levels (`walcast_health_status`, `/ready`). Each check is

@@ -273,6 +273,27 @@ impl Change {
         opts: RenderOptions,
         hide_old: bool,
     ) {
+        self.to_supabase_data_as(out, cols, opts, hide_old, self.kind)
+    }
+
+    /// [`Change::to_supabase_data`] delivered as `kind`: an UPDATE that took a row
+    /// into a subscriber's filter goes out as an INSERT of the new image (no
+    /// `old_record`), one that took it out as a DELETE of the old image (no
+    /// `record`). Any other `kind` is the change's own.
+    pub fn to_supabase_data_as(
+        &self,
+        out: &mut String,
+        cols: &(impl ColumnSet + ?Sized),
+        opts: RenderOptions,
+        hide_old: bool,
+        kind: ChangeKind,
+    ) {
+        let moved = kind != self.kind;
+        let (new, old) = match kind {
+            ChangeKind::Insert if moved => (self.new.as_ref(), None),
+            ChangeKind::Delete if moved => (None, self.old.as_ref()),
+            _ => (self.new.as_ref(), self.old.as_ref()),
+        };
         out.push_str("{\"schema\":");
         value::write_str(out, &self.table.schema);
         out.push_str(",\"table\":");
@@ -281,14 +302,14 @@ impl Change {
         out.push_str(&self.txn.commit_time.to_iso_millis());
         let _ = write!(out, "\",\"commit_lsn\":\"{}", self.txn.commit_lsn);
         out.push_str("\",\"type\":\"");
-        out.push_str(self.kind.as_str());
+        out.push_str(kind.as_str());
         out.push_str("\",\"columns\":");
         self.write_columns(out, cols);
-        if let Some(r) = &self.new {
+        if let Some(r) = new {
             out.push_str(",\"record\":");
             self.write_row(out, r, cols, opts);
         }
-        if let Some(r) = &self.old {
+        if let Some(r) = old {
             out.push_str(",\"old_record\":");
             if hide_old {
                 out.push_str("{}");
@@ -296,7 +317,7 @@ impl Change {
                 self.write_row(out, r, cols, opts);
             }
         }
-        if self.unchanged_toast().next().is_some() {
+        if new.is_some() && self.unchanged_toast().next().is_some() {
             out.push_str(",\"unchanged_toast\":");
             self.write_unchanged_toast(out, cols);
         }

@@ -36,8 +36,25 @@
 //! empty condition (`a=eq.1,,b=eq.2`) is an error. `in` lists hold at most
 //! [`MAX_IN_VALUES`] values. `is` takes `null`, `true`, `false` or `unknown`
 //! (the last three on `bool` columns only). `match` and `imatch` (POSIX regular
-//! expressions) are recognised and rejected with a clear error: walcast has no
-//! regex engine with PostgreSQL's semantics.
+//! expressions), `cs` `cd` `ov` (containment), the range operators and full-text
+//! search are recognised and rejected with an error naming what to use instead:
+//! walcast has no bounded in-process engine with PostgreSQL's semantics for them.
+//!
+//! # Logic groups
+//!
+//! ```text
+//! group      = [ "not." ] ( "or" | "and" ) "=(" item *( "," item ) ")"   ; a top-level condition
+//! item       = column "." [ "not." ] operator "." value
+//!            | [ "not." ] ( "or" | "and" ) "(" item *( "," item ) ")"
+//! ```
+//!
+//! PostgREST's syntax: `or=(status.eq.new,total.gt.100)`, nested as in
+//! `or=(a.eq.1,and(b.gt.2,c.lt.3))`. Groups are ANDed with the plain
+//! conditions beside them and evaluated with SQL's three-valued AND/OR/NOT.
+//! They nest at most [`MAX_GROUP_DEPTH`] deep and a filter holds at most
+//! [`MAX_CONDITIONS`] conditions. A group whose every branch is a non-negated
+//! `eq`/`in` on one column is used as the routing index key (the union of the
+//! branches' keys) when no plain `eq`/`in` condition is.
 //!
 //! # Comparison rules
 //!
@@ -183,10 +200,34 @@ impl Condition {
     }
 }
 
-/// A parsed, unbound filter: the AND of its conditions. Empty = matches every row.
+/// A parsed, unbound filter: the AND of its conditions and its logic groups
+/// (`or=(…)`, `and=(…)`). Empty = matches every row.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     conditions: Vec<Condition>,
+    groups: Vec<Group>,
+}
+
+/// The deepest nesting of `and(…)` / `or(…)` groups a filter may use.
+pub const MAX_GROUP_DEPTH: usize = 4;
+
+/// The most conditions one filter may hold, groups included.
+pub const MAX_CONDITIONS: usize = 100;
+
+/// A PostgREST logic group: `or=(a.eq.1,and(b.gt.2,c.lt.3))`, optionally `not.`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub negated: bool,
+    /// `true`: OR of the items; `false`: AND.
+    pub or: bool,
+    pub items: Vec<GroupItem>,
+}
+
+/// One member of a [`Group`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupItem {
+    Condition(Condition),
+    Group(Group),
 }
 
 /// What is wrong with a filter, phrased for the subscriber who wrote it.
@@ -223,6 +264,16 @@ pub enum FilterError {
         condition: String,
         hint: &'static str,
     },
+    #[error(
+        "malformed logic group {group:?}: {reason}; write or=(status.eq.new,total.gt.100), \
+         nesting with and(…) / or(…), as in or=(a.eq.1,and(b.gt.2,c.lt.3))"
+    )]
+    MalformedGroup { group: String, reason: &'static str },
+    #[error(
+        "filter {filter:?} nests and(…)/or(…) deeper than {MAX_GROUP_DEPTH} levels or holds more \
+         than {MAX_CONDITIONS} conditions: simplify it, or split it over several bindings"
+    )]
+    TooComplex { filter: String },
     #[error("too many values in {condition:?}: an in list holds at most {MAX_IN_VALUES} values")]
     TooManyValues { condition: String },
     #[error("unknown column {column:?} in {condition:?}: table {table} has columns {columns}")]
@@ -261,20 +312,43 @@ impl Filter {
             return Ok(Filter::default());
         }
         let mut conditions = Vec::new();
+        let mut groups = Vec::new();
+        let mut count = 0;
         for seg in split_top_level(s)? {
             if seg.trim().is_empty() {
                 return Err(FilterError::EmptyCondition {
                     filter: s.to_string(),
                 });
             }
-            conditions.push(parse_condition(seg)?);
+            match top_level_group(seg) {
+                Some((negated, or, inner)) => {
+                    groups.push(parse_group(s, seg, negated, or, inner, 1, &mut count)?)
+                }
+                None => {
+                    count += 1;
+                    conditions.push(parse_condition(seg)?)
+                }
+            }
+            if count > MAX_CONDITIONS {
+                return Err(FilterError::TooComplex {
+                    filter: s.to_string(),
+                });
+            }
         }
-        Ok(Filter { conditions })
+        Ok(Filter { conditions, groups })
     }
 
     /// A filter of the given conditions (ANDed).
     pub fn from_conditions(conditions: Vec<Condition>) -> Filter {
-        Filter { conditions }
+        Filter {
+            conditions,
+            groups: Vec::new(),
+        }
+    }
+
+    /// The logic groups (`or=(…)`, `and=(…)`), ANDed with the conditions.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
     }
 
     /// `column = value`, for filters built in code (e.g. from JWT claims): no
@@ -291,6 +365,7 @@ impl Filter {
     /// Both filters' conditions (AND).
     pub fn and(mut self, other: Filter) -> Filter {
         self.conditions.extend(other.conditions);
+        self.groups.extend(other.groups);
         self
     }
 
@@ -299,8 +374,116 @@ impl Filter {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conditions.is_empty()
+        self.conditions.is_empty() && self.groups.is_empty()
     }
+}
+
+/// `or=(…)`, `and=(…)`, `not.or=(…)`, `not.and=(…)` at the top level: (negated,
+/// or, the text inside the parentheses). A column named `or` compared with an
+/// operator (`or=eq.1`) is not a group.
+fn top_level_group(seg: &str) -> Option<(bool, bool, &str)> {
+    let t = seg.trim_matches(is_pg_space);
+    let (negated, t) = match t.strip_prefix("not.") {
+        Some(r) => (true, r),
+        None => (false, t),
+    };
+    let (or, rest) = if let Some(r) = t.strip_prefix("or=") {
+        (true, r)
+    } else if let Some(r) = t.strip_prefix("and=") {
+        (false, r)
+    } else {
+        return None;
+    };
+    let inner = rest.trim_start_matches(is_pg_space).strip_prefix('(')?;
+    Some((negated, or, inner.strip_suffix(')').unwrap_or(inner)))
+}
+
+/// Parses the items of a group (the text inside its parentheses).
+fn parse_group(
+    filter: &str,
+    seg: &str,
+    negated: bool,
+    or: bool,
+    inner: &str,
+    depth: usize,
+    count: &mut usize,
+) -> Result<Group, FilterError> {
+    let malformed = |reason| FilterError::MalformedGroup {
+        group: seg.trim().to_string(),
+        reason,
+    };
+    if depth > MAX_GROUP_DEPTH {
+        return Err(FilterError::TooComplex {
+            filter: filter.to_string(),
+        });
+    }
+    if !seg.trim_end_matches(is_pg_space).ends_with(')') {
+        return Err(malformed("the group's parentheses are not closed"));
+    }
+    if inner.trim_matches(is_pg_space).is_empty() {
+        return Err(malformed("the group is empty"));
+    }
+    let mut items = Vec::new();
+    for item in split_top_level(inner)? {
+        let t = item.trim_matches(is_pg_space);
+        if t.is_empty() {
+            return Err(malformed("an empty item between commas"));
+        }
+        let (neg, rest) = match t.strip_prefix("not.") {
+            Some(r) if r.starts_with("or(") || r.starts_with("and(") => (true, r),
+            _ => (false, t),
+        };
+        let nested = if let Some(r) = rest.strip_prefix("or(") {
+            Some((true, r))
+        } else {
+            rest.strip_prefix("and(").map(|r| (false, r))
+        };
+        if let Some((sub_or, r)) = nested {
+            let body = r
+                .strip_suffix(')')
+                .ok_or(malformed("a nested group's parentheses are not closed"))?;
+            items.push(GroupItem::Group(parse_group(
+                filter,
+                t,
+                neg,
+                sub_or,
+                body,
+                depth + 1,
+                count,
+            )?));
+            continue;
+        }
+        *count += 1;
+        if *count > MAX_CONDITIONS {
+            return Err(FilterError::TooComplex {
+                filter: filter.to_string(),
+            });
+        }
+        // `column.op.value`: the column ends at the first dot outside quotes.
+        let (column, rest) = if t.starts_with('"') {
+            let (col, after) =
+                read_quoted(t).ok_or(malformed("a quoted column name is not closed"))?;
+            let rest = after
+                .strip_prefix('.')
+                .ok_or(malformed("expected a dot after the column name"))?;
+            (col, rest)
+        } else {
+            let (col, rest) = t.split_once('.').ok_or(malformed(
+                "a condition inside a group is column.op.value, with dots",
+            ))?;
+            (col.trim_matches(is_pg_space).to_string(), rest)
+        };
+        if column.is_empty() {
+            return Err(malformed("a condition has no column name"));
+        }
+        if column.contains('=') {
+            return Err(malformed(
+                "a condition inside a group is column.op.value, with dots, not =",
+            ));
+        }
+        items.push(GroupItem::Condition(parse_op_value(t, column, rest)?));
+    }
+    Ok(Group { negated, or, items })
 }
 
 fn is_pg_space(c: char) -> bool {
@@ -399,13 +582,22 @@ fn parse_condition(seg: &str) -> Result<Condition, FilterError> {
             "no column name before =; write column=op.value, as in \"id=eq.1\"",
         ));
     }
+    parse_op_value(seg, column, rest)
+}
+
+/// The `[not.]op.value` part of a condition on `column`; `seg` names it in errors.
+fn parse_op_value(seg: &str, column: String, rest: &str) -> Result<Condition, FilterError> {
+    let malformed = |reason| FilterError::Malformed {
+        condition: seg.to_string(),
+        reason,
+    };
     let rest = rest.trim_start_matches(is_pg_space);
     let (negated, rest) = match rest.strip_prefix("not.") {
         Some(r) => (true, r),
         None => (false, rest),
     };
     let Some((op_name, raw)) = rest.split_once('.') else {
-        if Op::from_name(rest).is_some() || rest == "match" || rest == "imatch" {
+        if Op::from_name(rest).is_some() || unsupported_hint(rest).is_some() {
             return Err(malformed(
                 "the operator needs a value after a dot, as in \"id=eq.1\"",
             ));
@@ -422,11 +614,11 @@ fn parse_condition(seg: &str) -> Result<Condition, FilterError> {
     };
     let op = match Op::from_name(op_name) {
         Some(op) => op,
-        None if op_name == "match" || op_name == "imatch" => {
+        None if unsupported_hint(op_name).is_some() => {
             return Err(FilterError::UnsupportedOperator {
                 op: op_name.to_string(),
                 condition: seg.to_string(),
-                hint: "regular expressions are not evaluated; use like or ilike",
+                hint: unsupported_hint(op_name).unwrap_or_default(),
             })
         }
         None => {
@@ -462,6 +654,28 @@ fn parse_condition(seg: &str) -> Result<Condition, FilterError> {
         negated,
         op,
         operand,
+    })
+}
+
+/// PostgREST operators walcast recognises and refuses, with what to use instead.
+fn unsupported_hint(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "match" | "imatch" => {
+            "regular expressions are not evaluated (PostgreSQL's POSIX dialect has no \
+             bounded in-process equivalent); use like or ilike, or or=(…) of eq/like"
+        }
+        "cs" | "cd" | "ov" => {
+            "array and jsonb containment is not evaluated; compare the whole value with eq \
+             (as PostgreSQL prints it), or keep the tested element in its own column"
+        }
+        "sl" | "sr" | "nxl" | "nxr" | "adj" => {
+            "range operators are not evaluated; compare the range's bounds kept in their own \
+             columns with lt/gt"
+        }
+        "fts" | "plfts" | "phfts" | "wfts" => {
+            "full-text search is not evaluated; use like or ilike"
+        }
+        _ => return None,
     })
 }
 
@@ -566,16 +780,24 @@ fn write_quoted(f: &mut fmt::Formatter<'_>, v: &str) -> fmt::Result {
 impl fmt::Display for Condition {
     /// The PostgREST form, quoted where needed; [`Filter::parse`] reads it back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, "=")
+    }
+}
+
+impl Condition {
+    /// Written with `sep` after the column: `=` at the top level, `.` in a group.
+    fn write(&self, f: &mut fmt::Formatter<'_>, sep: &str) -> fmt::Result {
         let col = &self.column;
-        if col.contains(['=', ',', '(', ')', '"', '\\'])
+        if col.contains(['=', ',', '(', ')', '"', '\\', '.'])
             || col.starts_with(is_pg_space)
             || col.ends_with(is_pg_space)
+            || matches!(col.as_str(), "or" | "and" | "not")
         {
             write_quoted(f, col)?;
         } else {
             f.write_str(col)?;
         }
-        f.write_str("=")?;
+        f.write_str(sep)?;
         if self.negated {
             f.write_str("not.")?;
         }
@@ -610,7 +832,33 @@ impl fmt::Display for Filter {
             }
             write!(f, "{c}")?;
         }
+        for (i, g) in self.groups.iter().enumerate() {
+            if i > 0 || !self.conditions.is_empty() {
+                f.write_str(",")?;
+            }
+            g.write(f, true)?;
+        }
         Ok(())
+    }
+}
+
+impl Group {
+    fn write(&self, f: &mut fmt::Formatter<'_>, top: bool) -> fmt::Result {
+        if self.negated {
+            f.write_str("not.")?;
+        }
+        f.write_str(if self.or { "or" } else { "and" })?;
+        f.write_str(if top { "=(" } else { "(" })?;
+        for (i, item) in self.items.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match item {
+                GroupItem::Condition(c) => c.write(f, ".")?,
+                GroupItem::Group(g) => g.write(f, false)?,
+            }
+        }
+        f.write_str(")")
     }
 }
 
@@ -1381,6 +1629,87 @@ fn like_matches(p: &[LikeToken], s: &str, fold: bool) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct BoundFilter {
     conditions: Vec<Bound>,
+    /// Logic groups; empty for filters without `or`/`and`, so they cost nothing.
+    groups: Vec<BoundGroup>,
+}
+
+#[derive(Clone, Debug)]
+struct BoundGroup {
+    negated: bool,
+    or: bool,
+    items: Vec<BoundItem>,
+}
+
+#[derive(Clone, Debug)]
+enum BoundItem {
+    Condition(Bound),
+    Group(BoundGroup),
+}
+
+impl BoundGroup {
+    /// SQL three-valued AND / OR over the items.
+    fn eval(&self, row: &Row) -> Option<bool> {
+        let mut unknown = false;
+        for item in &self.items {
+            let v = match item {
+                BoundItem::Condition(c) => c.eval(row),
+                BoundItem::Group(g) => g.eval(row),
+            };
+            match v {
+                Some(b) if b == self.or => return Some(self.or != self.negated),
+                Some(_) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            None
+        } else {
+            Some(self.or == self.negated)
+        }
+    }
+
+    /// The keys of a non-negated OR whose every branch is a non-negated `eq`/`in`
+    /// on one keyed column: a row can match only with one of them.
+    fn index_key(&self) -> Option<(usize, Vec<String>)> {
+        if self.negated || !self.or {
+            return None;
+        }
+        let mut column = None;
+        let mut keys = Vec::new();
+        for item in &self.items {
+            let BoundItem::Condition(c) = item else {
+                return None;
+            };
+            if c.negated || !c.class.keyed() || column.is_some_and(|col| col != c.column) {
+                return None;
+            }
+            column = Some(c.column);
+            match &c.test {
+                Test::Compare(Op::Eq, v) => keys.push(v.key()),
+                Test::In { values, .. } => keys.extend(values.iter().map(Value::key)),
+                _ => return None,
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Some((column?, keys))
+    }
+}
+
+fn bind_group(g: &Group, table: &Table) -> Result<BoundGroup, FilterError> {
+    let items = g
+        .items
+        .iter()
+        .map(|i| match i {
+            GroupItem::Condition(c) => bind_condition(c, table).map(BoundItem::Condition),
+            GroupItem::Group(g) => bind_group(g, table).map(BoundItem::Group),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(BoundGroup {
+        negated: g.negated,
+        or: g.or,
+        items,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -1418,7 +1747,12 @@ impl Filter {
             .iter()
             .map(|c| bind_condition(c, table))
             .collect::<Result<_, _>>()?;
-        Ok(BoundFilter { conditions })
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| bind_group(g, table))
+            .collect::<Result<_, _>>()?;
+        Ok(BoundFilter { conditions, groups })
     }
 }
 
@@ -1618,10 +1952,11 @@ impl BoundFilter {
     /// Whether every condition holds for `row` (SQL semantics: unknown is not a match).
     pub fn matches(&self, row: &Row) -> bool {
         self.conditions.iter().all(|c| c.eval(row) == Some(true))
+            && (self.groups.is_empty() || self.groups.iter().all(|g| g.eval(row) == Some(true)))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conditions.is_empty()
+        self.conditions.is_empty() && self.groups.is_empty()
     }
 
     /// One non-negated `eq` (preferred) or `in` condition on a column with canonical
@@ -1649,6 +1984,7 @@ impl BoundFilter {
                     _ => None,
                 })
         })
+        .or_else(|| self.groups.iter().find_map(BoundGroup::index_key))
     }
 }
 
@@ -1868,6 +2204,74 @@ mod tests {
         ] {
             Filter::parse(s).unwrap().bind(&t).unwrap();
         }
+    }
+
+    #[test]
+    fn or_groups_parse_bind_evaluate_and_index() {
+        let t = table(&[("status", "text"), ("total", "int4")]);
+        let f = Filter::parse("or=(status.eq.new,total.gt.100)").unwrap();
+        assert_eq!(f.groups().len(), 1);
+        assert_eq!(f.to_string(), "or=(status.eq.new,total.gt.100)");
+        let b = f.bind(&t).unwrap();
+        assert!(b.matches(&row(&[Some("new"), Some("5")])));
+        assert!(b.matches(&row(&[Some("old"), Some("500")])));
+        assert!(!b.matches(&row(&[Some("old"), Some("5")])));
+        // Unknown OR true is true; unknown OR false is not a match.
+        assert!(b.matches(&row(&[None, Some("500")])));
+        assert!(!b.matches(&row(&[None, Some("5")])));
+        // Nesting, negation, and a plain condition beside the group.
+        let f = "total=gte.0,not.or=(status.eq.a,and(status.eq.b,total.lt.3))";
+        let b = Filter::parse(f).unwrap().bind(&t).unwrap();
+        assert_eq!(Filter::parse(f).unwrap().to_string(), f);
+        assert!(!b.matches(&row(&[Some("a"), Some("1")])));
+        assert!(!b.matches(&row(&[Some("b"), Some("1")])));
+        assert!(b.matches(&row(&[Some("b"), Some("5")])));
+        // Indexed when every branch is an eq/in on one column.
+        let b = Filter::parse("or=(status.eq.a,status.in.(b,c))")
+            .unwrap()
+            .bind(&t)
+            .unwrap();
+        assert_eq!(b.index_key().map(|k| k.1.len()), Some(3));
+        let b = Filter::parse("or=(status.eq.a,total.eq.1)")
+            .unwrap()
+            .bind(&t)
+            .unwrap();
+        assert!(b.index_key().is_none());
+        // Typed like other operators.
+        let e = Filter::parse("or=(total.eq.x,status.eq.a)")
+            .unwrap()
+            .bind(&t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid int4"), "{e}");
+        // A column named `or` is still a column.
+        assert_eq!(Filter::parse("or=eq.1").unwrap().conditions().len(), 1);
+    }
+
+    #[test]
+    fn malformed_or_deep_groups_get_clear_errors() {
+        for (f, want) in [
+            ("or=()", "the group is empty"),
+            ("or=(a.eq.1,)", "an empty item"),
+            ("or=(a.eq.1", "unbalanced parentheses"),
+            ("or=(a=eq.1)", "column.op.value"),
+            ("or=(a.eq.1,and(b.eq.2)", "unbalanced parentheses"),
+            ("or=(a.zz.1,b.eq.2)", "unknown operator"),
+            (
+                "or=(a.eq.1,and(b.eq.1,or(c.eq.1,and(d.eq.1,or(e.eq.1,f.eq.2)))))",
+                "deeper than 4",
+            ),
+            ("a=cs.{1,2}", "containment is not evaluated"),
+            ("a=fts.cat", "full-text search"),
+        ] {
+            let e = parse_err(f);
+            assert!(e.contains(want), "{f}: {e}");
+        }
+        let many = (0..101)
+            .map(|i| format!("a.eq.{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(parse_err(&format!("or=({many})")).contains("more than 100 conditions"));
     }
 
     #[test]

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,15 @@ use crate::pgoutput::RelId;
 use crate::relation::Table;
 use crate::replication::Progress;
 use crate::value::RenderOptions;
+
+/// `system` code of a channel closed because its table's shape changed so that
+/// a binding no longer applies (a filtered or selected column dropped, a value
+/// not valid for a column's new type).
+pub const TABLE_CHANGED: &str = "TABLE_CHANGED";
+
+/// `system` code of a channel closed because its table was dropped or removed
+/// from the publication.
+pub const TABLE_UNPUBLISHED: &str = "TABLE_UNPUBLISHED";
 
 /// Close code sent to a client whose outbound queue overflowed.
 pub const CLOSE_SLOW_CLIENT: u16 = 4008;
@@ -68,6 +78,13 @@ pub enum Outbound {
         topic: Arc<str>,
         ids: BindingIds,
         data: Arc<str>,
+    },
+    /// A server push to one channel (`system`, `phx_close`), framed by the writer
+    /// for the connection's protocol version, without a join ref.
+    Push {
+        topic: Arc<str>,
+        event: &'static str,
+        payload: String,
     },
 }
 
@@ -272,6 +289,7 @@ impl Outbound {
                 },
                 Outbound::Change { topic, ids, data } => topic.len() + 12 * ids.len() + data.len(),
                 Outbound::System { topic, payload } => topic.len() + payload.len(),
+                Outbound::Push { topic, payload, .. } => topic.len() + payload.len(),
             }
     }
 }
@@ -360,6 +378,21 @@ pub struct Binding {
     pub filter: Filter,
     /// What the subscriber's token allows (all, without auth).
     pub access: BindingAccess,
+    /// What the subscriber asked for beyond the filter (`select`, `moves`).
+    pub options: BindingOptions,
+}
+
+/// A binding's optional behaviour (see README "Filters").
+#[derive(Clone, Debug, Default)]
+pub struct BindingOptions {
+    /// `select`: only these columns in `record`, `old_record` and `columns`
+    /// (already checked to exist and be visible); `None` = every visible column.
+    pub select: Option<Arc<Vec<String>>>,
+    /// `moves`: an UPDATE that takes a row out of the binding's filter or rule is
+    /// delivered as a DELETE, one that brings it in as an INSERT, and a TRUNCATE
+    /// reaches filtered bindings. Only honoured on tables with REPLICA IDENTITY
+    /// FULL (the old image must be complete).
+    pub moves: bool,
 }
 
 /// The auth rule applied to a binding (see `auth`).
@@ -410,6 +443,13 @@ pub enum HubCommand {
     /// Whether replication is ready now (sent periodically by the outage monitor;
     /// also expires replication-ready watches past their deadline).
     ReplicationReady(bool),
+    /// The relations published as of `read_at` (from `catalog::watch_published`):
+    /// subscriptions to a table that is no longer among them, made before
+    /// `read_at`, are closed with a `system` message.
+    Published {
+        relids: Vec<RelId>,
+        read_at: Instant,
+    },
 }
 
 /// A `system` message to all `postgres_changes` channels.
@@ -457,16 +497,79 @@ fn kind_index(kind: ChangeKind) -> usize {
 
 type SubId = usize;
 
-/// A change's `data` encoded for one (column mask, old image hidden) variant.
-type Encoding = (Option<Arc<[bool]>>, bool, Arc<str>);
+/// A change's `data` encoded for one (column mask, old image hidden) variant, as a kind.
+type Encoding = (EncodingKey, ChangeKind, Arc<str>);
+
+/// Hands one change's frames to channels, encoding each payload variant once.
+struct Delivery<'a> {
+    encodings: &'a mut Vec<Encoding>,
+    change: &'a Change,
+    render: RenderOptions,
+    delivered: ChangeKind,
+    queued: &'a mut u64,
+    slow: &'a mut Vec<ConnId>,
+}
+
+impl Delivery<'_> {
+    fn send(&mut self, ch: &ChannelState, key: &EncodingKey, ids: BindingIds) {
+        let data = match self
+            .encodings
+            .iter()
+            .find(|e| e.1 == self.delivered && same_encoding(&e.0, key))
+        {
+            Some(e) => e.2.clone(),
+            None => {
+                let mut text = String::with_capacity(512);
+                match &key.0 {
+                    Some(m) => self.change.to_supabase_data_as(
+                        &mut text,
+                        &m[..],
+                        self.render,
+                        key.1,
+                        self.delivered,
+                    ),
+                    None => self.change.to_supabase_data_as(
+                        &mut text,
+                        &AllColumns,
+                        self.render,
+                        key.1,
+                        self.delivered,
+                    ),
+                }
+                let d: Arc<str> = Arc::from(text);
+                self.encodings
+                    .push((key.clone(), self.delivered, d.clone()));
+                d
+            }
+        };
+        let out = Outbound::Change {
+            topic: ch.topic.clone(),
+            ids,
+            data,
+        };
+        match queue(&ch.tx, &ch.queued, out) {
+            Ok(()) => *self.queued += 1,
+            Err(_) => self.slow.push(ch.conn),
+        }
+    }
+}
 
 /// A subscription that matched a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Hit {
     channel: ChannelId,
+    /// The kind delivered ([`kind_index`]): the change's own, or a move's.
+    kind: u8,
     binding_id: u32,
     sub: SubId,
 }
+
+const KINDS: [ChangeKind; 4] = [
+    ChangeKind::Insert,
+    ChangeKind::Update,
+    ChangeKind::Delete,
+    ChangeKind::Truncate,
+];
 
 struct Sub {
     channel: ChannelId,
@@ -478,8 +581,11 @@ struct Sub {
     bound: Option<BoundFilter>,
     /// The row rule alone, to judge an UPDATE's old image.
     rule: Option<BoundFilter>,
-    /// Column allow-list as a mask over the table's columns.
+    /// Column allow-list (rule and `select`) as a mask over the table's columns.
     mask: Option<Arc<[bool]>>,
+    options: BindingOptions,
+    /// Moves are on and the table's old images are complete.
+    moves: bool,
     /// Where the sub sits in its table's index, to remove it.
     slot: IndexSlot,
 }
@@ -518,6 +624,10 @@ struct TableIndex {
     table: Arc<Table>,
     keyed: HashMap<usize, HashMap<String, SubList>>,
     scan: SubList,
+    /// Subs with moves on: when non-zero, an UPDATE's old row is looked up too.
+    moves: usize,
+    /// When the index was made (a `Published` list read earlier does not judge it).
+    since: Instant,
 }
 
 pub struct Hub {
@@ -688,10 +798,127 @@ impl Hub {
                 }
             }
             HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
+            HubCommand::Published { relids, read_at } => self.unpublished(&relids, read_at),
         }
     }
 
-    fn add_sub(&mut self, channel: ChannelId, b: Binding) -> SubId {
+    /// Closes the channels subscribed to tables that are no longer published.
+    fn unpublished(&mut self, relids: &[RelId], read_at: Instant) {
+        let gone: Vec<RelId> = self
+            .tables
+            .iter()
+            .filter(|(id, ti)| ti.since < read_at && !relids.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for relid in gone {
+            let Some(ti) = self.tables.get(&relid) else {
+                continue;
+            };
+            let message = format!(
+                "table {}.{} is no longer published (dropped, or removed from the publication): \
+                 this channel is closed; rejoin once the table is back",
+                ti.table.schema, ti.table.name
+            );
+            let channels = self.channels_of(relid);
+            for ch in channels {
+                self.close_channel(ch, TABLE_UNPUBLISHED, &message);
+            }
+            self.tables.remove(&relid);
+        }
+    }
+
+    /// The channels with a subscription in a table's index.
+    fn channels_of(&self, relid: RelId) -> Vec<ChannelId> {
+        let mut out: Vec<ChannelId> = self
+            .subs_of(relid)
+            .into_iter()
+            .filter_map(|sid| self.subs.get(sid)?.as_ref().map(|s| s.channel))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn subs_of(&self, relid: RelId) -> Vec<SubId> {
+        let Some(ti) = self.tables.get(&relid) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<SubId> = ti.scan.iter().collect();
+        for col in ti.keyed.values() {
+            for v in col.values() {
+                ids.extend(v.iter());
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Server-side close of a channel: a `system` error naming why, then
+    /// `phx_close`, and its subscriptions leave the index.
+    fn close_channel(&mut self, channel: ChannelId, code: &'static str, message: &str) {
+        let Some(ch) = self.channels.get(&channel) else {
+            return;
+        };
+        let payload = serde_json::json!({
+            "extension": "system",
+            "status": "error",
+            "message": message,
+            "channel": ch.topic.strip_prefix("realtime:").unwrap_or(&ch.topic),
+            "code": code,
+        })
+        .to_string();
+        tracing::info!(topic = %ch.topic, code, %message, "closing a channel");
+        for (event, payload) in [("system", payload), ("phx_close", "{}".to_string())] {
+            let out = Outbound::Push {
+                topic: ch.topic.clone(),
+                event,
+                payload,
+            };
+            // Within the byte bound like every frame; a client too slow to take
+            // it is closed as slow by the next change anyway.
+            let _ = queue(&ch.tx, &ch.queued, out);
+        }
+        self.remove_channel(channel);
+    }
+
+    /// Why a binding can no longer be bound to `t` (a column it names is gone, or a
+    /// value no longer parses as its column's new type).
+    fn bind_problem(b: &Binding, t: &Table) -> Option<String> {
+        if let Err(e) = b.filter.bind(t) {
+            return Some(format!(
+                "the table changed and the filter no longer applies: {e}"
+            ));
+        }
+        if let Some(rule) = &b.access.rows {
+            if rule.bind(t).is_err() {
+                return Some(
+                    "the table changed and the access rule no longer applies to it".to_string(),
+                );
+            }
+        }
+        if let Some(sel) = &b.options.select {
+            if let Some(c) = sel.iter().find(|c| t.column_index(c).is_none()) {
+                return Some(format!(
+                    "the table changed: selected column {c:?} no longer exists"
+                ));
+            }
+        }
+        None
+    }
+
+    fn add_sub(&mut self, channel: ChannelId, mut b: Binding) -> SubId {
+        // The stream is the authority on a table's shape: when the hub already
+        // knows the table from the stream, bind to that (unless the join saw a
+        // newer shape the stream has not described yet; then the next `Relation`
+        // rebinds it).
+        if let Target::Table(t) = &b.target {
+            if let Some(ti) = self.tables.get(&t.id) {
+                if !Arc::ptr_eq(&ti.table, t) && Self::bind_problem(&b, &ti.table).is_none() {
+                    b.target = Target::Table(ti.table.clone());
+                }
+            }
+        }
         let (slot, bound) = match &b.target {
             Target::Table(t) => {
                 let combined = match &b.access.rows {
@@ -725,15 +952,26 @@ impl Hub {
         let (rule, mask) = match &b.target {
             Target::Table(t) => (
                 b.access.rows.as_ref().and_then(|r| r.bind(t).ok()),
-                b.access.columns.as_ref().map(|cols| {
+                (b.access.columns.is_some() || b.options.select.is_some()).then(|| {
                     t.columns
                         .iter()
-                        .map(|c| cols.contains(&c.name))
+                        .map(|c| {
+                            b.access
+                                .columns
+                                .as_ref()
+                                .is_none_or(|v| v.contains(&c.name))
+                                && b.options
+                                    .select
+                                    .as_ref()
+                                    .is_none_or(|v| v.contains(&c.name))
+                        })
                         .collect::<Arc<[bool]>>()
                 }),
             ),
             Target::Pattern { .. } => (None, None),
         };
+        let moves = b.options.moves
+            && matches!(&b.target, Target::Table(t) if t.replica_identity == crate::pgoutput::ReplicaIdentity::Full);
         let sub = Sub {
             channel,
             binding_id: b.id,
@@ -743,6 +981,8 @@ impl Hub {
             bound,
             rule,
             mask,
+            options: b.options,
+            moves,
             slot: slot.clone(),
         };
         let id = match self.free.pop() {
@@ -769,12 +1009,17 @@ impl Hub {
                 Some(t),
             ) => {
                 let ti = self.table_index(relid, t);
+                ti.moves += usize::from(moves);
                 let col = ti.keyed.entry(column).or_default();
                 for k in keys {
                     col.entry(k).or_default().insert(id);
                 }
             }
-            (IndexSlot::Scan { relid }, Some(t)) => self.table_index(relid, t).scan.insert(id),
+            (IndexSlot::Scan { relid }, Some(t)) => {
+                let ti = self.table_index(relid, t);
+                ti.moves += usize::from(moves);
+                ti.scan.insert(id)
+            }
             _ => self.patterns.insert(id),
         }
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -786,6 +1031,8 @@ impl Hub {
             table,
             keyed: HashMap::new(),
             scan: SubList::default(),
+            moves: 0,
+            since: Instant::now(),
         })
     }
 
@@ -795,6 +1042,15 @@ impl Hub {
         };
         self.free.push(id);
         self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if sub.moves {
+            let relid = match &sub.slot {
+                IndexSlot::Keyed { relid, .. } | IndexSlot::Scan { relid } => Some(*relid),
+                IndexSlot::Pattern { .. } => None,
+            };
+            if let Some(ti) = relid.and_then(|r| self.tables.get_mut(&r)) {
+                ti.moves = ti.moves.saturating_sub(1);
+            }
+        }
         match sub.slot {
             IndexSlot::Keyed {
                 relid,
@@ -881,36 +1137,78 @@ impl Hub {
             let hits = &mut self.hits;
             let mut consider = |sid: SubId| {
                 if let Some(Some(s)) = subs.get(sid) {
-                    if !s.events.has(kind) || s.access.expires_at.is_some_and(|e| e <= now) {
+                    if s.access.expires_at.is_some_and(|e| e <= now) {
                         return;
                     }
-                    let ok = match (&s.bound, row) {
-                        (Some(f), Some(r)) => f.matches(r),
-                        (Some(f), None) => f.is_empty(),
-                        // A filter that no longer binds to the table matches nothing.
-                        (None, _) => false,
+                    let delivered = if s.moves {
+                        moved_kind(s, change)
+                    } else {
+                        let ok = s.events.has(kind)
+                            && match (&s.bound, row) {
+                                (Some(f), Some(r)) => f.matches(r),
+                                (Some(f), None) => f.is_empty(),
+                                // A filter that no longer binds to the table matches nothing.
+                                (None, _) => false,
+                            };
+                        ok.then_some(kind)
                     };
-                    if ok {
+                    if let Some(k) = delivered {
                         hits.push(Hit {
                             channel: s.channel,
+                            kind: kind_index(k) as u8,
                             binding_id: s.binding_id,
                             sub: sid,
                         });
                     }
                 }
             };
-            if let Some(r) = row {
-                for (&col, map) in &ti.keyed {
-                    let Some(cell) = r.get(col) else { continue };
-                    let Some(text) = cell.text() else { continue };
-                    let Some(key) = canonical_key(&ti.table.columns[col].ty, text) else {
-                        continue;
-                    };
-                    if let Some(v) = map.get(&key) {
-                        for sid in v.iter() {
-                            consider(sid);
+            let lookup =
+                |r: &crate::event::Row, consider: &mut dyn FnMut(SubId), only_moves: bool| {
+                    for (&col, map) in &ti.keyed {
+                        let Some(cell) = r.get(col) else { continue };
+                        let Some(text) = cell.text() else { continue };
+                        let Some(column) = ti.table.columns.get(col) else {
+                            continue;
+                        };
+                        let Some(key) = canonical_key(&column.ty, text) else {
+                            continue;
+                        };
+                        if let Some(v) = map.get(&key) {
+                            for sid in v.iter() {
+                                if !only_moves
+                                    || subs
+                                        .get(sid)
+                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                                {
+                                    consider(sid);
+                                }
+                            }
                         }
                     }
+                };
+            if let Some(r) = row {
+                lookup(r, &mut consider, false);
+            }
+            if ti.moves > 0 {
+                match (kind, change.old.as_ref()) {
+                    // A row leaving a keyed filter is found by its old value.
+                    (ChangeKind::Update, Some(old)) => lookup(old, &mut consider, true),
+                    // A TRUNCATE reaches every keyed sub with moves.
+                    (ChangeKind::Truncate, _) => {
+                        for map in ti.keyed.values() {
+                            for v in map.values() {
+                                for sid in v.iter() {
+                                    if subs
+                                        .get(sid)
+                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                                    {
+                                        consider(sid);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
             for sid in ti.scan.iter() {
@@ -926,6 +1224,7 @@ impl Hub {
                     if schema_ok && table_ok && s.events.has(kind) && live {
                         self.hits.push(Hit {
                             channel: s.channel,
+                            kind: kind_index(kind) as u8,
                             binding_id: s.binding_id,
                             sub: sid,
                         });
@@ -938,71 +1237,70 @@ impl Hub {
         }
         self.hits.sort_unstable();
         self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
-        // One encoding per distinct (column mask, old image kept) among the channels.
+        // One encoding per distinct (column mask, old image kept, kind) among the channels.
         let mut encodings: Vec<Encoding> = Vec::new();
         let mut slow = Vec::new();
         let mut queued = 0u64;
         let mut i = 0;
         while i < self.hits.len() {
             let channel = self.hits[i].channel;
-            let first_sub = self.hits[i].sub;
+            let hit_kind = self.hits[i].kind;
             let start = i;
-            while i < self.hits.len() && self.hits[i].channel == channel {
+            while i < self.hits.len()
+                && self.hits[i].channel == channel
+                && self.hits[i].kind == hit_kind
+            {
                 i += 1;
             }
-            let ids = match &self.hits[start..i] {
-                [one] => BindingIds::One(one.binding_id),
-                many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
-            };
-            let Some(Some(sub)) = self.subs.get(first_sub) else {
-                continue;
-            };
-            // An UPDATE that brought a row into the subscriber's rule: its old image
-            // is not the subscriber's to see. (Under REPLICA IDENTITY FULL pgoutput
-            // flags every column as key, so "key only" cannot be trusted here.)
-            let old_key_only = kind == ChangeKind::Update
-                && match (&sub.rule, change.old.as_ref()) {
-                    (Some(rule), Some(old)) => !rule.matches(old),
-                    _ => false,
-                };
-            let data = match encodings.iter().find(|(m, k, _)| {
-                *k == old_key_only
-                    && match (m, &sub.mask) {
-                        (None, None) => true,
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-                        _ => false,
-                    }
-            }) {
-                Some((_, _, d)) => d.clone(),
-                None => {
-                    let mut text = String::with_capacity(512);
-                    match &sub.mask {
-                        Some(m) => {
-                            change.to_supabase_data(&mut text, &m[..], self.render, old_key_only)
-                        }
-                        None => change.to_supabase_data(
-                            &mut text,
-                            &AllColumns,
-                            self.render,
-                            old_key_only,
-                        ),
-                    }
-                    let d: Arc<str> = Arc::from(text);
-                    encodings.push((sub.mask.clone(), old_key_only, d.clone()));
-                    d
-                }
-            };
+            let delivered = KINDS[usize::from(hit_kind) & 3];
+            let group = &self.hits[start..i];
             let Some(ch) = self.channels.get(&channel) else {
                 continue;
             };
-            let out = Outbound::Change {
-                topic: ch.topic.clone(),
-                ids,
-                data,
+            // Bindings of one channel whose payloads differ (another `select`, an
+            // old image hidden for one only) get a frame each; nearly always one.
+            let Some(Some(first)) = self.subs.get(group[0].sub) else {
+                continue;
             };
-            match queue(&ch.tx, &ch.queued, out) {
-                Ok(()) => queued += 1,
-                Err(_) => slow.push(ch.conn),
+            let key = encoding_key(first, change, delivered);
+            let uniform = group.len() == 1
+                || group[1..].iter().all(|h| match self.subs.get(h.sub) {
+                    Some(Some(s)) => same_encoding(&encoding_key(s, change, delivered), &key),
+                    _ => true,
+                });
+            let mut out = Delivery {
+                encodings: &mut encodings,
+                change,
+                render: self.render,
+                delivered,
+                queued: &mut queued,
+                slow: &mut slow,
+            };
+            if uniform {
+                let ids = match group {
+                    [one] => BindingIds::One(one.binding_id),
+                    many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
+                };
+                out.send(ch, &key, ids);
+            } else {
+                let mut keyed: Vec<(EncodingKey, Vec<u32>)> = Vec::new();
+                for h in group {
+                    let Some(Some(s)) = self.subs.get(h.sub) else {
+                        continue;
+                    };
+                    let k = encoding_key(s, change, delivered);
+                    match keyed.iter_mut().find(|(x, _)| same_encoding(x, &k)) {
+                        Some((_, ids)) => ids.push(h.binding_id),
+                        None => keyed.push((k, vec![h.binding_id])),
+                    }
+                }
+                for (k, ids) in keyed {
+                    let ids = match &ids[..] {
+                        [one] => BindingIds::One(*one),
+                        many => BindingIds::Many(many.into()),
+                    };
+                    out.send(ch, &k, ids);
+                }
             }
         }
         if queued > 0 {
@@ -1034,7 +1332,10 @@ impl Hub {
     }
 
     /// When the stream describes a table differently from what its subscriptions
-    /// were bound to (a schema change), bind them again by column name.
+    /// were bound to (a schema change), bind them again by column name. A binding
+    /// that no longer binds (its filter's column was dropped, its value does not
+    /// parse as the column's new type, a selected column is gone) has its channel
+    /// closed with a `system` error naming why.
     fn rebind_if_changed(&mut self, relid: RelId, table: &Arc<Table>) {
         let Some(ti) = self.tables.get_mut(&relid) else {
             return;
@@ -1043,6 +1344,7 @@ impl Hub {
             return;
         }
         let same_shape = ti.table.columns.len() == table.columns.len()
+            && ti.table.replica_identity == table.replica_identity
             && ti
                 .table
                 .columns
@@ -1054,15 +1356,8 @@ impl Hub {
             return;
         }
         // Re-index every sub of this table.
-        let mut ids: Vec<SubId> = ti.scan.iter().collect();
-        for col in ti.keyed.values() {
-            for v in col.values() {
-                ids.extend(v.iter());
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        for sid in ids {
+        let mut broken: Vec<(ChannelId, String)> = Vec::new();
+        for sid in self.subs_of(relid) {
             let Some(Some(sub)) = self.subs.get(sid) else {
                 continue;
             };
@@ -1072,8 +1367,13 @@ impl Hub {
                 target: Target::Table(table.clone()),
                 filter: sub.filter.clone(),
                 access: sub.access.clone(),
+                options: sub.options.clone(),
             };
             let channel = sub.channel;
+            if let Some(why) = Self::bind_problem(&binding, table) {
+                broken.push((channel, why));
+                continue;
+            }
             self.remove_sub(sid);
             let new_id = self.add_sub(channel, binding);
             if let Some(ch) = self.channels.get_mut(&channel) {
@@ -1083,6 +1383,11 @@ impl Hub {
                     }
                 }
             }
+        }
+        broken.sort();
+        broken.dedup_by_key(|b| b.0);
+        for (channel, why) in broken {
+            self.close_channel(channel, TABLE_CHANGED, &why);
         }
     }
 }
@@ -1208,6 +1513,66 @@ fn channel_name(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
+/// The kind a sub with moves on receives for `change`, if any (see
+/// [`BindingOptions::moves`]): judged on both images against filter and rule.
+fn moved_kind(s: &Sub, change: &Change) -> Option<ChangeKind> {
+    let matches = |r: Option<&crate::event::Row>| match (&s.bound, r) {
+        (Some(f), Some(r)) => f.matches(r),
+        _ => false,
+    };
+    let k = match change.kind {
+        ChangeKind::Update => match (matches(change.old.as_ref()), matches(change.new.as_ref())) {
+            (true, true) => ChangeKind::Update,
+            (false, true) => ChangeKind::Insert,
+            (true, false) => ChangeKind::Delete,
+            (false, false) => return None,
+        },
+        ChangeKind::Insert => {
+            if !matches(change.new.as_ref()) {
+                return None;
+            }
+            ChangeKind::Insert
+        }
+        ChangeKind::Delete => {
+            if !matches(change.old.as_ref()) {
+                return None;
+            }
+            ChangeKind::Delete
+        }
+        // Every row left: filtered bindings hear of it too.
+        ChangeKind::Truncate => {
+            s.bound.as_ref()?;
+            ChangeKind::Truncate
+        }
+    };
+    s.events.has(k).then_some(k)
+}
+
+/// What decides a sub's payload for a change delivered as `kind`: its column
+/// mask, and whether the old image is hidden (an UPDATE that brought the row
+/// into the sub's rule: the old image is not the subscriber's to see. Under
+/// REPLICA IDENTITY FULL pgoutput flags every column as key, so "key only"
+/// cannot be trusted here.)
+fn encoding_key(sub: &Sub, change: &Change, kind: ChangeKind) -> EncodingKey {
+    let hide_old = kind == ChangeKind::Update
+        && match (&sub.rule, change.old.as_ref()) {
+            (Some(rule), Some(old)) => !rule.matches(old),
+            _ => false,
+        };
+    (sub.mask.clone(), hide_old)
+}
+
+type EncodingKey = (Option<Arc<[bool]>>, bool);
+
+fn same_encoding(a: &EncodingKey, b: &EncodingKey) -> bool {
+    a.1 == b.1
+        && match (&a.0, &b.0) {
+            (None, None) => true,
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y) || x == y,
+            _ => false,
+        }
+}
+
 /// A deterministic, non-zero binding id (27 bits, like Supabase's) from the binding's
 /// parameters, so identical bindings share an id and a rejoin gets the same ids.
 pub fn binding_id(event: &str, schema: &str, table: Option<&str>, filter: Option<&str>) -> u32 {
@@ -1269,7 +1634,7 @@ mod tests {
         }
     }
 
-    fn subscribe(
+    fn subscribe_bindings(
         hub: &mut Hub,
         conn: ConnId,
         channel: ChannelId,
@@ -1288,6 +1653,81 @@ mod tests {
         rx
     }
 
+    use crate::event::{Cell, TxnInfo};
+    use crate::lsn::Lsn;
+    use crate::pgoutput::{PgTimestamp, ReplicaIdentity, Xid};
+    use crate::relation::Column;
+    use crate::value::PgType;
+
+    fn table(id: u32, cols: &[(&str, &str)]) -> Arc<Table> {
+        Arc::new(Table {
+            id: RelId(id),
+            schema: "public".into(),
+            name: "orders".into(),
+            replica_identity: ReplicaIdentity::Full,
+            json: Default::default(),
+            columns: cols
+                .iter()
+                .map(|(n, ty)| Column {
+                    name: n.to_string(),
+                    ty: Arc::new(PgType::new(0, ty, PgType::kind_for_base_name(ty))),
+                    key: *n == "id",
+                })
+                .collect(),
+        })
+    }
+
+    fn cells(v: &[&str]) -> crate::event::Row {
+        v.iter()
+            .map(|t| Cell::Text(bytes::Bytes::copy_from_slice(t.as_bytes())))
+            .collect()
+    }
+
+    fn change(
+        t: &Arc<Table>,
+        kind: ChangeKind,
+        new: Option<&[&str]>,
+        old: Option<&[&str]>,
+    ) -> Arc<Change> {
+        Arc::new(Change {
+            txn: TxnInfo {
+                commit_lsn: Lsn(1),
+                commit_time: PgTimestamp(0),
+                xid: Xid(1),
+            },
+            table: t.clone(),
+            kind,
+            new: new.map(cells),
+            old: old.map(cells),
+        })
+    }
+
+    fn subscribe(
+        hub: &mut Hub,
+        t: &Arc<Table>,
+        channel: u64,
+        filter: &str,
+        options: BindingOptions,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(64);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle::new(channel, tx, usize::MAX),
+            channel,
+            topic: Arc::from(format!("realtime:c{channel}")),
+            bindings: vec![Binding {
+                id: channel as u32,
+                events: EventMask::ALL,
+                target: Target::Table(t.clone()),
+                filter: Filter::parse(filter).unwrap(),
+                access: BindingAccess::default(),
+                options,
+            }],
+            done,
+        });
+        rx
+    }
+
     fn any_table() -> Binding {
         Binding {
             id: 1,
@@ -1298,6 +1738,7 @@ mod tests {
             },
             filter: Filter::default(),
             access: BindingAccess::default(),
+            options: BindingOptions::default(),
         }
     }
 
@@ -1313,8 +1754,8 @@ mod tests {
     #[test]
     fn notices_reach_only_postgres_changes_channels() {
         let mut hub = Hub::new(RenderOptions::default(), Arc::default());
-        let mut pg = subscribe(&mut hub, 1, 10, "realtime:room", vec![any_table()]);
-        let mut chat = subscribe(&mut hub, 2, 20, "realtime:chat", vec![]);
+        let mut pg = subscribe_bindings(&mut hub, 1, 10, "realtime:room", vec![any_table()]);
+        let mut chat = subscribe_bindings(&mut hub, 2, 20, "realtime:chat", vec![]);
         hub.command(HubCommand::Notice(Notice {
             status: "error",
             code: "REPLICATION_DOWN",
@@ -1332,7 +1773,7 @@ mod tests {
         );
         assert!(system(&mut chat).is_none());
         // A channel joining during the outage is told after its join.
-        let mut late = subscribe(&mut hub, 3, 30, "realtime:late", vec![any_table()]);
+        let mut late = subscribe_bindings(&mut hub, 3, 30, "realtime:late", vec![any_table()]);
         hub.command(HubCommand::Joined {
             channel: 30,
             replication_ready: None,
@@ -1347,7 +1788,7 @@ mod tests {
             message: "back".into(),
             extra: Default::default(),
         }));
-        let mut later = subscribe(&mut hub, 4, 40, "realtime:later", vec![any_table()]);
+        let mut later = subscribe_bindings(&mut hub, 4, 40, "realtime:later", vec![any_table()]);
         hub.command(HubCommand::Joined {
             channel: 40,
             replication_ready: None,
@@ -1358,8 +1799,8 @@ mod tests {
     #[test]
     fn replication_ready_is_answered_when_ready_or_after_the_deadline() {
         let mut hub = Hub::new(RenderOptions::default(), Arc::default());
-        let mut a = subscribe(&mut hub, 1, 10, "realtime:a", vec![]);
-        let mut b = subscribe(&mut hub, 2, 20, "realtime:b", vec![]);
+        let mut a = subscribe_bindings(&mut hub, 1, 10, "realtime:a", vec![]);
+        let mut b = subscribe_bindings(&mut hub, 2, 20, "realtime:b", vec![]);
         let now = std::time::Instant::now();
         hub.command(HubCommand::Joined {
             channel: 10,
@@ -1388,6 +1829,110 @@ mod tests {
             replication_ready: Some(now),
         });
         assert_eq!(system(&mut b).expect("at once").1["status"], "ok");
+    }
+
+    /// The `data` of each change frame queued, or the event of each push.
+    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            out.push(match o {
+                Outbound::Change { data, .. } => serde_json::from_str(&data).unwrap(),
+                Outbound::Push { event, payload, .. } => {
+                    serde_json::json!({"push": event, "payload": serde_json::from_str::<serde_json::Value>(&payload).unwrap()})
+                }
+                other => panic!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn select_moves_and_truncate_shape_the_payloads() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let select = BindingOptions {
+            select: Some(Arc::new(vec!["id".into(), "status".into()])),
+            moves: false,
+        };
+        let moves = BindingOptions {
+            select: None,
+            moves: true,
+        };
+        let mut sel = subscribe(&mut hub, &t, 1, "status=eq.new", select);
+        let mut mov = subscribe(&mut hub, &t, 2, "status=eq.new", moves.clone());
+        let mut plain = subscribe(&mut hub, &t, 3, "status=eq.new", BindingOptions::default());
+        let mut keyed_or = subscribe(&mut hub, &t, 4, "or=(status.eq.new,status.eq.x)", moves);
+        hub.route(&change(
+            &t,
+            ChangeKind::Insert,
+            Some(&["1", "new", "5"]),
+            None,
+        ));
+        let d = &drain(&mut sel)[0];
+        assert_eq!(
+            d["columns"],
+            serde_json::json!([{"name": "id", "type": "int4"}, {"name": "status", "type": "text"}])
+        );
+        assert_eq!(d["record"], serde_json::json!({"id": 1, "status": "new"}));
+        // Out of the filter: a DELETE of the old row with moves, nothing without.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "baked", "5"]),
+            Some(&["1", "new", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[1]["type"], "DELETE");
+        assert_eq!(d[1]["old_record"]["status"], "new");
+        assert!(d[1].get("record").is_none());
+        assert_eq!(drain(&mut keyed_or)[1]["type"], "DELETE");
+        assert_eq!(drain(&mut plain).len(), 1);
+        assert!(drain(&mut sel).is_empty());
+        // Back in: an INSERT of the new row.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "new", "6"]),
+            Some(&["1", "baked", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d[0]["type"], "INSERT");
+        assert!(d[0].get("old_record").is_none());
+        assert_eq!(drain(&mut plain)[0]["type"], "UPDATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "INSERT");
+        // TRUNCATE reaches filtered bindings with moves only.
+        hub.route(&change(&t, ChangeKind::Truncate, None, None));
+        assert_eq!(drain(&mut mov)[0]["type"], "TRUNCATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "TRUNCATE");
+        assert!(drain(&mut plain).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_filter_column_closes_only_its_channel() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe(&mut hub, &t, 1, "total=gt.3", BindingOptions::default());
+        let mut b = subscribe(&mut hub, &t, 2, "status=eq.new", BindingOptions::default());
+        let t2 = table(1, &[("id", "int4"), ("status", "text")]);
+        hub.route(&change(&t2, ChangeKind::Insert, Some(&["1", "new"]), None));
+        let d = drain(&mut a);
+        assert_eq!(d[0]["push"], "system");
+        assert_eq!(d[0]["payload"]["code"], TABLE_CHANGED);
+        assert!(d[0]["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"total\""));
+        assert_eq!(d[1]["push"], "phx_close");
+        assert_eq!(drain(&mut b)[0]["record"]["id"], 1);
+        assert_eq!(hub.subscription_count(), 1);
+        // A dropped table: the rest is closed too.
+        hub.command(HubCommand::Published {
+            relids: vec![RelId(2)],
+            read_at: Instant::now(),
+        });
+        assert_eq!(drain(&mut b)[0]["payload"]["code"], TABLE_UNPUBLISHED);
+        assert_eq!(hub.subscription_count(), 0);
     }
 
     #[test]

@@ -198,6 +198,12 @@ pub async fn run(
         notices_stop.clone(),
     ));
     let sessions_stop = CancellationToken::new();
+    // Subscriptions of dropped or unpublished tables are closed with a reason.
+    tokio::spawn(crate::catalog::watch_published(
+        catalog.clone(),
+        cmd_tx.clone(),
+        sessions_stop.clone(),
+    ));
     let shared = Arc::new(Shared {
         hub: cmd_tx,
         auth,

@@ -294,6 +294,11 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
         Outbound::Change { topic, ids, data } => {
             Message::Text(change_frame(vsn, &topic, &ids, &data).into())
         }
+        Outbound::Push {
+            topic,
+            event,
+            payload,
+        } => Message::Text(frame::encode(vsn, None, None, &topic, event, &payload).into()),
     }
 }
 

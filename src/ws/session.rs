@@ -42,8 +42,8 @@ use super::{system_payload, JoinedTopics, Shared};
 use crate::auth::{now_unix, Access, AuthError, RowRule, Verified};
 use crate::filter::Filter;
 use crate::hub::{
-    binding_id, Binding, BindingAccess, ChannelId, ConnHandle, EventMask, HubCommand, Outbound,
-    QueueError, Target,
+    binding_id, Binding, BindingAccess, BindingOptions, ChannelId, ConnHandle, EventMask,
+    HubCommand, Outbound, QueueError, Target,
 };
 use crate::metrics::{AuthFailure, DisconnectReason};
 
@@ -759,6 +759,12 @@ impl Session {
                 .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
             let mut e: Map<String, Value> = obj.clone();
             e.insert("id".into(), json!(id));
+            if let Ok(b) = &binding {
+                if let Some(note) = moves_fallback(obj, b, self.shared.config.subscriptions.moves) {
+                    e.insert("moves".into(), json!(false));
+                    e.insert("moves_unavailable".into(), json!(note));
+                }
+            }
             r.echo.push(Value::Object(e));
             match binding {
                 Ok(b) => r.bindings.push(b),
@@ -796,7 +802,32 @@ impl Session {
             Some(t) => Filter::parse(t).map_err(|e| format!("invalid filter {t:?}: {e}"))?,
             None => Filter::default(),
         };
+        let select = match obj.get("select") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => {
+                let mut cols = Vec::with_capacity(a.len());
+                for c in a {
+                    match c.as_str() {
+                        Some(c) if !cols.iter().any(|x: &String| x == c) => {
+                            cols.push(c.to_string())
+                        }
+                        Some(_) => {}
+                        None => return Err("select must be an array of column names".into()),
+                    }
+                }
+                Some(cols)
+            }
+            Some(_) => return Err("select must be an array of column names".into()),
+        };
+        let moves = match obj.get("moves") {
+            None | Some(Value::Null) => self.shared.config.subscriptions.moves,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("moves must be true or false".into()),
+        };
         let wildcard = schema == "*" || table.is_none_or(|t| t == "*");
+        if wildcard && select.is_some() {
+            return Err("select needs a single table: name the table".into());
+        }
         let auth = &self.shared.auth;
         let mut access = BindingAccess {
             expires_at: token.map(|t| t.exp),
@@ -870,6 +901,27 @@ impl Session {
                 Some(cols) => filter.bind(&visible_columns(&t, cols)),
             };
             bound.map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
+            if let Some(sel) = &select {
+                // A hidden column is reported as an unknown one, as for filters.
+                let visible = |c: &str| {
+                    t.column_index(c).is_some()
+                        && columns.as_ref().is_none_or(|v| v.iter().any(|x| x == c))
+                };
+                if let Some(bad) = sel.iter().find(|c| !visible(c)) {
+                    let names: Vec<&str> = t
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .filter(|c| visible(c))
+                        .take(50)
+                        .collect();
+                    return Err(format!(
+                        "select: column {bad:?} does not exist in {schema}.{table} or is not \
+                         selectable by the subscribing role; selectable columns: {}",
+                        names.join(", ")
+                    ));
+                }
+            }
             access.columns = columns.map(Arc::new);
             Target::Table(t)
         };
@@ -880,9 +932,34 @@ impl Session {
                 target,
                 filter,
                 access,
+                options: BindingOptions {
+                    select: select.map(Arc::new),
+                    moves,
+                },
             }),
             id,
         ))
+    }
+}
+
+/// Why a binding that asked for moves (or got them by default) does without:
+/// the old image is incomplete without REPLICA IDENTITY FULL, and wildcards have
+/// no filter to move across. `None` when moves are off or work.
+fn moves_fallback(obj: &Map<String, Value>, b: &Binding, default: bool) -> Option<String> {
+    let asked = obj.get("moves").and_then(Value::as_bool).unwrap_or(default);
+    if !asked {
+        return None;
+    }
+    match &b.target {
+        Target::Table(t) if t.replica_identity == crate::pgoutput::ReplicaIdentity::Full => None,
+        Target::Table(t) => Some(format!(
+            "moves need the full old row: run ALTER TABLE {}.{} REPLICA IDENTITY FULL; until \
+             then an UPDATE is matched on the new row only (as Supabase does)",
+            t.schema, t.name
+        )),
+        Target::Pattern { .. } => {
+            Some("moves need a single table; this binding gets every change as it is".into())
+        }
     }
 }
 
