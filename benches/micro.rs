@@ -26,14 +26,16 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tokio::sync::{mpsc, oneshot};
 
-use walcast::event::{AllColumns, Cell, Change, ChangeKind, Row, TxnInfo};
-use walcast::filter::Filter;
-use walcast::hub::{Binding, ConnHandle, EventMask, Hub, HubCommand, HubStats, Outbound, Target};
+use walcast::decode::event::{AllColumns, Cell, Change, ChangeKind, Row, TxnInfo};
+use walcast::decode::pgoutput::{self, PgTimestamp, RelId, ReplicaIdentity, Xid};
+use walcast::decode::relation::{Column, Table};
+use walcast::decode::value::{self, PgType, RenderOptions, TypeKind};
+use walcast::deliver::frame::Vsn;
 use walcast::lsn::Lsn;
-use walcast::pgoutput::{self, PgTimestamp, RelId, ReplicaIdentity, Xid};
-use walcast::relation::{Column, Table};
-use walcast::value::{self, PgType, RenderOptions, TypeKind};
-use walcast::ws::frame::Vsn;
+use walcast::route::filter::Filter;
+use walcast::route::hub::{
+    Binding, ConnHandle, EventMask, Hub, HubCommand, HubStats, Outbound, Target,
+};
 
 const CORPUS: &[u8] = include_bytes!("fixtures/pgoutput.bin");
 
@@ -423,7 +425,9 @@ fn bench_fanout_encode(c: &mut Criterion) {
                 let data: Arc<str> = Arc::from(data);
                 let mut bytes = 0;
                 for topic in &topics[..n] {
-                    bytes += walcast::ws::change_frame(Vsn::V1, topic, &[1_234_567], &data).len();
+                    bytes +=
+                        walcast::deliver::socket::change_frame(Vsn::V1, topic, &[1_234_567], &data)
+                            .len();
                 }
                 black_box(bytes)
             })

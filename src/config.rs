@@ -370,6 +370,335 @@ pub const DEFAULT_CLIENT_DROPS_PER_MINUTE_WARNING: u64 = 10;
 /// Clients dropped per minute before "critical": many clients are being cut off.
 pub const DEFAULT_CLIENT_DROPS_PER_MINUTE_CRITICAL: u64 = 100;
 
+/// Largest broadcast payload (JSON or raw bytes). Supabase's default is 256 KiB.
+pub const DEFAULT_BROADCAST_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Broadcasts per second one connection may push (steady rate).
+pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 100;
+
+/// Broadcasts one connection may push in a burst.
+pub const DEFAULT_MESSAGES_BURST: u32 = 200;
+
+/// `[broadcast]` in the config file.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BroadcastConfig {
+    pub max_payload_bytes: usize,
+    pub messages_per_second: u32,
+    pub messages_burst: u32,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        BroadcastConfig {
+            max_payload_bytes: DEFAULT_BROADCAST_MAX_PAYLOAD_BYTES,
+            messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
+            messages_burst: DEFAULT_MESSAGES_BURST,
+        }
+    }
+}
+
+impl BroadcastConfig {
+    /// The first field that makes no sense, with why.
+    pub fn invalid_field(&self) -> Option<(&'static str, &'static str)> {
+        [
+            ("broadcast.max_payload_bytes", self.max_payload_bytes),
+            (
+                "broadcast.messages_per_second",
+                self.messages_per_second as usize,
+            ),
+            ("broadcast.messages_burst", self.messages_burst as usize),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v == 0)
+        .map(|(f, _)| (f, "must be at least 1"))
+    }
+}
+
+fn default_role_claim() -> String {
+    "role".into()
+}
+
+/// One `[[channels]]` rule: who may read (join) and write (broadcast to) the
+/// private channels whose name matches `topic`.
+///
+/// `topic` is a channel name pattern (`realtime:` prefix optional) where `*`
+/// matches any run of characters, e.g. `room:*`. A caller is granted when the
+/// claim `role_claim` (default `role`, as in Supabase JWTs) is a string listed in
+/// `read_roles` / `write_roles` (`"*"` = any role), and, when `match_claim` is set,
+/// the part of the name matched by the pattern's single `*` equals that claim
+/// (e.g. `topic = "user:*"`, `match_claim = "sub"`: only user X may use `user:X`).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRule {
+    pub topic: String,
+    #[serde(default)]
+    pub read_roles: Vec<String>,
+    #[serde(default)]
+    pub write_roles: Vec<String>,
+    #[serde(default = "default_role_claim")]
+    pub role_claim: String,
+    #[serde(default)]
+    pub match_claim: Option<String>,
+    /// Presence visibility: for each role, the roles whose presences it sees
+    /// (`"*"` = every role). Unset: every member sees every presence. Set: a role
+    /// not listed sees only its own presences.
+    #[serde(default)]
+    pub presence_sees: Option<std::collections::BTreeMap<String, Vec<String>>>,
+}
+
+impl ChannelRule {
+    /// Why the rule makes no sense, if it does not.
+    pub fn invalid(&self) -> Option<&'static str> {
+        if crate::config::channel_name(&self.topic).is_empty() {
+            return Some("topic must not be empty");
+        }
+        if self.role_claim.is_empty() {
+            return Some("role_claim must not be empty");
+        }
+        if self.match_claim.is_some()
+            && crate::config::channel_name(&self.topic)
+                .matches('*')
+                .count()
+                != 1
+        {
+            return Some("match_claim needs a topic pattern with exactly one '*'");
+        }
+        if self.presence_sees.as_ref().is_some_and(|m| {
+            m.iter()
+                .any(|(k, v)| k.is_empty() || v.iter().any(String::is_empty))
+        }) {
+            return Some("presence_sees maps role names to lists of role names; none may be empty");
+        }
+        None
+    }
+}
+
+/// The channel name of a topic: `realtime:room` → `room`.
+pub fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
+/// Distinct presence keys on one topic: one per user or device in practice; a
+/// room with more is better served by a counter than by presence.
+pub const DEFAULT_MAX_KEYS_PER_TOPIC: usize = 1000;
+
+/// Metas under one key (one per tab or device of the same user).
+pub const DEFAULT_MAX_METAS_PER_KEY: usize = 16;
+
+/// Largest tracked payload (JSON bytes). Presence state is sent whole to every
+/// joiner, so it must stay small.
+pub const DEFAULT_PRESENCE_MAX_PAYLOAD_BYTES: usize = 10 * 1024;
+
+/// Tracks per second one connection may make (steady rate).
+pub const DEFAULT_TRACKS_PER_SECOND: u32 = 10;
+
+/// Tracks one connection may make in a burst.
+pub const DEFAULT_TRACKS_BURST: u32 = 20;
+
+/// `[presence]` in the config file.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    pub max_keys_per_topic: usize,
+    pub max_metas_per_key: usize,
+    pub max_payload_bytes: usize,
+    pub tracks_per_second: u32,
+    pub tracks_burst: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            max_keys_per_topic: DEFAULT_MAX_KEYS_PER_TOPIC,
+            max_metas_per_key: DEFAULT_MAX_METAS_PER_KEY,
+            max_payload_bytes: DEFAULT_PRESENCE_MAX_PAYLOAD_BYTES,
+            tracks_per_second: DEFAULT_TRACKS_PER_SECOND,
+            tracks_burst: DEFAULT_TRACKS_BURST,
+        }
+    }
+}
+
+impl PresenceConfig {
+    /// The first field that makes no sense, with why.
+    pub fn invalid_field(&self) -> Option<(&'static str, &'static str)> {
+        let zero = [
+            ("presence.max_keys_per_topic", self.max_keys_per_topic),
+            ("presence.max_metas_per_key", self.max_metas_per_key),
+            ("presence.max_payload_bytes", self.max_payload_bytes),
+            (
+                "presence.tracks_per_second",
+                self.tracks_per_second as usize,
+            ),
+            ("presence.tracks_burst", self.tracks_burst as usize),
+        ];
+        zero.into_iter()
+            .find(|(_, v)| *v == 0)
+            .map(|(f, _)| (f, "must be at least 1"))
+    }
+}
+
+/// Default clock leeway for `exp`/`nbf`/`iat`.
+pub const DEFAULT_LEEWAY_SECS: u64 = 10;
+
+/// Least time between two JWKS refreshes caused by unknown `kid`s.
+pub const DEFAULT_JWKS_REFRESH_MIN_SECS: u64 = 30;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No tokens; every published table is subscribable.
+    None,
+    /// Tokens required; row rules enforced.
+    Jwt,
+}
+
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Unset: like `none`, but only loopback addresses may be served.
+    pub mode: Option<AuthMode>,
+    /// Secret for HS256/384/512 tokens.
+    pub jwt_secret: Option<String>,
+    /// JWKS file with public keys (RS*, ES*, EdDSA).
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL with public keys.
+    pub jwks_url: Option<String>,
+    pub jwks_refresh_min_secs: u64,
+    pub leeway_secs: u64,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Roles that see every table and row without rules (e.g. `service_role`).
+    pub bypass_roles: Vec<String>,
+    pub tables: Vec<TableRule>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: None,
+            jwt_secret: None,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_min_secs: DEFAULT_JWKS_REFRESH_MIN_SECS,
+            leeway_secs: DEFAULT_LEEWAY_SECS,
+            issuer: None,
+            audience: None,
+            bypass_roles: vec!["service_role".into()],
+            tables: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_url", &self.jwks_url)
+            .field("tables", &self.tables.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRule {
+    /// `schema.table`.
+    pub name: String,
+    /// Roles (the `role` claim) that may subscribe; empty = any valid token.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Rows a subscriber may see, in the client filter grammar with `{claims.X}`.
+    #[serde(default)]
+    pub row_filter: Option<String>,
+    /// Columns a subscriber may see; all when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Anyone (any valid token, or none with auth off) sees every row and column.
+    #[serde(default)]
+    pub public: bool,
+}
+
+impl TableRule {
+    /// Whether this rule applies to a token with `role` (public rules and rules
+    /// without `roles` apply to every role).
+    pub fn matches_role(&self, role: Option<&str>) -> bool {
+        self.public
+            || self.roles.is_empty()
+            || role.is_some_and(|r| self.roles.iter().any(|x| x == r))
+    }
+
+    /// A role both rules apply to (`None` inside: any role), if there is one.
+    fn overlap<'a>(&'a self, other: &'a TableRule) -> Option<Option<&'a str>> {
+        let any = |r: &TableRule| r.public || r.roles.is_empty();
+        match (any(self), any(other)) {
+            (true, true) => Some(None),
+            (true, false) => other.roles.first().map(|r| Some(r.as_str())),
+            (false, true) => self.roles.first().map(|r| Some(r.as_str())),
+            (false, false) => self
+                .roles
+                .iter()
+                .find(|r| other.roles.contains(r))
+                .map(|r| Some(r.as_str())),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Checks what needs no filter grammar; the row filters themselves are
+    /// parsed by `route::auth::check_row_filters`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode == Some(AuthMode::Jwt)
+            && self.jwt_secret.is_none()
+            && self.jwks_file.is_none()
+            && self.jwks_url.is_none()
+        {
+            return Err(
+                "auth.mode = \"jwt\" needs auth.jwt_secret, auth.jwks_file or auth.jwks_url".into(),
+            );
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            if t.name
+                .split_once('.')
+                .is_none_or(|(s, n)| s.is_empty() || n.is_empty())
+            {
+                return Err(format!(
+                    "auth.tables[{i}].name must be schema.table, got {:?}",
+                    t.name
+                ));
+            }
+            // Several rules per table are fine when no role can match two of them:
+            // otherwise which one applies would depend on their order.
+            if let Some((j, other)) = self.tables[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, o)| o.name == t.name && o.overlap(t).is_some())
+            {
+                let who = match other.overlap(t).flatten() {
+                    Some(r) => format!("role {r:?}"),
+                    None => "every role".to_string(),
+                };
+                return Err(format!(
+                    "auth.tables[{j}] and auth.tables[{i}] ({}) can both match {who}: give each rule of a table its own roles (a rule without roles, or with public = true, matches every role)",
+                    t.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.mode == Some(AuthMode::Jwt)
+    }
+}
+
 /// The daemon's configuration (`walcast serve`): a TOML file, then environment
 /// variables and flags on top. Every key is documented in `config/walcast.toml`.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
@@ -383,13 +712,13 @@ pub struct ServeConfig {
     /// `[subscriptions]`: defaults of `postgres_changes` bindings.
     pub subscriptions: SubscriptionsConfig,
     /// `[broadcast]`: payload size and per-connection rate limits.
-    pub broadcast: crate::broadcast::BroadcastConfig,
+    pub broadcast: BroadcastConfig,
     /// `[presence]`: bounds on presence state and the track rate.
-    pub presence: crate::presence::PresenceConfig,
+    pub presence: PresenceConfig,
     /// `[[channels]]`: who may read and write private channels.
-    pub channels: Vec<crate::broadcast::ChannelRule>,
+    pub channels: Vec<ChannelRule>,
     /// `[auth]`: JWT verification and per-table row rules.
-    pub auth: crate::auth::AuthConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -653,7 +982,7 @@ impl ServeConfig {
             }
         }
         for (i, o) in self.server.cors_origins.iter().enumerate() {
-            if let Some(reason) = crate::ws::http::invalid_origin(o) {
+            if let Some(reason) = invalid_origin(o) {
                 return bad(&format!("server.cors_origins[{i}] ({o:?})"), reason);
             }
         }
@@ -694,12 +1023,9 @@ impl ServeConfig {
                 return bad(field, "must be at least 1");
             }
         }
-        crate::replication::slot::validate_slot_name(&self.postgres.slot).map_err(|e| {
-            ConfigError::Invalid {
-                field: "postgres.slot".into(),
-                reason: e.to_string(),
-            }
-        })?;
+        if let Err(reason) = validate_slot_name(&self.postgres.slot) {
+            return bad("postgres.slot", &reason);
+        }
         if self.postgres.publication.is_empty() {
             return bad("postgres.publication", "must not be empty");
         }
@@ -717,6 +1043,39 @@ impl ServeConfig {
         }
         self.health.validate()
     }
+}
+
+/// Why a `cors_origins` entry is not an origin, if it is not: `"*"` or
+/// `scheme://host[:port]` with no path.
+pub fn invalid_origin(origin: &str) -> Option<&'static str> {
+    if origin == "*" {
+        return None;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Some("must be \"*\" or scheme://host[:port], e.g. https://app.example.com");
+    };
+    if scheme.is_empty() || rest.is_empty() {
+        return Some("must be \"*\" or scheme://host[:port], e.g. https://app.example.com");
+    }
+    if rest.contains('/') {
+        return Some("an origin has no path or trailing slash, e.g. https://app.example.com");
+    }
+    None
+}
+
+/// Slot names: lower-case letters, digits and underscores, at most 63 characters.
+pub fn validate_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "invalid slot name {name:?}: use only lower-case letters, digits and underscores (at most 63)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -64,28 +64,15 @@
 //! transaction after it commits. A transaction's end LSN is confirmed to the
 //! server only after every change of it has been handed downstream.
 
-pub mod auth;
-pub mod broadcast;
-pub mod catalog;
 pub mod changelog;
 pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod event;
-pub mod filter;
-pub mod hub;
+pub mod daemon;
+pub mod decode;
+pub mod deliver;
 pub mod lsn;
-pub mod metrics;
-pub mod notice;
-pub mod pgoutput;
-pub mod presence;
-pub mod relation;
-pub mod replication;
-pub mod serve;
-pub mod setup;
+pub mod route;
+pub mod server;
 pub mod shutdown;
-pub mod tail;
+pub mod source;
 pub mod testing;
-pub mod tls;
-pub mod value;
-pub mod ws;

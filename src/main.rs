@@ -2,10 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use walcast::cli::{Cli, Command, LogFormat};
+use walcast::cli::args::{Cli, Command, LogFormat};
 use walcast::config::{ConfigError, PgConnInfo, ServeConfig};
-use walcast::replication::ReplicationOptions;
-use walcast::value::RenderOptions;
+use walcast::decode::value::RenderOptions;
+use walcast::source::session::ReplicationOptions;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,8 +51,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             || matches!(
-                c.downcast_ref::<walcast::tail::TailError>(),
-                Some(walcast::tail::TailError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
+                c.downcast_ref::<walcast::cli::tail::TailError>(),
+                Some(walcast::cli::tail::TailError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
             )
     })
 }
@@ -79,8 +79,8 @@ const EXIT_USAGE: u8 = 2;
 /// 2 when the error is about what the user gave walcast (flags, config file,
 /// database URL), 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    use walcast::demo::DemoError;
-    use walcast::serve::ServeError;
+    use walcast::cli::demo::DemoError;
+    use walcast::daemon::serve::ServeError;
     let usage = e.chain().any(|cause| {
         cause.is::<ConfigError>()
             || matches!(
@@ -136,46 +136,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let render = RenderOptions {
                 big_numbers_as_strings: args.big_numbers_as_strings,
             };
-            walcast::tail::run(opts, render, shutdown).await?;
+            walcast::cli::tail::run(opts, render, shutdown).await?;
         }
         Command::Serve(args) => {
             let config = args.into_config()?;
-            walcast::serve::run(config, shutdown, |r| {
+            walcast::daemon::serve::run(config, shutdown, |r| {
                 say_err(format_args!("walcast: listening on {}", r.addr));
             })
             .await?;
         }
         Command::Setup(args) => {
             let opts = args.options()?;
-            let report =
-                interruptible(&shutdown, async { Ok(walcast::setup::setup(&opts).await?) }).await?;
+            let report = interruptible(&shutdown, async {
+                Ok(walcast::cli::setup::setup(&opts).await?)
+            })
+            .await?;
             print_lines(report.lines)?
         }
         Command::Teardown(args) => {
             let opts = args.options()?;
             let report = interruptible(&shutdown, async {
-                Ok(walcast::setup::teardown(&opts).await?)
+                Ok(walcast::cli::setup::teardown(&opts).await?)
             })
             .await?;
             print_lines(report.lines)?
         }
         Command::Demo(args) => {
-            let options = walcast::demo::DemoOptions {
+            let options = walcast::cli::demo::DemoOptions {
                 listen: args.listen,
                 ticks_per_second: args.rate,
                 walcast: std::env::args().next().unwrap_or_else(|| "walcast".into()),
             };
             let mut out = std::io::stdout();
-            walcast::demo::run_demo(options, shutdown, &mut out).await?;
+            walcast::cli::demo::run_demo(options, shutdown, &mut out).await?;
         }
         Command::CheckConfig(args) => {
-            ServeConfig::from_file(&args.file)?;
+            let c = ServeConfig::from_file(&args.file)?;
+            walcast::cli::args::check_feature_rules(&c)?;
             say(format_args!("{}: ok", args.file.display()))?;
         }
         Command::Status(args) => {
             let conn = PgConnInfo::parse(&args.database_url)?;
             let status = interruptible(&shutdown, async {
-                Ok(walcast::setup::status(&conn, &args.slot, &args.publication).await?)
+                Ok(walcast::cli::setup::status(&conn, &args.slot, &args.publication).await?)
             })
             .await?;
             if args.json {

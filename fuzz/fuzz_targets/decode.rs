@@ -6,5 +6,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
-    let _ = walcast::pgoutput::decode(&bytes);
+    let _ = walcast::decode::pgoutput::decode(&bytes);
 });

@@ -18,11 +18,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::event::{Cell, Change, ChangeKind, DbMessage, Row, TxnInfo};
+use crate::decode::event::{Cell, Change, ChangeKind, DbMessage, Row, TxnInfo};
+use crate::decode::pgoutput::{Oid, PgTimestamp, RelId, ReplicaIdentity, Xid};
+use crate::decode::relation::{Column, Table};
+use crate::decode::value::{PgType, TypeKind};
 use crate::lsn::Lsn;
-use crate::pgoutput::{Oid, PgTimestamp, RelId, ReplicaIdentity, Xid};
-use crate::relation::{Column, Table};
-use crate::value::{PgType, TypeKind};
 
 const TAG_CHANGE: u8 = 1;
 const TAG_MESSAGE: u8 = 2;

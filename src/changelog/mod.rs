@@ -46,9 +46,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::decode::pgoutput::RelId;
+use crate::decode::relation::Table;
 use crate::lsn::Lsn;
-use crate::pgoutput::RelId;
-use crate::relation::Table;
 pub use segment::IndexEntry;
 use segment::{ReadError, Record, RecordReader};
 
@@ -882,7 +882,7 @@ impl LogReader {
     pub fn decode(
         &self,
         payload: &Bytes,
-        txn: crate::event::TxnInfo,
+        txn: crate::decode::event::TxnInfo,
     ) -> Result<codec::Logged, codec::CodecError> {
         codec::decode(payload, txn, |id| self.table(id))
     }

@@ -499,9 +499,9 @@ fn a_cursor_overtaken_by_retention_reports_a_gap() {
 }
 
 fn table(name: &str, columns: &[&str]) -> Arc<Table> {
-    use crate::pgoutput::ReplicaIdentity;
-    use crate::relation::Column;
-    use crate::value::{PgType, TypeKind};
+    use crate::decode::pgoutput::ReplicaIdentity;
+    use crate::decode::relation::Column;
+    use crate::decode::value::{PgType, TypeKind};
     let text = Arc::new(PgType::new(25, "text", TypeKind::Text));
     Arc::new(Table {
         id: RelId(name.len() as u32),
@@ -522,7 +522,7 @@ fn table(name: &str, columns: &[&str]) -> Arc<Table> {
 
 #[test]
 fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
-    use crate::event::{Cell, Change, ChangeKind};
+    use crate::decode::event::{Cell, Change, ChangeKind};
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = ChangeLog::open(opts(dir.path(), 1 << 20), ident("a"), lsn(1)).unwrap();
     let orders = table("orders", &["id", "note"]);

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use walcast::demo::{self, LocalCluster, DEMO_DATABASE};
+use walcast::cli::demo::{self, LocalCluster, DEMO_DATABASE};
 
 use crate::support::wait_for;
 use crate::support::walcast::spawn;

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio_postgres::Client;
-use walcast::event::{Cell, Row};
-use walcast::filter::{canonical_key, BoundFilter, Filter};
-use walcast::pgoutput::{RelId, ReplicaIdentity};
-use walcast::relation::{Column, Table};
-use walcast::value::PgType;
+use walcast::decode::event::{Cell, Row};
+use walcast::decode::pgoutput::{RelId, ReplicaIdentity};
+use walcast::decode::relation::{Column, Table};
+use walcast::decode::value::PgType;
+use walcast::route::filter::{canonical_key, BoundFilter, Filter};
 
 use crate::support::cluster;
 

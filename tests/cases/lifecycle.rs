@@ -285,7 +285,7 @@ async fn sigterm_during_a_reconnect_to_a_postgres_that_never_answers() {
             "--create-slot",
         ],
         true,
-        "info,walcast::replication=debug",
+        "info,walcast::source::session=debug",
     )
     .await;
     d.wait_log("streaming", T).await;

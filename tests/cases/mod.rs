@@ -6,6 +6,7 @@ mod config;
 mod connections;
 mod demo;
 mod filter;
+mod layers;
 mod lifecycle;
 mod metrics;
 mod realtime_js;

@@ -11,7 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use walcast::config::PgConnInfo;
-use walcast::replication::conn::ReplicationConnection;
+use walcast::source::conn::ReplicationConnection;
 
 use crate::support::walcast::{self as bin, spawn};
 use crate::support::{cluster, wait_for, Cluster};
@@ -112,7 +112,7 @@ impl TlsServer {
 /// the server sees it (pg_stat_ssl), or the first error's text.
 async fn connect_both(url: &str, app: &str, server: &Cluster) -> Result<(bool, bool), String> {
     let info = PgConnInfo::parse(url).map_err(|e| e.to_string())?;
-    let sql = walcast::tls::connect_sql(&info)
+    let sql = walcast::source::tls::connect_sql(&info)
         .await
         .map_err(|e| e.to_string())?;
     let sql_ssl: bool = sql
@@ -158,7 +158,7 @@ async fn verify_full_rejects_a_host_name_the_certificate_does_not_name() {
     let s = tls_server();
     let url = s.url("127.0.0.1", "verify-full", Some(&s.ca), "tls_wrong_host");
     let info = PgConnInfo::parse(&url).unwrap();
-    let err = walcast::tls::connect_sql(&info).await.unwrap_err();
+    let err = walcast::source::tls::connect_sql(&info).await.unwrap_err();
     assert!(
         err.to_string().contains("not valid for the host name"),
         "{err}"
@@ -189,7 +189,7 @@ async fn verify_rejects_the_wrong_root() {
     for mode in ["verify-full", "verify-ca"] {
         let url = s.url("localhost", mode, Some(&s.wrong_ca), "tls_wrong_root");
         let info = PgConnInfo::parse(&url).unwrap();
-        let err = walcast::tls::connect_sql(&info).await.unwrap_err();
+        let err = walcast::source::tls::connect_sql(&info).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("not signed by the root certificate given in sslrootcert"),
@@ -246,7 +246,7 @@ async fn require_prefer_and_disable() {
         err.to_string().contains("does not accept TLS connections"),
         "{err}"
     );
-    let err = walcast::tls::connect_sql(&info).await.unwrap_err();
+    let err = walcast::source::tls::connect_sql(&info).await.unwrap_err();
     assert!(
         err.to_string().contains("does not accept TLS connections"),
         "{err}"

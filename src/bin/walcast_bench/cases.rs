@@ -959,7 +959,7 @@ pub async fn capture() -> Result<Vec<Figure>> {
     );
     // Every message must decode: the corpus is the decoder's benchmark.
     for p in &payloads {
-        walcast::pgoutput::decode(&bytes::Bytes::copy_from_slice(p))
+        walcast::decode::pgoutput::decode(&bytes::Bytes::copy_from_slice(p))
             .map_err(|e| anyhow::anyhow!("captured message does not decode: {e}"))?;
     }
     let path =

@@ -1,0 +1,6 @@
+//! The command line.
+
+pub mod args;
+pub mod demo;
+pub mod setup;
+pub mod tail;

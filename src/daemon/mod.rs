@@ -1,0 +1,4 @@
+//! Daemon wiring.
+
+pub mod notice;
+pub mod serve;

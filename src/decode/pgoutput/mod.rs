@@ -1,0 +1,482 @@
+//! Decoder for the `pgoutput` logical replication message format, protocol version 1.
+//!
+//! Implements "Logical Replication Message Formats" of the PostgreSQL documentation
+//! (chapter 55.9 in PostgreSQL 15). The payload of every `XLogData` message the
+//! walsender sends on a slot using the `pgoutput` plugin is one of the messages
+//! below; [`decode`] turns its bytes into a [`Message`].
+//!
+//! Invariants:
+//! - [`decode`] is pure (no I/O, no global state) and total: it never panics, on
+//!   any input. Every read is bounds-checked, negative counts and lengths are
+//!   rejected before anything is allocated, counts are checked against the bytes
+//!   left, unknown tags are a typed error (never skipped), and bytes left over
+//!   after a complete message are an error.
+//! - Column values are zero-copy slices of the input [`Bytes`].
+//! - Transaction framing (no row change outside `Begin`..`Commit`, matching commit
+//!   LSN) is not a property of one message; [`crate::decode::assembler::Assembler`]
+//!   enforces it over the stream.
+
+mod reader;
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use reader::Reader;
+
+/// A PostgreSQL object identifier (`oid`), such as a type's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Oid(pub u32);
+
+/// The OID of a relation, as pgoutput identifies tables in row messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelId(pub u32);
+
+/// A transaction id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Xid(pub u32);
+
+/// A timestamp as PostgreSQL sends it on the wire: microseconds since 2000-01-01 00:00:00 UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PgTimestamp(pub i64);
+
+/// Seconds between the Unix epoch and the PostgreSQL epoch (2000-01-01).
+const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+
+impl PgTimestamp {
+    /// Microseconds since the Unix epoch.
+    pub fn unix_micros(self) -> i64 {
+        self.0.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000)
+    }
+
+    /// The time as ISO 8601 UTC with milliseconds, `2024-01-02T03:04:05.678Z`, the form
+    /// Supabase Realtime uses for `commit_timestamp`.
+    pub fn to_iso_millis(self) -> String {
+        let us = self.unix_micros();
+        let secs = us.div_euclid(1_000_000);
+        let millis = us.rem_euclid(1_000_000) / 1000;
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60
+        )
+    }
+}
+
+/// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day).
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Message type tags (first byte of every pgoutput message).
+pub mod tag {
+    pub const BEGIN: u8 = b'B';
+    pub const MESSAGE: u8 = b'M';
+    pub const COMMIT: u8 = b'C';
+    pub const ORIGIN: u8 = b'O';
+    pub const RELATION: u8 = b'R';
+    pub const TYPE: u8 = b'Y';
+    pub const INSERT: u8 = b'I';
+    pub const UPDATE: u8 = b'U';
+    pub const DELETE: u8 = b'D';
+    pub const TRUNCATE: u8 = b'T';
+    /// Starts the new tuple of an Insert or Update.
+    pub const NEW_TUPLE: u8 = b'N';
+    /// Starts an old tuple holding only the replica identity (key) columns.
+    pub const KEY_TUPLE: u8 = b'K';
+    /// Starts an old tuple holding the whole old row (`REPLICA IDENTITY FULL`).
+    pub const OLD_TUPLE: u8 = b'O';
+}
+
+/// Column value kinds inside `TupleData`.
+pub mod column_kind {
+    pub const NULL: u8 = b'n';
+    pub const UNCHANGED_TOAST: u8 = b'u';
+    pub const TEXT: u8 = b't';
+    pub const BINARY: u8 = b'b';
+}
+
+/// One decoded pgoutput message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    Begin(Begin),
+    Commit(Commit),
+    Origin(Origin),
+    Relation(Relation),
+    Type(Type),
+    Insert(Insert),
+    Update(Update),
+    Delete(Delete),
+    Truncate(Truncate),
+    Message(LogicalMessage),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Begin {
+    /// The LSN of the transaction's commit record.
+    pub final_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+    pub xid: Xid,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Commit {
+    pub flags: u8,
+    /// The LSN of the commit record; equals the `Begin`'s `final_lsn`.
+    pub commit_lsn: Lsn,
+    /// The end of the commit record: the position to confirm once the transaction is handled.
+    pub end_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    pub commit_lsn: Lsn,
+    pub name: String,
+}
+
+/// `REPLICA IDENTITY` setting of a relation (`pg_class.relreplident`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    /// `d`: the primary key, if any.
+    Default,
+    /// `n`: nothing.
+    Nothing,
+    /// `f`: all columns.
+    Full,
+    /// `i`: a chosen unique index.
+    Index,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Relation {
+    pub id: RelId,
+    /// The schema; pgoutput sends an empty string for `pg_catalog`.
+    pub namespace: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<RelationColumn>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RelationColumn {
+    /// Part of the replica identity key (flag bit 1).
+    pub key: bool,
+    pub name: String,
+    pub type_oid: Oid,
+    pub type_modifier: i32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Type {
+    pub id: Oid,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One column of a `TupleData`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TupleValue {
+    Null,
+    /// An unchanged TOASTed value: the server did not send it.
+    UnchangedToast,
+    /// The value in the type's text output format.
+    Text(Bytes),
+    /// The value in the type's binary format (only sent when `binary 'true'` is requested).
+    Binary(Bytes),
+}
+
+pub type TupleData = Vec<TupleValue>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Insert {
+    pub relation: RelId,
+    pub new: TupleData,
+}
+
+/// The old row sent with an Update or Delete.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OldTuple {
+    /// Only the replica identity columns ('K'); other columns are `Null`.
+    Key(TupleData),
+    /// The whole old row ('O', `REPLICA IDENTITY FULL`).
+    Full(TupleData),
+}
+
+impl OldTuple {
+    pub fn values(&self) -> &TupleData {
+        match self {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    pub relation: RelId,
+    /// Absent when the replica identity did not change and identity is not FULL.
+    pub old: Option<OldTuple>,
+    pub new: TupleData,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delete {
+    pub relation: RelId,
+    pub old: OldTuple,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Truncate {
+    pub cascade: bool,
+    pub restart_identity: bool,
+    pub relations: Vec<RelId>,
+}
+
+/// A logical decoding message written with `pg_logical_emit_message`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogicalMessage {
+    pub transactional: bool,
+    pub lsn: Lsn,
+    pub prefix: String,
+    pub content: Bytes,
+}
+
+/// Why a pgoutput message could not be decoded. Always definite: the same bytes fail the same way.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty pgoutput message")]
+    Empty,
+    #[error("unknown pgoutput message tag {tag:?} (0x{byte:02x})", tag = char::from(*.byte))]
+    UnknownTag { byte: u8 },
+    #[error("truncated pgoutput message: {what} at byte {offset} needs {needed} bytes, {available} left")]
+    Truncated {
+        what: &'static str,
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
+    #[error("negative {what} ({value}) at byte {offset}")]
+    NegativeLength {
+        what: &'static str,
+        offset: usize,
+        value: i64,
+    },
+    #[error("{what} at byte {offset} has no NUL terminator")]
+    UnterminatedString { what: &'static str, offset: usize },
+    #[error("{what} at byte {offset} is not valid UTF-8")]
+    InvalidUtf8 { what: &'static str, offset: usize },
+    #[error("unexpected byte {found:?} at {offset} for {what}", found = char::from(*.found))]
+    UnexpectedByte {
+        what: &'static str,
+        offset: usize,
+        found: u8,
+    },
+    #[error("{count} trailing bytes after a complete message at byte {offset}")]
+    TrailingBytes { offset: usize, count: usize },
+}
+
+/// Decodes one pgoutput message (the payload of an `XLogData`).
+pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
+    let mut r = Reader::new(buf);
+    let tag = r.u8("message tag").map_err(|_| DecodeError::Empty)?;
+    let msg = match tag {
+        tag::BEGIN => Message::Begin(Begin {
+            final_lsn: Lsn(r.u64("Begin final LSN")?),
+            commit_time: PgTimestamp(r.i64("Begin commit timestamp")?),
+            xid: Xid(r.u32("Begin xid")?),
+        }),
+        tag::COMMIT => Message::Commit(Commit {
+            flags: r.u8("Commit flags")?,
+            commit_lsn: Lsn(r.u64("Commit LSN")?),
+            end_lsn: Lsn(r.u64("Commit end LSN")?),
+            commit_time: PgTimestamp(r.i64("Commit timestamp")?),
+        }),
+        tag::ORIGIN => Message::Origin(Origin {
+            commit_lsn: Lsn(r.u64("Origin commit LSN")?),
+            name: r.cstr("Origin name")?,
+        }),
+        tag::RELATION => Message::Relation(relation(&mut r)?),
+        tag::TYPE => Message::Type(Type {
+            id: Oid(r.u32("Type OID")?),
+            namespace: r.cstr("Type namespace")?,
+            name: r.cstr("Type name")?,
+        }),
+        tag::INSERT => {
+            let relation = RelId(r.u32("Insert relation id")?);
+            expect(&mut r, tag::NEW_TUPLE, "Insert new-tuple marker 'N'")?;
+            Message::Insert(Insert {
+                relation,
+                new: tuple(&mut r)?,
+            })
+        }
+        tag::UPDATE => {
+            let relation = RelId(r.u32("Update relation id")?);
+            let offset = r.offset();
+            let (old, new) = match r.u8("Update tuple marker")? {
+                tag::KEY_TUPLE => {
+                    let old = OldTuple::Key(tuple(&mut r)?);
+                    expect(&mut r, tag::NEW_TUPLE, "Update new-tuple marker 'N'")?;
+                    (Some(old), tuple(&mut r)?)
+                }
+                tag::OLD_TUPLE => {
+                    let old = OldTuple::Full(tuple(&mut r)?);
+                    expect(&mut r, tag::NEW_TUPLE, "Update new-tuple marker 'N'")?;
+                    (Some(old), tuple(&mut r)?)
+                }
+                tag::NEW_TUPLE => (None, tuple(&mut r)?),
+                found => {
+                    return Err(DecodeError::UnexpectedByte {
+                        what: "Update tuple marker ('K', 'O' or 'N')",
+                        offset,
+                        found,
+                    })
+                }
+            };
+            Message::Update(Update { relation, old, new })
+        }
+        tag::DELETE => {
+            let relation = RelId(r.u32("Delete relation id")?);
+            let offset = r.offset();
+            let old = match r.u8("Delete tuple marker")? {
+                tag::KEY_TUPLE => OldTuple::Key(tuple(&mut r)?),
+                tag::OLD_TUPLE => OldTuple::Full(tuple(&mut r)?),
+                found => {
+                    return Err(DecodeError::UnexpectedByte {
+                        what: "Delete tuple marker ('K' or 'O')",
+                        offset,
+                        found,
+                    })
+                }
+            };
+            Message::Delete(Delete { relation, old })
+        }
+        tag::TRUNCATE => {
+            let n = r.len32("Truncate relation count")?;
+            let options = r.u8("Truncate options")?;
+            r.check_fits(n, 4, "Truncate relation ids")?;
+            let mut relations = Vec::with_capacity(n);
+            for _ in 0..n {
+                relations.push(RelId(r.u32("Truncate relation id")?));
+            }
+            Message::Truncate(Truncate {
+                cascade: options & 1 != 0,
+                restart_identity: options & 2 != 0,
+                relations,
+            })
+        }
+        tag::MESSAGE => {
+            let flags = r.u8("Message flags")?;
+            let lsn = Lsn(r.u64("Message LSN")?);
+            let prefix = r.cstr("Message prefix")?;
+            let n = r.len32("Message content length")?;
+            Message::Message(LogicalMessage {
+                transactional: flags & 1 != 0,
+                lsn,
+                prefix,
+                content: r.bytes(n, "Message content")?,
+            })
+        }
+        byte => return Err(DecodeError::UnknownTag { byte }),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+fn expect(r: &mut Reader<'_>, want: u8, what: &'static str) -> Result<(), DecodeError> {
+    let offset = r.offset();
+    let found = r.u8(what)?;
+    if found == want {
+        Ok(())
+    } else {
+        Err(DecodeError::UnexpectedByte {
+            what,
+            offset,
+            found,
+        })
+    }
+}
+
+fn relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
+    let id = RelId(r.u32("Relation id")?);
+    let namespace = r.cstr("Relation namespace")?;
+    let name = r.cstr("Relation name")?;
+    let offset = r.offset();
+    let replica_identity = match r.u8("Relation replica identity")? {
+        b'd' => ReplicaIdentity::Default,
+        b'n' => ReplicaIdentity::Nothing,
+        b'f' => ReplicaIdentity::Full,
+        b'i' => ReplicaIdentity::Index,
+        found => {
+            return Err(DecodeError::UnexpectedByte {
+                what: "Relation replica identity ('d', 'n', 'f' or 'i')",
+                offset,
+                found,
+            })
+        }
+    };
+    let n = r.len16("Relation column count")?;
+    // flags (1) + name (>= 1 for the NUL) + type OID (4) + typmod (4)
+    r.check_fits(n, 10, "Relation columns")?;
+    let mut columns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let flags = r.u8("Relation column flags")?;
+        columns.push(RelationColumn {
+            key: flags & 1 != 0,
+            name: r.cstr("Relation column name")?,
+            type_oid: Oid(r.u32("Relation column type OID")?),
+            type_modifier: r.i32("Relation column type modifier")?,
+        });
+    }
+    Ok(Relation {
+        id,
+        namespace,
+        name,
+        replica_identity,
+        columns,
+    })
+}
+
+fn tuple(r: &mut Reader<'_>) -> Result<TupleData, DecodeError> {
+    let n = r.len16("TupleData column count")?;
+    r.check_fits(n, 1, "TupleData columns")?;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let offset = r.offset();
+        let v = match r.u8("TupleData column kind")? {
+            column_kind::NULL => TupleValue::Null,
+            column_kind::UNCHANGED_TOAST => TupleValue::UnchangedToast,
+            column_kind::TEXT => {
+                let len = r.len32("TupleData text length")?;
+                TupleValue::Text(r.bytes(len, "TupleData text value")?)
+            }
+            column_kind::BINARY => {
+                let len = r.len32("TupleData binary length")?;
+                TupleValue::Binary(r.bytes(len, "TupleData binary value")?)
+            }
+            found => {
+                return Err(DecodeError::UnexpectedByte {
+                    what: "TupleData column kind ('n', 'u', 't' or 'b')",
+                    offset,
+                    found,
+                })
+            }
+        };
+        values.push(v);
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests;

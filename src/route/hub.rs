@@ -1,0 +1,2006 @@
+//! The hub: routes each change to the subscriptions that want it and may see it.
+//!
+//! One task owns all subscription state, so there are no locks on the hot path.
+//! It takes commands (subscribe, unsubscribe, disconnect) from WebSocket sessions
+//! and items from the replication stream, commands first, in one loop.
+//!
+//! # Routing index
+//!
+//! Subscriptions to a specific table live in that table's `TableIndex`:
+//! those whose filter has an `eq`/`in` condition are hashed by the canonical key
+//! of that value (per column); the rest sit in a scan list. A change looks up its
+//! row's value in each indexed column and scans the short list, so the work is
+//! proportional to the matches, not to all subscribers. Wildcard subscriptions
+//! (`schema: "*"`, `table: "*"`) are checked by pattern.
+//!
+//! # Fan-out
+//!
+//! A change's Supabase `data` object is encoded once and shared (`Arc<str>`);
+//! each channel gets one frame listing all of its binding ids that matched. Each
+//! connection has one queue, bounded in frames (`limits.client_queue`) and in
+//! bytes (`limits.client_queue_bytes`, one atomic add per frame). The hub never
+//! waits on a connection: when a queue is full, that client is closed with a reason (a `system` message, then a
+//! close frame with [`CLOSE_SLOW_CLIENT`]) and counted — no other client and not
+//! the slot is slowed by it, and nothing is dropped silently.
+//!
+//! # Readiness and progress
+//!
+//! A subscribe command is acknowledged once the subscription is in the index, and
+//! the session sends the join reply only then, so every change committed after the
+//! client sees `SUBSCRIBED` reaches it. A transaction's end LSN is confirmed to the
+//! replication stream after its changes were handed to the connection queues.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::event::{AllColumns, Change, ChangeKind, DbMessage, Item};
+use crate::decode::pgoutput::RelId;
+use crate::decode::relation::Table;
+use crate::decode::value::RenderOptions;
+use crate::route::filter::{canonical_key, BoundFilter, Filter};
+use crate::source::session::Progress;
+
+/// `system` code of a channel closed because its table's shape changed so that
+/// a binding no longer applies (a filtered or selected column dropped, a value
+/// not valid for a column's new type).
+pub const TABLE_CHANGED: &str = "TABLE_CHANGED";
+
+/// `system` code of a channel closed because its table was dropped or removed
+/// from the publication.
+pub const TABLE_UNPUBLISHED: &str = "TABLE_UNPUBLISHED";
+
+/// Close code sent to a client whose outbound queue overflowed.
+pub const CLOSE_SLOW_CLIENT: u16 = 4008;
+
+pub type ConnId = u64;
+pub type ChannelId = u64;
+
+/// What a connection's writer sends, in order.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A complete text frame.
+    Text(String),
+    /// A complete binary frame (vsn 2.0.0 only).
+    Binary(Vec<u8>),
+    /// A complete frame whose bytes are shared by many connections (broadcast fan-out).
+    Ws(axum::extract::ws::Message),
+    /// A `system` message for one channel (the writer encodes it for the socket's
+    /// protocol version); `payload` is the JSON object.
+    System { topic: Arc<str>, payload: String },
+    /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
+    Change {
+        topic: Arc<str>,
+        ids: BindingIds,
+        data: Arc<str>,
+    },
+    /// A server push to one channel (`system`, `phx_close`), framed by the writer
+    /// for the connection's protocol version, without a join ref.
+    Push {
+        topic: Arc<str>,
+        event: &'static str,
+        payload: String,
+    },
+}
+
+/// The binding ids of one channel that a change matched: nearly always one, so
+/// that case is kept inline (no allocation per delivery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindingIds {
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl std::ops::Deref for BindingIds {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        match self {
+            BindingIds::One(id) => std::slice::from_ref(id),
+            BindingIds::Many(ids) => ids,
+        }
+    }
+}
+
+/// Hasher for the hub's own sequential ids (channels, connections): one
+/// multiplication. Not for keys a client chooses (those keep SipHash).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Past this many entries a [`SubList`] keeps a position map.
+const SUB_LIST_INDEXED_FROM: usize = 32;
+
+/// A set of subscription ids iterated as a plain vector. Removal is O(1) once
+/// the list is long (a position map, kept from [`SUB_LIST_INDEXED_FROM`]
+/// entries), so thousands of subscribers of one table or one key leaving at once
+/// cost linear, not quadratic, time; short lists (most `eq` keys) stay small.
+#[derive(Debug, Default)]
+struct SubList {
+    ids: Vec<SubId>,
+    pos: Option<Box<IdMap<SubId, usize>>>,
+}
+
+impl SubList {
+    fn insert(&mut self, id: SubId) {
+        match &mut self.pos {
+            Some(pos) => {
+                if pos.contains_key(&id) {
+                    return;
+                }
+                pos.insert(id, self.ids.len());
+            }
+            None if self.ids.contains(&id) => return,
+            None => {}
+        }
+        self.ids.push(id);
+        if self.pos.is_none() && self.ids.len() > SUB_LIST_INDEXED_FROM {
+            let pos = self.ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+            self.pos = Some(Box::new(pos));
+        }
+    }
+
+    fn remove(&mut self, id: SubId) {
+        let at = match &mut self.pos {
+            Some(pos) => pos.remove(&id),
+            None => self.ids.iter().position(|&s| s == id),
+        };
+        let Some(i) = at else { return };
+        self.ids.swap_remove(i);
+        if let (Some(pos), Some(&moved)) = (&mut self.pos, self.ids.get(i)) {
+            pos.insert(moved, i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = SubId> + '_ {
+        self.ids.iter().copied()
+    }
+}
+
+/// Why a connection is being closed by the server.
+#[derive(Clone, Debug)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// A connection as the hub knows it: its queue and a way to close it.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Bytes queued in `tx` and not yet written, against the connection's limit.
+    pub queued: Arc<QueuedBytes>,
+    pub kill: CancellationToken,
+    pub close_reason: Arc<Mutex<Option<CloseReason>>>,
+}
+
+/// The bytes a connection's outbound queue holds, bounded by `limit`
+/// (`limits.client_queue_bytes`): one atomic add when a frame is queued, one
+/// subtraction when the writer takes it.
+#[derive(Debug)]
+pub struct QueuedBytes {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl QueuedBytes {
+    pub fn new(limit: usize) -> Self {
+        QueuedBytes {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Reserves `n` bytes; false when that would pass the limit. A frame alone in
+    /// an empty queue is always accepted, so one large change cannot close an idle
+    /// client.
+    fn reserve(&self, n: usize) -> bool {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before > 0 && before + n > self.limit {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the bytes of a frame taken off the queue.
+    pub fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a frame could not be queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// The queue is full (in frames or in bytes): the client is slow.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// Queues `out` on `tx` within the byte bound `queued`.
+fn queue(
+    tx: &mpsc::Sender<Outbound>,
+    queued: &QueuedBytes,
+    out: Outbound,
+) -> Result<(), QueueError> {
+    let n = out.queued_size();
+    if !queued.reserve(n) {
+        return Err(QueueError::Full);
+    }
+    match tx.try_send(out) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            queued.release(n);
+            Err(match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+            })
+        }
+    }
+}
+
+impl Outbound {
+    /// The bytes this frame holds while queued (shared bytes counted in full:
+    /// a stalled client keeps them alive).
+    pub fn queued_size(&self) -> usize {
+        /// Per-frame overhead: the queue slot and the frame's envelope.
+        const FRAME_OVERHEAD: usize = 64;
+        FRAME_OVERHEAD
+            + match self {
+                Outbound::Text(t) => t.len(),
+                Outbound::Binary(b) => b.len(),
+                Outbound::Ws(m) => match m {
+                    axum::extract::ws::Message::Text(t) => t.as_str().len(),
+                    axum::extract::ws::Message::Binary(b) => b.len(),
+                    _ => 0,
+                },
+                Outbound::Change { topic, ids, data } => topic.len() + 12 * ids.len() + data.len(),
+                Outbound::System { topic, payload } => topic.len() + payload.len(),
+                Outbound::Push { topic, payload, .. } => topic.len() + payload.len(),
+            }
+    }
+}
+
+impl ConnHandle {
+    /// A handle for connection `id` whose queue holds at most `max_bytes`.
+    pub fn new(id: ConnId, tx: mpsc::Sender<Outbound>, max_bytes: usize) -> Self {
+        ConnHandle {
+            id,
+            tx,
+            queued: Arc::new(QueuedBytes::new(max_bytes)),
+            kill: CancellationToken::new(),
+            close_reason: Arc::default(),
+        }
+    }
+
+    /// Queues a frame without waiting; `Full` means the client is too slow.
+    pub fn try_queue(&self, out: Outbound) -> Result<(), QueueError> {
+        queue(&self.tx, &self.queued, out)
+    }
+
+    /// Asks the connection to close with `reason` (first reason wins).
+    pub fn close(&self, code: u16, reason: impl Into<String>) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            if r.is_none() {
+                *r = Some(CloseReason {
+                    code,
+                    reason: reason.into(),
+                });
+            }
+        }
+        self.kill.cancel();
+    }
+}
+
+/// Event kinds a binding wants, as a bit set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventMask(u8);
+
+impl EventMask {
+    pub const INSERT: EventMask = EventMask(1);
+    pub const UPDATE: EventMask = EventMask(2);
+    pub const DELETE: EventMask = EventMask(4);
+    /// `*`: every kind, TRUNCATE included.
+    pub const ALL: EventMask = EventMask(15);
+
+    pub fn parse(event: &str) -> Option<EventMask> {
+        match event.to_ascii_uppercase().as_str() {
+            "*" => Some(EventMask::ALL),
+            "INSERT" => Some(EventMask::INSERT),
+            "UPDATE" => Some(EventMask::UPDATE),
+            "DELETE" => Some(EventMask::DELETE),
+            _ => None,
+        }
+    }
+
+    fn has(self, kind: ChangeKind) -> bool {
+        let bit = match kind {
+            ChangeKind::Insert => 1,
+            ChangeKind::Update => 2,
+            ChangeKind::Delete => 4,
+            ChangeKind::Truncate => 8,
+        };
+        self.0 & bit != 0
+    }
+}
+
+/// Which tables a binding covers.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Table(Arc<Table>),
+    /// `None` = any (`*`).
+    Pattern {
+        schema: Option<String>,
+        table: Option<String>,
+    },
+}
+
+/// One `postgres_changes` binding of a join, resolved.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub id: u32,
+    pub events: EventMask,
+    pub target: Target,
+    /// The subscriber's filter (already checked to bind to the target table).
+    pub filter: Filter,
+    /// What the subscriber's token allows (all, without auth).
+    pub access: BindingAccess,
+    /// What the subscriber asked for beyond the filter (`select`, `moves`).
+    pub options: BindingOptions,
+}
+
+/// A binding's optional behaviour (see README "Filters").
+#[derive(Clone, Debug, Default)]
+pub struct BindingOptions {
+    /// `select`: only these columns in `record`, `old_record` and `columns`
+    /// (already checked to exist and be visible); `None` = every visible column.
+    pub select: Option<Arc<Vec<String>>>,
+    /// `moves`: an UPDATE that takes a row out of the binding's filter or rule is
+    /// delivered as a DELETE, one that brings it in as an INSERT, and a TRUNCATE
+    /// reaches filtered bindings. Only honoured on tables with REPLICA IDENTITY
+    /// FULL (the old image must be complete).
+    pub moves: bool,
+}
+
+/// The auth rule applied to a binding (see `auth`).
+#[derive(Clone, Debug, Default)]
+pub struct BindingAccess {
+    /// Rows the subscriber may see; `None` = all.
+    pub rows: Option<Filter>,
+    /// The rule matches nothing (a claim it needs is missing).
+    pub deny_all: bool,
+    /// Columns the subscriber may see; `None` = all.
+    pub columns: Option<Arc<Vec<String>>>,
+    /// Unix seconds after which nothing more is delivered (the token's `exp`).
+    pub expires_at: Option<i64>,
+}
+
+pub enum HubCommand {
+    Subscribe {
+        conn: ConnHandle,
+        channel: ChannelId,
+        topic: Arc<str>,
+        bindings: Vec<Binding>,
+        done: oneshot::Sender<()>,
+    },
+    Unsubscribe {
+        channel: ChannelId,
+    },
+    /// Replaces a channel's bindings (after a token refresh changed what it may see).
+    Replace {
+        channel: ChannelId,
+        bindings: Vec<Binding>,
+        done: oneshot::Sender<()>,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    /// A `system` message to every channel with `postgres_changes` bindings (the
+    /// replication outage notices; see `notice`).
+    Notice(Notice),
+    /// Sent by a session after a join's reply: a channel with `postgres_changes`
+    /// bindings that joins during an outage gets the `REPLICATION_DOWN` notice now;
+    /// with `replication_ready` (`config.broadcast.replication_ready`) it is told
+    /// once replication is ready: a `system` message `ok` then, or `error` if it is
+    /// not ready by that deadline.
+    Joined {
+        channel: ChannelId,
+        replication_ready: Option<std::time::Instant>,
+    },
+    /// Whether replication is ready now (sent periodically by the outage monitor;
+    /// also expires replication-ready watches past their deadline).
+    ReplicationReady(bool),
+    /// The relations published as of `read_at` (polled by the daemon):
+    /// subscriptions to a table that is no longer among them, made before
+    /// `read_at`, are closed with a `system` message.
+    Published {
+        relids: Vec<RelId>,
+        read_at: Instant,
+    },
+}
+
+/// A `system` message to all `postgres_changes` channels.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    /// `ok` or `error`.
+    pub status: &'static str,
+    /// A stable machine-readable code (`REPLICATION_DOWN`, `REPLICATION_OK`, …).
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields of the payload (such as `from_lsn` / `to_lsn` of a gap).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Counters the hub keeps (read by metrics).
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub changes: AtomicU64,
+    pub frames_queued: AtomicU64,
+    pub slow_clients_closed: AtomicU64,
+    pub subscriptions: AtomicU64,
+    /// Changes routed, by [`ChangeKind`] (see [`HubStats::changes_of`]).
+    pub changes_by_kind: [AtomicU64; 4],
+    /// Commit → queued-to-clients latency of each change that had a subscriber.
+    pub commit_to_send: LatencyHistogram,
+    /// Unix micros of the commit time of the last transaction the hub finished.
+    pub last_commit_unix_micros: AtomicI64,
+}
+
+impl HubStats {
+    /// Changes of `kind` routed so far.
+    pub fn changes_of(&self, kind: ChangeKind) -> u64 {
+        self.changes_by_kind[kind_index(kind)].load(Ordering::Relaxed)
+    }
+}
+
+fn kind_index(kind: ChangeKind) -> usize {
+    match kind {
+        ChangeKind::Insert => 0,
+        ChangeKind::Update => 1,
+        ChangeKind::Delete => 2,
+        ChangeKind::Truncate => 3,
+    }
+}
+
+type SubId = usize;
+
+/// A change's `data` encoded for one (column mask, old image hidden) variant, as a kind.
+type Encoding = (EncodingKey, ChangeKind, Arc<str>);
+
+/// Hands one change's frames to channels, encoding each payload variant once.
+struct Delivery<'a> {
+    encodings: &'a mut Vec<Encoding>,
+    change: &'a Change,
+    render: RenderOptions,
+    delivered: ChangeKind,
+    queued: &'a mut u64,
+    slow: &'a mut Vec<ConnId>,
+}
+
+impl Delivery<'_> {
+    fn send(&mut self, ch: &ChannelState, key: &EncodingKey, ids: BindingIds) {
+        let data = match self
+            .encodings
+            .iter()
+            .find(|e| e.1 == self.delivered && same_encoding(&e.0, key))
+        {
+            Some(e) => e.2.clone(),
+            None => {
+                let mut text = String::with_capacity(512);
+                match &key.0 {
+                    Some(m) => self.change.to_supabase_data_as(
+                        &mut text,
+                        &m[..],
+                        self.render,
+                        key.1,
+                        self.delivered,
+                    ),
+                    None => self.change.to_supabase_data_as(
+                        &mut text,
+                        &AllColumns,
+                        self.render,
+                        key.1,
+                        self.delivered,
+                    ),
+                }
+                let d: Arc<str> = Arc::from(text);
+                self.encodings
+                    .push((key.clone(), self.delivered, d.clone()));
+                d
+            }
+        };
+        let out = Outbound::Change {
+            topic: ch.topic.clone(),
+            ids,
+            data,
+        };
+        match queue(&ch.tx, &ch.queued, out) {
+            Ok(()) => *self.queued += 1,
+            Err(_) => self.slow.push(ch.conn),
+        }
+    }
+}
+
+/// A subscription that matched a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Hit {
+    channel: ChannelId,
+    /// The kind delivered ([`kind_index`]): the change's own, or a move's.
+    kind: u8,
+    binding_id: u32,
+    sub: SubId,
+}
+
+const KINDS: [ChangeKind; 4] = [
+    ChangeKind::Insert,
+    ChangeKind::Update,
+    ChangeKind::Delete,
+    ChangeKind::Truncate,
+];
+
+struct Sub {
+    channel: ChannelId,
+    binding_id: u32,
+    events: EventMask,
+    filter: Filter,
+    access: BindingAccess,
+    /// Subscriber filter AND row rule, bound to the table.
+    bound: Option<BoundFilter>,
+    /// The row rule alone, to judge an UPDATE's old image.
+    rule: Option<BoundFilter>,
+    /// Column allow-list (rule and `select`) as a mask over the table's columns.
+    mask: Option<Arc<[bool]>>,
+    options: BindingOptions,
+    /// Moves are on and the table's old images are complete.
+    moves: bool,
+    /// Where the sub sits in its table's index, to remove it.
+    slot: IndexSlot,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum IndexSlot {
+    Keyed {
+        relid: RelId,
+        column: usize,
+        keys: Vec<String>,
+    },
+    Scan {
+        relid: RelId,
+    },
+    Pattern {
+        schema: Option<String>,
+        table: Option<String>,
+    },
+}
+
+struct ChannelState {
+    conn: ConnId,
+    /// The connection's queue (a clone of its handle's), saving a lookup per delivery.
+    tx: mpsc::Sender<Outbound>,
+    queued: Arc<QueuedBytes>,
+    topic: Arc<str>,
+    subs: Vec<SubId>,
+}
+
+struct ConnState {
+    handle: ConnHandle,
+    channels: Vec<ChannelId>,
+}
+
+struct TableIndex {
+    table: Arc<Table>,
+    keyed: HashMap<usize, HashMap<String, SubList>>,
+    scan: SubList,
+    /// Subs with moves on: when non-zero, an UPDATE's old row is looked up too.
+    moves: usize,
+    /// When the index was made (a `Published` list read earlier does not judge it).
+    since: Instant,
+}
+
+pub struct Hub {
+    subs: Vec<Option<Sub>>,
+    free: Vec<SubId>,
+    tables: HashMap<RelId, TableIndex>,
+    patterns: SubList,
+    channels: IdMap<ChannelId, ChannelState>,
+    conns: IdMap<ConnId, ConnState>,
+    render: RenderOptions,
+    stats: Arc<HubStats>,
+    /// Scratch buffer of hits, reused per change.
+    hits: Vec<Hit>,
+    /// Where logical decoding messages go (the broadcast module).
+    on_message: Option<MessageHook>,
+    /// Replication readiness as last reported, and the channels waiting for it.
+    replication_ready: bool,
+    ready_watches: Vec<(ChannelId, std::time::Instant)>,
+    /// The `REPLICATION_DOWN` notice in force (for channels that join meanwhile).
+    down_notice: Option<Notice>,
+}
+
+/// Receives each logical decoding message (`pg_logical_emit_message`) the stream
+/// carries, in commit order with the changes; must not block.
+pub type MessageHook = Arc<dyn Fn(&DbMessage) + Send + Sync>;
+
+impl Hub {
+    pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
+        Hub {
+            subs: Vec::new(),
+            free: Vec::new(),
+            tables: HashMap::new(),
+            patterns: SubList::default(),
+            channels: IdMap::default(),
+            conns: IdMap::default(),
+            render,
+            stats,
+            hits: Vec::new(),
+            on_message: None,
+            replication_ready: false,
+            ready_watches: Vec::new(),
+            down_notice: None,
+        }
+    }
+
+    /// Hands logical decoding messages to `hook`.
+    pub fn with_message_hook(mut self, hook: MessageHook) -> Self {
+        self.on_message = Some(hook);
+        self
+    }
+
+    /// Runs until the item stream ends (the replication stream stopped).
+    pub async fn run(
+        mut self,
+        mut items: mpsc::Receiver<Item>,
+        mut commands: mpsc::Receiver<HubCommand>,
+        progress: Arc<Progress>,
+    ) {
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(c) => self.command(c),
+                    None => commands_open = false,
+                },
+                item = items.recv() => match item {
+                    Some(item) => self.item(item, &progress),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    pub fn item(&mut self, item: Item, progress: &Progress) {
+        match item {
+            Item::Change(c) => self.route(&c),
+            Item::Truncate(cs) => {
+                for c in &cs {
+                    self.route(c)
+                }
+            }
+            Item::Commit { end_lsn, info } => {
+                self.stats
+                    .last_commit_unix_micros
+                    .store(info.commit_time.unix_micros(), Ordering::Relaxed);
+                progress.confirm(end_lsn)
+            }
+            // Logical messages (e.g. `walcast.broadcast()`), in stream order.
+            Item::Message(m) => {
+                if let Some(hook) = &self.on_message {
+                    hook(&m)
+                }
+            }
+            Item::Begin(_) => {}
+        }
+    }
+
+    pub fn command(&mut self, cmd: HubCommand) {
+        match cmd {
+            HubCommand::Subscribe {
+                conn,
+                channel,
+                topic,
+                bindings,
+                done,
+            } => {
+                let cid = conn.id;
+                let state = self.conns.entry(cid).or_insert_with(|| ConnState {
+                    handle: conn,
+                    channels: Vec::new(),
+                });
+                state.channels.push(channel);
+                let tx = state.handle.tx.clone();
+                let queued = state.handle.queued.clone();
+                let mut subs = Vec::with_capacity(bindings.len());
+                for b in bindings {
+                    subs.push(self.add_sub(channel, b));
+                }
+                self.channels.insert(
+                    channel,
+                    ChannelState {
+                        conn: cid,
+                        tx,
+                        queued,
+                        topic,
+                        subs,
+                    },
+                );
+                let _ = done.send(());
+            }
+            HubCommand::Unsubscribe { channel } => self.remove_channel(channel),
+            HubCommand::Replace {
+                channel,
+                bindings,
+                done,
+            } => {
+                let old = self
+                    .channels
+                    .get_mut(&channel)
+                    .map(|ch| std::mem::take(&mut ch.subs))
+                    .unwrap_or_default();
+                for s in old {
+                    self.remove_sub(s);
+                }
+                if self.channels.contains_key(&channel) {
+                    let mut subs = Vec::with_capacity(bindings.len());
+                    for b in bindings {
+                        subs.push(self.add_sub(channel, b));
+                    }
+                    if let Some(ch) = self.channels.get_mut(&channel) {
+                        ch.subs = subs;
+                    }
+                }
+                let _ = done.send(());
+            }
+            HubCommand::Disconnect { conn } => self.remove_conn(conn),
+            HubCommand::Notice(n) => self.notice(&n),
+            HubCommand::Joined {
+                channel,
+                replication_ready,
+            } => {
+                if let Some(n) = self.down_notice.clone() {
+                    self.notice_to(channel, &n);
+                }
+                if let Some(deadline) = replication_ready {
+                    self.watch_replication_ready(channel, deadline)
+                }
+            }
+            HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
+            HubCommand::Published { relids, read_at } => self.unpublished(&relids, read_at),
+        }
+    }
+
+    /// Closes the channels subscribed to tables that are no longer published.
+    fn unpublished(&mut self, relids: &[RelId], read_at: Instant) {
+        let gone: Vec<RelId> = self
+            .tables
+            .iter()
+            .filter(|(id, ti)| ti.since < read_at && !relids.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for relid in gone {
+            let Some(ti) = self.tables.get(&relid) else {
+                continue;
+            };
+            let message = format!(
+                "table {}.{} is no longer published (dropped, or removed from the publication): \
+                 this channel is closed; rejoin once the table is back",
+                ti.table.schema, ti.table.name
+            );
+            let channels = self.channels_of(relid);
+            for ch in channels {
+                self.close_channel(ch, TABLE_UNPUBLISHED, &message);
+            }
+            self.tables.remove(&relid);
+        }
+    }
+
+    /// The channels with a subscription in a table's index.
+    fn channels_of(&self, relid: RelId) -> Vec<ChannelId> {
+        let mut out: Vec<ChannelId> = self
+            .subs_of(relid)
+            .into_iter()
+            .filter_map(|sid| self.subs.get(sid)?.as_ref().map(|s| s.channel))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn subs_of(&self, relid: RelId) -> Vec<SubId> {
+        let Some(ti) = self.tables.get(&relid) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<SubId> = ti.scan.iter().collect();
+        for col in ti.keyed.values() {
+            for v in col.values() {
+                ids.extend(v.iter());
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Server-side close of a channel: a `system` error naming why, then
+    /// `phx_close`, and its subscriptions leave the index.
+    fn close_channel(&mut self, channel: ChannelId, code: &'static str, message: &str) {
+        let Some(ch) = self.channels.get(&channel) else {
+            return;
+        };
+        let payload = serde_json::json!({
+            "extension": "system",
+            "status": "error",
+            "message": message,
+            "channel": ch.topic.strip_prefix("realtime:").unwrap_or(&ch.topic),
+            "code": code,
+        })
+        .to_string();
+        tracing::info!(topic = %ch.topic, code, %message, "closing a channel");
+        for (event, payload) in [("system", payload), ("phx_close", "{}".to_string())] {
+            let out = Outbound::Push {
+                topic: ch.topic.clone(),
+                event,
+                payload,
+            };
+            // Within the byte bound like every frame; a client too slow to take
+            // it is closed as slow by the next change anyway.
+            let _ = queue(&ch.tx, &ch.queued, out);
+        }
+        self.remove_channel(channel);
+    }
+
+    /// Why a binding can no longer be bound to `t` (a column it names is gone, or a
+    /// value no longer parses as its column's new type).
+    fn bind_problem(b: &Binding, t: &Table) -> Option<String> {
+        if let Err(e) = b.filter.bind(t) {
+            return Some(format!(
+                "the table changed and the filter no longer applies: {e}"
+            ));
+        }
+        if let Some(rule) = &b.access.rows {
+            if rule.bind(t).is_err() {
+                return Some(
+                    "the table changed and the access rule no longer applies to it".to_string(),
+                );
+            }
+        }
+        if let Some(sel) = &b.options.select {
+            if let Some(c) = sel.iter().find(|c| t.column_index(c).is_none()) {
+                return Some(format!(
+                    "the table changed: selected column {c:?} no longer exists"
+                ));
+            }
+        }
+        None
+    }
+
+    fn add_sub(&mut self, channel: ChannelId, mut b: Binding) -> SubId {
+        // The stream is the authority on a table's shape: when the hub already
+        // knows the table from the stream, bind to that (unless the join saw a
+        // newer shape the stream has not described yet; then the next `Relation`
+        // rebinds it).
+        if let Target::Table(t) = &b.target {
+            if let Some(ti) = self.tables.get(&t.id) {
+                if !Arc::ptr_eq(&ti.table, t) && Self::bind_problem(&b, &ti.table).is_none() {
+                    b.target = Target::Table(ti.table.clone());
+                }
+            }
+        }
+        let (slot, bound) = match &b.target {
+            Target::Table(t) => {
+                let combined = match &b.access.rows {
+                    Some(rule) => b.filter.clone().and(rule.clone()),
+                    None => b.filter.clone(),
+                };
+                let bound = if b.access.deny_all {
+                    None
+                } else {
+                    combined.bind(t).ok()
+                };
+                let relid = t.id;
+                let slot = match bound.as_ref().and_then(BoundFilter::index_key) {
+                    Some((column, keys)) => IndexSlot::Keyed {
+                        relid,
+                        column,
+                        keys,
+                    },
+                    None => IndexSlot::Scan { relid },
+                };
+                (slot, bound)
+            }
+            Target::Pattern { schema, table } => (
+                IndexSlot::Pattern {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                },
+                None,
+            ),
+        };
+        let (rule, mask) = match &b.target {
+            Target::Table(t) => (
+                b.access.rows.as_ref().and_then(|r| r.bind(t).ok()),
+                (b.access.columns.is_some() || b.options.select.is_some()).then(|| {
+                    t.columns
+                        .iter()
+                        .map(|c| {
+                            b.access
+                                .columns
+                                .as_ref()
+                                .is_none_or(|v| v.contains(&c.name))
+                                && b.options
+                                    .select
+                                    .as_ref()
+                                    .is_none_or(|v| v.contains(&c.name))
+                        })
+                        .collect::<Arc<[bool]>>()
+                }),
+            ),
+            Target::Pattern { .. } => (None, None),
+        };
+        let moves = b.options.moves
+            && matches!(&b.target, Target::Table(t) if t.replica_identity == crate::decode::pgoutput::ReplicaIdentity::Full);
+        let sub = Sub {
+            channel,
+            binding_id: b.id,
+            events: b.events,
+            filter: b.filter,
+            access: b.access,
+            bound,
+            rule,
+            mask,
+            options: b.options,
+            moves,
+            slot: slot.clone(),
+        };
+        let id = match self.free.pop() {
+            Some(i) => {
+                self.subs[i] = Some(sub);
+                i
+            }
+            None => {
+                self.subs.push(Some(sub));
+                self.subs.len() - 1
+            }
+        };
+        let table = match &b.target {
+            Target::Table(t) => Some(t.clone()),
+            Target::Pattern { .. } => None,
+        };
+        match (slot, table) {
+            (
+                IndexSlot::Keyed {
+                    relid,
+                    column,
+                    keys,
+                },
+                Some(t),
+            ) => {
+                let ti = self.table_index(relid, t);
+                ti.moves += usize::from(moves);
+                let col = ti.keyed.entry(column).or_default();
+                for k in keys {
+                    col.entry(k).or_default().insert(id);
+                }
+            }
+            (IndexSlot::Scan { relid }, Some(t)) => {
+                let ti = self.table_index(relid, t);
+                ti.moves += usize::from(moves);
+                ti.scan.insert(id)
+            }
+            _ => self.patterns.insert(id),
+        }
+        self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    fn table_index(&mut self, relid: RelId, table: Arc<Table>) -> &mut TableIndex {
+        self.tables.entry(relid).or_insert_with(|| TableIndex {
+            table,
+            keyed: HashMap::new(),
+            scan: SubList::default(),
+            moves: 0,
+            since: Instant::now(),
+        })
+    }
+
+    fn remove_sub(&mut self, id: SubId) {
+        let Some(sub) = self.subs.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(id);
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if sub.moves {
+            let relid = match &sub.slot {
+                IndexSlot::Keyed { relid, .. } | IndexSlot::Scan { relid } => Some(*relid),
+                IndexSlot::Pattern { .. } => None,
+            };
+            if let Some(ti) = relid.and_then(|r| self.tables.get_mut(&r)) {
+                ti.moves = ti.moves.saturating_sub(1);
+            }
+        }
+        match sub.slot {
+            IndexSlot::Keyed {
+                relid,
+                column,
+                keys,
+            } => {
+                if let Some(ti) = self.tables.get_mut(&relid) {
+                    if let Some(col) = ti.keyed.get_mut(&column) {
+                        for k in keys {
+                            if let Some(v) = col.get_mut(&k) {
+                                v.remove(id);
+                                if v.is_empty() {
+                                    col.remove(&k);
+                                }
+                            }
+                        }
+                        if col.is_empty() {
+                            ti.keyed.remove(&column);
+                        }
+                    }
+                    if ti.keyed.is_empty() && ti.scan.is_empty() {
+                        self.tables.remove(&relid);
+                    }
+                }
+            }
+            IndexSlot::Scan { relid } => {
+                if let Some(ti) = self.tables.get_mut(&relid) {
+                    ti.scan.remove(id);
+                    if ti.keyed.is_empty() && ti.scan.is_empty() {
+                        self.tables.remove(&relid);
+                    }
+                }
+            }
+            IndexSlot::Pattern { .. } => self.patterns.remove(id),
+        }
+    }
+
+    fn remove_channel(&mut self, channel: ChannelId) {
+        if let Some(ch) = self.channels.remove(&channel) {
+            for s in ch.subs {
+                self.remove_sub(s);
+            }
+            if let Some(c) = self.conns.get_mut(&ch.conn) {
+                c.channels.retain(|&x| x != channel);
+            }
+        }
+    }
+
+    fn remove_conn(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            for ch in c.channels {
+                if let Some(chs) = self.channels.remove(&ch) {
+                    for s in chs.subs {
+                        self.remove_sub(s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of live subscriptions (for tests and metrics).
+    pub fn subscription_count(&self) -> usize {
+        self.subs.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Routes one change to every matching channel.
+    pub fn route(&mut self, change: &Arc<Change>) {
+        self.stats.changes.fetch_add(1, Ordering::Relaxed);
+        self.hits.clear();
+        let kind = change.kind;
+        self.stats.changes_by_kind[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
+        let row = match kind {
+            ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
+            ChangeKind::Delete => change.old.as_ref(),
+            ChangeKind::Truncate => None,
+        };
+        let relid = change.table.id;
+        if self.tables.contains_key(&relid) {
+            self.rebind_if_changed(relid, &change.table);
+        }
+        let now = crate::route::auth::now_unix();
+        if let Some(ti) = self.tables.get(&relid) {
+            let subs = &self.subs;
+            let hits = &mut self.hits;
+            let mut consider = |sid: SubId| {
+                if let Some(Some(s)) = subs.get(sid) {
+                    if s.access.expires_at.is_some_and(|e| e <= now) {
+                        return;
+                    }
+                    let delivered = if s.moves {
+                        moved_kind(s, change)
+                    } else {
+                        let ok = s.events.has(kind)
+                            && match (&s.bound, row) {
+                                (Some(f), Some(r)) => f.matches(r),
+                                (Some(f), None) => f.is_empty(),
+                                // A filter that no longer binds to the table matches nothing.
+                                (None, _) => false,
+                            };
+                        ok.then_some(kind)
+                    };
+                    if let Some(k) = delivered {
+                        hits.push(Hit {
+                            channel: s.channel,
+                            kind: kind_index(k) as u8,
+                            binding_id: s.binding_id,
+                            sub: sid,
+                        });
+                    }
+                }
+            };
+            let lookup = |r: &crate::decode::event::Row,
+                          consider: &mut dyn FnMut(SubId),
+                          only_moves: bool| {
+                for (&col, map) in &ti.keyed {
+                    let Some(cell) = r.get(col) else { continue };
+                    let Some(text) = cell.text() else { continue };
+                    let Some(column) = ti.table.columns.get(col) else {
+                        continue;
+                    };
+                    let Some(key) = canonical_key(&column.ty, text) else {
+                        continue;
+                    };
+                    if let Some(v) = map.get(&key) {
+                        for sid in v.iter() {
+                            if !only_moves
+                                || subs
+                                    .get(sid)
+                                    .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                            {
+                                consider(sid);
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(r) = row {
+                lookup(r, &mut consider, false);
+            }
+            if ti.moves > 0 {
+                match (kind, change.old.as_ref()) {
+                    // A row leaving a keyed filter is found by its old value.
+                    (ChangeKind::Update, Some(old)) => lookup(old, &mut consider, true),
+                    // A TRUNCATE reaches every keyed sub with moves.
+                    (ChangeKind::Truncate, _) => {
+                        for map in ti.keyed.values() {
+                            for v in map.values() {
+                                for sid in v.iter() {
+                                    if subs
+                                        .get(sid)
+                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
+                                    {
+                                        consider(sid);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for sid in ti.scan.iter() {
+                consider(sid);
+            }
+        }
+        for sid in self.patterns.iter() {
+            if let Some(Some(s)) = self.subs.get(sid) {
+                if let IndexSlot::Pattern { schema, table } = &s.slot {
+                    let schema_ok = schema.as_deref().is_none_or(|x| x == change.table.schema);
+                    let table_ok = table.as_deref().is_none_or(|x| x == change.table.name);
+                    let live = s.access.expires_at.is_none_or(|e| e > now);
+                    if schema_ok && table_ok && s.events.has(kind) && live {
+                        self.hits.push(Hit {
+                            channel: s.channel,
+                            kind: kind_index(kind) as u8,
+                            binding_id: s.binding_id,
+                            sub: sid,
+                        });
+                    }
+                }
+            }
+        }
+        if self.hits.is_empty() {
+            return;
+        }
+        self.hits.sort_unstable();
+        self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
+        // One encoding per distinct (column mask, old image kept, kind) among the channels.
+        let mut encodings: Vec<Encoding> = Vec::new();
+        let mut slow = Vec::new();
+        let mut queued = 0u64;
+        let mut i = 0;
+        while i < self.hits.len() {
+            let channel = self.hits[i].channel;
+            let hit_kind = self.hits[i].kind;
+            let start = i;
+            while i < self.hits.len()
+                && self.hits[i].channel == channel
+                && self.hits[i].kind == hit_kind
+            {
+                i += 1;
+            }
+            let delivered = KINDS[usize::from(hit_kind) & 3];
+            let group = &self.hits[start..i];
+            let Some(ch) = self.channels.get(&channel) else {
+                continue;
+            };
+            // Bindings of one channel whose payloads differ (another `select`, an
+            // old image hidden for one only) get a frame each; nearly always one.
+            let Some(Some(first)) = self.subs.get(group[0].sub) else {
+                continue;
+            };
+            let key = encoding_key(first, change, delivered);
+            let uniform = group.len() == 1
+                || group[1..].iter().all(|h| match self.subs.get(h.sub) {
+                    Some(Some(s)) => same_encoding(&encoding_key(s, change, delivered), &key),
+                    _ => true,
+                });
+            let mut out = Delivery {
+                encodings: &mut encodings,
+                change,
+                render: self.render,
+                delivered,
+                queued: &mut queued,
+                slow: &mut slow,
+            };
+            if uniform {
+                let ids = match group {
+                    [one] => BindingIds::One(one.binding_id),
+                    many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
+                };
+                out.send(ch, &key, ids);
+            } else {
+                let mut keyed: Vec<(EncodingKey, Vec<u32>)> = Vec::new();
+                for h in group {
+                    let Some(Some(s)) = self.subs.get(h.sub) else {
+                        continue;
+                    };
+                    let k = encoding_key(s, change, delivered);
+                    match keyed.iter_mut().find(|(x, _)| same_encoding(x, &k)) {
+                        Some((_, ids)) => ids.push(h.binding_id),
+                        None => keyed.push((k, vec![h.binding_id])),
+                    }
+                }
+                for (k, ids) in keyed {
+                    let ids = match &ids[..] {
+                        [one] => BindingIds::One(*one),
+                        many => BindingIds::Many(many.into()),
+                    };
+                    out.send(ch, &k, ids);
+                }
+            }
+        }
+        if queued > 0 {
+            self.stats
+                .frames_queued
+                .fetch_add(queued, Ordering::Relaxed);
+            self.stats
+                .commit_to_send
+                .observe_since_unix_micros(change.txn.commit_time.unix_micros());
+        }
+        for conn in slow {
+            if let Some(c) = self.conns.get(&conn) {
+                if !c.handle.tx.is_closed() {
+                    self.stats
+                        .slow_clients_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        conn,
+                        "closing a client that fell behind: its outbound queue is full"
+                    );
+                    c.handle.close(
+                        CLOSE_SLOW_CLIENT,
+                        "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
+                    );
+                }
+            }
+            self.remove_conn(conn);
+        }
+    }
+
+    /// When the stream describes a table differently from what its subscriptions
+    /// were bound to (a schema change), bind them again by column name. A binding
+    /// that no longer binds (its filter's column was dropped, its value does not
+    /// parse as the column's new type, a selected column is gone) has its channel
+    /// closed with a `system` error naming why.
+    fn rebind_if_changed(&mut self, relid: RelId, table: &Arc<Table>) {
+        let Some(ti) = self.tables.get_mut(&relid) else {
+            return;
+        };
+        if Arc::ptr_eq(&ti.table, table) {
+            return;
+        }
+        let same_shape = ti.table.columns.len() == table.columns.len()
+            && ti.table.replica_identity == table.replica_identity
+            && ti
+                .table
+                .columns
+                .iter()
+                .zip(&table.columns)
+                .all(|(a, b)| a.name == b.name && a.ty.name == b.ty.name);
+        ti.table = table.clone();
+        if same_shape {
+            return;
+        }
+        // Re-index every sub of this table.
+        let mut broken: Vec<(ChannelId, String)> = Vec::new();
+        for sid in self.subs_of(relid) {
+            let Some(Some(sub)) = self.subs.get(sid) else {
+                continue;
+            };
+            let binding = Binding {
+                id: sub.binding_id,
+                events: sub.events,
+                target: Target::Table(table.clone()),
+                filter: sub.filter.clone(),
+                access: sub.access.clone(),
+                options: sub.options.clone(),
+            };
+            let channel = sub.channel;
+            if let Some(why) = Self::bind_problem(&binding, table) {
+                broken.push((channel, why));
+                continue;
+            }
+            self.remove_sub(sid);
+            let new_id = self.add_sub(channel, binding);
+            if let Some(ch) = self.channels.get_mut(&channel) {
+                for s in ch.subs.iter_mut() {
+                    if *s == sid {
+                        *s = new_id;
+                    }
+                }
+            }
+        }
+        broken.sort();
+        broken.dedup_by_key(|b| b.0);
+        for (channel, why) in broken {
+            self.close_channel(channel, TABLE_CHANGED, &why);
+        }
+    }
+}
+
+// Replication notices: `system` messages about the stream behind the channels.
+impl Hub {
+    /// Sends `n` to every channel that has `postgres_changes` bindings.
+    fn notice(&mut self, n: &Notice) {
+        match n.code {
+            "REPLICATION_DOWN" => self.down_notice = Some(n.clone()),
+            "REPLICATION_OK" => self.down_notice = None,
+            _ => {}
+        }
+        let targets: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.subs.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for channel in targets {
+            self.notice_to(channel, n);
+        }
+    }
+
+    /// Sends `n` to one channel, if it has `postgres_changes` bindings.
+    fn notice_to(&mut self, channel: ChannelId, n: &Notice) {
+        let Some(topic) = self
+            .channels
+            .get(&channel)
+            .filter(|ch| !ch.subs.is_empty())
+            .map(|ch| ch.topic.clone())
+        else {
+            return;
+        };
+        let mut payload = serde_json::Map::new();
+        payload.insert("extension".into(), "postgres_changes".into());
+        payload.insert("status".into(), n.status.into());
+        payload.insert("message".into(), n.message.clone().into());
+        payload.insert("channel".into(), channel_name(&topic).into());
+        payload.insert("code".into(), n.code.into());
+        payload.extend(n.extra.clone());
+        self.system_to(channel, serde_json::Value::Object(payload).to_string());
+    }
+
+    fn watch_replication_ready(&mut self, channel: ChannelId, deadline: std::time::Instant) {
+        if self.replication_ready {
+            self.replication_ready_reply(channel, true);
+        } else {
+            self.ready_watches.push((channel, deadline));
+        }
+    }
+
+    fn set_replication_ready(&mut self, ready: bool) {
+        self.replication_ready = ready;
+        if self.ready_watches.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let watches = std::mem::take(&mut self.ready_watches);
+        for (channel, deadline) in watches {
+            if ready {
+                self.replication_ready_reply(channel, true);
+            } else if now >= deadline {
+                self.replication_ready_reply(channel, false);
+            } else {
+                self.ready_watches.push((channel, deadline));
+            }
+        }
+    }
+
+    /// The answer to `replication_ready`, in the form realtime-js documents.
+    fn replication_ready_reply(&mut self, channel: ChannelId, ok: bool) {
+        let Some(topic) = self.channels.get(&channel).map(|ch| ch.topic.clone()) else {
+            return;
+        };
+        let payload = serde_json::json!({
+            "extension": "system",
+            "status": if ok { "ok" } else { "error" },
+            "message": if ok {
+                "Replication connection established"
+            } else {
+                "Replication connection was not established in time"
+            },
+            "channel": channel_name(&topic),
+            "code": if ok { "REPLICATION_OK" } else { "REPLICATION_DOWN" },
+        });
+        self.system_to(channel, payload.to_string());
+    }
+
+    /// Queues a `system` message for one channel; a full queue closes the
+    /// connection as a slow client, as for changes.
+    fn system_to(&mut self, channel: ChannelId, payload: String) {
+        let Some(ch) = self.channels.get(&channel) else {
+            return;
+        };
+        let conn = ch.conn;
+        let out = Outbound::System {
+            topic: ch.topic.clone(),
+            payload,
+        };
+        // Within the connection's byte bound, like every other frame (the writer
+        // releases what it takes).
+        if queue(&ch.tx, &ch.queued, out).is_ok() {
+            return;
+        }
+        if let Some(c) = self.conns.get(&conn) {
+            if !c.handle.tx.is_closed() {
+                self.stats
+                    .slow_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                c.handle.close(
+                    CLOSE_SLOW_CLIENT,
+                    "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
+                );
+            }
+        }
+        self.remove_conn(conn);
+    }
+}
+
+/// A topic without its `realtime:` prefix, as `system` payloads name channels.
+fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
+/// The kind a sub with moves on receives for `change`, if any (see
+/// [`BindingOptions::moves`]): judged on both images against filter and rule.
+fn moved_kind(s: &Sub, change: &Change) -> Option<ChangeKind> {
+    let matches = |r: Option<&crate::decode::event::Row>| match (&s.bound, r) {
+        (Some(f), Some(r)) => f.matches(r),
+        _ => false,
+    };
+    let k = match change.kind {
+        ChangeKind::Update => match (matches(change.old.as_ref()), matches(change.new.as_ref())) {
+            (true, true) => ChangeKind::Update,
+            (false, true) => ChangeKind::Insert,
+            (true, false) => ChangeKind::Delete,
+            (false, false) => return None,
+        },
+        ChangeKind::Insert => {
+            if !matches(change.new.as_ref()) {
+                return None;
+            }
+            ChangeKind::Insert
+        }
+        ChangeKind::Delete => {
+            if !matches(change.old.as_ref()) {
+                return None;
+            }
+            ChangeKind::Delete
+        }
+        // Every row left: filtered bindings hear of it too.
+        ChangeKind::Truncate => {
+            s.bound.as_ref()?;
+            ChangeKind::Truncate
+        }
+    };
+    s.events.has(k).then_some(k)
+}
+
+/// What decides a sub's payload for a change delivered as `kind`: its column
+/// mask, and whether the old image is hidden (an UPDATE that brought the row
+/// into the sub's rule: the old image is not the subscriber's to see. Under
+/// REPLICA IDENTITY FULL pgoutput flags every column as key, so "key only"
+/// cannot be trusted here.)
+fn encoding_key(sub: &Sub, change: &Change, kind: ChangeKind) -> EncodingKey {
+    let hide_old = kind == ChangeKind::Update
+        && match (&sub.rule, change.old.as_ref()) {
+            (Some(rule), Some(old)) => !rule.matches(old),
+            _ => false,
+        };
+    (sub.mask.clone(), hide_old)
+}
+
+type EncodingKey = (Option<Arc<[bool]>>, bool);
+
+fn same_encoding(a: &EncodingKey, b: &EncodingKey) -> bool {
+    a.1 == b.1
+        && match (&a.0, &b.0) {
+            (None, None) => true,
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y) || x == y,
+            _ => false,
+        }
+}
+
+/// A deterministic, non-zero binding id (27 bits, like Supabase's) from the binding's
+/// parameters, so identical bindings share an id and a rejoin gets the same ids.
+pub fn binding_id(event: &str, schema: &str, table: Option<&str>, filter: Option<&str>) -> u32 {
+    // FNV-1a over the fields with separators.
+    let mut h: u32 = 0x811c_9dc5;
+    for part in [
+        event,
+        "\u{1}",
+        schema,
+        "\u{1}",
+        table.unwrap_or("\u{2}"),
+        "\u{1}",
+        filter.unwrap_or("\u{2}"),
+    ] {
+        for b in part.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    let id = h & 0x07ff_ffff;
+    if id == 0 {
+        1
+    } else {
+        id
+    }
+}
+
+/// Upper bounds (seconds) of the commit → send latency buckets: 0.5 ms to 10 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram of atomics, cheap to observe on the hot path and exported at
+/// scrape time with the [`LATENCY_BUCKETS`] bounds.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per-bucket (not cumulative) counts; the last slot is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records the time from `unix_micros` (a commit time) until now; a commit time
+    /// in the future (clock skew between hosts) counts as zero.
+    pub fn observe_since_unix_micros(&self, unix_micros: i64) {
+        let micros = unix_now_micros().saturating_sub(unix_micros).max(0) as u64;
+        self.observe_micros(micros);
+    }
+
+    pub fn observe_micros(&self, micros: u64) {
+        let secs = micros as f64 / 1e6;
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Per-bucket (not cumulative) counts, the last one `+Inf`, and the sum in µs.
+    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len() + 1], u64) {
+        let mut out = [0u64; LATENCY_BUCKETS.len() + 1];
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            *o = b.load(Ordering::Relaxed);
+        }
+        (out, self.sum_micros.load(Ordering::Relaxed))
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any mix of inserts and removals leaves the same set as a plain model,
+        /// below and above the size where the position map takes over.
+        #[test]
+        fn sub_list_is_a_set(ops in proptest::collection::vec((any::<bool>(), 0usize..80), 0..400)) {
+            let mut list = SubList::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (insert, id) in ops {
+                if insert {
+                    list.insert(id);
+                    model.insert(id);
+                } else {
+                    list.remove(id);
+                    model.remove(&id);
+                }
+                let mut got: Vec<SubId> = list.iter().collect();
+                got.sort_unstable();
+                prop_assert_eq!(&got, &model.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(list.is_empty(), model.is_empty());
+                if let Some(pos) = &list.pos {
+                    prop_assert_eq!(pos.len(), list.ids.len());
+                    for (i, s) in list.ids.iter().enumerate() {
+                        prop_assert_eq!(pos.get(s), Some(&i));
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe_bindings(
+        hub: &mut Hub,
+        conn: ConnId,
+        channel: ChannelId,
+        topic: &str,
+        bindings: Vec<Binding>,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(8);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle::new(conn, tx, usize::MAX),
+            channel,
+            topic: Arc::from(topic),
+            bindings,
+            done,
+        });
+        rx
+    }
+
+    use crate::decode::event::{Cell, TxnInfo};
+    use crate::decode::pgoutput::{PgTimestamp, ReplicaIdentity, Xid};
+    use crate::decode::relation::Column;
+    use crate::decode::value::PgType;
+    use crate::lsn::Lsn;
+
+    fn table(id: u32, cols: &[(&str, &str)]) -> Arc<Table> {
+        Arc::new(Table {
+            id: RelId(id),
+            schema: "public".into(),
+            name: "orders".into(),
+            replica_identity: ReplicaIdentity::Full,
+            json: Default::default(),
+            columns: cols
+                .iter()
+                .map(|(n, ty)| Column {
+                    name: n.to_string(),
+                    ty: Arc::new(PgType::new(0, ty, PgType::kind_for_base_name(ty))),
+                    key: *n == "id",
+                })
+                .collect(),
+        })
+    }
+
+    fn cells(v: &[&str]) -> crate::decode::event::Row {
+        v.iter()
+            .map(|t| Cell::Text(bytes::Bytes::copy_from_slice(t.as_bytes())))
+            .collect()
+    }
+
+    fn change(
+        t: &Arc<Table>,
+        kind: ChangeKind,
+        new: Option<&[&str]>,
+        old: Option<&[&str]>,
+    ) -> Arc<Change> {
+        Arc::new(Change {
+            txn: TxnInfo {
+                commit_lsn: Lsn(1),
+                commit_time: PgTimestamp(0),
+                xid: Xid(1),
+            },
+            table: t.clone(),
+            kind,
+            new: new.map(cells),
+            old: old.map(cells),
+        })
+    }
+
+    fn subscribe(
+        hub: &mut Hub,
+        t: &Arc<Table>,
+        channel: u64,
+        filter: &str,
+        options: BindingOptions,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(64);
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Subscribe {
+            conn: ConnHandle::new(channel, tx, usize::MAX),
+            channel,
+            topic: Arc::from(format!("realtime:c{channel}")),
+            bindings: vec![Binding {
+                id: channel as u32,
+                events: EventMask::ALL,
+                target: Target::Table(t.clone()),
+                filter: Filter::parse(filter).unwrap(),
+                access: BindingAccess::default(),
+                options,
+            }],
+            done,
+        });
+        rx
+    }
+
+    fn any_table() -> Binding {
+        Binding {
+            id: 1,
+            events: EventMask::ALL,
+            target: Target::Pattern {
+                schema: None,
+                table: None,
+            },
+            filter: Filter::default(),
+            access: BindingAccess::default(),
+            options: BindingOptions::default(),
+        }
+    }
+
+    fn system(rx: &mut mpsc::Receiver<Outbound>) -> Option<(String, serde_json::Value)> {
+        match rx.try_recv().ok()? {
+            Outbound::System { topic, payload } => {
+                Some((topic.to_string(), serde_json::from_str(&payload).unwrap()))
+            }
+            other => panic!("not a system message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn notices_reach_only_postgres_changes_channels() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut pg = subscribe_bindings(&mut hub, 1, 10, "realtime:room", vec![any_table()]);
+        let mut chat = subscribe_bindings(&mut hub, 2, 20, "realtime:chat", vec![]);
+        hub.command(HubCommand::Notice(Notice {
+            status: "error",
+            code: "REPLICATION_DOWN",
+            message: "down".into(),
+            extra: [("reason".to_string(), serde_json::json!("disconnected"))]
+                .into_iter()
+                .collect(),
+        }));
+        let (topic, v) = system(&mut pg).expect("a notice");
+        assert_eq!(topic, "realtime:room");
+        assert_eq!(
+            v,
+            serde_json::json!({"extension": "postgres_changes", "status": "error", "message": "down",
+                "channel": "room", "code": "REPLICATION_DOWN", "reason": "disconnected"})
+        );
+        assert!(system(&mut chat).is_none());
+        // A channel joining during the outage is told after its join.
+        let mut late = subscribe_bindings(&mut hub, 3, 30, "realtime:late", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 30,
+            replication_ready: None,
+        });
+        assert_eq!(
+            system(&mut late).expect("the notice in force").1["code"],
+            "REPLICATION_DOWN"
+        );
+        hub.command(HubCommand::Notice(Notice {
+            status: "ok",
+            code: "REPLICATION_OK",
+            message: "back".into(),
+            extra: Default::default(),
+        }));
+        let mut later = subscribe_bindings(&mut hub, 4, 40, "realtime:later", vec![any_table()]);
+        hub.command(HubCommand::Joined {
+            channel: 40,
+            replication_ready: None,
+        });
+        assert!(system(&mut later).is_none());
+    }
+
+    #[test]
+    fn replication_ready_is_answered_when_ready_or_after_the_deadline() {
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe_bindings(&mut hub, 1, 10, "realtime:a", vec![]);
+        let mut b = subscribe_bindings(&mut hub, 2, 20, "realtime:b", vec![]);
+        let now = std::time::Instant::now();
+        hub.command(HubCommand::Joined {
+            channel: 10,
+            replication_ready: Some(now + std::time::Duration::from_secs(60)),
+        });
+        hub.command(HubCommand::Joined {
+            channel: 20,
+            replication_ready: Some(now),
+        });
+        assert!(system(&mut a).is_none());
+        // Not ready: only the watch past its deadline is answered, with an error.
+        hub.command(HubCommand::ReplicationReady(false));
+        assert!(system(&mut a).is_none());
+        let (_, v) = system(&mut b).expect("an answer for b");
+        assert_eq!(
+            (v["extension"].as_str(), v["status"].as_str()),
+            (Some("system"), Some("error"))
+        );
+        hub.command(HubCommand::ReplicationReady(true));
+        let (_, v) = system(&mut a).expect("an answer for a");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["message"], "Replication connection established");
+        // Ready now: a new watch is answered at once.
+        hub.command(HubCommand::Joined {
+            channel: 20,
+            replication_ready: Some(now),
+        });
+        assert_eq!(system(&mut b).expect("at once").1["status"], "ok");
+    }
+
+    /// The `data` of each change frame queued, or the event of each push.
+    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            out.push(match o {
+                Outbound::Change { data, .. } => serde_json::from_str(&data).unwrap(),
+                Outbound::Push { event, payload, .. } => {
+                    serde_json::json!({"push": event, "payload": serde_json::from_str::<serde_json::Value>(&payload).unwrap()})
+                }
+                other => panic!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn select_moves_and_truncate_shape_the_payloads() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let select = BindingOptions {
+            select: Some(Arc::new(vec!["id".into(), "status".into()])),
+            moves: false,
+        };
+        let moves = BindingOptions {
+            select: None,
+            moves: true,
+        };
+        let mut sel = subscribe(&mut hub, &t, 1, "status=eq.new", select);
+        let mut mov = subscribe(&mut hub, &t, 2, "status=eq.new", moves.clone());
+        let mut plain = subscribe(&mut hub, &t, 3, "status=eq.new", BindingOptions::default());
+        let mut keyed_or = subscribe(&mut hub, &t, 4, "or=(status.eq.new,status.eq.x)", moves);
+        hub.route(&change(
+            &t,
+            ChangeKind::Insert,
+            Some(&["1", "new", "5"]),
+            None,
+        ));
+        let d = &drain(&mut sel)[0];
+        assert_eq!(
+            d["columns"],
+            serde_json::json!([{"name": "id", "type": "int4"}, {"name": "status", "type": "text"}])
+        );
+        assert_eq!(d["record"], serde_json::json!({"id": 1, "status": "new"}));
+        // Out of the filter: a DELETE of the old row with moves, nothing without.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "baked", "5"]),
+            Some(&["1", "new", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d[1]["type"], "DELETE");
+        assert_eq!(d[1]["old_record"]["status"], "new");
+        assert!(d[1].get("record").is_none());
+        assert_eq!(drain(&mut keyed_or)[1]["type"], "DELETE");
+        assert_eq!(drain(&mut plain).len(), 1);
+        assert!(drain(&mut sel).is_empty());
+        // Back in: an INSERT of the new row.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "new", "6"]),
+            Some(&["1", "baked", "5"]),
+        ));
+        let d = drain(&mut mov);
+        assert_eq!(d[0]["type"], "INSERT");
+        assert!(d[0].get("old_record").is_none());
+        assert_eq!(drain(&mut plain)[0]["type"], "UPDATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "INSERT");
+        // TRUNCATE reaches filtered bindings with moves only.
+        hub.route(&change(&t, ChangeKind::Truncate, None, None));
+        assert_eq!(drain(&mut mov)[0]["type"], "TRUNCATE");
+        assert_eq!(drain(&mut keyed_or)[0]["type"], "TRUNCATE");
+        assert!(drain(&mut plain).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_filter_column_closes_only_its_channel() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let mut a = subscribe(&mut hub, &t, 1, "total=gt.3", BindingOptions::default());
+        let mut b = subscribe(&mut hub, &t, 2, "status=eq.new", BindingOptions::default());
+        let t2 = table(1, &[("id", "int4"), ("status", "text")]);
+        hub.route(&change(&t2, ChangeKind::Insert, Some(&["1", "new"]), None));
+        let d = drain(&mut a);
+        assert_eq!(d[0]["push"], "system");
+        assert_eq!(d[0]["payload"]["code"], TABLE_CHANGED);
+        assert!(d[0]["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"total\""));
+        assert_eq!(d[1]["push"], "phx_close");
+        assert_eq!(drain(&mut b)[0]["record"]["id"], 1);
+        assert_eq!(hub.subscription_count(), 1);
+        // A dropped table: the rest is closed too.
+        hub.command(HubCommand::Published {
+            relids: vec![RelId(2)],
+            read_at: Instant::now(),
+        });
+        assert_eq!(drain(&mut b)[0]["payload"]["code"], TABLE_UNPUBLISHED);
+        assert_eq!(hub.subscription_count(), 0);
+    }
+
+    #[test]
+    fn a_long_list_empties_by_removal_in_arrival_order() {
+        let mut list = SubList::default();
+        for id in 0..100_000 {
+            list.insert(id);
+        }
+        assert!(list.pos.is_some());
+        // Each removal moves the last id into the hole; its position must follow.
+        for id in 0..100_000 {
+            list.remove(id);
+        }
+        assert!(list.is_empty());
+    }
+}

@@ -1,0 +1,7 @@
+//! Server: HTTP.
+
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod rest;
+pub mod router;
