@@ -11,54 +11,74 @@
 //!  PostgreSQL walsender (pgoutput)
 //!         │  CopyBoth: XLogData / keepalive          ▲ standby status updates (flush LSN)
 //!         ▼                                          │
-//!  replication::run ── pgoutput::decode ── relation::Assembler ── value → JSON
+//!  source::session ── decode::pgoutput ── decode::assembler ── decode::value → JSON
 //!         │                                  (pure, total, never panics)
 //!         ▼  bounded channel (backpressure: stop reading the slot, keep sending status updates)
-//!  hub: routing index  (schema.table → event kind → filter index → subscribers)
-//!         │  encode each change once; share the bytes
-//!         ▼  one bounded queue per connection (slow client: closed with a reason, counted)
-//!  ws: Phoenix-protocol sessions (vsn 1.0.0 objects / 2.0.0 arrays) ── clients
+//!  route::hub: routing index  (schema.table → event kind → filter index → subscribers)
+//!         │  match → encode each payload once → deliver the shared bytes
+//!         ▼  route::queue: one bounded queue per connection (slow client: closed with a reason, counted)
+//!  deliver: Phoenix-protocol sessions (vsn 1.0.0 objects / 2.0.0 arrays) ── clients
 //! ```
 //!
-//! The stages, each in its own module:
+//! ## Layers
 //!
-//! - [`replication`]: the replication connection (startup, authentication,
-//!   CopyBoth), status updates, and the flush-LSN rules that make delivery
-//!   at-least-once without pinning WAL.
-//! - [`pgoutput`]: a pure, total decoder of pgoutput messages.
-//! - [`relation`]: the relation and type caches and the transaction assembler that
-//!   turns messages into [`event::Item`]s.
-//! - [`value`]: pgoutput text → JSON identical to PostgreSQL's `to_jsonb()`.
-//! - [`event`]: change events and their encodings.
-//! - [`filter`]: Supabase/PostgREST row filters, bound to column types and
-//!   evaluated in memory with PostgreSQL's comparison semantics.
-//! - [`catalog`]: the publication's tables and their columns, read over SQL, so
-//!   a join's bindings and filters are checked before anything is subscribed.
-//! - [`hub`]: the routing index; encodes each change once and hands the shared
-//!   bytes to every matching connection's bounded queue; confirms a
-//!   transaction's flush LSN once all of it was routed.
-//! - [`ws`]: the HTTP routes, the WebSocket upgrade and the Phoenix-protocol
-//!   sessions (vsn 1.0.0 and 2.0.0) that realtime-js speaks.
+//! `src/` is laid out by pipeline stage, and the stages are layers: a module may
+//! use modules of its own layer or a lower one, never a higher one, and no two
+//! modules import each other, directly or through others. `tests/cases/layers.rs`
+//! reads the source and fails on an upward `use` or a cycle.
 //!
-//! Beside the pipeline:
+//! ```text
+//!  7  cli        args, setup, tail, demo               the command line
+//!  6  daemon     serve (the Pipeline: start, serve, shutdown order), notice
+//!  5  server     router, rest, http (CORS), listener, metrics      HTTP
+//!  4  deliver    session, socket (writer), frame, broadcast, presence, stats
+//!  3  route      hub (match/encode/deliver), queue, filter, auth
+//!  2  source     conn, tls, error, protocol, flush, session, slot, catalog
+//!     changelog  the on-disk change log (segments, index, codec)
+//!  1  decode     pgoutput, assembler, relation, value, event   (pure, no IO)
+//!  0  lsn, config (every [section] as plain data), shutdown, testing
+//! ```
 //!
-//! - [`auth`]: JWT verification and per-table row rules (roles, a row filter
-//!   with claims, a column allow-list), evaluated in memory.
-//! - [`broadcast`] and [`presence`]: Supabase Broadcast (client to client, REST,
-//!   and from the database through logical decoding messages) and Presence.
-//! - [`metrics`]: Prometheus metrics read from the pipeline's counters, health
-//!   levels, `/metrics`, `/health` and `/ready`; [`notice`]: `system` messages
-//!   to channels when replication is down, back, or skipped changes.
-//! - [`serve`]: `walcast serve`, wiring the stages together with an explicit
-//!   shutdown order; [`shutdown`] turns SIGINT/SIGTERM into a cancellation token.
-//! - [`setup`]: `walcast setup`, `status` and `teardown`: publication, replica
-//!   identity and slot, each checked before anything changes.
-//! - [`tail`]: `walcast tail`, every change as a JSON line on stdout.
-//! - [`demo`]: what `walcast demo` is made of: a throwaway PostgreSQL cluster, a
-//!   bakery schema with business triggers, a traffic generator, and
-//!   [`demo::run_demo`], which runs them with `serve`.
-//! - [`config`] and [`tls`]: the config file, connection strings and `sslmode`;
-//!   [`cli`]: the command line; [`lsn`]: log sequence numbers.
+//! What this means in practice:
+//!
+//! - **config is a leaf.** Each `[section]` is a plain struct in [`config`];
+//!   behaviour stays with its feature (`impl` blocks may live there). Checks that
+//!   need a feature's grammar (row filters) run where the config is loaded
+//!   ([`cli::args::check_feature_rules`]).
+//! - **Each stage owns its counters** (`StreamState`, `HubStats`, `WsStats`,
+//!   `BroadcastStats`); [`server::metrics`] only reads and exposes them.
+//! - **HTTP handlers live in [`server`]**; the layers below know nothing of
+//!   axum routes (the WebSocket session itself is `deliver`).
+//! - **The source owns its IO and its errors**: [`source::error`] is the one
+//!   error of the PostgreSQL side.
+//! - **Data flows up, handles flow down.** The hub (route) reads the flush
+//!   `Progress` of the source; the source never calls into routing. The daemon
+//!   wires stages together with channels.
+//!
+//! The stages:
+//!
+//! - [`source`]: the replication connection (startup, authentication, TLS,
+//!   CopyBoth), the protocol's messages and status updates, the flush-LSN rules
+//!   that make delivery at-least-once without pinning WAL, pre-flight checks and
+//!   the slot, and the catalog of published tables read over SQL.
+//! - [`decode`]: a pure, total decoder of pgoutput messages; the relation and
+//!   type caches; the transaction assembler that turns messages into
+//!   [`decode::event::Item`]s; pgoutput text → JSON identical to PostgreSQL's
+//!   `to_jsonb()`.
+//! - [`changelog`]: the on-disk change log for resume.
+//! - [`route`]: the routing index ([`route::hub`]); Supabase/PostgREST row
+//!   filters bound to column types ([`route::filter`]); JWT verification and
+//!   per-table row rules ([`route::auth`]); each connection's bounded queue and
+//!   the one way a slow client is closed ([`route::queue`]).
+//! - [`deliver`]: the Phoenix-protocol sessions that realtime-js speaks, each
+//!   connection's writer, Broadcast and Presence.
+//! - [`server`]: the HTTP routes, the accept loop with connection limits,
+//!   Prometheus metrics, health levels, `/ready`.
+//! - [`daemon`]: `walcast serve` as a [`daemon::serve`] pipeline with an explicit
+//!   start and shutdown order; `system` notices when replication is down, back,
+//!   or skipped changes.
+//! - [`cli`]: the command line, `setup`/`status`/`teardown`, `tail`, and the
+//!   demo (a throwaway cluster, a bakery schema, traffic).
 //!
 //! Only committed data leaves walcast: pgoutput without `streaming` sends a
 //! transaction after it commits. A transaction's end LSN is confirmed to the

@@ -1,4 +1,9 @@
-//! The command line.
+//! The command line (layer 7).
+//!
+//! - [`args`]: subcommands and flags.
+//! - [`setup`]: `walcast setup`, `status`, `teardown`.
+//! - [`tail`]: `walcast tail`, every change as a JSON line.
+//! - [`demo`]: `walcast demo`: a throwaway cluster, the bakery, traffic, `serve`.
 
 pub mod args;
 pub mod demo;

@@ -6,11 +6,12 @@
 //! status update, close sockets with 1001, and wait for tasks under a deadline.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,260 +65,386 @@ pub struct Running {
 }
 
 /// Runs the daemon until `shutdown` fires or replication fails for good.
-/// `on_ready` is called once the listener is bound.
+/// `on_ready` is called once the listener is bound and the stream is up (or the
+/// startup wait ran out).
 pub async fn run(
     config: ServeConfig,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), ServeError> {
-    config.validate()?;
-    let url = config
-        .postgres
-        .database_url
-        .clone()
-        .ok_or(ServeError::NoDatabaseUrl)?;
-    let conn = PgConnInfo::parse(&url)?;
-    let catalog = Arc::new(Catalog::new(
-        conn.clone(),
-        config.postgres.publication.clone(),
-    ));
-    // PostgreSQL may accept the connection and never answer: the check has a
-    // timeout, and SIGTERM during it stops at once.
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {
-            tracing::info!("shutdown requested while connecting to PostgreSQL; stopping");
-            return Ok(());
-        }
-        r = catalog.check() => r?,
+    let Some(checked) = Checked::new(config, &shutdown).await? else {
+        tracing::info!("shutdown requested while connecting to PostgreSQL; stopping");
+        return Ok(());
+    };
+    let mut pipeline = Pipeline::start(checked)?;
+    if !pipeline.wait_for_stream(&shutdown).await {
+        return pipeline.stop_failed_start().await;
     }
-    let auth = Arc::new(crate::route::auth::Verifier::new(config.auth.clone()));
-    auth.preload()
-        .await
-        .map_err(|e| ServeError::Auth(e.to_string()))?;
-    match config.auth.mode {
-        None => tracing::warn!(
-            "no [auth] mode configured: serving without authentication, on loopback only"
-        ),
-        Some(crate::route::auth::AuthMode::None) => {
-            tracing::warn!(
-                "auth.mode = \"none\": any client may subscribe to every published table"
-            )
-        }
-        Some(crate::route::auth::AuthMode::Jwt) => {}
-    }
+    on_ready(&pipeline.running());
+    pipeline.serve_http();
+    let result = pipeline.wait(&shutdown).await;
+    pipeline.shutdown(result).await
+}
 
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
+/// Step 1: what must be right before anything starts — the config, PostgreSQL
+/// reachable with the publication, the auth keys, both listeners bound.
+struct Checked {
+    config: ServeConfig,
+    conn: PgConnInfo,
+    catalog: Arc<Catalog>,
+    auth: Arc<crate::route::auth::Verifier>,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
+
+impl Checked {
+    /// `None`: shutdown was requested meanwhile.
+    async fn new(
+        config: ServeConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Checked>, ServeError> {
+        config.validate()?;
+        let url = config
+            .postgres
+            .database_url
+            .clone()
+            .ok_or(ServeError::NoDatabaseUrl)?;
+        let conn = PgConnInfo::parse(&url)?;
+        let catalog = Arc::new(Catalog::new(
+            conn.clone(),
+            config.postgres.publication.clone(),
+        ));
+        // PostgreSQL may accept the connection and never answer: the check has a
+        // timeout, and SIGTERM during it stops at once.
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(None),
+            r = catalog.check() => r?,
+        }
+        let auth = Arc::new(crate::route::auth::Verifier::new(config.auth.clone()));
+        auth.preload()
+            .await
+            .map_err(|e| ServeError::Auth(e.to_string()))?;
+        match config.auth.mode {
+            None => tracing::warn!(
+                "no [auth] mode configured: serving without authentication, on loopback only"
+            ),
+            Some(crate::route::auth::AuthMode::None) => {
+                tracing::warn!(
+                    "auth.mode = \"none\": any client may subscribe to every published table"
+                )
+            }
+            Some(crate::route::auth::AuthMode::Jwt) => {}
+        }
+        let listener = bind(&config.server.listen).await?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Listen {
             addr: config.server.listen.clone(),
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.server.listen.clone(),
-        source,
-    })?;
-
-    let metrics_listener =
-        match &config.server.metrics_listen {
-            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
-                ServeError::Listen {
-                    addr: a.clone(),
-                    source,
-                }
-            })?),
+        let metrics_listener = match &config.server.metrics_listen {
+            Some(a) => Some(bind(a).await?),
             None => None,
         };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-
-    let config = Arc::new(config);
-    let render = RenderOptions {
-        big_numbers_as_strings: config.values.big_numbers_as_strings,
-    };
-    let (items_tx, items_rx) = mpsc::channel(config.limits.pipeline_capacity);
-    let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
-    let progress = Arc::new(Progress::default());
-    let stream = Arc::new(StreamState::default());
-    let hub_stats = Arc::new(HubStats::default());
-    let ws_stats = Arc::new(WsStats::default());
-    let tracker = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new(
-        Sources {
-            stream: stream.clone(),
-            progress: progress.clone(),
-            hub: hub_stats.clone(),
-            ws: ws_stats.clone(),
-        },
-        config.health.clone(),
-    )?);
-    let monitor_stop = CancellationToken::new();
-    let monitor = tokio::spawn(crate::server::metrics::monitor(
-        metrics.clone(),
-        conn.clone(),
-        config.postgres.slot.clone(),
-        monitor_stop.clone(),
-    ));
-
-    // Replication stops on its own token, cancelled after the server stops accepting.
-    let stop_stream = CancellationToken::new();
-    let repl_opts = ReplicationOptions {
-        conn,
-        slot: config.postgres.slot.clone(),
-        publication: config.postgres.publication.clone(),
-        create_slot: config.postgres.create_slot,
-        temporary: false,
-        start_lsn: None,
-        retry_definite_errors: true,
-    };
-    let repl = tokio::spawn(session::run(
-        repl_opts,
-        items_tx,
-        progress.clone(),
-        stream.clone(),
-        stop_stream.clone(),
-    ));
-    let broadcast = Arc::new(Broadcaster::new(
-        config.broadcast.clone(),
-        config.presence.clone(),
-        config.channels.clone(),
-    ));
-    let hub = {
-        let b = broadcast.clone();
-        let hub = Hub::new(render, hub_stats.clone())
-            .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)));
-        tokio::spawn(hub.run(items_rx, cmd_rx, progress))
-    };
-
-    // Stopped first on shutdown: stopping is not an outage to announce.
-    let notices_stop = CancellationToken::new();
-    let notices = tokio::spawn(crate::daemon::notice::run(
-        metrics.clone(),
-        stream.clone(),
-        cmd_tx.clone(),
-        Duration::from_secs(config.server.outage_notice_secs),
-        notices_stop.clone(),
-    ));
-    let sessions_stop = CancellationToken::new();
-    // Subscriptions of dropped or unpublished tables are closed with a reason.
-    tokio::spawn(watch_published(
-        catalog.clone(),
-        cmd_tx.clone(),
-        sessions_stop.clone(),
-    ));
-    let shared = Arc::new(Shared {
-        hub: cmd_tx,
-        auth,
-        broadcast: broadcast.clone(),
-        catalog,
-        config: config.clone(),
-        stats: ws_stats.clone(),
-        next_id: AtomicU64::new(0),
-        shutdown: sessions_stop.clone(),
-        tracker: tracker.clone(),
-    });
-    let app = crate::server::router::router(shared.clone())
-        .merge(crate::server::metrics::routes(metrics.clone()));
-    let app = crate::server::http::finish(app, &config.server.cors_origins);
-    // Serve once the slot is streaming (so a slot created at startup exists before the
-    // first client can write), or after a deadline so /health answers while PostgreSQL
-    // is unreachable.
-    let mut repl = repl;
-    let deadline = tokio::time::Instant::now() + STARTUP_STREAM_WAIT;
-    while !stream.connected.load(std::sync::atomic::Ordering::Acquire)
-        && tokio::time::Instant::now() < deadline
-        && !shutdown.is_cancelled()
-    {
-        if repl.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if repl.is_finished() {
-        notices_stop.cancel();
-        monitor_stop.cancel();
-        let _ = monitor.await;
-        let _ = notices.await;
-        stop_stream.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), hub).await;
-        return match (&mut repl).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(join) => {
-                Err(ReplicationError::Protocol(format!("replication task failed: {join}")).into())
-            }
-        };
-    }
-    on_ready(&Running {
-        addr,
-        hub_stats,
-        ws_stats: ws_stats.clone(),
-        stream,
-        metrics: metrics.clone(),
-        metrics_addr,
-        broadcast_stats: broadcast.stats(),
-    });
-    tracing::info!(%addr, "listening");
-
-    let http_stop = CancellationToken::new();
-    let http = {
-        let stop = http_stop.clone();
-        // Connection limits and the request timeout (slowloris) are applied here.
-        tokio::spawn(crate::server::listener::serve(
+        Ok(Some(Checked {
+            config,
+            conn,
+            catalog,
+            auth,
             listener,
-            app,
-            crate::server::listener::ListenOptions::of(&config.server),
-            ws_stats.clone(),
-            stop,
-        ))
-    };
+            addr,
+            metrics_listener,
+        }))
+    }
+}
 
-    let metrics_http = metrics_listener.map(|l| {
-        let stop = http_stop.clone();
-        if let Some(a) = metrics_addr {
-            tracing::info!(addr = %a, "metrics listening");
-        }
-        let app = crate::server::http::finish(
-            crate::server::metrics::routes_with_health(metrics.clone()),
-            &config.server.cors_origins,
-        );
-        tokio::spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: addr.to_string(),
+            source,
         })
-    });
+}
 
-    // Wait for shutdown, or for replication to fail for good.
-    let repl_result = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        r = &mut repl => Some(r),
-    };
-    // 1. Stop accepting.
-    notices_stop.cancel();
-    http_stop.cancel();
-    // 2. Stop reading the slot; the hub drains and confirms; final status update.
-    stop_stream.cancel();
-    let repl_result = match repl_result {
-        Some(r) => r,
-        None => repl.await,
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), hub).await;
-    // 3. Close sockets with 1001 and wait under a deadline.
-    sessions_stop.cancel();
-    tracker.close();
-    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("some connections did not close within the grace period");
+/// The running stages, each with its own stop token, in the order they stop.
+/// Every task runs on [`Pipeline::tasks`] (sessions on their own tracker), so
+/// shutdown waits for all of them.
+struct Pipeline {
+    config: Arc<ServeConfig>,
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    listener: Option<tokio::net::TcpListener>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    stream: Arc<StreamState>,
+    hub_stats: Arc<HubStats>,
+    ws_stats: Arc<WsStats>,
+    broadcast: Arc<Broadcaster>,
+    /// Background tasks (everything but the sessions).
+    tasks: TaskTracker,
+    /// The WebSocket sessions.
+    sessions: TaskTracker,
+    repl: JoinHandle<Result<(), ReplicationError>>,
+    hub: JoinHandle<()>,
+    http: Vec<JoinHandle<()>>,
+    stop_notices: CancellationToken,
+    stop_http: CancellationToken,
+    stop_stream: CancellationToken,
+    stop_sessions: CancellationToken,
+    stop_monitor: CancellationToken,
+}
+
+impl Pipeline {
+    /// Step 2: starts replication, the hub, broadcast, metrics, notices and the
+    /// publication watch; nothing is served yet.
+    fn start(c: Checked) -> Result<Pipeline, ServeError> {
+        let config = Arc::new(c.config);
+        let render = RenderOptions {
+            big_numbers_as_strings: config.values.big_numbers_as_strings,
+        };
+        let (items_tx, items_rx) = mpsc::channel(config.limits.pipeline_capacity);
+        let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
+        let progress = Arc::new(Progress::default());
+        let stream = Arc::new(StreamState::default());
+        let hub_stats = Arc::new(HubStats::default());
+        let ws_stats = Arc::new(WsStats::default());
+        let broadcast = Arc::new(Broadcaster::new(
+            config.broadcast.clone(),
+            config.presence.clone(),
+            config.channels.clone(),
+        ));
+        let metrics = Arc::new(Metrics::new(
+            Sources {
+                stream: stream.clone(),
+                progress: progress.clone(),
+                hub: hub_stats.clone(),
+                ws: ws_stats.clone(),
+                broadcast: broadcast.stats(),
+            },
+            config.health.clone(),
+        )?);
+        let tasks = TaskTracker::new();
+        let stop_monitor = CancellationToken::new();
+        tasks.spawn(crate::server::metrics::monitor(
+            metrics.clone(),
+            c.conn.clone(),
+            config.postgres.slot.clone(),
+            stop_monitor.clone(),
+        ));
+        // Replication stops on its own token, cancelled after the server stops accepting.
+        let stop_stream = CancellationToken::new();
+        let repl = tasks.spawn(session::run(
+            ReplicationOptions {
+                conn: c.conn,
+                slot: config.postgres.slot.clone(),
+                publication: config.postgres.publication.clone(),
+                create_slot: config.postgres.create_slot,
+                temporary: false,
+                start_lsn: None,
+                retry_definite_errors: true,
+            },
+            items_tx,
+            progress.clone(),
+            stream.clone(),
+            stop_stream.clone(),
+        ));
+        let hub = {
+            let b = broadcast.clone();
+            let hub = Hub::new(render, hub_stats.clone())
+                .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)));
+            tasks.spawn(hub.run(items_rx, cmd_rx, progress))
+        };
+        // Stopped first on shutdown: stopping is not an outage to announce.
+        let stop_notices = CancellationToken::new();
+        tasks.spawn(crate::daemon::notice::run(
+            metrics.clone(),
+            stream.clone(),
+            cmd_tx.clone(),
+            Duration::from_secs(config.server.outage_notice_secs),
+            stop_notices.clone(),
+        ));
+        let stop_sessions = CancellationToken::new();
+        // Subscriptions of dropped or unpublished tables are closed with a reason.
+        tasks.spawn(watch_published(
+            c.catalog.clone(),
+            cmd_tx.clone(),
+            stop_sessions.clone(),
+        ));
+        let sessions = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            hub: cmd_tx,
+            auth: c.auth,
+            broadcast: broadcast.clone(),
+            catalog: c.catalog,
+            config: config.clone(),
+            stats: ws_stats.clone(),
+            next_id: AtomicU64::new(0),
+            shutdown: stop_sessions.clone(),
+            tracker: sessions.clone(),
+        });
+        Ok(Pipeline {
+            config,
+            addr: c.addr,
+            metrics_addr: c
+                .metrics_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok()),
+            listener: Some(c.listener),
+            metrics_listener: c.metrics_listener,
+            shared,
+            metrics,
+            stream,
+            hub_stats,
+            ws_stats,
+            broadcast,
+            tasks,
+            sessions,
+            repl,
+            hub,
+            http: Vec::new(),
+            stop_notices,
+            stop_http: CancellationToken::new(),
+            stop_stream,
+            stop_sessions,
+            stop_monitor,
+        })
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
-    if let Some(h) = metrics_http {
-        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+
+    /// Step 3: waits until the slot is streaming (so a slot created at startup
+    /// exists before the first client can write), or for [`STARTUP_STREAM_WAIT`]
+    /// so `/health` answers while PostgreSQL is unreachable. False when
+    /// replication already ended (it failed for good).
+    async fn wait_for_stream(&mut self, shutdown: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + STARTUP_STREAM_WAIT;
+        while !self.stream.connected.load(Ordering::Acquire)
+            && tokio::time::Instant::now() < deadline
+            && !shutdown.is_cancelled()
+            && !self.repl.is_finished()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        !self.repl.is_finished()
     }
-    monitor_stop.cancel();
-    let _ = monitor.await;
-    let _ = notices.await;
-    drop(shared);
-    match repl_result {
+
+    fn running(&self) -> Running {
+        Running {
+            addr: self.addr,
+            hub_stats: self.hub_stats.clone(),
+            ws_stats: self.ws_stats.clone(),
+            stream: self.stream.clone(),
+            metrics: self.metrics.clone(),
+            metrics_addr: self.metrics_addr,
+            broadcast_stats: self.broadcast.stats(),
+        }
+    }
+
+    /// Step 4: serves HTTP and WebSocket, and the metrics listener if configured.
+    fn serve_http(&mut self) {
+        let app = crate::server::router::router(self.shared.clone())
+            .merge(crate::server::metrics::routes(self.metrics.clone()));
+        let app = crate::server::http::finish(app, &self.config.server.cors_origins);
+        tracing::info!(addr = %self.addr, "listening");
+        if let Some(listener) = self.listener.take() {
+            // Connection limits and the request timeout (slowloris) are applied here.
+            self.http
+                .push(self.tasks.spawn(crate::server::listener::serve(
+                    listener,
+                    app,
+                    crate::server::listener::ListenOptions::of(&self.config.server),
+                    self.ws_stats.clone(),
+                    self.stop_http.clone(),
+                )));
+        }
+        if let Some(l) = self.metrics_listener.take() {
+            if let Some(a) = self.metrics_addr {
+                tracing::info!(addr = %a, "metrics listening");
+            }
+            let app = crate::server::http::finish(
+                crate::server::metrics::routes_with_health(self.metrics.clone()),
+                &self.config.server.cors_origins,
+            );
+            let stop = self.stop_http.clone();
+            self.http.push(self.tasks.spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+            }));
+        }
+    }
+
+    /// Runs until shutdown is asked or replication ends for good; the
+    /// replication result in the second case.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> Option<ReplResult> {
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut self.repl => Some(r),
+        }
+    }
+
+    /// Replication ended before anything was served: stop the rest, return why.
+    async fn stop_failed_start(mut self) -> Result<(), ServeError> {
+        self.stop_notices.cancel();
+        self.stop_monitor.cancel();
+        self.stop_stream.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.hub).await;
+        let result = (&mut self.repl).await;
+        self.stop_sessions.cancel();
+        self.finish_tasks().await;
+        outcome(result)
+    }
+
+    /// Step 5, the shutdown order: stop accepting and announcing; stop reading
+    /// the slot while the hub drains and confirms (final status update); close
+    /// sockets with 1001 under the grace period; then the listeners and the
+    /// monitor.
+    async fn shutdown(mut self, repl: Option<ReplResult>) -> Result<(), ServeError> {
+        // 1. Stop accepting.
+        self.stop_notices.cancel();
+        self.stop_http.cancel();
+        // 2. Stop reading the slot; the hub drains and confirms; final status update.
+        self.stop_stream.cancel();
+        let repl = match repl {
+            Some(r) => r,
+            None => (&mut self.repl).await,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.hub).await;
+        // 3. Close sockets with 1001 and wait under a deadline.
+        self.stop_sessions.cancel();
+        self.sessions.close();
+        let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
+        if tokio::time::timeout(grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within the grace period");
+        }
+        for h in std::mem::take(&mut self.http) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
+        // 4. The monitor last: metrics stay readable until the end.
+        self.stop_monitor.cancel();
+        self.finish_tasks().await;
+        outcome(repl)
+    }
+
+    /// Waits (bounded) for every background task to end.
+    async fn finish_tasks(&self) {
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some background tasks did not stop within 5 s");
+        }
+    }
+}
+
+type ReplResult = Result<Result<(), ReplicationError>, tokio::task::JoinError>;
+
+fn outcome(r: ReplResult) -> Result<(), ServeError> {
+    match r {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.into()),
         Err(join) => {
@@ -343,7 +470,13 @@ async fn watch_published(
             _ = tick.tick() => {}
         }
         let read_at = Instant::now();
-        let Ok(rels) = catalog.published_relations().await else {
+        // A read that hangs (PostgreSQL accepting and never answering) must not
+        // hold up shutdown.
+        let rels = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = catalog.published_relations() => r,
+        };
+        let Ok(rels) = rels else {
             continue;
         };
         let relids = rels.into_iter().map(|(id, _, _)| id).collect();

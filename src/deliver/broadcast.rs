@@ -59,7 +59,7 @@ use crate::decode::event::DbMessage;
 use crate::deliver::frame::system_payload;
 use crate::deliver::frame::{self, BinaryBroadcast, Frame, Vsn};
 use crate::deliver::presence::{Diff, PresenceState};
-use crate::route::hub::{ChannelId, ConnHandle, Outbound, QueueError, CLOSE_SLOW_CLIENT};
+use crate::route::hub::{ChannelId, ConnHandle, Outbound};
 
 /// Prefix of the logical messages `walcast.broadcast()` emits.
 pub const DB_MESSAGE_PREFIX: &str = "walcast.broadcast";
@@ -308,8 +308,6 @@ pub struct BroadcastStats {
     pub invalid: AtomicU64,
     /// Raw-binary broadcasts that a 1.0.0 recipient cannot receive.
     pub undeliverable: AtomicU64,
-    /// Recipients closed because their queue was full.
-    pub slow_clients_closed: AtomicU64,
     /// Presence tracks accepted.
     pub presence_tracks: AtomicU64,
     /// Presence tracks refused (limits, rate).
@@ -552,29 +550,11 @@ impl Broadcaster {
 
     /// Queues a frame; a full queue closes the connection as a slow client.
     fn enqueue(&self, conn: &ConnHandle, out: Outbound) -> bool {
-        match conn.try_queue(out) {
-            Ok(()) => {
-                self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(QueueError::Full) => {
-                if !conn.kill.is_cancelled() {
-                    self.stats
-                        .slow_clients_closed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        conn = conn.id,
-                        "closing a client that fell behind on broadcasts"
-                    );
-                    conn.close(
-                        CLOSE_SLOW_CLIENT,
-                        "slow client: walcast's outbound queue for this connection is full",
-                    );
-                }
-                false
-            }
-            Err(QueueError::Closed) => false,
+        let queued = conn.queue_or_close(out);
+        if queued {
+            self.stats.frames_queued.fetch_add(1, Ordering::Relaxed);
         }
+        queued
     }
 
     fn reply(&self, m: &Member, topic: &str, origin: &Origin, ok: bool, response: Value) {

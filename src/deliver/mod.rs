@@ -1,4 +1,11 @@
-//! Deliver: the Phoenix-protocol sessions and their writers.
+//! Deliver (layer 4): the WebSocket side of a connection, after the upgrade.
+//!
+//! - [`session`]: a connection's channels in the Phoenix protocol: join, leave,
+//!   heartbeat, access tokens.
+//! - [`socket`]: what sessions share, and each connection's writer.
+//! - [`frame`]: Phoenix frames (vsn 1.0.0 / 2.0.0), close codes.
+//! - [`broadcast`] and [`presence`]: Supabase Broadcast and Presence.
+//! - [`stats`]: this layer's counters, read by the server's metrics.
 
 pub mod broadcast;
 pub mod frame;

@@ -45,7 +45,7 @@ use crate::route::auth::{now_unix, Access, AuthError, RowRule, Verified};
 use crate::route::filter::Filter;
 use crate::route::hub::{
     binding_id, Binding, BindingAccess, BindingOptions, ChannelId, ConnHandle, EventMask,
-    HubCommand, Outbound, QueueError, Target,
+    HubCommand, Outbound, Target,
 };
 
 /// Start of the `system` message (status `pending`) of a channel whose bindings
@@ -221,14 +221,7 @@ pub async fn run(
 
 impl Session {
     fn send_text(&self, text: String) {
-        match self.handle.try_queue(Outbound::Text(text)) {
-            Ok(()) => {}
-            Err(QueueError::Full) => self.handle.close(
-                crate::route::hub::CLOSE_SLOW_CLIENT,
-                "slow client: walcast's outbound queue for this connection is full",
-            ),
-            Err(QueueError::Closed) => {}
-        }
+        self.handle.queue_or_close(Outbound::Text(text));
     }
 
     fn reply(&self, f: &Frame, ok: bool, response: Value) {

@@ -1,8 +1,7 @@
-//! The WebSocket server: HTTP routes, the upgrade, and each connection's writer.
+//! A WebSocket connection's shared state and its writer.
 //!
-//! Serves the Supabase Realtime endpoints `/realtime/v1/websocket` and
-//! `/socket/websocket` (query parameters `apikey` and `vsn`; others are ignored),
-//! plus `/health`. Each connection has a reader (the [`session`]: Phoenix
+//! The upgrade itself is an HTTP route ([`crate::server::router`]). Each
+//! connection then has a reader (the [`crate::deliver::session`]: Phoenix
 //! protocol) and a writer task draining the connection's bounded queue; the writer
 //! batches whatever is queued into one flush.
 

@@ -32,18 +32,22 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::decode::event::{AllColumns, Change, ChangeKind, DbMessage, Item};
 use crate::decode::pgoutput::RelId;
 use crate::decode::relation::Table;
 use crate::decode::value::RenderOptions;
 use crate::route::filter::{canonical_key, BoundFilter, Filter};
+use crate::route::queue::queue;
+pub use crate::route::queue::{
+    BindingIds, CloseReason, ConnHandle, ConnId, Outbound, QueueError, QueuedBytes,
+    CLOSE_SLOW_CLIENT,
+};
 use crate::source::session::Progress;
 
 /// `system` code of a channel closed because its table's shape changed so that
@@ -55,57 +59,7 @@ pub const TABLE_CHANGED: &str = "TABLE_CHANGED";
 /// from the publication.
 pub const TABLE_UNPUBLISHED: &str = "TABLE_UNPUBLISHED";
 
-/// Close code sent to a client whose outbound queue overflowed.
-pub const CLOSE_SLOW_CLIENT: u16 = 4008;
-
-pub type ConnId = u64;
 pub type ChannelId = u64;
-
-/// What a connection's writer sends, in order.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A complete text frame.
-    Text(String),
-    /// A complete binary frame (vsn 2.0.0 only).
-    Binary(Vec<u8>),
-    /// A complete frame whose bytes are shared by many connections (broadcast fan-out).
-    Ws(axum::extract::ws::Message),
-    /// A `system` message for one channel (the writer encodes it for the socket's
-    /// protocol version); `payload` is the JSON object.
-    System { topic: Arc<str>, payload: String },
-    /// A `postgres_changes` frame, assembled by the writer around the shared `data`.
-    Change {
-        topic: Arc<str>,
-        ids: BindingIds,
-        data: Arc<str>,
-    },
-    /// A server push to one channel (`system`, `phx_close`), framed by the writer
-    /// for the connection's protocol version, without a join ref.
-    Push {
-        topic: Arc<str>,
-        event: &'static str,
-        payload: String,
-    },
-}
-
-/// The binding ids of one channel that a change matched: nearly always one, so
-/// that case is kept inline (no allocation per delivery).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BindingIds {
-    One(u32),
-    Many(Box<[u32]>),
-}
-
-impl std::ops::Deref for BindingIds {
-    type Target = [u32];
-
-    fn deref(&self) -> &[u32] {
-        match self {
-            BindingIds::One(id) => std::slice::from_ref(id),
-            BindingIds::Many(ids) => ids,
-        }
-    }
-}
 
 /// Hasher for the hub's own sequential ids (channels, connections): one
 /// multiplication. Not for keys a client chooses (those keep SipHash).
@@ -180,148 +134,6 @@ impl SubList {
 
     fn iter(&self) -> impl Iterator<Item = SubId> + '_ {
         self.ids.iter().copied()
-    }
-}
-
-/// Why a connection is being closed by the server.
-#[derive(Clone, Debug)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: String,
-}
-
-/// A connection as the hub knows it: its queue and a way to close it.
-#[derive(Clone, Debug)]
-pub struct ConnHandle {
-    pub id: ConnId,
-    pub tx: mpsc::Sender<Outbound>,
-    /// Bytes queued in `tx` and not yet written, against the connection's limit.
-    pub queued: Arc<QueuedBytes>,
-    pub kill: CancellationToken,
-    pub close_reason: Arc<Mutex<Option<CloseReason>>>,
-}
-
-/// The bytes a connection's outbound queue holds, bounded by `limit`
-/// (`limits.client_queue_bytes`): one atomic add when a frame is queued, one
-/// subtraction when the writer takes it.
-#[derive(Debug)]
-pub struct QueuedBytes {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl QueuedBytes {
-    pub fn new(limit: usize) -> Self {
-        QueuedBytes {
-            used: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    /// Reserves `n` bytes; false when that would pass the limit. A frame alone in
-    /// an empty queue is always accepted, so one large change cannot close an idle
-    /// client.
-    fn reserve(&self, n: usize) -> bool {
-        let before = self.used.fetch_add(n, Ordering::Relaxed);
-        if before > 0 && before + n > self.limit {
-            self.used.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// Gives back the bytes of a frame taken off the queue.
-    pub fn release(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Bytes queued now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-}
-
-/// Why a frame could not be queued.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueError {
-    /// The queue is full (in frames or in bytes): the client is slow.
-    Full,
-    /// The connection is gone.
-    Closed,
-}
-
-/// Queues `out` on `tx` within the byte bound `queued`.
-fn queue(
-    tx: &mpsc::Sender<Outbound>,
-    queued: &QueuedBytes,
-    out: Outbound,
-) -> Result<(), QueueError> {
-    let n = out.queued_size();
-    if !queued.reserve(n) {
-        return Err(QueueError::Full);
-    }
-    match tx.try_send(out) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            queued.release(n);
-            Err(match e {
-                mpsc::error::TrySendError::Full(_) => QueueError::Full,
-                mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
-            })
-        }
-    }
-}
-
-impl Outbound {
-    /// The bytes this frame holds while queued (shared bytes counted in full:
-    /// a stalled client keeps them alive).
-    pub fn queued_size(&self) -> usize {
-        /// Per-frame overhead: the queue slot and the frame's envelope.
-        const FRAME_OVERHEAD: usize = 64;
-        FRAME_OVERHEAD
-            + match self {
-                Outbound::Text(t) => t.len(),
-                Outbound::Binary(b) => b.len(),
-                Outbound::Ws(m) => match m {
-                    axum::extract::ws::Message::Text(t) => t.as_str().len(),
-                    axum::extract::ws::Message::Binary(b) => b.len(),
-                    _ => 0,
-                },
-                Outbound::Change { topic, ids, data } => topic.len() + 12 * ids.len() + data.len(),
-                Outbound::System { topic, payload } => topic.len() + payload.len(),
-                Outbound::Push { topic, payload, .. } => topic.len() + payload.len(),
-            }
-    }
-}
-
-impl ConnHandle {
-    /// A handle for connection `id` whose queue holds at most `max_bytes`.
-    pub fn new(id: ConnId, tx: mpsc::Sender<Outbound>, max_bytes: usize) -> Self {
-        ConnHandle {
-            id,
-            tx,
-            queued: Arc::new(QueuedBytes::new(max_bytes)),
-            kill: CancellationToken::new(),
-            close_reason: Arc::default(),
-        }
-    }
-
-    /// Queues a frame without waiting; `Full` means the client is too slow.
-    pub fn try_queue(&self, out: Outbound) -> Result<(), QueueError> {
-        queue(&self.tx, &self.queued, out)
-    }
-
-    /// Asks the connection to close with `reason` (first reason wins).
-    pub fn close(&self, code: u16, reason: impl Into<String>) {
-        if let Ok(mut r) = self.close_reason.lock() {
-            if r.is_none() {
-                *r = Some(CloseReason {
-                    code,
-                    reason: reason.into(),
-                });
-            }
-        }
-        self.kill.cancel();
     }
 }
 
@@ -469,7 +281,6 @@ pub struct Notice {
 pub struct HubStats {
     pub changes: AtomicU64,
     pub frames_queued: AtomicU64,
-    pub slow_clients_closed: AtomicU64,
     pub subscriptions: AtomicU64,
     /// Changes routed, by [`ChangeKind`] (see [`HubStats::changes_of`]).
     pub changes_by_kind: [AtomicU64; 4],
@@ -511,8 +322,24 @@ struct Delivery<'a> {
 }
 
 impl Delivery<'_> {
+    /// Queues one channel's frame around the change's payload for `key`.
     fn send(&mut self, ch: &ChannelState, key: &EncodingKey, ids: BindingIds) {
-        let data = match self
+        let data = self.payload(key);
+        let out = Outbound::Change {
+            topic: ch.topic.clone(),
+            ids,
+            data,
+        };
+        match queue(&ch.tx, &ch.queued, out) {
+            Ok(()) => *self.queued += 1,
+            Err(_) => self.slow.push(ch.conn),
+        }
+    }
+
+    /// Encode: the change's `data` for one payload variant, made on first use and
+    /// shared by every channel that gets the same variant.
+    fn payload(&mut self, key: &EncodingKey) -> Arc<str> {
+        match self
             .encodings
             .iter()
             .find(|e| e.1 == self.delivered && same_encoding(&e.0, key))
@@ -541,15 +368,6 @@ impl Delivery<'_> {
                     .push((key.clone(), self.delivered, d.clone()));
                 d
             }
-        };
-        let out = Outbound::Change {
-            topic: ch.topic.clone(),
-            ids,
-            data,
-        };
-        match queue(&ch.tx, &ch.queued, out) {
-            Ok(()) => *self.queued += 1,
-            Err(_) => self.slow.push(ch.conn),
         }
     }
 }
@@ -1119,18 +937,31 @@ impl Hub {
     /// Routes one change to every matching channel.
     pub fn route(&mut self, change: &Arc<Change>) {
         self.stats.changes.fetch_add(1, Ordering::Relaxed);
+        self.stats.changes_by_kind[kind_index(change.kind)].fetch_add(1, Ordering::Relaxed);
+        let relid = change.table.id;
+        if self.tables.contains_key(&relid) {
+            self.rebind_if_changed(relid, &change.table);
+        }
+        self.match_subscriptions(change);
+        if self.hits.is_empty() {
+            return;
+        }
+        for conn in self.deliver(change) {
+            self.close_slow(conn);
+        }
+    }
+
+    /// Match: fills `self.hits` with the subscriptions that want `change` (and
+    /// as which kind, with moves), through the table's index and the patterns.
+    fn match_subscriptions(&mut self, change: &Change) {
         self.hits.clear();
         let kind = change.kind;
-        self.stats.changes_by_kind[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
         let row = match kind {
             ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
             ChangeKind::Delete => change.old.as_ref(),
             ChangeKind::Truncate => None,
         };
         let relid = change.table.id;
-        if self.tables.contains_key(&relid) {
-            self.rebind_if_changed(relid, &change.table);
-        }
         let now = crate::route::auth::now_unix();
         if let Some(ti) = self.tables.get(&relid) {
             let subs = &self.subs;
@@ -1233,9 +1064,12 @@ impl Hub {
                 }
             }
         }
-        if self.hits.is_empty() {
-            return;
-        }
+    }
+
+    /// Encode and deliver: one frame per channel (per payload variant within a
+    /// channel), each distinct payload encoded once and shared. Returns the
+    /// connections whose queue had no room.
+    fn deliver(&mut self, change: &Change) -> Vec<ConnId> {
         self.hits.sort_unstable();
         self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
         // One encoding per distinct (column mask, old image kept, kind) among the channels.
@@ -1312,24 +1146,7 @@ impl Hub {
                 .commit_to_send
                 .observe_since_unix_micros(change.txn.commit_time.unix_micros());
         }
-        for conn in slow {
-            if let Some(c) = self.conns.get(&conn) {
-                if !c.handle.tx.is_closed() {
-                    self.stats
-                        .slow_clients_closed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        conn,
-                        "closing a client that fell behind: its outbound queue is full"
-                    );
-                    c.handle.close(
-                        CLOSE_SLOW_CLIENT,
-                        "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
-                    );
-                }
-            }
-            self.remove_conn(conn);
-        }
+        slow
     }
 
     /// When the stream describes a table differently from what its subscriptions
@@ -1491,19 +1308,16 @@ impl Hub {
         };
         // Within the connection's byte bound, like every other frame (the writer
         // releases what it takes).
-        if queue(&ch.tx, &ch.queued, out).is_ok() {
-            return;
+        if queue(&ch.tx, &ch.queued, out).is_err() {
+            self.close_slow(conn);
         }
+    }
+
+    /// A connection whose queue had no room: closed as slow (or already gone),
+    /// and forgotten.
+    fn close_slow(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.get(&conn) {
-            if !c.handle.tx.is_closed() {
-                self.stats
-                    .slow_clients_closed
-                    .fetch_add(1, Ordering::Relaxed);
-                c.handle.close(
-                    CLOSE_SLOW_CLIENT,
-                    "slow client: walcast's outbound queue for this connection is full; reconnect and re-read state",
-                );
-            }
+            c.handle.close_slow();
         }
         self.remove_conn(conn);
     }

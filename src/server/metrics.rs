@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, PgConnInfo};
 use crate::decode::event::ChangeKind;
+use crate::deliver::broadcast::BroadcastStats;
 use crate::deliver::socket::WsStats;
 use crate::deliver::stats::{AuthFailure, DisconnectReason, DropReason, RefuseReason};
 use crate::route::hub::{HubStats, LatencyHistogram, LATENCY_BUCKETS};
@@ -76,6 +77,7 @@ pub struct Sources {
     pub progress: Arc<Progress>,
     pub hub: Arc<HubStats>,
     pub ws: Arc<WsStats>,
+    pub broadcast: Arc<BroadcastStats>,
 }
 
 /// `wal_status` values of `pg_replication_slots` (PostgreSQL 13+).
@@ -481,6 +483,10 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_connections_refused_total", "TCP connections refused or dropped before being served, by reason.", MetricType::COUNTER, Some("reason")),
     ("walcast_joins_total", "Channel joins, by result.", MetricType::COUNTER, Some("result")),
     ("walcast_auth_failures_total", "Refused credentials, by reason.", MetricType::COUNTER, Some("reason")),
+    ("walcast_frames_queued_total", "Frames queued to clients' outbound queues, by source (changes, broadcast).", MetricType::COUNTER, Some("source")),
+    ("walcast_broadcast_messages_total", "Broadcasts accepted for fan-out, by source (client, database, rest).", MetricType::COUNTER, Some("source")),
+    ("walcast_broadcast_refused_total", "Broadcasts and private-channel joins refused, by reason.", MetricType::COUNTER, Some("reason")),
+    ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
     ("walcast_health_status", "Overall health: 0 normal, 1 warning, 2 critical.", MetricType::GAUGE, None),
     ("walcast_health_check_status", "Level of each health check: 0 normal, 1 warning, 2 critical.", MetricType::GAUGE, Some("check")),
@@ -538,6 +544,7 @@ impl Collector for SyncCollector {
         let s = &st.src.stream;
         let hub = &st.src.hub;
         let ws = &st.src.ws;
+        let bc = &st.src.broadcast;
         let health = st.evaluate();
         let slot = st.slot.lock().map(|g| g.clone()).unwrap_or_default();
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -620,6 +627,26 @@ impl Collector for SyncCollector {
                 "walcast_joins_total" => {
                     labelled(vec![("ok", n(&ws.joins_ok)), ("error", n(&ws.joins_error))])
                 }
+                "walcast_frames_queued_total" => labelled(vec![
+                    ("changes", n(&hub.frames_queued)),
+                    ("broadcast", n(&bc.frames_queued)),
+                ]),
+                "walcast_broadcast_messages_total" => labelled(vec![
+                    ("client", n(&bc.messages_received)),
+                    ("database", n(&bc.messages_from_database)),
+                    ("rest", n(&bc.messages_from_rest)),
+                ]),
+                "walcast_broadcast_refused_total" => labelled(vec![
+                    ("payload_too_large", n(&bc.payload_too_large)),
+                    ("rate_limited", n(&bc.rate_limited)),
+                    ("denied", n(&bc.denied)),
+                    ("invalid", n(&bc.invalid)),
+                    ("undeliverable", n(&bc.undeliverable)),
+                ]),
+                "walcast_presence_tracks_total" => labelled(vec![
+                    ("accepted", n(&bc.presence_tracks)),
+                    ("rejected", n(&bc.presence_rejected)),
+                ]),
                 "walcast_auth_failures_total" => labelled(
                     AuthFailure::ALL
                         .iter()
@@ -860,6 +887,7 @@ mod tests {
                 progress: Arc::default(),
                 hub: Arc::default(),
                 ws: Arc::default(),
+                broadcast: Arc::default(),
             },
             health,
         )

@@ -1,4 +1,11 @@
-//! Server: HTTP.
+//! Server (layer 5): HTTP. Every axum route and handler lives here.
+//!
+//! - [`router`]: the main listener's routes: the WebSocket upgrade, `/health`.
+//! - [`rest`]: `POST /api/broadcast`.
+//! - [`listener`]: the accept loop: connection limits, request timeout.
+//! - [`http`]: CORS and the 404 for paths walcast does not serve.
+//! - [`metrics`]: Prometheus metrics read from every stage's counters, health
+//!   levels, `/metrics`, `/ready`.
 
 pub mod http;
 pub mod listener;

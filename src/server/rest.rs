@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use crate::deliver::socket::Shared;
+use crate::deliver::stats::AuthFailure;
 
 /// `POST /api/broadcast` and `/realtime/v1/api/broadcast`: 202 when every message
 /// was accepted, 400 with `{"error": …}` for bad input, 403 for a private topic the
@@ -41,11 +42,12 @@ pub async fn broadcast(
                 };
             }
             Err(e) => {
+                shared.stats.events.auth_failed(AuthFailure::of(&e), peer);
                 return (
                     StatusCode::UNAUTHORIZED,
                     Json(json!({ "error": e.to_string(), "reason": e.reason() })),
                 )
-                    .into_response()
+                    .into_response();
             }
         }
     }
