@@ -7,27 +7,19 @@
 //! `XLogData` ('w') and primary keepalive ('k') messages from the server, answered
 //! with standby status updates ('r').
 //!
+//! The bytes of that stream are [`crate::source::protocol`]'s business (pure
+//! parsing and encoding); this module does the IO around it.
+//!
 //! # Progress tracking: what the flush LSN means
 //!
 //! The flush LSN walcast reports is a promise: everything before it has been
-//! handled and need never be sent again. PostgreSQL then lets the slot release
-//! the WAL before it. walcast keeps that promise like this:
-//!
-//! - pgoutput without `streaming` sends each transaction only after it committed,
-//!   whole, in commit order. The stream hands every item downstream through a
-//!   bounded channel; the consumer (the hub, or `tail`'s printer) calls
-//!   [`Progress::confirm`] with a transaction's `end_lsn` only once every change of
-//!   it has been handed on (printed, or given to the hub).
-//! - When nothing is in flight — no open transaction, nothing waiting for the
-//!   channel, every sent commit confirmed — the `wal_end` of the latest keepalive
-//!   is confirmed too. The walsender sends keepalives for WAL it decoded but did
-//!   not publish (other tables, other databases), so a slot whose tables are quiet
-//!   while others are busy does not pin WAL (the most common CDC bug). Every
-//!   periodic status update asks for a keepalive (`reply = 1`) so this happens
-//!   promptly even when the server has no reason to send one.
-//! - Reported LSNs never go backwards.
-//! - Status updates go out on a timer (at most half of `wal_sender_timeout`, read
-//!   from the server) and whenever the server asks, also while downstream is full.
+//! handled and need never be sent again. The rules that keep it — downstream
+//! confirms through [`Progress::confirm`], idle keepalives are confirmed only
+//! when nothing is in flight, reported LSNs never go backwards, a requested reply
+//! goes out at once, status updates on a timer also while downstream is full —
+//! are written down, implemented and unit-tested in [`crate::source::flush`]
+//! ([`FlushTracker`]). This module feeds the tracker what happens on the stream
+//! and sends the status updates it returns.
 //!
 //! # Resume
 //!
@@ -67,10 +59,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, BytesMut};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::assembler::Assembler;
@@ -82,11 +74,11 @@ use crate::source::conn::ReplicationConnection;
 pub use crate::source::error::{
     Blocked, ReplicationError, ServerError, CONNECT_TIMEOUT, QUERY_TIMEOUT,
 };
+pub use crate::source::flush::Progress;
+use crate::source::flush::{FlushTracker, StatusReason};
 pub use crate::source::protocol::ReplicationOptions;
+use crate::source::protocol::{self, ReplicationMessage};
 use crate::source::slot;
-
-/// Longest pause between standby status updates, whatever `wal_sender_timeout` is.
-const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for downstream to confirm what it was handed.
 const SHUTDOWN_DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -108,23 +100,6 @@ const BACKOFF: [Duration; 4] = [
     Duration::from_secs(5),
     Duration::from_secs(10),
 ];
-
-/// Shared between the stream and its consumer: how far downstream has handled the stream.
-#[derive(Debug, Default)]
-pub struct Progress {
-    confirmed: AtomicU64,
-}
-
-impl Progress {
-    /// Marks everything up to `lsn` (a commit's end LSN) as handled.
-    pub fn confirm(&self, lsn: Lsn) {
-        self.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
-    }
-
-    pub fn confirmed(&self) -> Lsn {
-        Lsn(self.confirmed.load(Ordering::Acquire))
-    }
-}
 
 /// Live facts about the stream, read by metrics and health checks.
 #[derive(Debug, Default)]
@@ -243,8 +218,11 @@ pub async fn run(
 ) -> Result<(), ReplicationError> {
     let mut attempt = 0usize;
     let mut ever_streamed = false;
+    // The flush rules hold across reconnects (commits handed on before one are
+    // still in flight), so the tracker outlives each session.
+    let mut flush = FlushTracker::new(Lsn(state.reported_flush.load(Ordering::Acquire)));
     loop {
-        let mut session = Session::new(&opts, &tx, &progress, &state, &shutdown);
+        let mut session = Session::new(&opts, &tx, &progress, &state, &shutdown, &mut flush);
         let res = session.run(&mut ever_streamed).await;
         state.connected.store(false, Ordering::Release);
         match res {
@@ -377,14 +355,6 @@ fn unix_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Microseconds since 2000-01-01, the clock in status updates.
-fn pg_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64 - 946_684_800_000_000)
-        .unwrap_or(0)
-}
-
 struct Session<'a> {
     opts: &'a ReplicationOptions,
     tx: &'a mpsc::Sender<Item>,
@@ -395,12 +365,8 @@ struct Session<'a> {
     types: TypeCatalog,
     /// An item downstream had no room for yet.
     pending: Option<Item>,
-    /// End LSN of the last commit handed downstream.
-    last_sent_commit_end: Lsn,
-    /// `wal_end` of the last keepalive received while nothing was in flight.
-    idle_end: Lsn,
-    received: Lsn,
-    reported: Lsn,
+    /// What may be reported as flushed, and when to say it.
+    flush: &'a mut FlushTracker,
 }
 
 impl<'a> Session<'a> {
@@ -410,6 +376,7 @@ impl<'a> Session<'a> {
         progress: &'a Progress,
         state: &'a StreamState,
         shutdown: &'a CancellationToken,
+        flush: &'a mut FlushTracker,
     ) -> Self {
         Session {
             opts,
@@ -420,10 +387,7 @@ impl<'a> Session<'a> {
             assembler: Assembler::default(),
             types: TypeCatalog::default(),
             pending: None,
-            last_sent_commit_end: Lsn::ZERO,
-            idle_end: Lsn::ZERO,
-            received: Lsn::ZERO,
-            reported: Lsn(state.reported_flush.load(Ordering::Acquire)),
+            flush,
         }
     }
 
@@ -446,17 +410,11 @@ impl<'a> Session<'a> {
         if let Some(was) = self.state.set_blocked(None, "") {
             tracing::info!(slot = %self.opts.slot, problem = was.as_str(), "replication unblocked");
         }
-        let interval = checks
-            .wal_sender_timeout
-            .filter(|t| !t.is_zero())
-            .map(|t| (t / 2).min(MAX_STATUS_INTERVAL))
-            .unwrap_or(MAX_STATUS_INTERVAL)
-            .max(Duration::from_millis(100));
         let silence_limit = checks
             .wal_sender_timeout
             .filter(|t| !t.is_zero())
             .map(|t| (t * SILENCE_TIMEOUTS).max(MIN_SILENCE_LIMIT));
-        match self.stream(&mut conn, &sql, interval, silence_limit).await {
+        match self.stream(&mut conn, &sql, silence_limit).await {
             Ok(()) => {
                 conn.close().await;
                 Ok(())
@@ -570,6 +528,7 @@ impl<'a> Session<'a> {
                     self.gap(last, at);
                 }
                 self.state.reported_flush.fetch_max(at.0, Ordering::AcqRel);
+                self.flush.connected(at, checks.wal_sender_timeout);
             }
             Some(s) => {
                 if ever_streamed && last > Lsn::ZERO && s.confirmed_flush > last {
@@ -580,7 +539,8 @@ impl<'a> Session<'a> {
                 self.state
                     .reported_flush
                     .fetch_max(s.confirmed_flush.0, Ordering::AcqRel);
-                self.reported = self.reported.max(s.confirmed_flush);
+                self.flush
+                    .connected(s.confirmed_flush, checks.wal_sender_timeout);
             }
         }
         // On a reconnect, start after what downstream already handled: the server
@@ -593,22 +553,12 @@ impl<'a> Session<'a> {
             .start_lsn
             .unwrap_or(Lsn::ZERO)
             .max(self.progress.confirmed());
-        let mut options = format!(
-            "proto_version '1', publication_names {}",
-            slot::quote_literal(&slot::quote_ident(&self.opts.publication))
-        );
-        if checks.server_version_num >= 140_000 {
-            options.push_str(", messages 'true'");
-        }
+        let command =
+            protocol::start_replication_command(self.opts, start, checks.server_version_num);
         timed(
             QUERY_TIMEOUT,
             "START_REPLICATION",
-            conn.start_replication(&format!(
-                "START_REPLICATION SLOT {} LOGICAL {} ({})",
-                slot::quote_ident(&self.opts.slot),
-                start,
-                options
-            )),
+            conn.start_replication(&command),
         )
         .await?;
         tracing::info!(slot = %self.opts.slot, publication = %self.opts.publication, start = %start, "streaming");
@@ -690,11 +640,12 @@ impl<'a> Session<'a> {
         &mut self,
         conn: &mut ReplicationConnection,
         sql: &tokio_postgres::Client,
-        interval: Duration,
         silence_limit: Option<Duration>,
     ) -> Result<(), ReplicationError> {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the whole stream, moved to the tracker's next due time.
+        let status_timer =
+            tokio::time::sleep_until(self.flush.next_status().unwrap_or_else(Instant::now));
+        tokio::pin!(status_timer);
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
@@ -704,19 +655,30 @@ impl<'a> Session<'a> {
                     return Ok(());
                 }
                 _ = self.tx.closed() => return Err(closed()),
-                _ = ticker.tick() => {
-                    if let Some(limit) = silence_limit.filter(|l| self.pending.is_none() && last_heard.elapsed() > *l) {
-                        return Err(ReplicationError::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("the server sent nothing for {}s (not even a keepalive)", limit.as_secs()),
-                        )));
+                () = &mut status_timer => {
+                    let now = Instant::now();
+                    // An answer to the server may have moved the next update on.
+                    if self.flush.status_due(now) {
+                        if let Some(limit) = silence_limit.filter(|l| self.pending.is_none() && last_heard.elapsed() > *l) {
+                            return Err(ReplicationError::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("the server sent nothing for {}s (not even a keepalive)", limit.as_secs()),
+                            )));
+                        }
+                        timed(QUERY_TIMEOUT, "sending a status update", self.send_status(conn, StatusReason::Periodic)).await?;
                     }
-                    timed(QUERY_TIMEOUT, "sending a status update", self.send_status(conn, true)).await?;
+                    let next = self.flush.next_status().unwrap_or(now);
+                    status_timer.as_mut().reset(next);
                 }
                 permit = self.tx.reserve(), if self.pending.is_some() => {
                     let permit = permit.map_err(|_| closed())?;
                     if let Some(item) = self.pending.take() {
+                        let end = commit_end(&item);
                         permit.send(item);
+                        self.flush.waiting(false);
+                        if let Some(end) = end {
+                            self.flush.handed_commit(end);
+                        }
                     }
                     last_heard = Instant::now();
                 }
@@ -736,74 +698,58 @@ impl<'a> Session<'a> {
         msg: crate::source::conn::BackendMessage,
     ) -> Result<(), ReplicationError> {
         match msg.tag {
-            b'd' => {
-                let mut body = msg.body;
-                if body.is_empty() {
-                    return Err(ReplicationError::Protocol("empty CopyData".into()));
-                }
-                match body[0] {
-                    b'w' => {
-                        if body.len() < 25 {
-                            return Err(ReplicationError::Protocol("short XLogData".into()));
+            b'd' => match ReplicationMessage::parse(&msg.body)
+                .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+            {
+                ReplicationMessage::XLogData { start, data, .. } => {
+                    self.flush.received(start);
+                    self.state.received.fetch_max(start.0, Ordering::Relaxed);
+                    let m = match pgoutput::decode(&data) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.state.decode_errors.fetch_add(1, Ordering::Relaxed);
+                            return Err(e.into());
                         }
-                        body.advance(1);
-                        let start = Lsn(body.get_u64());
-                        let _end = body.get_u64();
-                        let _sent = body.get_i64();
-                        self.received = self.received.max(start);
-                        self.state.received.fetch_max(start.0, Ordering::Relaxed);
-                        let m = match pgoutput::decode(&body) {
-                            Ok(m) => m,
-                            Err(e) => {
-                                self.state.decode_errors.fetch_add(1, Ordering::Relaxed);
-                                return Err(e.into());
-                            }
-                        };
-                        if let Message::Relation(r) = &m {
-                            timed(QUERY_TIMEOUT, "looking up column types", async {
-                                self.types
-                                    .ensure(sql, r.columns.iter().map(|c| c.type_oid))
-                                    .await
-                                    .map_err(ReplicationError::from_sql)
-                            })
-                            .await?;
-                        }
-                        if let Some(item) = self.assembler.apply(m, &mut self.types)? {
-                            self.note_sent(&item);
-                            match self.tx.try_send(item) {
-                                Ok(()) => {}
-                                Err(mpsc::error::TrySendError::Full(item)) => {
-                                    self.pending = Some(item)
+                    };
+                    if let Message::Relation(r) = &m {
+                        timed(QUERY_TIMEOUT, "looking up column types", async {
+                            self.types
+                                .ensure(sql, r.columns.iter().map(|c| c.type_oid))
+                                .await
+                                .map_err(ReplicationError::from_sql)
+                        })
+                        .await?;
+                    }
+                    if let Some(item) = self.assembler.apply(m, &mut self.types)? {
+                        self.note_decoded(&item);
+                        let end = commit_end(&item);
+                        match self.tx.try_send(item) {
+                            Ok(()) => {
+                                if let Some(end) = end {
+                                    self.flush.handed_commit(end);
                                 }
-                                Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
                             }
+                            Err(mpsc::error::TrySendError::Full(item)) => {
+                                self.pending = Some(item);
+                                self.flush.waiting(true);
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
                         }
-                        Ok(())
                     }
-                    b'k' => {
-                        if body.len() < 18 {
-                            return Err(ReplicationError::Protocol("short keepalive".into()));
-                        }
-                        body.advance(1);
-                        let wal_end = Lsn(body.get_u64());
-                        let _time = body.get_i64();
-                        let reply = body.get_u8() == 1;
-                        self.received = self.received.max(wal_end);
-                        self.state.received.fetch_max(wal_end.0, Ordering::Relaxed);
-                        if !self.assembler.in_transaction() && self.pending.is_none() {
-                            self.idle_end = self.idle_end.max(wal_end);
-                        }
-                        if reply {
-                            self.send_status(conn, false).await?;
-                        }
-                        Ok(())
-                    }
-                    other => Err(ReplicationError::Protocol(format!(
-                        "unknown CopyData message {:?}",
-                        char::from(other)
-                    ))),
+                    Ok(())
                 }
-            }
+                ReplicationMessage::PrimaryKeepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    self.state.received.fetch_max(wal_end.0, Ordering::Relaxed);
+                    if self.flush.keepalive(wal_end, reply_requested) {
+                        self.send_status(conn, StatusReason::Requested).await?;
+                    }
+                    Ok(())
+                }
+            },
             b'E' => Err(ReplicationError::Server(ServerError::parse(&msg.body))),
             b'N' => {
                 let n = ServerError::parse(&msg.body);
@@ -824,67 +770,69 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn note_sent(&mut self, item: &Item) {
-        if let Item::Commit { end_lsn, info } = item {
-            self.last_sent_commit_end = self.last_sent_commit_end.max(*end_lsn);
-            self.state
-                .last_commit_unix_micros
-                .store(info.commit_time.unix_micros(), Ordering::Relaxed);
-            self.state.transactions.fetch_add(1, Ordering::Relaxed);
-            self.state
-                .handed_commit_end
-                .fetch_max(end_lsn.0, Ordering::Release);
+    /// An item came out of the assembler: the tracker learns of transaction
+    /// boundaries, the stream state of commits.
+    fn note_decoded(&mut self, item: &Item) {
+        match item {
+            Item::Begin(_) => self.flush.begin(),
+            Item::Commit { end_lsn, info } => {
+                self.flush.commit();
+                self.state
+                    .last_commit_unix_micros
+                    .store(info.commit_time.unix_micros(), Ordering::Relaxed);
+                self.state.transactions.fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .handed_commit_end
+                    .fetch_max(end_lsn.0, Ordering::Release);
+            }
+            _ => {}
         }
-    }
-
-    /// The LSN it is safe to report as flushed now (see the module docs).
-    fn flush_lsn(&self) -> Lsn {
-        let confirmed = self.progress.confirmed();
-        let mut flush = confirmed;
-        if !self.assembler.in_transaction()
-            && self.pending.is_none()
-            && confirmed >= self.last_sent_commit_end
-        {
-            flush = flush.max(self.idle_end);
-        }
-        flush.max(self.reported)
     }
 
     async fn send_status(
         &mut self,
         conn: &mut ReplicationConnection,
-        request_reply: bool,
+        reason: StatusReason,
     ) -> Result<(), ReplicationError> {
-        let flush = self.flush_lsn();
-        self.reported = flush;
-        self.state.reported_flush.store(flush.0, Ordering::Release);
-        let mut b = BytesMut::with_capacity(34);
-        b.put_u8(b'r');
-        b.put_u64(self.received.max(flush).0);
-        b.put_u64(flush.0);
-        b.put_u64(flush.0);
-        b.put_i64(pg_now());
-        b.put_u8(u8::from(request_reply));
-        conn.send_copy_data(&b).await
+        let update = self.flush.status(
+            self.progress.confirmed(),
+            reason,
+            Instant::now(),
+            protocol::pg_timestamp(SystemTime::now()),
+        );
+        self.state
+            .reported_flush
+            .store(update.flush.0, Ordering::Release);
+        conn.send_copy_data(&update.encode()).await
     }
 
     /// Shutdown: stop reading, give downstream a moment to confirm what it has, report it.
     async fn finish(&mut self, conn: &mut ReplicationConnection) {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN_DEADLINE;
-        while self.progress.confirmed() < self.last_sent_commit_end
-            && tokio::time::Instant::now() < deadline
-            && !self.tx.is_closed()
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::select! {
+            () = self.progress.reached(self.flush.last_handed_commit()) => {}
+            // Downstream went away: nothing more will be confirmed.
+            () = self.tx.closed() => {}
+            () = tokio::time::sleep(SHUTDOWN_DRAIN_DEADLINE) => {}
         }
-        let sent = tokio::time::timeout(Duration::from_secs(2), self.send_status(conn, false))
-            .await
-            .unwrap_or_else(|_| Err(timed_out("the final status update")));
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.send_status(conn, StatusReason::Final),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out("the final status update")));
         if let Err(e) = sent {
             tracing::warn!(error = %e, "final status update failed");
         } else {
-            tracing::info!(flush = %self.reported, "confirmed on shutdown");
+            tracing::info!(flush = %self.flush.reported(), "confirmed on shutdown");
         }
+    }
+}
+
+/// The end LSN of a Commit item.
+fn commit_end(item: &Item) -> Option<Lsn> {
+    match item {
+        Item::Commit { end_lsn, .. } => Some(*end_lsn),
+        _ => None,
     }
 }
 

@@ -11,6 +11,7 @@ use crate::lsn::Lsn;
 use crate::source::conn::ReplicationConnection;
 use crate::source::error::ReplicationError;
 use crate::source::protocol::ReplicationOptions;
+pub use crate::source::protocol::{quote_ident, quote_literal};
 
 pub const WAL_LEVEL_HELP: &str = "PostgreSQL is not configured for logical replication: wal_level must be 'logical'. Set wal_level = logical in postgresql.conf (or run ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL; a reload is not enough.";
 
@@ -156,16 +157,6 @@ pub async fn create_slot(
 /// Slot names: lower-case letters, digits and underscores, at most 63 characters.
 pub fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
     crate::config::validate_slot_name(name).map_err(ReplicationError::Setup)
-}
-
-/// Quotes an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Parses a duration as `current_setting` prints it: `60s`, `1min`, `500ms`, `0`.
