@@ -74,7 +74,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::assembler::Assembler;
-use crate::decode::event::Item;
+use crate::decode::event::{Item, StreamStart};
 use crate::decode::pgoutput::{self, Message};
 use crate::decode::relation::TypeCatalog;
 use crate::lsn::Lsn;
@@ -113,16 +113,41 @@ const BACKOFF: [Duration; 4] = [
 #[derive(Debug, Default)]
 pub struct Progress {
     confirmed: AtomicU64,
+    /// With a change log: the end LSN up to which the log is durable.
+    logged: AtomicU64,
+    /// Whether [`Progress::confirmed`] waits for the log too.
+    gated: bool,
 }
 
 impl Progress {
+    /// Progress whose confirmed position is also bounded by a change log's
+    /// durable position ([`Progress::logged`]): nothing is confirmed to
+    /// PostgreSQL that the log could lose.
+    pub fn gated_by_log() -> Self {
+        Progress {
+            gated: true,
+            ..Progress::default()
+        }
+    }
+
     /// Marks everything up to `lsn` (a commit's end LSN) as handled.
     pub fn confirm(&self, lsn: Lsn) {
         self.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
     }
 
+    /// Marks everything up to `lsn` (a commit's end LSN) as durable in the log.
+    pub fn logged(&self, lsn: Lsn) {
+        self.logged.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// Handled downstream (and, when gated, durable in the log).
     pub fn confirmed(&self) -> Lsn {
-        Lsn(self.confirmed.load(Ordering::Acquire))
+        let handled = self.confirmed.load(Ordering::Acquire);
+        if self.gated {
+            Lsn(handled.min(self.logged.load(Ordering::Acquire)))
+        } else {
+            Lsn(handled)
+        }
     }
 }
 
@@ -542,25 +567,28 @@ impl<'a> Session<'a> {
             conn.simple_query("IDENTIFY_SYSTEM"),
         )
         .await?;
-        match ident.first().map(|r| r.as_slice()) {
-            Some([Some(system), Some(timeline), Some(xlogpos), ..]) => tracing::info!(
+        let system_id = match ident.first().map(|r| r.as_slice()) {
+            Some([Some(system), Some(timeline), Some(xlogpos), ..]) => {
+                tracing::info!(
                 slot = %self.opts.slot,
                 system = %system,
                 timeline = %timeline,
                 xlogpos = %xlogpos,
                 server_version = %conn.server_version,
                 "connected for replication"
-            ),
+                );
+                system.clone()
+            }
             _ => {
                 return Err(ReplicationError::Protocol(
                     "IDENTIFY_SYSTEM returned no row".into(),
                 ))
             }
-        }
+        };
         // Where walcast was: what it last reported, or downstream handled since.
         let last =
             Lsn(self.state.reported_flush.load(Ordering::Acquire)).max(self.progress.confirmed());
-        match &checks.slot {
+        let slot_confirmed = match &checks.slot {
             None => {
                 // Slot creation waits for open transactions: no timeout (the caller
                 // watches shutdown).
@@ -570,6 +598,7 @@ impl<'a> Session<'a> {
                     self.gap(last, at);
                 }
                 self.state.reported_flush.fetch_max(at.0, Ordering::AcqRel);
+                at
             }
             Some(s) => {
                 if ever_streamed && last > Lsn::ZERO && s.confirmed_flush > last {
@@ -581,7 +610,17 @@ impl<'a> Session<'a> {
                     .reported_flush
                     .fetch_max(s.confirmed_flush.0, Ordering::AcqRel);
                 self.reported = self.reported.max(s.confirmed_flush);
+                s.confirmed_flush
             }
+        };
+        // Downstream learns the stream's source before its first transaction.
+        let start_item = Item::Stream(StreamStart {
+            system_id,
+            slot: self.opts.slot.clone(),
+            slot_confirmed,
+        });
+        if self.tx.send(start_item).await.is_err() {
+            return Err(ReplicationError::Protocol("downstream closed".into()));
         }
         // On a reconnect, start after what downstream already handled: the server
         // skips transactions that committed before the requested position, so a
