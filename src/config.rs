@@ -719,6 +719,36 @@ pub struct ServeConfig {
     pub channels: Vec<ChannelRule>,
     /// `[auth]`: JWT verification and per-table row rules.
     pub auth: AuthConfig,
+    /// `[log]`: the on-disk change log.
+    pub log: LogConfig,
+}
+
+/// Default size of the change log (1 GiB).
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default age of the change log (24 h): a client away for a day resumes.
+pub const DEFAULT_LOG_MAX_AGE_SECS: u64 = 24 * 60 * 60;
+
+/// `[log]`: the change log, every committed change kept on disk for a while
+/// (DESIGN.md "Resume"). Off unless `dir` is set.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// The log's directory (created if missing); unset: no log.
+    pub dir: Option<PathBuf>,
+    /// Bytes kept; the oldest segments go first.
+    pub max_bytes: u64,
+    /// Seconds kept, by commit time.
+    pub max_age_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            dir: None,
+            max_bytes: DEFAULT_LOG_MAX_BYTES,
+            max_age_secs: DEFAULT_LOG_MAX_AGE_SECS,
+        }
+    }
 }
 
 #[derive(Clone, serde::Deserialize)]
@@ -1039,6 +1069,14 @@ impl ServeConfig {
         for (i, rule) in self.channels.iter().enumerate() {
             if let Some(reason) = rule.invalid() {
                 return bad(&format!("channels[{i}] ({:?})", rule.topic), reason);
+            }
+        }
+        if self.log.dir.is_some() {
+            if self.log.max_bytes < 4 * 1024 * 1024 {
+                return bad("log.max_bytes", "must be at least 4 MiB (4194304)");
+            }
+            if self.log.max_age_secs == 0 {
+                return bad("log.max_age_secs", "must be at least 1");
             }
         }
         self.health.validate()

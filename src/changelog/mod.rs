@@ -34,6 +34,7 @@
 
 pub mod codec;
 mod segment;
+pub mod stage;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -403,6 +404,11 @@ impl ChangeLog {
         LogReader {
             inner: self.inner.clone(),
         }
+    }
+
+    /// The source this log belongs to.
+    pub fn identity(&self) -> &LogIdentity {
+        &self.identity
     }
 
     /// Commit LSN of the last transaction appended.

@@ -589,3 +589,101 @@ fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
     assert!(r.table(1).is_none());
     assert_eq!(log.table_id(&altered).unwrap(), 0);
 }
+
+/// The log stage passes items on unchanged and in order, logs each transaction
+/// once (a resend after a reconnect is skipped), and lets the stream confirm a
+/// transaction only once the log made it durable.
+#[test]
+fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
+    use crate::decode::event::{Cell, Change, ChangeKind, Item, StreamStart};
+    use crate::source::session::Progress;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let orders = table("orders", &["id"]);
+    let txn = |i: u64| {
+        let info = codec::txn_info(lsn(i), ts(i), i as u32);
+        let change = Arc::new(Change {
+            txn: info,
+            table: orders.clone(),
+            kind: ChangeKind::Insert,
+            old: None,
+            new: Some(vec![Cell::Text(Bytes::from(i.to_string()))]),
+        });
+        vec![
+            Item::Begin(info),
+            Item::Change(change),
+            Item::Commit {
+                info,
+                end_lsn: Lsn(lsn(i).0 + 8),
+            },
+        ]
+    };
+    let start = |confirmed: u64| {
+        Item::Stream(StreamStart {
+            system_id: "sys".into(),
+            slot: "walcast".into(),
+            slot_confirmed: Lsn(confirmed),
+        })
+    };
+    let progress = Arc::new(Progress::gated_by_log());
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(64);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
+    let (handle, thread) =
+        stage::spawn(opts(dir.path(), 1 << 20), in_rx, out_tx, progress.clone()).unwrap();
+    rt.block_on(async {
+        // Handled downstream but not yet logged: nothing is confirmed.
+        progress.confirm(Lsn(lsn(3).0 + 8));
+        assert_eq!(progress.confirmed(), Lsn::ZERO);
+        let mut sent = vec![start(500)];
+        sent.extend((1..=3).flat_map(txn));
+        // A reconnect resends transactions 2 and 3, then 4 follows.
+        sent.push(start(1500));
+        sent.extend((2..=4).flat_map(txn));
+        for item in &sent {
+            in_tx.send(item.clone()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            got.push(out_rx.recv().await.unwrap());
+        }
+        assert_eq!(
+            format!("{got:?}"),
+            format!("{sent:?}"),
+            "passed on unchanged"
+        );
+        // Once durable, the confirmation reaches what downstream handled.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while progress.confirmed() < Lsn(lsn(3).0 + 8) {
+            assert!(std::time::Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        progress.confirm(Lsn(lsn(4).0 + 8));
+        drop(in_tx);
+        assert!(
+            out_rx.recv().await.is_none(),
+            "the stage ends with its input"
+        );
+    });
+    thread.join().unwrap();
+    // Closing synced the last transaction.
+    assert_eq!(progress.confirmed(), Lsn(lsn(4).0 + 8));
+    assert_eq!(handle.stats.transactions.load(Ordering::Relaxed), 4);
+    assert_eq!(handle.stats.skipped.load(Ordering::Relaxed), 2);
+    let reader = handle.reader().expect("the log was opened");
+    // It holds everything after the slot's position when it was opened.
+    assert!(matches!(
+        reader.cursor(Start::AfterLsn(Lsn(498))),
+        Err(ReplayError::Gap { .. })
+    ));
+    let mut c = reader.cursor(Start::AfterLsn(Lsn(499))).unwrap();
+    let mut commits = Vec::new();
+    while let Some(e) = c.next_entry().unwrap() {
+        if let Entry::Commit { commit_lsn, .. } = e {
+            commits.push(commit_lsn);
+        }
+    }
+    assert_eq!(commits, (1..=4).map(lsn).collect::<Vec<_>>());
+}

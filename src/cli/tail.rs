@@ -56,7 +56,7 @@ pub async fn run(
                     out.flush()?;
                     printer_progress.confirm(end_lsn);
                 }
-                Item::Begin(_) | Item::Message(_) => {}
+                Item::Begin(_) | Item::Message(_) | Item::Stream(_) => {}
             }
         }
         out.flush()?;

@@ -50,6 +50,8 @@ pub enum ServeError {
     Catalog(#[from] crate::source::catalog::CatalogError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("cannot start the change log in {dir}: {source}")]
+    Log { dir: String, source: std::io::Error },
 }
 
 /// Everything running, for callers (tests, the demo) that need the address or stats.
@@ -206,7 +208,27 @@ impl Pipeline {
         };
         let (items_tx, items_rx) = mpsc::channel(config.limits.pipeline_capacity);
         let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
-        let progress = Arc::new(Progress::default());
+        // With a change log, items pass through the log stage on their way to the
+        // hub, and nothing is confirmed to PostgreSQL before the log holds it.
+        let (progress, items_rx, log) = match &config.log.dir {
+            None => (Arc::new(Progress::default()), items_rx, None),
+            Some(dir) => {
+                let progress = Arc::new(Progress::gated_by_log());
+                let (logged_tx, logged_rx) = mpsc::channel(config.limits.pipeline_capacity);
+                let opts = crate::changelog::LogOptions::new(
+                    dir.clone(),
+                    config.log.max_bytes,
+                    Duration::from_secs(config.log.max_age_secs),
+                );
+                let (handle, _thread) =
+                    crate::changelog::stage::spawn(opts, items_rx, logged_tx, progress.clone())
+                        .map_err(|source| ServeError::Log {
+                            dir: dir.display().to_string(),
+                            source,
+                        })?;
+                (progress, logged_rx, Some(handle))
+            }
+        };
         let stream = Arc::new(StreamState::default());
         let hub_stats = Arc::new(HubStats::default());
         let ws_stats = Arc::new(WsStats::default());
@@ -222,6 +244,7 @@ impl Pipeline {
                 hub: hub_stats.clone(),
                 ws: ws_stats.clone(),
                 broadcast: broadcast.stats(),
+                log: log.as_ref().map(|l| l.stats.clone()),
             },
             config.health.clone(),
         )?);

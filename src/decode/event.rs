@@ -98,6 +98,11 @@ pub struct DbMessage {
 /// What the replication stream hands downstream, in stream order.
 #[derive(Clone, Debug)]
 pub enum Item {
+    /// A (re)connected stream is about to start: which database system it comes
+    /// from and where the slot stands. Sent before the first transaction of each
+    /// replication session, so a stage that keeps changes (the change log) knows
+    /// their source.
+    Stream(StreamStart),
     Begin(TxnInfo),
     Change(Arc<Change>),
     /// One TRUNCATE statement: a change per truncated table.
@@ -108,6 +113,16 @@ pub enum Item {
         info: TxnInfo,
         end_lsn: Lsn,
     },
+}
+
+/// What a replication session reports before it streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamStart {
+    /// PostgreSQL's database system identifier (`IDENTIFY_SYSTEM`).
+    pub system_id: String,
+    pub slot: String,
+    /// The slot's confirmed position: the stream resumes after it.
+    pub slot_confirmed: Lsn,
 }
 
 /// Which columns an encoding includes.

@@ -540,7 +540,7 @@ impl Hub {
                     hook(&m)
                 }
             }
-            Item::Begin(_) => {}
+            Item::Begin(_) | Item::Stream(_) => {}
         }
     }
 

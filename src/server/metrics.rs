@@ -53,6 +53,7 @@ use prometheus::{Registry, TextEncoder};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::changelog::stage::LogStageStats;
 use crate::config::{HealthConfig, PgConnInfo};
 use crate::decode::event::ChangeKind;
 use crate::deliver::broadcast::BroadcastStats;
@@ -78,6 +79,8 @@ pub struct Sources {
     pub hub: Arc<HubStats>,
     pub ws: Arc<WsStats>,
     pub broadcast: Arc<BroadcastStats>,
+    /// The change log stage, when `[log] dir` is set.
+    pub log: Option<Arc<LogStageStats>>,
 }
 
 /// `wal_status` values of `pg_replication_slots` (PostgreSQL 13+).
@@ -486,6 +489,11 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_frames_queued_total", "Frames queued to clients' outbound queues, by source (changes, broadcast).", MetricType::COUNTER, Some("source")),
     ("walcast_broadcast_messages_total", "Broadcasts accepted for fan-out, by source (client, database, rest).", MetricType::COUNTER, Some("source")),
     ("walcast_broadcast_refused_total", "Broadcasts and private-channel joins refused, by reason.", MetricType::COUNTER, Some("reason")),
+    ("walcast_log_transactions_total", "Transactions appended to the change log.", MetricType::COUNTER, None),
+    ("walcast_log_changes_total", "Changes (rows and database messages) appended to the change log.", MetricType::COUNTER, None),
+    ("walcast_log_syncs_total", "Syncs of the change log to disk.", MetricType::COUNTER, None),
+    ("walcast_log_errors_total", "Failed change log writes (each stops confirmation to PostgreSQL until the log is writable again).", MetricType::COUNTER, None),
+    ("walcast_log_writable", "1 while the change log can be written; 0 when a write failed (nothing more is confirmed to PostgreSQL).", MetricType::GAUGE, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
     ("walcast_health_status", "Overall health: 0 normal, 1 warning, 2 critical.", MetricType::GAUGE, None),
@@ -545,6 +553,7 @@ impl Collector for SyncCollector {
         let hub = &st.src.hub;
         let ws = &st.src.ws;
         let bc = &st.src.broadcast;
+        let log = st.src.log.as_deref();
         let health = st.evaluate();
         let slot = st.slot.lock().map(|g| g.clone()).unwrap_or_default();
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -643,6 +652,13 @@ impl Collector for SyncCollector {
                     ("invalid", n(&bc.invalid)),
                     ("undeliverable", n(&bc.undeliverable)),
                 ]),
+                "walcast_log_transactions_total" => log.map_or(vec![], |l| one(n(&l.transactions))),
+                "walcast_log_changes_total" => log.map_or(vec![], |l| one(n(&l.changes))),
+                "walcast_log_syncs_total" => log.map_or(vec![], |l| one(n(&l.syncs))),
+                "walcast_log_errors_total" => log.map_or(vec![], |l| one(n(&l.errors))),
+                "walcast_log_writable" => log.map_or(vec![], |l| {
+                    one(f64::from(u8::from(l.writable.load(Ordering::Relaxed))))
+                }),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),
                     ("rejected", n(&bc.presence_rejected)),
@@ -674,6 +690,10 @@ impl Collector for SyncCollector {
                 ),
                 _ => Vec::new(),
             };
+            // A family with nothing to report (the log's, without a log) is left out.
+            if metrics.is_empty() {
+                continue;
+            }
             let mut f = MetricFamily::default();
             f.set_name(name.to_string());
             f.set_help(help.to_string());
@@ -888,6 +908,7 @@ mod tests {
                 hub: Arc::default(),
                 ws: Arc::default(),
                 broadcast: Arc::default(),
+                log: Some(Arc::default()),
             },
             health,
         )
@@ -919,6 +940,25 @@ mod tests {
         assert!(text.contains("walcast_changes_total{kind=\"truncate\"} 0"));
         assert!(text.contains("walcast_clients_dropped_total{reason=\"slow_client\"} 0"));
         assert!(text.contains("process_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn the_log_families_appear_only_with_a_log() {
+        let m = Metrics::new(
+            Sources {
+                stream: Arc::default(),
+                progress: Arc::default(),
+                hub: Arc::default(),
+                ws: Arc::default(),
+                broadcast: Arc::default(),
+                log: None,
+            },
+            HealthConfig::default(),
+        )
+        .unwrap();
+        let text = m.render().unwrap();
+        assert!(!text.contains("walcast_log_"), "{text}");
+        assert!(text.contains("walcast_changes_total"));
     }
 
     #[test]

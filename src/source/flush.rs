@@ -57,6 +57,10 @@ pub const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 pub struct Progress {
     confirmed: AtomicU64,
+    /// With a change log: the end LSN up to which the log is durable.
+    logged: AtomicU64,
+    /// Whether [`Progress::confirmed`] waits for the log too.
+    gated: bool,
     /// Tasks inside [`Progress::reached`]; [`Progress::confirm`] wakes them only
     /// when there are some, so the consumer's hot path stays one atomic.
     waiters: AtomicUsize,
@@ -64,6 +68,16 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Progress whose confirmed position is also bounded by a change log's
+    /// durable position ([`Progress::logged`]): nothing is confirmed to
+    /// PostgreSQL that the log could lose.
+    pub fn gated_by_log() -> Self {
+        Progress {
+            gated: true,
+            ..Progress::default()
+        }
+    }
+
     /// Marks everything up to `lsn` (a commit's end LSN) as handled.
     pub fn confirm(&self, lsn: Lsn) {
         let before = self.confirmed.fetch_max(lsn.0, Ordering::SeqCst);
@@ -72,8 +86,22 @@ impl Progress {
         }
     }
 
+    /// Marks everything up to `lsn` (a commit's end LSN) as durable in the log.
+    pub fn logged(&self, lsn: Lsn) {
+        let before = self.logged.fetch_max(lsn.0, Ordering::SeqCst);
+        if before < lsn.0 && self.waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Handled downstream (and, when gated, durable in the log).
     pub fn confirmed(&self) -> Lsn {
-        Lsn(self.confirmed.load(Ordering::Acquire))
+        let handled = self.confirmed.load(Ordering::Acquire);
+        if self.gated {
+            Lsn(handled.min(self.logged.load(Ordering::Acquire)))
+        } else {
+            Lsn(handled)
+        }
     }
 
     /// Returns once downstream has confirmed `lsn` (at once if it has).
@@ -93,7 +121,7 @@ impl Progress {
         loop {
             // Registered before the check: a confirm after the check wakes it.
             let changed = self.changed.notified();
-            if self.confirmed.load(Ordering::SeqCst) >= lsn.0 {
+            if self.confirmed() >= lsn {
                 return;
             }
             changed.await;

@@ -66,7 +66,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::assembler::Assembler;
-use crate::decode::event::Item;
+use crate::decode::event::{Item, StreamStart};
 use crate::decode::pgoutput::{self, Message};
 use crate::decode::relation::TypeCatalog;
 use crate::lsn::Lsn;
@@ -500,25 +500,28 @@ impl<'a> Session<'a> {
             conn.simple_query("IDENTIFY_SYSTEM"),
         )
         .await?;
-        match ident.first().map(|r| r.as_slice()) {
-            Some([Some(system), Some(timeline), Some(xlogpos), ..]) => tracing::info!(
+        let system_id = match ident.first().map(|r| r.as_slice()) {
+            Some([Some(system), Some(timeline), Some(xlogpos), ..]) => {
+                tracing::info!(
                 slot = %self.opts.slot,
                 system = %system,
                 timeline = %timeline,
                 xlogpos = %xlogpos,
                 server_version = %conn.server_version,
                 "connected for replication"
-            ),
+                );
+                system.clone()
+            }
             _ => {
                 return Err(ReplicationError::Protocol(
                     "IDENTIFY_SYSTEM returned no row".into(),
                 ))
             }
-        }
+        };
         // Where walcast was: what it last reported, or downstream handled since.
         let last =
             Lsn(self.state.reported_flush.load(Ordering::Acquire)).max(self.progress.confirmed());
-        match &checks.slot {
+        let slot_confirmed = match &checks.slot {
             None => {
                 // Slot creation waits for open transactions: no timeout (the caller
                 // watches shutdown).
@@ -529,6 +532,7 @@ impl<'a> Session<'a> {
                 }
                 self.state.reported_flush.fetch_max(at.0, Ordering::AcqRel);
                 self.flush.connected(at, checks.wal_sender_timeout);
+                at
             }
             Some(s) => {
                 if ever_streamed && last > Lsn::ZERO && s.confirmed_flush > last {
@@ -541,7 +545,17 @@ impl<'a> Session<'a> {
                     .fetch_max(s.confirmed_flush.0, Ordering::AcqRel);
                 self.flush
                     .connected(s.confirmed_flush, checks.wal_sender_timeout);
+                s.confirmed_flush
             }
+        };
+        // Downstream learns the stream's source before its first transaction.
+        let start_item = Item::Stream(StreamStart {
+            system_id,
+            slot: self.opts.slot.clone(),
+            slot_confirmed,
+        });
+        if self.tx.send(start_item).await.is_err() {
+            return Err(ReplicationError::Protocol("downstream closed".into()));
         }
         // On a reconnect, start after what downstream already handled: the server
         // skips transactions that committed before the requested position, so a

@@ -2,6 +2,7 @@ mod access;
 mod auth;
 mod broadcast;
 mod broadcast_js;
+mod changelog;
 mod config;
 mod connections;
 mod demo;

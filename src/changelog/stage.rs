@@ -1,0 +1,320 @@
+//! The log stage of the pipeline: between the replication stream and the hub,
+//! every committed transaction is appended to the [`ChangeLog`] and passed on
+//! unchanged, so live delivery never waits for the disk.
+//!
+//! What it promises (DESIGN.md §2, "Resume"):
+//!
+//! - **Durable before confirmed.** The stage tells [`Progress::logged`] the end
+//!   LSN of each transaction once the log made it durable; a gated `Progress`
+//!   never confirms past that, so PostgreSQL keeps (and resends after a crash)
+//!   whatever the log could still lose. Syncs are grouped: the stage syncs when
+//!   its input is empty or after [`SYNC_EVERY`] transactions, never per change.
+//! - **Exactly once in the log.** A transaction resent after a reconnect or
+//!   restart is skipped by the log (its commit LSN is not above the last logged);
+//!   its end LSN still counts as logged once what is already in the log is durable.
+//! - **A log that cannot be written stops confirming, and says so.** On a write
+//!   error (disk full) the open transaction is dropped from the log, delivery goes
+//!   on, the error is logged and counted, and nothing more is confirmed. The next
+//!   transaction tries again by emptying the log ([`ChangeLog::reset`]): every
+//!   resume position before it becomes a gap — a client is told, never handed a
+//!   log with a hole.
+//! - **Its source.** The log is opened (or reset, for another database system or
+//!   slot) when the stream says where it comes from ([`Item::Stream`]).
+//!
+//! The log's IO is blocking, so the stage runs on a thread of its own.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{codec, ChangeLog, LogError, LogIdentity, LogOptions, LogReader};
+use crate::decode::event::{Change, Item, StreamStart};
+use crate::lsn::Lsn;
+use crate::source::session::Progress;
+
+/// Transactions appended between syncs at most, when the input never runs dry.
+pub const SYNC_EVERY: usize = 256;
+/// How often old segments are looked at for removal.
+const RETAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// Counters of the log stage (read by metrics).
+#[derive(Debug, Default)]
+pub struct LogStageStats {
+    /// Transactions appended to the log.
+    pub transactions: AtomicU64,
+    /// Changes (rows and database messages) appended.
+    pub changes: AtomicU64,
+    /// Transactions skipped because the log already held them.
+    pub skipped: AtomicU64,
+    /// Syncs to disk.
+    pub syncs: AtomicU64,
+    /// Failed writes (each stops confirmation until the log is usable again).
+    pub errors: AtomicU64,
+    /// Whether the log can be written now.
+    pub writable: AtomicBool,
+    /// Times the log was emptied (another source, a failed write).
+    pub resets: AtomicU64,
+}
+
+/// The stage's state, on its own thread.
+struct Stage {
+    opts: LogOptions,
+    log: Option<ChangeLog>,
+    progress: Arc<Progress>,
+    stats: Arc<LogStageStats>,
+    reader: Arc<std::sync::Mutex<Option<LogReader>>>,
+    /// The open transaction is being logged (false: skipped, or the log failed).
+    logging: bool,
+    /// Committed transactions whose end LSN is not yet known durable:
+    /// (commit LSN, end LSN), in order.
+    pending: std::collections::VecDeque<(Lsn, Lsn)>,
+    /// A write failed: the next transaction resets the log first.
+    broken: bool,
+    since_sync: usize,
+    last_retain: Instant,
+    scratch: Vec<u8>,
+}
+
+/// A handle on the running stage: its counters and, once open, a reader of the log.
+#[derive(Clone)]
+pub struct LogHandle {
+    pub stats: Arc<LogStageStats>,
+    reader: Arc<std::sync::Mutex<Option<LogReader>>>,
+}
+
+impl LogHandle {
+    /// A reader of the log, once the stream said where it comes from.
+    pub fn reader(&self) -> Option<LogReader> {
+        self.reader.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// Starts the stage on a thread of its own: items from `input` are logged and
+/// passed to `output` in order. It ends when `input` closes (after a last sync)
+/// or `output` does.
+pub fn spawn(
+    opts: LogOptions,
+    input: mpsc::Receiver<Item>,
+    output: mpsc::Sender<Item>,
+    progress: Arc<Progress>,
+) -> std::io::Result<(LogHandle, std::thread::JoinHandle<()>)> {
+    let stats = Arc::new(LogStageStats::default());
+    let reader = Arc::new(std::sync::Mutex::new(None));
+    let stage = Stage {
+        opts,
+        log: None,
+        progress,
+        stats: stats.clone(),
+        reader: reader.clone(),
+        logging: false,
+        pending: Default::default(),
+        broken: false,
+        since_sync: 0,
+        last_retain: Instant::now(),
+        scratch: Vec::with_capacity(4096),
+    };
+    let thread = std::thread::Builder::new()
+        .name("walcast-log".into())
+        .spawn(move || stage.run(input, output))?;
+    Ok((LogHandle { stats, reader }, thread))
+}
+
+impl Stage {
+    fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
+        while let Some(item) = input.blocking_recv() {
+            self.handle(&item);
+            if output.blocking_send(item).is_err() {
+                break;
+            }
+            if input.is_empty() || self.since_sync >= SYNC_EVERY {
+                self.sync();
+            }
+            if self.last_retain.elapsed() >= RETAIN_EVERY {
+                self.retain();
+            }
+        }
+        self.sync();
+    }
+
+    fn handle(&mut self, item: &Item) {
+        match item {
+            Item::Stream(s) => self.open(s),
+            Item::Begin(info) => {
+                self.logging = false;
+                let Some(log) = self.log.as_mut() else { return };
+                if self.broken {
+                    match log.reset(info.commit_lsn) {
+                        Ok(()) => {
+                            tracing::warn!(at = %info.commit_lsn, "change log usable again; emptied it: resume positions before this are gaps");
+                            self.broken = false;
+                            self.stats.resets.fetch_add(1, Ordering::Relaxed);
+                            self.stats.writable.store(true, Ordering::Relaxed);
+                            self.pending.clear();
+                        }
+                        Err(e) => return self.failed(&e),
+                    }
+                }
+                let Some(log) = self.log.as_mut() else { return };
+                match log.begin(info.commit_lsn, info.commit_time.unix_micros(), info.xid.0) {
+                    Ok(fresh) => {
+                        self.logging = fresh;
+                        if !fresh {
+                            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => self.failed(&e),
+                }
+            }
+            Item::Change(c) => self.append_change(c),
+            Item::Truncate(cs) => {
+                for c in cs {
+                    self.append_change(c);
+                }
+            }
+            Item::Message(m) => {
+                if self.logging && m.txn.is_some() {
+                    self.scratch.clear();
+                    codec::encode_message(&mut self.scratch, m);
+                    let r = self.log.as_mut().map(|l| l.append(&self.scratch));
+                    match r {
+                        Some(Ok(())) => {
+                            self.stats.changes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(Err(e)) => self.failed(&e),
+                        None => {}
+                    }
+                }
+            }
+            Item::Commit { info, end_lsn } => {
+                let logging = std::mem::take(&mut self.logging);
+                let Some(log) = self.log.as_mut() else { return };
+                if self.broken {
+                    return;
+                }
+                // Skipped transactions end here too (the log ignores their commit).
+                if let Err(e) = log.commit(*end_lsn) {
+                    return self.failed(&e);
+                }
+                if logging {
+                    self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                    self.since_sync += 1;
+                }
+                self.pending.push_back((info.commit_lsn, *end_lsn));
+            }
+        }
+    }
+
+    fn append_change(&mut self, c: &Arc<Change>) {
+        if !self.logging {
+            return;
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        let r = log.table_id(&c.table).and_then(|id| {
+            self.scratch.clear();
+            codec::encode_change(&mut self.scratch, id, c);
+            log.append(&self.scratch)
+        });
+        match r {
+            Ok(()) => {
+                self.stats.changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// Opens the log for the stream's source (once; a later stream from another
+    /// source reopens it, which empties it).
+    fn open(&mut self, s: &StreamStart) {
+        let identity = LogIdentity {
+            system_id: s.system_id.clone(),
+            slot: s.slot.clone(),
+        };
+        if self.log.as_ref().is_some_and(|l| l.identity() == &identity) {
+            return;
+        }
+        // The writer of another source goes first (it holds the directory).
+        self.log = None;
+        match ChangeLog::open(self.opts.clone(), identity, s.slot_confirmed) {
+            Ok((log, recovery)) => {
+                if let Some(reason) = &recovery.reset {
+                    tracing::info!(dir = %self.opts.dir.display(), ?reason, "change log started empty");
+                    self.stats.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                if recovery.cut_bytes > 0 {
+                    tracing::warn!(
+                        dir = %self.opts.dir.display(),
+                        bytes = recovery.cut_bytes,
+                        why = recovery.cut_reason.unwrap_or(""),
+                        "change log: cut a torn tail left by a crash"
+                    );
+                }
+                // What the log holds from before is durable (it was read back).
+                self.progress.logged(s.slot_confirmed);
+                if let Ok(mut r) = self.reader.lock() {
+                    *r = Some(log.reader());
+                }
+                self.log = Some(log);
+                self.broken = false;
+                self.stats.writable.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.opts.dir.display(), "cannot open the change log: {e}; nothing is confirmed to PostgreSQL until it opens");
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.writable.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn failed(&mut self, e: &LogError) {
+        if !self.broken {
+            tracing::error!("change log write failed: {e}; delivery goes on, but nothing more is confirmed to PostgreSQL until the log can be written");
+        }
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.writable.store(false, Ordering::Relaxed);
+        if let Some(log) = self.log.as_mut() {
+            log.abandon();
+        }
+        self.logging = false;
+        self.broken = true;
+    }
+
+    /// Makes what was appended durable and lets the stream confirm it.
+    fn sync(&mut self) {
+        self.since_sync = 0;
+        if self.broken {
+            return;
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        let needed = log.needs_sync();
+        match log.sync() {
+            Ok(durable) => {
+                if needed {
+                    self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut end = None;
+                while let Some(&(commit, e)) = self.pending.front() {
+                    if commit > durable {
+                        break;
+                    }
+                    end = Some(e);
+                    self.pending.pop_front();
+                }
+                if let Some(e) = end {
+                    self.progress.logged(e);
+                }
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn retain(&mut self) {
+        self.last_retain = Instant::now();
+        if let Some(log) = self.log.as_mut() {
+            if let Err(e) = log.retain(super::now_micros()) {
+                tracing::warn!("change log retention: {e}");
+            }
+        }
+    }
+}
