@@ -1,6 +1,7 @@
 //! Deliver: the Phoenix-protocol sessions and their writers.
 
 pub mod broadcast;
+pub mod expiry;
 pub mod frame;
 pub mod presence;
 pub mod session;

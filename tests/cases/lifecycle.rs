@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::support::js::{is_on, JsClient};
 use crate::support::walcast::BIN;
-use crate::support::{cluster, free_port, wait_for, Cluster};
+use crate::support::{cluster, wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -31,20 +31,19 @@ struct Daemon {
     reader: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts `walcast serve` with `args` (plus `--listen` and `--log info`); waits
-/// until it listens when `wait_listening`.
+/// Starts `walcast serve` with `args` (plus `--listen 127.0.0.1:0` and `--log
+/// info`); when `wait_listening`, waits until it says where it listens (`port`
+/// is 0 otherwise).
 async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
     daemon_logging(args, wait_listening, "info").await
 }
 
 /// [`daemon`] with a log filter.
 async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Daemon {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .arg("serve")
         .args(args)
-        .args(["--listen", &listen, "--log", filter])
+        .args(["--listen", "127.0.0.1:0", "--log", filter])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -64,14 +63,20 @@ async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Da
             s.push('\n');
         }
     });
-    let d = Daemon {
+    let mut d = Daemon {
         child,
-        port,
+        port: 0,
         log,
         reader: Some(reader),
     };
     if wait_listening {
-        d.wait_log("listening on", T).await;
+        d.wait_log("walcast: listening on ", T).await;
+        d.port = d
+            .log()
+            .lines()
+            .find_map(walcast::testing::listening_addr)
+            .expect("the listening line")
+            .port();
     }
     d
 }
@@ -269,7 +274,7 @@ async fn sigterm_during_a_reconnect_to_a_postgres_that_never_answers() {
     ))
     .await
     .unwrap();
-    let proxy = Proxy::start(Some(cluster().port)).await;
+    let proxy = Proxy::start(Some(cluster().port())).await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
         proxy.port
@@ -709,8 +714,6 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
     ))
     .await
     .unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let slot = format!("slot_{db}");
     let mut child = Command::new(BIN)
         .args([
@@ -725,7 +728,7 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
             &format!("pub_{db}"),
             "--create-slot",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
         ])
         .args(["--log", "info"])
         .stdin(Stdio::null())
@@ -734,12 +737,10 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // `2>&1 | head -n 1`: one line, then the pipe is closed.
+    // `2>&1 | head -n …`: read up to the line saying where it listens, then the
+    // pipe is closed.
     let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::time::timeout(T, err.next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    let (port, _) = crate::support::walcast::read_listening(&mut err, T, |_| {}).await;
     drop(err);
     // Make it log: end its replication connection; it warns and reconnects.
     wait_for("walcast listening", T, || async {

@@ -198,12 +198,13 @@ async fn metrics_count_a_known_workload_and_pass_promtool() {
     sql.batch_execute("alter table m replica identity full")
         .await
         .unwrap();
-    let metrics_port = crate::support::free_port();
-    let cfg = config_file(
-        "counts",
-        &format!("[server]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
-    );
+    // Port 0: the system picks; walcast says which.
+    let cfg = config_file("counts", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n");
     let server = start(c, db, Some(&cfg)).await;
+    let metrics_port = server
+        .metrics_port
+        .expect("walcast: metrics listening on … before the listening line");
+    assert_ne!(metrics_port, server.port);
     for port in [server.port, metrics_port] {
         let (status, body) = get(port, "/health").await;
         assert_eq!(status, 200);
