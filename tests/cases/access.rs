@@ -12,10 +12,10 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::ws::setup_db;
 use crate::support::cluster;
 use crate::support::js::{is, is_on, JsClient};
-use crate::support::walcast::{serve, Server};
+use crate::support::setup_db;
+use crate::support::walcast::{serve_db_with_config as start_with, Server};
 
 const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "walcast-access-test-secret-with-enough-bytes";
@@ -48,23 +48,6 @@ fn apikey(role: &str) -> String {
 
 fn auth(rest: &str) -> String {
     format!("[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\n\n{rest}")
-}
-
-fn config_file(db: &str, config: &str) -> String {
-    let path = std::env::temp_dir().join(format!("walcast-{db}-{}.toml", std::process::id()));
-    std::fs::write(&path, config).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-async fn start_with(db: &str, config: &str) -> Server {
-    let p = config_file(db, config);
-    serve(
-        &cluster().url(db),
-        &format!("slot_{db}"),
-        &format!("pub_{db}"),
-        &["--create-slot", "--config", &p],
-    )
-    .await
 }
 
 async fn connect(js: &mut JsClient, client: &str, server: &Server, apikey: &str) {
@@ -396,7 +379,9 @@ roles = ["rep"]
     let (ok, out, err) = crate::support::walcast::run(
         &[
             "check-config",
-            &config_file("acc_multi_rule_bad", &overlapping),
+            crate::support::config_file("acc_multi_rule_bad", &overlapping)
+                .to_str()
+                .unwrap(),
         ],
         T,
     )
@@ -409,7 +394,9 @@ roles = ["rep"]
     let (ok, out, err) = crate::support::walcast::run(
         &[
             "check-config",
-            &config_file("acc_multi_rule_ok", &auth(rules)),
+            crate::support::config_file("acc_multi_rule_ok", &auth(rules))
+                .to_str()
+                .unwrap(),
         ],
         T,
     )

@@ -165,15 +165,6 @@ fn blocked_check(r: &Value) -> Option<Value> {
         .cloned()
 }
 
-fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "walcast-lifecycle-{}-{name}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&p, toml).unwrap();
-    p
-}
-
 /// A TCP proxy in front of PostgreSQL that can turn silent: while silent, it
 /// accepts connections and never answers (and has cut the ones it forwarded).
 struct Proxy {
@@ -801,7 +792,7 @@ async fn realtime_js_hears_replication_down_and_ok() {
     ))
     .await
     .unwrap();
-    let cfg = config_file("outage", "[server]\noutage_notice_secs = 1\n");
+    let cfg = config_file_named("outage", "[server]\noutage_notice_secs = 1\n");
     let d = daemon(
         &[
             "--database-url",
@@ -868,7 +859,7 @@ async fn replication_ready_is_an_error_when_replication_is_not_ready_in_time() {
     ))
     .await
     .unwrap();
-    let cfg = config_file(
+    let cfg = config_file_named(
         "ready_err",
         "[server]\nreplication_ready_timeout_secs = 1\n",
     );
@@ -908,4 +899,9 @@ async fn replication_ready_is_an_error_when_replication_is_not_ready_in_time() {
     assert_eq!(v["payload"]["status"], "error", "{v}");
     js.exit().await;
     let _ = std::fs::remove_file(cfg);
+}
+
+/// A config file for this file's tests.
+fn config_file_named(name: &str, toml: &str) -> std::path::PathBuf {
+    crate::support::config_file(&format!("lifecycle-{name}"), toml)
 }

@@ -7,9 +7,7 @@
 
 #![allow(dead_code)]
 
-pub mod fence;
 pub mod js;
-pub mod pg;
 pub mod walcast;
 
 use std::ops::Deref;
@@ -22,6 +20,25 @@ static SHARED: OnceLock<Cluster> = OnceLock::new();
 /// The cluster shared by the tests of this process.
 pub fn cluster() -> &'static Cluster {
     SHARED.get_or_init(|| Cluster::start(&[]))
+}
+
+/// A fresh database `db` on the shared cluster with `ddl` run in it and a
+/// publication `pub_<db>` for all tables (the names [`walcast::serve_db`] uses).
+pub async fn setup_db(db: &str, ddl: &str) -> tokio_postgres::Client {
+    let c = cluster().new_db(db).await;
+    c.batch_execute(ddl).await.unwrap();
+    c.batch_execute(&format!("create publication pub_{db} for all tables"))
+        .await
+        .unwrap();
+    c
+}
+
+/// A config file holding `toml` in the temp dir, named after `name` and this
+/// process (each test passes its own name).
+pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("walcast-{name}-{}.toml", std::process::id()));
+    std::fs::write(&p, toml).unwrap();
+    p
 }
 
 /// [`walcast::testing::Cluster`] whose failures panic with the harness's error

@@ -174,6 +174,27 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) 
     }
 }
 
+/// `walcast serve --create-slot` on the shared cluster for `db`, with the slot
+/// and publication named after it (`slot_<db>`, `pub_<db>`), plus `extra`.
+pub async fn serve_db(db: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--create-slot"];
+    args.extend_from_slice(extra);
+    let c = super::cluster();
+    serve(
+        &c.url(db),
+        &format!("slot_{db}"),
+        &format!("pub_{db}"),
+        &args,
+    )
+    .await
+}
+
+/// [`serve_db`] with a config file holding `toml`.
+pub async fn serve_db_with_config(db: &str, toml: &str) -> Server {
+    let path = super::config_file(db, toml);
+    serve_db(db, &["--config", path.to_str().unwrap()]).await
+}
+
 /// Reads `walcast serve`'s stderr up to its `walcast: listening on <addr>` line;
 /// returns that port and the metrics listener's, if it printed one before.
 /// Every line read is handed to `seen` (the listening lines included). Panics
