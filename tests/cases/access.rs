@@ -204,17 +204,17 @@ write_roles = ["authenticated"]
         "error"
     );
     assert_eq!(send(&mut js, "w", "room:1", "fence").await, "ok");
-    js.wait_for("the fence on r", T, |v| is_broadcast(v, "r", "fence"))
-        .await;
+    js.expect_none_before(
+        "broadcast from a writer downgraded to anon",
+        |v| is_broadcast(v, "r", "after"),
+        "the fence on r",
+        |v| is_broadcast(v, "r", "fence"),
+        T,
+    )
+    .await;
     js.wait_for("the fence on the downgraded reader", T, |v| {
         is_broadcast(v, "d", "fence")
     })
-    .await;
-    js.expect_none(
-        "a broadcast from a writer downgraded to anon",
-        Duration::from_millis(100),
-        |v| is_broadcast(v, "r", "after"),
-    )
     .await;
     // The same token over REST is refused too (403), as before.
     let (status, _, _) = http(
@@ -334,13 +334,14 @@ presence_sees = { staff = ["*"], customer = ["staff"] }
         T,
     )
     .await;
-    js.wait_for("c1 sees s2 untrack", T, |v| {
-        v["client"] == "c1" && is(v, "presence") && v["event"] == "leave" && v["key"] == "s2"
-    })
-    .await;
-    js.expect_none("c2's presence at c1", Duration::from_millis(100), |v| {
-        v["client"] == "c1" && is(v, "presence") && v["key"] == "c2"
-    })
+    // s2's untrack at c1 is the fence: c2's presence would have come first.
+    js.expect_none_before(
+        "c2's presence at c1",
+        |v| v["client"] == "c1" && is(v, "presence") && v["key"] == "c2",
+        "c1 seeing s2 untrack",
+        |v| v["client"] == "c1" && is(v, "presence") && v["event"] == "leave" && v["key"] == "s2",
+        T,
+    )
     .await;
 }
 
