@@ -141,6 +141,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.into_config()?;
             walcast::daemon::serve::run(config, shutdown, |r| {
+                // The bound addresses (with port 0, the ports the system chose);
+                // tests and the benchmark driver read them
+                // (`walcast::testing::listening_addr`).
+                // The metrics line first: the main line says everything is bound.
+                if let Some(m) = r.metrics_addr {
+                    say_err(format_args!("walcast: metrics listening on {m}"));
+                }
                 say_err(format_args!("walcast: listening on {}", r.addr));
             })
             .await?;

@@ -1,13 +1,14 @@
 //! The building blocks of `walcast demo`: a throwaway PostgreSQL, a bakery, and
 //! traffic.
 //!
-//! - [`LocalCluster`] makes a PostgreSQL cluster from the server binaries on this
-//!   machine (`initdb`, `pg_ctl`) in a temp dir, with `wal_level = logical`,
-//!   listening on a free port on 127.0.0.1 only. It is stopped and its directory
-//!   removed when the value is dropped — `walcast demo` drops it when its shutdown
-//!   token fires on Ctrl-C or SIGTERM — and, should the process die without
-//!   running destructors (SIGKILL, abort), a small watchdog process does the same
-//!   once walcast has gone.
+//! - [`Cluster`] (the throwaway-cluster harness in [`crate::testing`], shared
+//!   with the integration tests and the benchmark driver) makes a PostgreSQL
+//!   cluster from the server binaries on this machine (`initdb`, `pg_ctl`) in a
+//!   temp dir, with `wal_level = logical`, listening on a free port on 127.0.0.1
+//!   only. It is stopped and its directory removed when the value is dropped —
+//!   `walcast demo` drops it when its shutdown token fires on Ctrl-C or SIGTERM —
+//!   and, should the process die without running destructors (SIGKILL, abort), a
+//!   small watchdog process does the same once walcast has gone.
 //! - [`load_schema`] loads `sql/demo/schema.sql` (the bakery: ingredients,
 //!   recipes, customers, orders and the triggers that tie them together) and
 //!   `sql/demo/traffic.sql` (`demo.tick()`), and creates the replication slot.
@@ -18,20 +19,18 @@
 //!
 //! PostgreSQL refuses to run as root: when walcast runs as root, the server
 //! binaries run as the `postgres` user through `runuser -u postgres --`.
-//! The cluster trusts every connection from 127.0.0.1: it holds only demo data,
-//! and lives only as long as the demo.
+//! The cluster trusts connections from 127.0.0.1: it holds only demo data, and
+//! lives only as long as the demo.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, PgConnInfo};
 use crate::source::session::ReplicationError;
+use crate::testing::{Cluster, ClusterError};
 
 /// The bakery schema, its triggers, the publication and the seed data.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/demo/schema.sql");
@@ -39,7 +38,7 @@ pub const SCHEMA_SQL: &str = include_str!("../../sql/demo/schema.sql");
 /// `demo.tick()` and the steps it chooses from.
 pub const TRAFFIC_SQL: &str = include_str!("../../sql/demo/traffic.sql");
 
-/// The database [`LocalCluster`] users create for the demo.
+/// The database the demo creates in its [`Cluster`].
 pub const DEMO_DATABASE: &str = "bakery";
 
 /// The publication created by `schema.sql`; also walcast's default.
@@ -56,39 +55,14 @@ pub const DEFAULT_TICKS_PER_SECOND: f64 = 2.0;
 pub const MAX_TICKS_PER_SECOND: f64 = 1000.0;
 
 /// What to run to get PostgreSQL's server binaries.
-pub const INSTALL_HELP: &str = "install the PostgreSQL server: \
-     Debian/Ubuntu: `sudo apt-get install postgresql`; \
-     Fedora: `sudo dnf install postgresql-server`; \
-     macOS: `brew install postgresql@16`; \
-     or point WALCAST_PG_BINDIR at the directory holding initdb and pg_ctl";
-
-/// How long `pg_ctl` may take to start or stop the server.
-const PG_CTL_TIMEOUT_SECS: &str = "60";
-
-/// Ports picked by [`free_port`] can be taken before the server binds them;
-/// starting is retried this many times with a new port.
-const START_ATTEMPTS: usize = 3;
+pub use crate::testing::INSTALL_HELP;
 
 /// Why the demo could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("PostgreSQL server binaries (initdb, pg_ctl) not found: {INSTALL_HELP}")]
-    PostgresNotFound,
-    #[error("WALCAST_PG_BINDIR is {0:?}, but it holds no initdb and pg_ctl: point it at PostgreSQL's bin directory, or unset it")]
-    BadBindir(PathBuf),
-    #[error("cannot run {program}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
-    #[error("{what} failed: {output}")]
-    Command { what: String, output: String },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The throwaway cluster ([`crate::testing::Cluster`]) could not be made or used.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("{0}")]
     Setup(String),
     #[error("invalid demo traffic rate {0}: give ticks per second, more than 0 and at most {MAX_TICKS_PER_SECOND}")]
@@ -132,448 +106,6 @@ impl DemoError {
         };
         DemoError::Sql { context, message }
     }
-}
-
-// ---------------------------------------------------------------------------
-// Finding PostgreSQL
-
-/// Finds the directory of PostgreSQL's server binaries, in this order:
-/// `WALCAST_PG_BINDIR`, `initdb` on `PATH`, `pg_config --bindir`, the newest
-/// `/usr/lib/postgresql/<version>/bin` (Debian, Ubuntu), the newest Homebrew
-/// `postgresql@<version>` (macOS).
-pub fn find_bindir() -> Result<PathBuf, DemoError> {
-    if let Some(dir) = std::env::var_os("WALCAST_PG_BINDIR") {
-        let dir = PathBuf::from(dir);
-        return if has_server_binaries(&dir) {
-            Ok(dir)
-        } else {
-            Err(DemoError::BadBindir(dir))
-        };
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|p| has_server_binaries(p)) {
-            return Ok(dir);
-        }
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && has_server_binaries(&dir) {
-            return Ok(dir);
-        }
-    }
-    let candidates = [
-        ("/usr/lib/postgresql", ""),
-        ("/opt/homebrew/opt", "postgresql@"),
-        ("/usr/local/opt", "postgresql@"),
-    ];
-    candidates
-        .iter()
-        .find_map(|(parent, prefix)| newest_versioned_bindir(Path::new(parent), prefix))
-        .ok_or(DemoError::PostgresNotFound)
-}
-
-fn has_server_binaries(dir: &Path) -> bool {
-    dir.join("initdb").is_file() && dir.join("pg_ctl").is_file()
-}
-
-/// Among `parent/<prefix><version>/bin` holding the server binaries, the one with
-/// the highest version (`16` > `9.6`).
-fn newest_versioned_bindir(parent: &Path, prefix: &str) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(parent).ok()?;
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let version = parse_version(name.to_str()?.strip_prefix(prefix)?)?;
-            let bin = e.path().join("bin");
-            has_server_binaries(&bin).then_some((version, bin))
-        })
-        .max()
-        .map(|(_, bin)| bin)
-}
-
-/// `"16"` → `[16]`, `"9.6"` → `[9, 6]`; anything else is not a version.
-fn parse_version(s: &str) -> Option<Vec<u32>> {
-    s.split('.').map(|p| p.parse().ok()).collect()
-}
-
-// ---------------------------------------------------------------------------
-// The cluster
-
-static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
-
-/// A throwaway PostgreSQL cluster: temp dir, `wal_level = logical`, 127.0.0.1 on
-/// a free port, trust authentication, superuser `postgres`. Stopped and removed on
-/// drop.
-///
-/// Starting runs `initdb` and `pg_ctl` and blocks for a few seconds; from async
-/// code, call [`LocalCluster::start`] through `tokio::task::spawn_blocking`.
-#[derive(Debug)]
-pub struct LocalCluster {
-    dir: PathBuf,
-    port: u16,
-    bindir: PathBuf,
-    as_postgres: bool,
-    watchdog: Option<Child>,
-    running: bool,
-}
-
-impl LocalCluster {
-    /// Creates and starts a cluster. Errors name what is missing and how to get it.
-    pub fn start() -> Result<LocalCluster, DemoError> {
-        let bindir = find_bindir()?;
-        let as_postgres = is_root();
-        if as_postgres {
-            check_postgres_user()?;
-        }
-        let dir = new_temp_dir()?;
-        let mut cluster = LocalCluster {
-            dir,
-            port: 0,
-            bindir,
-            as_postgres,
-            watchdog: None,
-            running: false,
-        };
-        // From here on, dropping `cluster` cleans up whatever was made.
-        cluster.init()?;
-        cluster.watchdog = cluster.spawn_watchdog();
-        let mut attempt = 1;
-        loop {
-            cluster.port = free_port()?;
-            match cluster.pg_ctl_start() {
-                Ok(()) => break,
-                // Someone took the port between our probe and the server's bind.
-                Err(_)
-                    if attempt < START_ATTEMPTS
-                        && cluster.server_log().contains("could not bind") =>
-                {
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        cluster.running = true;
-        tracing::info!(port = cluster.port, dir = %cluster.dir.display(), "demo postgres started");
-        Ok(cluster)
-    }
-
-    /// The port the server listens on, on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The temp dir holding the data directory, the socket and the server log.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The directory of the server binaries in use.
-    pub fn bindir(&self) -> &Path {
-        &self.bindir
-    }
-
-    /// A connection URL for `database`, as superuser `postgres`.
-    pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
-            self.port
-        )
-    }
-
-    /// Creates `database` unless it exists; returns its URL.
-    pub async fn create_database(&self, database: &str) -> Result<String, DemoError> {
-        let admin = connect(&self.url("postgres")).await?;
-        let exists = admin
-            .query_opt("select 1 from pg_database where datname = $1", &[&database])
-            .await
-            .map_err(|e| DemoError::sql("cannot list databases", e))?
-            .is_some();
-        if !exists {
-            admin
-                .batch_execute(&format!(
-                    "create database {}",
-                    crate::source::slot::quote_ident(database)
-                ))
-                .await
-                .map_err(|e| DemoError::sql("cannot create the demo database", e))?;
-        }
-        Ok(self.url(database))
-    }
-
-    /// What the server wrote to its log.
-    pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Stops the server and removes the directory, reporting failures (dropping
-    /// does the same, silently).
-    pub fn stop(mut self) -> Result<(), DemoError> {
-        self.shut_down()
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("server.log")
-    }
-
-    fn init(&self) -> Result<(), DemoError> {
-        self.chown_to_postgres()?;
-        let data = self.data_dir();
-        run(self
-            .pg_cmd("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
-            .args(["-E", "UTF8", "--locale=C"]))?;
-        // Throwaway data: durability off, logical decoding on, no outside access.
-        let conf = format!(
-            "\n# walcast demo\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\n\
-             wal_level = logical\n\
-             max_wal_senders = 10\n\
-             max_replication_slots = 10\n\
-             fsync = off\n\
-             synchronous_commit = off\n\
-             full_page_writes = off\n\
-             log_min_messages = warning\n",
-            self.dir.display().to_string().replace('\'', "''")
-        );
-        let conf_path = data.join("postgresql.conf");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf_path)
-            .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .map_err(|source| DemoError::Io {
-                what: "cannot write",
-                path: conf_path,
-                source,
-            })
-    }
-
-    fn pg_ctl_start(&self) -> Result<(), DemoError> {
-        run(self
-            .pg_cmd("pg_ctl")
-            .arg("-D")
-            .arg(self.data_dir())
-            .arg("-l")
-            .arg(self.log_path())
-            .args(["-o", &format!("-p {}", self.port)])
-            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]))
-        .map_err(|e| match e {
-            DemoError::Command { what, output } => DemoError::Command {
-                what,
-                output: format!(
-                    "{output}\nserver log:\n{}",
-                    tail_lines(&self.server_log(), 20)
-                ),
-            },
-            other => other,
-        })
-    }
-
-    fn shut_down(&mut self) -> Result<(), DemoError> {
-        let mut result = Ok(());
-        let was_running = self.running;
-        if self.running {
-            let stop = |mode: &str| {
-                run(self.pg_cmd("pg_ctl").arg("-D").arg(self.data_dir()).args([
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    PG_CTL_TIMEOUT_SECS,
-                    "stop",
-                ]))
-            };
-            if let Err(e) = stop("fast") {
-                result = stop("immediate").map_err(|_| e);
-            }
-            self.running = false;
-        }
-        if self.dir.exists() {
-            if let Err(source) = std::fs::remove_dir_all(&self.dir) {
-                if result.is_ok() {
-                    result = Err(DemoError::Io {
-                        what: "cannot remove",
-                        path: self.dir.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-        if let Some(mut w) = self.watchdog.take() {
-            // Our own child: its work is done.
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        if result.is_ok() && was_running {
-            tracing::info!("demo postgres stopped and removed");
-        }
-        result
-    }
-
-    /// A command for a server binary, run as `postgres` when we are root.
-    fn pg_cmd(&self, bin: &str) -> Command {
-        let path = self.bindir.join(bin);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
-        cmd.stdin(Stdio::null());
-        // A process group of its own: Ctrl-C in the terminal reaches walcast, which
-        // stops the server in order, and not the server directly (which would
-        // shut down under walcast's feet).
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        cmd
-    }
-
-    fn chown_to_postgres(&self) -> Result<(), DemoError> {
-        if self.as_postgres {
-            run(Command::new("chown")
-                .arg("-R")
-                .arg("postgres:")
-                .arg(&self.dir))?;
-        }
-        Ok(())
-    }
-
-    /// Starts a process that, once this process has exited, stops the server and
-    /// removes the directory: cleanup for when destructors do not run. It ignores
-    /// SIGINT, SIGTERM and SIGHUP, so a Ctrl-C sent to the whole process group
-    /// does not take it down before it has done its job.
-    fn spawn_watchdog(&self) -> Option<Child> {
-        let mut stop = String::new();
-        if self.as_postgres {
-            stop.push_str("runuser -u postgres -- ");
-        }
-        stop.push_str(&format!(
-            "{} -D {} -m immediate -w stop",
-            shell_quote(&self.bindir.join("pg_ctl").to_string_lossy()),
-            shell_quote(&self.data_dir().to_string_lossy())
-        ));
-        let script = format!(
-            "trap '' INT TERM HUP; \
-             while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             if [ -d {dir} ]; then {stop} >/dev/null 2>&1; rm -rf {dir}; fi",
-            pid = std::process::id(),
-            dir = shell_quote(&self.dir.to_string_lossy()),
-        );
-        match Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(child) => Some(child),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the demo cluster's watchdog; the cluster is still removed on a clean exit");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        if let Err(e) = self.shut_down() {
-            tracing::warn!(error = %e, "cannot clean up the demo cluster");
-        }
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn check_postgres_user() -> Result<(), DemoError> {
-    let user_exists = Command::new("id")
-        .arg("postgres")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !user_exists {
-        return Err(DemoError::Setup(
-            "PostgreSQL refuses to run as root and there is no `postgres` user to run it as: \
-             run walcast demo as an ordinary user, or create the user (`useradd --system postgres`)"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
-fn new_temp_dir() -> Result<PathBuf, DemoError> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "walcast-demo-{}-{n}-{nanos:08x}",
-        std::process::id()
-    ));
-    std::fs::create_dir(&dir).map_err(|source| DemoError::Io {
-        what: "cannot create",
-        path: dir.clone(),
-        source,
-    })?;
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16, DemoError> {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|source| DemoError::Io {
-            what: "cannot find a free port on",
-            path: PathBuf::from("127.0.0.1"),
-            source,
-        })
-}
-
-/// Runs a command to completion; a failure carries its output.
-fn run(cmd: &mut Command) -> Result<(), DemoError> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
-        .output()
-        .map_err(|source| DemoError::Spawn { program, source })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let what = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut output = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if output.is_empty() {
-        output = stdout.trim().to_string();
-    }
-    Err(DemoError::Command {
-        what: format!("`{what}` ({})", out.status),
-        output,
-    })
-}
-
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---------------------------------------------------------------------------
@@ -801,7 +333,7 @@ pub struct DemoOptions {
     pub walcast: String,
 }
 
-/// `walcast demo`: starts a [`LocalCluster`], loads the bakery, runs
+/// `walcast demo`: starts a [`Cluster`], loads the bakery, runs
 /// [`crate::daemon::serve::run`] on it with the traffic generator beside it, writes
 /// [`next_steps`] to `out` once serve listens, and runs until `shutdown` fires.
 /// Then serve stops, traffic stops, and the cluster is stopped and its
@@ -822,7 +354,7 @@ pub async fn run_demo(
     config.auth = auth.config.clone();
     config.validate()?;
 
-    let cluster = tokio::task::spawn_blocking(LocalCluster::start)
+    let cluster = tokio::task::spawn_blocking(start_cluster)
         .await
         .map_err(|e| DemoError::Task(format!("starting PostgreSQL: {e}")))??;
     let result = if shutdown.is_cancelled() {
@@ -830,17 +362,31 @@ pub async fn run_demo(
     } else {
         serve_with_traffic(&cluster, config, &auth, &options, shutdown, out).await
     };
-    let stopped = tokio::task::spawn_blocking(move || cluster.stop())
+    let stopped = tokio::task::spawn_blocking(move || cluster.remove())
         .await
         .map_err(|e| DemoError::Task(format!("stopping PostgreSQL: {e}")))
-        .and_then(|r| r);
+        .and_then(|r| Ok(r?));
+    if stopped.is_ok() {
+        tracing::info!("demo postgres stopped and removed");
+    }
     result.and(stopped)
+}
+
+/// The demo's cluster: the harness's settings, fewer senders and slots (one
+/// walcast and a `tail` or two use them).
+pub fn start_cluster() -> Result<Cluster, DemoError> {
+    let cluster = Cluster::start_named(
+        "demo",
+        &[("max_wal_senders", "10"), ("max_replication_slots", "10")],
+    )?;
+    tracing::info!(port = cluster.port(), dir = %cluster.dir().display(), "demo postgres started");
+    Ok(cluster)
 }
 
 /// The part of [`run_demo`] that needs the cluster: schema, serve and traffic. A
 /// failure of either serve or traffic stops the other.
 async fn serve_with_traffic(
-    cluster: &LocalCluster,
+    cluster: &Cluster,
     mut config: crate::config::ServeConfig,
     auth: &DemoAuth,
     options: &DemoOptions,
@@ -1011,56 +557,6 @@ fn js_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_compare_numerically() {
-        assert_eq!(parse_version("16"), Some(vec![16]));
-        assert_eq!(parse_version("9.6"), Some(vec![9, 6]));
-        assert_eq!(parse_version("main"), None);
-        assert_eq!(parse_version(""), None);
-        assert!(parse_version("16") > parse_version("9.6"));
-    }
-
-    #[test]
-    fn newest_versioned_bindir_picks_the_highest_complete_install() {
-        let root = new_temp_dir().unwrap();
-        let mk = |name: &str, complete: bool| {
-            let bin = root.join(name).join("bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            std::fs::write(bin.join("initdb"), "").unwrap();
-            if complete {
-                std::fs::write(bin.join("pg_ctl"), "").unwrap();
-            }
-        };
-        mk("9.6", true);
-        mk("15", true);
-        mk("17", false); // client-only: no pg_ctl
-        mk("common", true);
-        assert_eq!(
-            newest_versioned_bindir(&root, ""),
-            Some(root.join("15").join("bin"))
-        );
-        mk("postgresql@16", true);
-        assert_eq!(
-            newest_versioned_bindir(&root, "postgresql@"),
-            Some(root.join("postgresql@16").join("bin"))
-        );
-        assert_eq!(newest_versioned_bindir(&root.join("absent"), ""), None);
-        std::fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn missing_postgres_says_how_to_install_it() {
-        let msg = DemoError::PostgresNotFound.to_string();
-        for cmd in [
-            "sudo apt-get install postgresql",
-            "sudo dnf install postgresql-server",
-            "brew install postgresql@16",
-            "WALCAST_PG_BINDIR",
-        ] {
-            assert!(msg.contains(cmd), "{msg}");
-        }
-    }
 
     #[test]
     fn rates_are_checked() {

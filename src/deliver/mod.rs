@@ -8,6 +8,7 @@
 //! - [`stats`]: this layer's counters, read by the server's metrics.
 
 pub mod broadcast;
+pub mod expiry;
 pub mod frame;
 pub mod presence;
 pub mod session;

@@ -38,6 +38,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{self, Frame, Vsn};
+use crate::deliver::expiry::ExpiryClock;
 use crate::deliver::frame::system_payload;
 use crate::deliver::socket::{JoinedTopics, Shared};
 use crate::deliver::stats::{AuthFailure, DisconnectReason};
@@ -99,6 +100,8 @@ struct Session {
     limits: crate::deliver::broadcast::ConnLimits,
     /// The token verified at connect (the `apikey`), the fallback for joins.
     connect_token: Option<Verified>,
+    /// Token expiry on the runtime's clock ([`crate::deliver::expiry`]).
+    expiry_clock: ExpiryClock,
 }
 
 pub async fn run(
@@ -137,15 +140,16 @@ pub async fn run(
         peer,
         limits: shared.broadcast.conn_limits(),
         connect_token,
+        expiry_clock: ExpiryClock::now(),
     };
     let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
     let end = loop {
-        let expiry = s.next_expiry();
+        let expiry = s.next_expiry().map(|exp| s.expiry_clock.deadline(exp));
         let next = tokio::select! {
             biased;
             _ = handle.kill.cancelled() => break kill_reason(&handle),
             _ = shared.shutdown.cancelled() => break DisconnectReason::Shutdown,
-            _ = sleep_until_unix(expiry), if expiry.is_some() => {
+            _ = crate::deliver::expiry::sleep_until(expiry), if expiry.is_some() => {
                 Box::pin(s.expire_channels()).await;
                 continue;
             }
@@ -572,11 +576,11 @@ impl Session {
 
     /// Closes every channel whose token has expired: a `system` error, then `phx_close`.
     async fn expire_channels(&mut self) {
-        let now = now_unix();
+        let clock = self.expiry_clock;
         let expired: Vec<String> = self
             .channels
             .iter()
-            .filter(|(_, j)| j.token.as_ref().is_some_and(|t| t.exp <= now))
+            .filter(|(_, j)| j.token.as_ref().is_some_and(|t| clock.expired(t.exp)))
             .map(|(t, _)| t.clone())
             .collect();
         for topic in expired {
@@ -1000,12 +1004,6 @@ fn user_token(payload: &Value) -> Option<&str> {
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|t| !t.is_empty() && !t.starts_with("sb_"))
-}
-
-/// Sleeps until a Unix time (seconds).
-async fn sleep_until_unix(at: Option<i64>) {
-    let secs = at.map(|a| a - now_unix()).unwrap_or(0).max(0) as u64;
-    tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
 /// The topic and ref of a frame that failed to decode, when they can be found.

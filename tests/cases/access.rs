@@ -12,10 +12,10 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::ws::setup_db;
 use crate::support::cluster;
 use crate::support::js::{is, is_on, JsClient};
-use crate::support::walcast::{serve, Server};
+use crate::support::setup_db;
+use crate::support::walcast::{serve_db_with_config as start_with, Server};
 
 const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "walcast-access-test-secret-with-enough-bytes";
@@ -48,23 +48,6 @@ fn apikey(role: &str) -> String {
 
 fn auth(rest: &str) -> String {
     format!("[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\n\n{rest}")
-}
-
-fn config_file(db: &str, config: &str) -> String {
-    let path = std::env::temp_dir().join(format!("walcast-{db}-{}.toml", std::process::id()));
-    std::fs::write(&path, config).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-async fn start_with(db: &str, config: &str) -> Server {
-    let p = config_file(db, config);
-    serve(
-        &cluster().url(db),
-        &format!("slot_{db}"),
-        &format!("pub_{db}"),
-        &["--create-slot", "--config", &p],
-    )
-    .await
 }
 
 async fn connect(js: &mut JsClient, client: &str, server: &Server, apikey: &str) {
@@ -221,17 +204,17 @@ write_roles = ["authenticated"]
         "error"
     );
     assert_eq!(send(&mut js, "w", "room:1", "fence").await, "ok");
-    js.wait_for("the fence on r", T, |v| is_broadcast(v, "r", "fence"))
-        .await;
+    js.expect_none_before(
+        "broadcast from a writer downgraded to anon",
+        |v| is_broadcast(v, "r", "after"),
+        "the fence on r",
+        |v| is_broadcast(v, "r", "fence"),
+        T,
+    )
+    .await;
     js.wait_for("the fence on the downgraded reader", T, |v| {
         is_broadcast(v, "d", "fence")
     })
-    .await;
-    js.expect_none(
-        "a broadcast from a writer downgraded to anon",
-        Duration::from_millis(100),
-        |v| is_broadcast(v, "r", "after"),
-    )
     .await;
     // The same token over REST is refused too (403), as before.
     let (status, _, _) = http(
@@ -351,13 +334,14 @@ presence_sees = { staff = ["*"], customer = ["staff"] }
         T,
     )
     .await;
-    js.wait_for("c1 sees s2 untrack", T, |v| {
-        v["client"] == "c1" && is(v, "presence") && v["event"] == "leave" && v["key"] == "s2"
-    })
-    .await;
-    js.expect_none("c2's presence at c1", Duration::from_millis(100), |v| {
-        v["client"] == "c1" && is(v, "presence") && v["key"] == "c2"
-    })
+    // s2's untrack at c1 is the fence: c2's presence would have come first.
+    js.expect_none_before(
+        "c2's presence at c1",
+        |v| v["client"] == "c1" && is(v, "presence") && v["key"] == "c2",
+        "c1 seeing s2 untrack",
+        |v| v["client"] == "c1" && is(v, "presence") && v["event"] == "leave" && v["key"] == "s2",
+        T,
+    )
     .await;
 }
 
@@ -396,7 +380,9 @@ roles = ["rep"]
     let (ok, out, err) = crate::support::walcast::run(
         &[
             "check-config",
-            &config_file("acc_multi_rule_bad", &overlapping),
+            crate::support::config_file("acc_multi_rule_bad", &overlapping)
+                .to_str()
+                .unwrap(),
         ],
         T,
     )
@@ -409,7 +395,9 @@ roles = ["rep"]
     let (ok, out, err) = crate::support::walcast::run(
         &[
             "check-config",
-            &config_file("acc_multi_rule_ok", &auth(rules)),
+            crate::support::config_file("acc_multi_rule_ok", &auth(rules))
+                .to_str()
+                .unwrap(),
         ],
         T,
     )

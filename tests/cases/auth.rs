@@ -7,10 +7,10 @@ use std::time::Duration;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::ws::setup_db;
+use crate::support::cluster;
 use crate::support::js::{is, is_on, JsClient};
-use crate::support::walcast::{serve, Server};
-use crate::support::{cluster, free_port};
+use crate::support::setup_db;
+use crate::support::walcast::{serve_db_with_config as start_with, Server};
 
 const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "walcast-test-secret-with-enough-bytes";
@@ -72,19 +72,6 @@ fn eddsa(pem: &[u8], kid: &str, claims: Value) -> String {
     let mut h = Header::new(Algorithm::EdDSA);
     h.kid = Some(kid.into());
     encode(&h, &claims, &EncodingKey::from_ed_pem(pem).unwrap()).unwrap()
-}
-
-async fn start_with(db: &str, config: &str) -> Server {
-    let path = std::env::temp_dir().join(format!("walcast-{db}-{}.toml", std::process::id()));
-    std::fs::write(&path, config).unwrap();
-    let p = path.to_str().unwrap().to_string();
-    serve(
-        &cluster().url(db),
-        &format!("slot_{db}"),
-        &format!("pub_{db}"),
-        &["--create-slot", "--config", &p],
-    )
-    .await
 }
 
 /// The HTTP status of a WebSocket upgrade with `apikey`, and the body's `reason`.
@@ -494,14 +481,13 @@ async fn expiry_stops_delivery_and_a_refresh_keeps_it_going() {
         is_on(v, "postgres_changes", "inv")
     })
     .await;
-    let _ = free_port;
 }
 
 #[tokio::test]
 async fn without_auth_only_loopback_is_served() {
     let db = "auth_default";
     setup_db(db, "create table t (id int primary key);").await;
-    let listen = format!("0.0.0.0:{}", free_port());
+    let listen = "0.0.0.0:0";
     let (ok, _, err) = crate::support::walcast::run(
         &[
             "serve",
@@ -513,7 +499,7 @@ async fn without_auth_only_loopback_is_served() {
             "pub_auth_default",
             "--create-slot",
             "--listen",
-            &listen,
+            listen,
         ],
         T,
     )

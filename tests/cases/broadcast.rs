@@ -216,10 +216,17 @@ impl Client {
         }
     }
 
-    /// Asserts nothing but heartbeat-free silence for a short while.
+    /// Asserts that nothing was sent to this client by what happened so far,
+    /// fenced by a heartbeat: its reply must be the very next frame (a socket
+    /// delivers in order, so anything queued before would come first).
     async fn assert_quiet(&mut self, what: &str) {
-        if let Some(f) = self.next_in(Duration::from_millis(300)).await {
-            panic!("{what}: unexpected frame {f:?}");
+        self.send("", "quiet-fence", "phoenix", "heartbeat", json!({}))
+            .await;
+        match self.next().await {
+            In::Text(f) if f[3] == "phx_reply" && f[1] == "quiet-fence" => {
+                assert_eq!(f[4]["status"], "ok", "{f}");
+            }
+            other => panic!("{what}: unexpected frame before the heartbeat reply: {other:?}"),
         }
     }
 }

@@ -94,10 +94,6 @@ async fn realtime_js_broadcast_self_ack_and_mixed_versions() {
             .await;
         assert_eq!(v["payload"]["payload"], json!({"n": 1}), "{who}");
     }
-    js.expect_none("an echo to the sender", Duration::from_millis(500), |v| {
-        is_broadcast_for(v, "a", "hello")
-    })
-    .await;
     // C asked for self: it hears its own message.
     js.call(
         json!({"cmd": "send", "client": "c", "channel": "room", "event": "mine", "payload": {}}),
@@ -106,8 +102,15 @@ async fn realtime_js_broadcast_self_ack_and_mixed_versions() {
     .await;
     js.wait_for("C's own message", T, |v| is_broadcast_for(v, "c", "mine"))
         .await;
-    js.wait_for("C's message at A", T, |v| is_broadcast_for(v, "a", "mine"))
-        .await;
+    // C's message at A is the fence: an echo of A's own hello would have come first.
+    js.expect_none_before(
+        "echo to the sender",
+        |v| is_broadcast_for(v, "a", "hello"),
+        "C's message at A",
+        |v| is_broadcast_for(v, "a", "mine"),
+        T,
+    )
+    .await;
 
     // An oversized payload with ack is an error, and nobody receives it.
     let big = "x".repeat(300 * 1024);
@@ -115,10 +118,22 @@ async fn realtime_js_broadcast_self_ack_and_mixed_versions() {
         .call(json!({"cmd": "send", "client": "a", "channel": "room", "event": "big", "payload": {"big": big}}), T)
         .await;
     assert_eq!(r, "error");
-    js.expect_none("the oversized message", Duration::from_millis(500), |v| {
-        v["ev"] == "broadcast" && v["payload"]["event"] == "big"
-    })
+    // The fence: a later message from C that everyone hears (C asked for self).
+    js.call(
+        json!({"cmd": "send", "client": "c", "channel": "room", "event": "after", "payload": {}}),
+        T,
+    )
     .await;
+    for who in ["a", "b", "c"] {
+        js.expect_none_before(
+            &format!("oversized message at {who}"),
+            |v| is_broadcast_for(v, who, "big"),
+            &format!("C's later message at {who}"),
+            |v| is_broadcast_for(v, who, "after"),
+            T,
+        )
+        .await;
+    }
     js.exit().await;
 }
 
@@ -219,15 +234,20 @@ async fn realtime_js_receives_database_broadcasts_only_on_commit() {
         })
         .await;
     assert_eq!(v["payload"]["payload"], json!({"n": 2}));
-    js.expect_none(
-        "the rolled-back broadcast",
-        Duration::from_millis(800),
-        |v| v["ev"] == "broadcast" && v["payload"]["event"] == "rolled",
+    // The fence: a later committed broadcast; changes arrive in commit order.
+    c.batch_execute("select walcast.broadcast('orders', 'fence', '{}')")
+        .await
+        .unwrap();
+    js.expect_none_before(
+        "rolled-back broadcast, nor a second copy",
+        |v| {
+            v["ev"] == "broadcast"
+                && (v["payload"]["event"] == "rolled" || is_broadcast_for(v, "a", "committed"))
+        },
+        "the later broadcast",
+        |v| is_broadcast_for(v, "a", "fence"),
+        T,
     )
-    .await;
-    js.expect_none("a second copy", Duration::from_millis(300), |v| {
-        is_broadcast_for(v, "a", "committed")
-    })
     .await;
     // A private channel without a rule granting it is refused.
     let st = join(&mut js, "a", "secret", json!({"private": true}), false).await;

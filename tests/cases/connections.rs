@@ -12,10 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::ws::setup_db;
-use crate::support::cluster;
 use crate::support::js::JsClient;
-use crate::support::walcast::{serve, Server};
+use crate::support::setup_db;
+use crate::support::walcast::serve_db_with_config as start_with;
 
 const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "walcast-lifecycle-secret-with-enough-bytes";
@@ -36,19 +35,6 @@ fn token(exp_in: i64) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
-}
-
-async fn start_with(db: &str, config: &str) -> Server {
-    let path = std::env::temp_dir().join(format!("walcast-{db}-{}.toml", std::process::id()));
-    std::fs::write(&path, config).unwrap();
-    let p = path.to_str().unwrap().to_string();
-    serve(
-        &cluster().url(db),
-        &format!("slot_{db}"),
-        &format!("pub_{db}"),
-        &["--create-slot", "--config", &p],
-    )
-    .await
 }
 
 /// One HTTP/1.1 request on a fresh connection: (status, body).

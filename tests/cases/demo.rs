@@ -1,11 +1,11 @@
-//! `walcast demo`'s building blocks against a real cluster: a LocalCluster, the
-//! bakery schema, traffic, and `walcast tail` on the demo slot.
+//! `walcast demo`'s building blocks against a real cluster: the demo's cluster,
+//! the bakery schema, traffic, and `walcast tail` on the demo slot.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use walcast::cli::demo::{self, LocalCluster, DEMO_DATABASE};
+use walcast::cli::demo::{self, DEMO_DATABASE};
 
 use crate::support::wait_for;
 use crate::support::walcast::spawn;
@@ -49,7 +49,7 @@ fn close(a: f64, b: f64) -> bool {
 
 #[tokio::test]
 async fn demo_bakery_changes_reach_tail_and_triggers_do_their_job() {
-    let cluster = tokio::task::spawn_blocking(LocalCluster::start)
+    let cluster = tokio::task::spawn_blocking(demo::start_cluster)
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("cannot start the demo cluster: {e}"));
@@ -293,7 +293,7 @@ async fn demo_bakery_changes_reach_tail_and_triggers_do_their_job() {
     assert!(ok, "tail did not exit cleanly: {err}");
 
     drop(c);
-    tokio::task::spawn_blocking(move || cluster.stop())
+    tokio::task::spawn_blocking(move || cluster.remove())
         .await
         .unwrap()
         .unwrap();
@@ -311,9 +311,8 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
 
     use crate::support::js::{is_on, JsClient};
 
-    let port = crate::support::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut proc = spawn(&["demo", "--listen", &listen, "--rate", "50"]);
+    // Port 0: the printed next steps carry the port the system chose.
+    let mut proc = spawn(&["demo", "--listen", "127.0.0.1:0", "--rate", "50"]);
     let pid = proc.pid();
     // Keep stderr drained; keep it for failure messages.
     let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -345,6 +344,18 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
         }
     }
     let text = printed.join("\n");
+    let listen = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Metrics:"))
+        .and_then(|m| m.trim().strip_prefix("http://"))
+        .and_then(|m| m.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics URL in {text}"))
+        .to_string();
+    let port: u16 = listen
+        .strip_prefix("127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not a loopback address: {listen}"));
+    assert_ne!(port, 0, "{text}");
     assert!(text.contains(&format!("http://{listen}/metrics")), "{text}");
     assert!(text.contains(" tail --database-url "), "{text}");
     // The printed snippets carry a staff token and a customer token.

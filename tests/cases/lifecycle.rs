@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::support::js::{is_on, JsClient};
 use crate::support::walcast::BIN;
-use crate::support::{cluster, free_port, wait_for, Cluster};
+use crate::support::{cluster, wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -31,20 +31,19 @@ struct Daemon {
     reader: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts `walcast serve` with `args` (plus `--listen` and `--log info`); waits
-/// until it listens when `wait_listening`.
+/// Starts `walcast serve` with `args` (plus `--listen 127.0.0.1:0` and `--log
+/// info`); when `wait_listening`, waits until it says where it listens (`port`
+/// is 0 otherwise).
 async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
     daemon_logging(args, wait_listening, "info").await
 }
 
 /// [`daemon`] with a log filter.
 async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Daemon {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .arg("serve")
         .args(args)
-        .args(["--listen", &listen, "--log", filter])
+        .args(["--listen", "127.0.0.1:0", "--log", filter])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -64,14 +63,20 @@ async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Da
             s.push('\n');
         }
     });
-    let d = Daemon {
+    let mut d = Daemon {
         child,
-        port,
+        port: 0,
         log,
         reader: Some(reader),
     };
     if wait_listening {
-        d.wait_log("listening on", T).await;
+        d.wait_log("walcast: listening on ", T).await;
+        d.port = d
+            .log()
+            .lines()
+            .find_map(walcast::testing::listening_addr)
+            .expect("the listening line")
+            .port();
     }
     d
 }
@@ -158,15 +163,6 @@ fn blocked_check(r: &Value) -> Option<Value> {
         .iter()
         .find(|c| c["name"] == "replication_blocked")
         .cloned()
-}
-
-fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "walcast-lifecycle-{}-{name}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&p, toml).unwrap();
-    p
 }
 
 /// A TCP proxy in front of PostgreSQL that can turn silent: while silent, it
@@ -269,7 +265,7 @@ async fn sigterm_during_a_reconnect_to_a_postgres_that_never_answers() {
     ))
     .await
     .unwrap();
-    let proxy = Proxy::start(Some(cluster().port)).await;
+    let proxy = Proxy::start(Some(cluster().port())).await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
         proxy.port
@@ -709,8 +705,6 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
     ))
     .await
     .unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let slot = format!("slot_{db}");
     let mut child = Command::new(BIN)
         .args([
@@ -725,7 +719,7 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
             &format!("pub_{db}"),
             "--create-slot",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
         ])
         .args(["--log", "info"])
         .stdin(Stdio::null())
@@ -734,12 +728,10 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // `2>&1 | head -n 1`: one line, then the pipe is closed.
+    // `2>&1 | head -n …`: read up to the line saying where it listens, then the
+    // pipe is closed.
     let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::time::timeout(T, err.next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    let (port, _) = crate::support::walcast::read_listening(&mut err, T, |_| {}).await;
     drop(err);
     // Make it log: end its replication connection; it warns and reconnects.
     wait_for("walcast listening", T, || async {
@@ -800,7 +792,7 @@ async fn realtime_js_hears_replication_down_and_ok() {
     ))
     .await
     .unwrap();
-    let cfg = config_file("outage", "[server]\noutage_notice_secs = 1\n");
+    let cfg = config_file_named("outage", "[server]\noutage_notice_secs = 1\n");
     let d = daemon(
         &[
             "--database-url",
@@ -867,7 +859,7 @@ async fn replication_ready_is_an_error_when_replication_is_not_ready_in_time() {
     ))
     .await
     .unwrap();
-    let cfg = config_file(
+    let cfg = config_file_named(
         "ready_err",
         "[server]\nreplication_ready_timeout_secs = 1\n",
     );
@@ -907,4 +899,9 @@ async fn replication_ready_is_an_error_when_replication_is_not_ready_in_time() {
     assert_eq!(v["payload"]["status"], "error", "{v}");
     js.exit().await;
     let _ = std::fs::remove_file(cfg);
+}
+
+/// A config file for this file's tests.
+fn config_file_named(name: &str, toml: &str) -> std::path::PathBuf {
+    crate::support::config_file(&format!("lifecycle-{name}"), toml)
 }

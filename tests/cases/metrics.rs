@@ -112,16 +112,6 @@ async fn setup(c: &Cluster, db: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A config file with `toml` in it, for the daemon under test.
-fn config_file(name: &str, toml: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "walcast-metrics-{}-{name}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&p, toml).unwrap();
-    p
-}
-
 async fn start(c: &Cluster, db: &str, config: Option<&PathBuf>) -> Server {
     let mut extra = vec!["--create-slot"];
     let path;
@@ -198,12 +188,13 @@ async fn metrics_count_a_known_workload_and_pass_promtool() {
     sql.batch_execute("alter table m replica identity full")
         .await
         .unwrap();
-    let metrics_port = crate::support::free_port();
-    let cfg = config_file(
-        "counts",
-        &format!("[server]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
-    );
+    // Port 0: the system picks; walcast says which.
+    let cfg = config_file_named("counts", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n");
     let server = start(c, db, Some(&cfg)).await;
+    let metrics_port = server
+        .metrics_port
+        .expect("walcast: metrics listening on … before the listening line");
+    assert_ne!(metrics_port, server.port);
     for port in [server.port, metrics_port] {
         let (status, body) = get(port, "/health").await;
         assert_eq!(status, 200);
@@ -330,7 +321,7 @@ async fn ready_fails_while_postgres_is_down_and_recovers() {
     let db = "metrics_outage";
     let c = Cluster::start(&[]);
     let sql = setup(&c, db).await;
-    let cfg = config_file(
+    let cfg = config_file_named(
         "outage",
         "[health]\nslot_poll_interval_secs = 1\ndisconnected_seconds_warning = 1\ndisconnected_seconds_critical = 3\n",
     );
@@ -438,7 +429,7 @@ async fn held_back_slot_raises_warning_and_quiet_database_does_not() {
     let db = "metrics_lag";
     let c = Cluster::start(&[]);
     let sql = setup(&c, db).await;
-    let cfg = config_file(
+    let cfg = config_file_named(
         "lag",
         "[health]\nslot_poll_interval_secs = 1\nlag_seconds_warning = 2\nlag_seconds_critical = 3600\n",
     );
@@ -509,4 +500,9 @@ async fn held_back_slot_raises_warning_and_quiet_database_does_not() {
     drop(ws);
     c.stop();
     let _ = std::fs::remove_file(cfg);
+}
+
+/// A config file for this file's tests.
+fn config_file_named(name: &str, toml: &str) -> std::path::PathBuf {
+    crate::support::config_file(&format!("metrics-{name}"), toml)
 }

@@ -10,6 +10,7 @@ mod filter;
 mod layers;
 mod lifecycle;
 mod metrics;
+mod paused;
 mod realtime_js;
 mod replication;
 mod setup;

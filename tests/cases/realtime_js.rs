@@ -130,16 +130,24 @@ async fn event_selection_two_channels_and_unsubscribe() {
     assert_eq!(i["payload"]["eventType"], "INSERT");
     let d = next_change(&mut js, "deletes").await;
     assert_eq!(d["payload"]["eventType"], "DELETE");
-    js.expect_none(
-        "an UPDATE on either channel",
-        Duration::from_millis(500),
-        |v| is(v, "postgres_changes") && v["payload"]["eventType"] == "UPDATE",
+    // The fence: a later transaction whose DELETE the "deletes" channel sees.
+    c.batch_execute("insert into t values (99, 0); delete from t where id = 99;")
+        .await
+        .unwrap();
+    let row_id = |v: &Value| {
+        let p = &v["payload"];
+        p["new"]["id"].as_i64().or(p["old"]["id"].as_i64())
+    };
+    js.expect_none_before(
+        "UPDATE, nor a second INSERT or DELETE of row 1",
+        |v| is(v, "postgres_changes") && row_id(v) != Some(99),
+        "the DELETE of row 99",
+        |v| is_on(v, "postgres_changes", "deletes") && row_id(v) == Some(99),
+        T,
     )
     .await;
-    js.expect_none("a second INSERT/DELETE", Duration::from_millis(200), |v| {
-        is(v, "postgres_changes")
-    })
-    .await;
+    let i = next_change(&mut js, "inserts").await;
+    assert_eq!(i["payload"]["new"]["id"], 99, "{i}");
     // Unsubscribe one channel: the other keeps receiving.
     js.call(json!({"cmd": "unsubscribe", "channel": "inserts"}), T)
         .await;
@@ -148,12 +156,20 @@ async fn event_selection_two_channels_and_unsubscribe() {
         .unwrap();
     let d = next_change(&mut js, "deletes").await;
     assert_eq!(d["payload"]["old"]["id"], 2);
-    js.expect_none(
-        "an INSERT after unsubscribe",
-        Duration::from_millis(500),
-        |v| is_on(v, "postgres_changes", "inserts"),
-    )
-    .await;
+    // The fence: a later DELETE the other channel sees.
+    c.batch_execute("insert into t values (3, 1); delete from t;")
+        .await
+        .unwrap();
+    let d = js
+        .expect_none_before(
+            "INSERT after unsubscribe",
+            |v| is_on(v, "postgres_changes", "inserts"),
+            "the DELETE of row 3",
+            |v| is_on(v, "postgres_changes", "deletes"),
+            T,
+        )
+        .await;
+    assert_eq!(d["payload"]["old"]["id"], 3, "{d}");
     js.exit().await;
 }
 
@@ -210,9 +226,17 @@ async fn every_filter_operator_selects_the_right_rows() {
         got.sort();
         assert_eq!(&got, want, "filter {filter}");
     }
-    js.expect_none("rows outside a filter", Duration::from_millis(500), |v| {
-        is(v, "postgres_changes")
-    })
+    // The fence: a later row that channel "neq" (id=neq.2) must see.
+    c.batch_execute("insert into f values (22, 'zz', 0, '2023-01-01 00:00:00+00', null)")
+        .await
+        .unwrap();
+    js.expect_none_before(
+        "rows outside a filter",
+        |v| is(v, "postgres_changes") && v["payload"]["new"]["id"] != 22,
+        "row 22 on channel neq",
+        |v| is_on(v, "postgres_changes", "neq") && v["payload"]["new"]["id"] == 22,
+        T,
+    )
     .await;
     js.exit().await;
 }

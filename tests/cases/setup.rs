@@ -214,7 +214,7 @@ async fn setup_is_idempotent_and_dry_run_changes_nothing() {
 }
 
 fn psql(cluster: &Cluster, db: &str, file: &str, vars: &[(&str, &str)]) -> String {
-    let psql = cluster.bindir.join("psql");
+    let psql = cluster.bindir().join("psql");
     let psql = if psql.is_file() {
         psql
     } else {

@@ -435,13 +435,17 @@ async fn add_column_joins_at_once_and_drop_column_closes_its_filters() {
     c.batch_execute("insert into items values (3, 'pen', 9)")
         .await
         .unwrap();
-    assert_eq!(change(&mut js, "other").await["new"]["id"], 3);
-    js.expect_none(
-        "a change on the closed channel",
-        Duration::from_millis(10),
-        |v| is_on(v, "postgres_changes", "colour"),
-    )
-    .await;
+    // Row 3 on "other" is the fence: nothing on the closed channel before it.
+    let fence = js
+        .expect_none_before(
+            "change on the closed channel",
+            |v| is_on(v, "postgres_changes", "colour"),
+            "row 3 on channel other",
+            |v| is_on(v, "postgres_changes", "other"),
+            T,
+        )
+        .await;
+    assert_eq!(fence["payload"]["new"]["id"], 3, "{fence}");
     js.exit().await;
 }
 

@@ -99,7 +99,7 @@ impl TlsServer {
     fn url(&self, host: &str, mode: &str, root: Option<&Path>, app: &str) -> String {
         let mut u = format!(
             "postgres://postgres@{host}:{}/postgres?sslmode={mode}&application_name={app}",
-            self.pg.port
+            self.pg.port()
         );
         if let Some(r) = root {
             u.push_str(&format!("&sslrootcert={}", r.display()));
@@ -231,12 +231,12 @@ async fn require_prefer_and_disable() {
     let app = "tls_prefer_plain";
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=prefer&application_name={app}",
-        plain.port
+        plain.port()
     );
     assert_eq!(connect_both(&url, app, plain).await, Ok((false, false)));
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require",
-        plain.port
+        plain.port()
     );
     let info = PgConnInfo::parse(&url).unwrap();
     let Err(err) = ReplicationConnection::connect(&info).await else {
@@ -267,7 +267,7 @@ async fn scram_authentication_over_tls() {
     let app = "tls_scram";
     let url = format!(
         "postgres://walcast_scram:sekret@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}&application_name={app}",
-        s.pg.port,
+        s.pg.port(),
         s.ca.display()
     );
     assert_eq!(connect_both(&url, app, &s.pg).await, Ok((true, true)));
@@ -284,7 +284,7 @@ async fn tail_streams_over_tls() {
     let app = "tls_tail_app";
     let url = format!(
         "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}&application_name={app}",
-        s.pg.port,
+        s.pg.port(),
         s.ca.display()
     );
     // setup over TLS too.
@@ -341,7 +341,7 @@ async fn tail_streams_over_tls() {
     // A certificate problem stops tail with the reason instead of retrying forever.
     let bad = format!(
         "postgres://postgres@127.0.0.1:{}/{db}?sslmode=verify-full&sslrootcert={}",
-        s.pg.port,
+        s.pg.port(),
         s.ca.display()
     );
     let (ok, _, err) = bin::run(

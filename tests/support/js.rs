@@ -210,6 +210,51 @@ impl JsClient {
         }
     }
 
+    /// A fenced negative assertion: takes events, queued ones first, up to the
+    /// first for which `fence` holds, and panics if one for which `unwanted`
+    /// holds comes before it (or the fence does not come within `timeout`).
+    /// Returns the fence; events that are neither stay queued.
+    ///
+    /// The fence is what a second action, made *after* the one that must
+    /// produce nothing, must produce: a later INSERT the client does see, a
+    /// broadcast from another client… One socket delivers in order, so had the
+    /// first action produced something, it would have arrived first. Unlike
+    /// [`JsClient::expect_none`], no fixed wait: it is as fast as the fence and
+    /// cannot pass because the unwanted event was merely slow.
+    pub async fn expect_none_before(
+        &mut self,
+        what: &str,
+        mut unwanted: impl FnMut(&Value) -> bool,
+        fence_what: &str,
+        mut fence: impl FnMut(&Value) -> bool,
+        timeout: Duration,
+    ) -> Value {
+        let mut i = 0;
+        while i < self.queue.len() {
+            if fence(&self.queue[i]) {
+                return self.queue.remove(i).unwrap();
+            }
+            if unwanted(&self.queue[i]) {
+                let v = self.queue[i].clone();
+                self.fail(&format!("expected no {what} before {fence_what}, got {v}"));
+            }
+            i += 1;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read(deadline).await {
+                Some(v) if fence(&v) => return v,
+                Some(v) if unwanted(&v) => {
+                    self.fail(&format!("expected no {what} before {fence_what}, got {v}"))
+                }
+                Some(v) => self.queue.push_back(v),
+                None => self.fail(&format!(
+                    "timed out after {timeout:?} waiting for {fence_what} (the fence after no {what})"
+                )),
+            }
+        }
+    }
+
     /// Waits for the next `status` event of `channel` and returns its `status`
     /// (`SUBSCRIBED`, `CHANNEL_ERROR`, …).
     pub async fn status(&mut self, channel: &str, timeout: Duration) -> String {

@@ -1,5 +1,6 @@
 //! Test support: the throwaway PostgreSQL cluster ([`walcast::testing`], shared
-//! with the benchmark driver) and helpers to run the `walcast` binary.
+//! with the benchmark driver and `walcast demo`) behind a thin panicking
+//! wrapper, helpers to run the `walcast` binary, and fenced negative assertions.
 //!
 //! One cluster serves all tests of the binary; each test makes its own database,
 //! slot and publication.
@@ -9,13 +10,81 @@
 pub mod js;
 pub mod walcast;
 
+use std::ops::Deref;
 use std::sync::OnceLock;
 
-pub use ::walcast::testing::{free_port, wait_for, Cluster};
+pub use ::walcast::testing::wait_for;
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 
 /// The cluster shared by the tests of this process.
 pub fn cluster() -> &'static Cluster {
     SHARED.get_or_init(|| Cluster::start(&[]))
+}
+
+/// A fresh database `db` on the shared cluster with `ddl` run in it and a
+/// publication `pub_<db>` for all tables (the names [`walcast::serve_db`] uses).
+pub async fn setup_db(db: &str, ddl: &str) -> tokio_postgres::Client {
+    let c = cluster().new_db(db).await;
+    c.batch_execute(ddl).await.unwrap();
+    c.batch_execute(&format!("create publication pub_{db} for all tables"))
+        .await
+        .unwrap();
+    c
+}
+
+/// A config file holding `toml` in the temp dir, named after `name` and this
+/// process (each test passes its own name).
+pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("walcast-{name}-{}.toml", std::process::id()));
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+/// [`walcast::testing::Cluster`] whose failures panic with the harness's error
+/// (a test that cannot start its server must fail loudly). Everything else
+/// (`url`, `port`, `server_log`…) is the harness's own, through `Deref`.
+pub struct Cluster(::walcast::testing::Cluster);
+
+impl Deref for Cluster {
+    type Target = ::walcast::testing::Cluster;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Cluster {
+    /// A new cluster with `wal_level=logical` plus `extra` settings; stopped and
+    /// removed when dropped (the shared one: when the test process exits).
+    pub fn start(extra: &[(&str, &str)]) -> Cluster {
+        match ::walcast::testing::Cluster::start(extra) {
+            Ok(c) => Cluster(c),
+            Err(e) => panic!("cannot start a throwaway PostgreSQL: {e}"),
+        }
+    }
+
+    /// Stops the server (fast mode) and waits.
+    pub fn stop(&self) {
+        self.0
+            .stop()
+            .unwrap_or_else(|e| panic!("cannot stop PostgreSQL: {e}"));
+    }
+
+    /// Starts it again after [`Cluster::stop`].
+    pub fn restart(&self) {
+        self.0
+            .restart()
+            .unwrap_or_else(|e| panic!("cannot restart PostgreSQL: {e}"));
+    }
+
+    /// A SQL client to `db`.
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        self.0.client(db).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates a fresh database named after the test and returns a client to it.
+    pub async fn new_db(&self, name: &str) -> tokio_postgres::Client {
+        self.0.new_db(name).await.unwrap_or_else(|e| panic!("{e}"))
+    }
 }

@@ -119,10 +119,12 @@ pub async fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
     )
 }
 
-/// A running `walcast serve` and the address it listens on.
+/// A running `walcast serve` and the addresses it listens on.
 pub struct Server {
     pub proc: Proc,
     pub port: u16,
+    /// The port of `server.metrics_listen`, when configured.
+    pub metrics_port: Option<u16>,
 }
 
 impl Server {
@@ -138,10 +140,10 @@ impl Server {
     }
 }
 
-/// Starts `walcast serve` for `db`'s slot and publication, waits until it listens.
+/// Starts `walcast serve` for `db`'s slot and publication on a port of the
+/// system's choosing (`--listen 127.0.0.1:0`), and waits until it says where it
+/// listens.
 pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) -> Server {
-    let port = super::free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut args = vec![
         "serve",
         "--database-url",
@@ -151,23 +153,12 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) 
         "--publication",
         publication,
         "--listen",
-        &listen,
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     let mut proc = spawn(&args);
     let mut err = BufReader::new(proc.stderr.take().expect("stderr")).lines();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = tokio::time::timeout_at(deadline, err.next_line())
-            .await
-            .expect("walcast serve did not start listening within 30s")
-            .expect("read stderr");
-        match line {
-            Some(l) if l.contains("listening on") => break,
-            Some(_) => {}
-            None => panic!("walcast serve exited before listening"),
-        }
-    }
+    let (port, metrics_port) = read_listening(&mut err, Duration::from_secs(30), |_| {}).await;
     // Keep draining stderr so the process never blocks on a full pipe.
     tokio::spawn(async move {
         while let Ok(Some(l)) = err.next_line().await {
@@ -176,5 +167,66 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) 
             }
         }
     });
-    Server { proc, port }
+    Server {
+        proc,
+        port,
+        metrics_port,
+    }
+}
+
+/// `walcast serve --create-slot` on the shared cluster for `db`, with the slot
+/// and publication named after it (`slot_<db>`, `pub_<db>`), plus `extra`.
+pub async fn serve_db(db: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--create-slot"];
+    args.extend_from_slice(extra);
+    let c = super::cluster();
+    serve(
+        &c.url(db),
+        &format!("slot_{db}"),
+        &format!("pub_{db}"),
+        &args,
+    )
+    .await
+}
+
+/// [`serve_db`] with a config file holding `toml`.
+pub async fn serve_db_with_config(db: &str, toml: &str) -> Server {
+    let path = super::config_file(db, toml);
+    serve_db(db, &["--config", path.to_str().unwrap()]).await
+}
+
+/// Reads `walcast serve`'s stderr up to its `walcast: listening on <addr>` line;
+/// returns that port and the metrics listener's, if it printed one before.
+/// Every line read is handed to `seen` (the listening lines included). Panics
+/// after `timeout` or when the process exits first.
+pub async fn read_listening<R>(
+    err: &mut Lines<BufReader<R>>,
+    timeout: Duration,
+    mut seen: impl FnMut(&str),
+) -> (u16, Option<u16>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut metrics = None;
+    let mut lines = Vec::new();
+    loop {
+        let line = tokio::time::timeout_at(deadline, err.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("walcast serve did not listen within {timeout:?}: {lines:?}")
+            })
+            .expect("read stderr");
+        let Some(l) = line else {
+            panic!("walcast serve exited before listening: {lines:?}");
+        };
+        seen(&l);
+        if let Some(a) = walcast::testing::metrics_listening_addr(&l) {
+            metrics = Some(a.port());
+        }
+        if let Some(a) = walcast::testing::listening_addr(&l) {
+            return (a.port(), metrics);
+        }
+        lines.push(l);
+    }
 }

@@ -90,7 +90,7 @@ fn rec_workload(inserts: u64, updates: u64) -> Vec<String> {
 /// Times `pg_recvlogical` draining `slot` through a relay, from the stream's start
 /// to the end marker in its output.
 async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(Duration, u64)> {
-    let relay = Relay::start(env.cluster.port).await?;
+    let relay = Relay::start(env.cluster.port()).await?;
     let conn = format!(
         "host=127.0.0.1 port={} dbname={} user=postgres sslmode=disable",
         relay.port,
@@ -162,7 +162,7 @@ where
     F: FnOnce(u16, Arc<AtomicU64>, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<tokio::task::JoinHandle<Received>>>>,
 {
-    let relay = Relay::start(env.cluster.port).await?;
+    let relay = Relay::start(env.cluster.port()).await?;
     let walcast = env::serve(&env.url_via(relay.port), slot, "pub", config).await?;
     relay.stream_started(Duration::from_secs(60)).await?;
     let count = Arc::new(AtomicU64::new(0));
@@ -226,7 +226,7 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
         (1_000_000, 500_000)
     };
     let env = Env::start().await?;
-    let sql = env.sql().await;
+    let sql = env.sql().await?;
     exec(&sql, &[REC_TABLE.into()]).await?;
     sql.batch_execute(
         "select pg_create_logical_replication_slot('s_recv', 'pgoutput'); \
@@ -321,7 +321,7 @@ async fn paced_writes(
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let c = env.sql().await;
+        let c = env.sql().await?;
         let table = table.to_string();
         tasks.push(tokio::spawn(async move {
             // Commit waits for the WAL flush, as by default: with `off` the walsender only
@@ -357,7 +357,7 @@ const LIVE_TABLE: &str =
     "(id bigserial primary key, owner int not null, sent_us int8 not null, pad text)";
 
 async fn live_setup(env: &Env, table: &str) -> Result<()> {
-    let sql = env.sql().await;
+    let sql = env.sql().await?;
     exec(
         &sql,
         &[
@@ -430,7 +430,7 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     let env = Env::start().await?;
     live_setup(&env, "lat").await?;
     exec(
-        &env.sql().await,
+        &env.sql().await?,
         &["select pg_create_logical_replication_slot('s_floor', 'pgoutput')".into()],
     )
     .await?;
@@ -519,7 +519,7 @@ impl Floor {
     fn start(env: &Env, slot: &str) -> Result<Floor> {
         let conn = format!(
             "host=127.0.0.1 port={} dbname={} user=postgres sslmode=disable",
-            env.cluster.port,
+            env.cluster.port(),
             env::DB
         );
         let mut child = env
@@ -739,7 +739,7 @@ pub async fn routing(quick: bool) -> Result<Vec<Figure>> {
     // The same 100 connections in both runs; each row matches exactly one subscription.
     let conns = 100u64;
     let env = Env::start().await?;
-    let sql = env.sql().await;
+    let sql = env.sql().await?;
     exec(
         &sql,
         &[
@@ -906,7 +906,7 @@ pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
 /// `benches/fixtures/pgoutput.bin` (the corpus of the `decode` micro benchmark).
 pub async fn capture() -> Result<Vec<Figure>> {
     let env = Env::start().await?;
-    let sql = env.sql().await;
+    let sql = env.sql().await?;
     exec(
         &sql,
         &[

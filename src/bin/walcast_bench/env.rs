@@ -22,20 +22,21 @@ const CLUSTER_SETTINGS: &[(&str, &str)] = &[
 
 pub const DB: &str = "bench";
 
+/// The benchmark cluster, stopped and removed when dropped.
 pub struct Env {
     pub cluster: Cluster,
 }
 
 impl Env {
     pub async fn start() -> Result<Env> {
-        let cluster = tokio::task::spawn_blocking(|| Cluster::start(CLUSTER_SETTINGS)).await?;
+        let cluster = tokio::task::spawn_blocking(|| Cluster::start(CLUSTER_SETTINGS)).await??;
         let env = Env { cluster };
-        env.cluster.new_db(DB).await;
+        env.cluster.new_db(DB).await?;
         Ok(env)
     }
 
-    pub async fn sql(&self) -> tokio_postgres::Client {
-        self.cluster.client(DB).await
+    pub async fn sql(&self) -> Result<tokio_postgres::Client> {
+        Ok(self.cluster.client(DB).await?)
     }
 
     /// URL of the bench database, directly or through a relay on `port`.
@@ -44,13 +45,7 @@ impl Env {
     }
 
     pub fn url(&self) -> String {
-        self.url_via(self.cluster.port)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.cluster.destroy();
+        self.url_via(self.cluster.port())
     }
 }
 
@@ -137,17 +132,17 @@ pub fn proc_cpu(pid: u32) -> Duration {
     Duration::from_millis(total * 10) // USER_HZ is 100 on Linux
 }
 
-/// Starts `walcast serve` for `db_url` with `config` (TOML) and waits until it listens.
+/// Starts `walcast serve` for `db_url` with `config` (TOML) on a port of the
+/// system's choosing and waits until it says where it listens.
 pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) -> Result<Walcast> {
     let bin = walcast_binary()?;
     let config_path = tempfile_path::TempPath::write(config)?;
-    let port = walcast::testing::free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = "127.0.0.1:0";
     let mut child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(config_path.path())
         .args(["--database-url", db_url, "--slot", slot])
-        .args(["--publication", publication, "--listen", &listen])
+        .args(["--publication", publication, "--listen", listen])
         .env("WALCAST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -157,16 +152,18 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) ->
         .context("spawn walcast serve")?;
     let mut err = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let port = loop {
         let line = tokio::time::timeout_at(deadline, err.next_line())
             .await
             .context("walcast serve did not listen within 60 s")??;
         match line {
-            Some(l) if l.contains("listening on") => break,
-            Some(l) => eprintln!("[walcast] {l}"),
+            Some(l) => match walcast::testing::listening_addr(&l) {
+                Some(addr) => break addr.port(),
+                None => eprintln!("[walcast] {l}"),
+            },
             None => bail!("walcast serve exited before listening"),
         }
-    }
+    };
     tokio::spawn(async move {
         while let Ok(Some(l)) = err.next_line().await {
             eprintln!("[walcast] {l}");
