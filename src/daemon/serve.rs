@@ -6,7 +6,7 @@
 //! status update, close sockets with 1001, and wait for tasks under a deadline.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,6 +189,8 @@ struct Pipeline {
     /// The WebSocket sessions.
     sessions: TaskTracker,
     repl: JoinHandle<Result<(), ReplicationError>>,
+    /// What replication returned, once it ended.
+    ended: Option<ReplResult>,
     hub: JoinHandle<()>,
     http: Vec<JoinHandle<()>>,
     stop_notices: CancellationToken,
@@ -325,6 +327,7 @@ impl Pipeline {
             tasks,
             sessions,
             repl,
+            ended: None,
             hub,
             http: Vec::new(),
             stop_notices,
@@ -340,15 +343,17 @@ impl Pipeline {
     /// so `/health` answers while PostgreSQL is unreachable. False when
     /// replication already ended (it failed for good).
     async fn wait_for_stream(&mut self, shutdown: &CancellationToken) -> bool {
-        let deadline = tokio::time::Instant::now() + STARTUP_STREAM_WAIT;
-        while !self.stream.connected.load(Ordering::Acquire)
-            && tokio::time::Instant::now() < deadline
-            && !shutdown.is_cancelled()
-            && !self.repl.is_finished()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let stream = self.stream.clone();
+        tokio::select! {
+            _ = stream.until_connected() => true,
+            _ = tokio::time::sleep(STARTUP_STREAM_WAIT) => true,
+            _ = shutdown.cancelled() => true,
+            // Replication ended (it failed for good): kept for the caller.
+            r = &mut self.repl => {
+                self.ended = Some(r);
+                false
+            }
         }
-        !self.repl.is_finished()
     }
 
     fn running(&self) -> Running {
@@ -400,6 +405,9 @@ impl Pipeline {
     /// Runs until shutdown is asked or replication ends for good; the
     /// replication result in the second case.
     async fn wait(&mut self, shutdown: &CancellationToken) -> Option<ReplResult> {
+        if let Some(r) = self.ended.take() {
+            return Some(r);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => None,
             r = &mut self.repl => Some(r),
@@ -412,7 +420,10 @@ impl Pipeline {
         self.stop_monitor.cancel();
         self.stop_stream.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.hub).await;
-        let result = (&mut self.repl).await;
+        let result = match self.ended.take() {
+            Some(r) => r,
+            None => (&mut self.repl).await,
+        };
         self.stop_sessions.cancel();
         self.finish_tasks().await;
         outcome(result)

@@ -105,6 +105,8 @@ const BACKOFF: [Duration; 4] = [
 #[derive(Debug, Default)]
 pub struct StreamState {
     pub connected: AtomicBool,
+    /// Woken when the stream connects.
+    connected_changed: tokio::sync::Notify,
     pub reconnects: AtomicU64,
     /// The flush LSN last reported to the server.
     pub reported_flush: AtomicU64,
@@ -131,6 +133,27 @@ pub struct StreamState {
 }
 
 impl StreamState {
+    /// Records whether the stream is connected and streaming, and wakes
+    /// [`StreamState::until_connected`].
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+        if connected {
+            self.connected_changed.notify_waiters();
+        }
+    }
+
+    /// Returns once the stream is connected (at once if it is).
+    pub async fn until_connected(&self) {
+        loop {
+            // Registered before the check: a connect after the check wakes it.
+            let changed = self.connected_changed.notified();
+            if self.connected.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// The condition blocking the stream, if any.
     pub fn blocked(&self) -> Option<Blocked> {
         Blocked::from_u8(self.blocked.load(Ordering::Acquire))
@@ -224,7 +247,7 @@ pub async fn run(
     loop {
         let mut session = Session::new(&opts, &tx, &progress, &state, &shutdown, &mut flush);
         let res = session.run(&mut ever_streamed).await;
-        state.connected.store(false, Ordering::Release);
+        state.set_connected(false);
         match res {
             Ok(()) => return Ok(()),
             Err(e) => {
@@ -405,7 +428,7 @@ impl<'a> Session<'a> {
         };
         let (sql, mut conn, checks) = started;
         *ever_streamed = true;
-        self.state.connected.store(true, Ordering::Release);
+        self.state.set_connected(true);
         self.state.disconnected_since.store(0, Ordering::Relaxed);
         if let Some(was) = self.state.set_blocked(None, "") {
             tracing::info!(slot = %self.opts.slot, problem = was.as_str(), "replication unblocked");

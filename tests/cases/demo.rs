@@ -79,8 +79,9 @@ async fn demo_bakery_changes_reach_tail_and_triggers_do_their_job() {
         let shutdown = shutdown.clone();
         async move { demo::traffic(&url, 200.0, shutdown).await }
     });
+    // Tick 41 started: the 40 before it finished (ticks run one at a time).
     wait_for("40 demo ticks", T, || async {
-        (num(&c, "select last_value from demo.tick_seq").await >= 40.0).then_some(())
+        (num(&c, "select last_value from demo.tick_seq").await >= 41.0).then_some(())
     })
     .await;
     shutdown.cancel();
