@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, PgConnInfo};
-use crate::source::session::ReplicationError;
+use crate::source::error::{ErrorKind, PgError};
 
 /// The bakery schema, its triggers, the publication and the seed data.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/demo/schema.sql");
@@ -96,16 +96,17 @@ pub enum DemoError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Connect(#[from] ReplicationError),
+    Connect(#[from] PgError),
     /// Boxed: a serve error is large, and this enum is returned often.
     #[error(transparent)]
     Serve(Box<crate::daemon::serve::ServeError>),
     #[error("{0} (a demo task stopped unexpectedly)")]
     Task(String),
-    #[error("{context}: {message}")]
+    #[error("{context}: {source}")]
     Sql {
         context: &'static str,
-        message: String,
+        #[source]
+        source: Box<PgError>,
     },
 }
 
@@ -117,20 +118,26 @@ impl From<crate::daemon::serve::ServeError> for DemoError {
 
 impl DemoError {
     fn sql(context: &'static str, e: tokio_postgres::Error) -> DemoError {
-        let message = match e.as_db_error() {
-            Some(db) => {
-                let mut m = db.message().to_string();
-                if let Some(d) = db.detail() {
-                    m.push_str(&format!(" ({d})"));
-                }
-                if let Some(h) = db.hint() {
-                    m.push_str(&format!("; hint: {h}"));
-                }
-                m
-            }
-            None => e.to_string(),
-        };
-        DemoError::Sql { context, message }
+        DemoError::Sql {
+            context,
+            source: Box::new(PgError::from_sql(e)),
+        }
+    }
+
+    /// What this error means, where the demo knows: a bad flag or a missing
+    /// PostgreSQL installation is the user's to fix, a PostgreSQL error has the kind
+    /// of its [`PgError`]. `None` for the demo's own failures (and for `Serve`,
+    /// which the caller looks into).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            DemoError::Rate(_)
+            | DemoError::Config(_)
+            | DemoError::PostgresNotFound
+            | DemoError::BadBindir(_) => Some(ErrorKind::Usage),
+            DemoError::Connect(e) => Some(e.kind()),
+            DemoError::Sql { source, .. } => Some(source.kind()),
+            _ => None,
+        }
     }
 }
 
