@@ -81,6 +81,12 @@ pub fn free_port() -> u16 {
 impl Cluster {
     /// Starts a new cluster with `wal_level=logical` plus `extra` settings.
     pub fn start(extra: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with_env(extra, &[])
+    }
+
+    /// [`Cluster::start`] with `env` set for the server (e.g. `LOCPATH`, where
+    /// glibc looks for a locale `lc_messages` names).
+    pub fn start_with_env(extra: &[(&str, &str)], env: &[(&str, &str)]) -> Cluster {
         let bindir = find_bindir();
         let as_postgres = is_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -131,7 +137,7 @@ impl Cluster {
         if as_postgres {
             run_ok(Command::new("chown").arg("-R").arg("postgres:").arg(&dir));
         }
-        run_ok(c.pg_cmd("pg_ctl").args([
+        run_ok(c.pg_cmd("pg_ctl").envs(env.iter().copied()).args([
             "-D",
             data.to_str().unwrap(),
             "-l",

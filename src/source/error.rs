@@ -285,3 +285,89 @@ impl From<tokio_postgres::Error> for PgError {
         PgError::from_sql(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, message: &str) -> PgError {
+        PgError::Server(ServerError {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: message.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn sqlstates_are_classified_by_code() {
+        use ErrorKind::*;
+        for (code, kind) in [
+            ("08006", Transient),
+            ("08001", Transient),
+            ("57P01", Transient),
+            ("57P02", Transient),
+            ("57P03", Transient),
+            ("53300", Transient),
+            ("55006", Transient),
+            ("40001", Transient),
+            ("40P01", Transient),
+            ("53400", Usage),
+            ("28P01", Usage),
+            ("28000", Usage),
+            ("3D000", Usage),
+            ("42704", Usage),
+            ("42501", Usage),
+            ("55000", Usage),
+            ("XX000", Definite),
+            ("22021", Definite),
+            ("", Definite),
+            ("?", Definite),
+        ] {
+            assert_eq!(ErrorKind::of_sqlstate(code), kind, "{code}");
+        }
+    }
+
+    #[test]
+    fn the_message_plays_no_part_in_the_kind() {
+        let messages = [
+            "terminating connection due to administrator command",
+            "Verbindung wird abgebrochen aufgrund von Anweisung des Administrators",
+            "l'arrêt de la connexion sur commande de l'administrateur",
+            "",
+            "does not exist wal_level invalidated is active for PID password authentication failed",
+        ];
+        for code in [
+            "57P01", "42704", "55000", "55006", "28P01", "XX000", "08006",
+        ] {
+            let kinds: Vec<ErrorKind> = messages.iter().map(|m| server(code, m).kind()).collect();
+            assert!(kinds.iter().all(|k| *k == kinds[0]), "{code}: {kinds:?}");
+            assert_eq!(kinds[0], ErrorKind::of_sqlstate(code));
+        }
+    }
+
+    #[test]
+    fn variants_have_their_kind_and_keep_their_source() {
+        use std::error::Error as _;
+        let io = PgError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert_eq!(io.kind(), ErrorKind::Transient);
+        assert!(io.source().is_some(), "the IO error is the source");
+        let tls = PgError::tls_caused(
+            "bad certificate: point sslrootcert at the CA",
+            std::io::Error::other("inner"),
+        );
+        assert_eq!(tls.kind(), ErrorKind::Usage);
+        assert_eq!(
+            tls.source().map(|s| s.to_string()).as_deref(),
+            Some("inner")
+        );
+        assert_eq!(PgError::Protocol("x".into()).kind(), ErrorKind::Definite);
+        assert_eq!(PgError::Setup("x".into()).kind(), ErrorKind::Usage);
+        assert_eq!(PgError::Auth("x".into()).kind(), ErrorKind::Usage);
+        let e = server("42704", "whatever");
+        assert_eq!(e.sqlstate(), Some("42704"));
+    }
+}

@@ -82,6 +82,7 @@ use crate::source::conn::ReplicationConnection;
 pub use crate::source::error::{
     Blocked, ReplicationError, ServerError, CONNECT_TIMEOUT, QUERY_TIMEOUT,
 };
+use crate::source::explain;
 pub use crate::source::protocol::ReplicationOptions;
 use crate::source::slot;
 
@@ -187,108 +188,6 @@ impl StreamState {
     }
 }
 
-/// What the catalog says when an error's SQLSTATE alone does not tell which object
-/// it is about; `None` where it could not be read.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ErrorFacts {
-    pub wal_level: Option<String>,
-    pub publication_exists: Option<bool>,
-    pub slot_exists: Option<bool>,
-    /// The slot's `wal_status` is `lost`: it was invalidated.
-    pub slot_lost: bool,
-}
-
-/// How long [`explain`] waits for the catalog before giving the error as it is.
-const FACTS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Reads [`ErrorFacts`] over a new SQL connection (the replication connection is
-/// gone or unusable after an error).
-async fn read_facts(opts: &ReplicationOptions) -> Result<ErrorFacts, ReplicationError> {
-    let sql = crate::source::tls::connect_sql(&opts.conn).await?;
-    let row = sql
-        .query_one(
-            "select current_setting('wal_level'), \
-                    exists (select 1 from pg_catalog.pg_publication where pubname = $1), \
-                    exists (select 1 from pg_catalog.pg_replication_slots where slot_name = $2), \
-                    coalesce((select wal_status = 'lost' from pg_catalog.pg_replication_slots where slot_name = $2), false)",
-            &[&opts.publication, &opts.slot],
-        )
-        .await?;
-    Ok(ErrorFacts {
-        wal_level: Some(row.get(0)),
-        publication_exists: Some(row.get(1)),
-        slot_exists: Some(row.get(2)),
-        slot_lost: row.get(3),
-    })
-}
-
-/// Rewrites server errors that an operator can fix into instructions. Decided by
-/// the SQLSTATE code and, where the code names no object, by what the catalog
-/// says now ([`ErrorFacts`]) — never by the message, which the server translates.
-async fn explain(
-    e: ReplicationError,
-    opts: &ReplicationOptions,
-    ever_streamed: bool,
-    shutdown: &CancellationToken,
-) -> ReplicationError {
-    let facts = if matches!(e.sqlstate(), Some("42704" | "55000")) {
-        tokio::select! {
-            _ = shutdown.cancelled() => ErrorFacts::default(),
-            r = tokio::time::timeout(FACTS_TIMEOUT, read_facts(opts)) => match r {
-                Ok(Ok(f)) => f,
-                Ok(Err(err)) => {
-                    tracing::debug!(slot = %opts.slot, error = %err, "cannot read the catalog to explain an error");
-                    ErrorFacts::default()
-                }
-                Err(_) => ErrorFacts::default(),
-            },
-        }
-    } else {
-        ErrorFacts::default()
-    };
-    explain_with(e, opts, &facts, ever_streamed)
-}
-
-/// [`explain`] once the facts are known: pure, so tests can show that the message
-/// plays no part.
-pub(crate) fn explain_with(
-    e: ReplicationError,
-    opts: &ReplicationOptions,
-    facts: &ErrorFacts,
-    ever_streamed: bool,
-) -> ReplicationError {
-    let Some(code) = e.sqlstate() else {
-        return e;
-    };
-    match code {
-        // undefined_object: START_REPLICATION names the slot, decoding names the
-        // publication.
-        "42704" if facts.slot_exists == Some(false) => ReplicationError::Setup(format!(
-            "replication slot {:?} does not exist (it may have been dropped): create it with `walcast setup --publication {} --slot {} --create-slot` or run with --create-slot; changes made while it did not exist are not recoverable ({e})",
-            opts.slot, opts.publication, opts.slot
-        )),
-        "42704" if facts.publication_exists == Some(false) => ReplicationError::Setup(format!(
-            "publication {:?} does not exist (it may have been dropped): create it with `walcast setup --publication {} --tables …` or CREATE PUBLICATION ({e})",
-            opts.publication, opts.publication
-        )),
-        // object_in_use: another walsender holds the slot. After a lost stream it
-        // may be this walcast's previous session going away (transient: retried).
-        "55006" if !ever_streamed => ReplicationError::Setup(format!(
-            "replication slot {:?} is already in use by another connection ({e}): stop the other consumer, or give this walcast its own slot with --slot",
-            opts.slot
-        )),
-        // object_not_in_prerequisite_state: wal_level, or the slot invalidated.
-        "55000" if facts.wal_level.as_deref().is_some_and(|l| l != "logical") => {
-            ReplicationError::Setup(slot::WAL_LEVEL_HELP.to_string())
-        }
-        "55000" if facts.slot_lost => ReplicationError::Setup(format!(
-            "replication slot {:?} was invalidated because the WAL it needed was removed (max_slot_wal_keep_size): drop and recreate it; changes since its confirmed position are lost ({e})",
-            opts.slot
-        )),
-        _ => e,
-    }
-}
-
 /// Streams the slot into `tx` until `shutdown` fires, reconnecting after transient
 /// errors. Returns `Ok` after a clean shutdown (with a final status update sent),
 /// also when shutdown comes while connecting: every connect and query has a
@@ -315,7 +214,7 @@ pub async fn run(
         match res {
             Ok(()) => return Ok(()),
             Err(e) => {
-                let e = explain(e, &opts, ever_streamed, &shutdown).await;
+                let e = explain::explain(e, &opts, ever_streamed, &shutdown).await;
                 if tx.is_closed() {
                     // Downstream is gone (tail's stdout closed, serve stopping).
                     return Err(e);

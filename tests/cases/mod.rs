@@ -9,6 +9,7 @@ mod filter;
 mod layers;
 mod lifecycle;
 mod metrics;
+mod pgerrors;
 mod realtime_js;
 mod replication;
 mod setup;
