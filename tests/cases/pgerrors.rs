@@ -91,13 +91,11 @@ fn translated_locale() -> Option<&'static Translated> {
                     let _ = std::fs::remove_dir_all(&tmp);
                 }
             }
-            dir.join(&name)
-                .join("LC_MESSAGES")
-                .exists()
-                .then(|| Translated {
-                    name,
-                    locpath: Some(dir),
-                })
+            let ready = dir.join(&name).join("LC_MESSAGES").exists();
+            ready.then_some(Translated {
+                name,
+                locpath: Some(dir),
+            })
         })
         .as_ref()
 }
