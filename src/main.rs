@@ -5,6 +5,7 @@ use tracing_subscriber::EnvFilter;
 use walcast::cli::args::{Cli, Command, LogFormat};
 use walcast::config::{ConfigError, PgConnInfo, ServeConfig};
 use walcast::decode::value::RenderOptions;
+use walcast::source::error::ErrorKind;
 use walcast::source::session::ReplicationOptions;
 
 fn main() -> ExitCode {
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            say_err(format_args!("walcast: {e:#}"));
+            say_err(format_args!("walcast: {}", render_chain(&e)));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -71,35 +72,89 @@ async fn interruptible<T>(
     }
 }
 
-/// Exit codes: 0 success, 1 a runtime error, 2 a usage or configuration error
-/// (clap's own usage errors exit 2 as well).
+/// Exit codes (README, "Exit codes"): 0 success; 1 a runtime failure (the stream
+/// or its data is broken, or anything not classified); 2 a usage or configuration
+/// error — flags, config file, database URL, and whatever PostgreSQL says the
+/// operator must change (authentication, TLS settings, a missing slot, publication
+/// or database, `wal_level`, privileges); 3 PostgreSQL could not be reached or the
+/// connection failed, and the command gave up (running it again later may work).
+/// clap's own usage errors exit 2 as well.
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+const EXIT_TRANSIENT: u8 = 3;
 
-/// 2 when the error is about what the user gave walcast (flags, config file,
-/// database URL), 1 otherwise.
+/// The exit code of a failed command, from the [`ErrorKind`] of its error.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    use walcast::cli::demo::DemoError;
-    use walcast::daemon::serve::ServeError;
-    let usage = e.chain().any(|cause| {
-        cause.is::<ConfigError>()
-            || matches!(
-                cause.downcast_ref::<ServeError>(),
-                Some(ServeError::Config(_) | ServeError::NoDatabaseUrl)
-            )
-            || match cause.downcast_ref::<DemoError>() {
-                Some(DemoError::Config(_) | DemoError::Rate(_)) => true,
-                Some(DemoError::Serve(e)) => {
-                    matches!(**e, ServeError::Config(_) | ServeError::NoDatabaseUrl)
-                }
-                _ => false,
-            }
-    });
-    if usage {
-        EXIT_USAGE
-    } else {
-        EXIT_RUNTIME
+    match error_kind(e) {
+        Some(ErrorKind::Usage) => EXIT_USAGE,
+        Some(ErrorKind::Transient) => EXIT_TRANSIENT,
+        Some(ErrorKind::Definite) | None => EXIT_RUNTIME,
     }
+}
+
+/// The kind of the outermost error in the chain that has one.
+fn error_kind(e: &anyhow::Error) -> Option<ErrorKind> {
+    use walcast::cli::demo::DemoError;
+    use walcast::cli::setup::SetupError;
+    use walcast::cli::tail::TailError;
+    use walcast::daemon::serve::ServeError;
+    use walcast::source::catalog::CatalogError;
+    use walcast::source::error::PgError;
+    e.chain().find_map(|cause| {
+        if cause.is::<ConfigError>() {
+            Some(ErrorKind::Usage)
+        } else if let Some(e) = cause.downcast_ref::<PgError>() {
+            Some(e.kind())
+        } else if let Some(e) = cause.downcast_ref::<SetupError>() {
+            Some(e.kind())
+        } else if let Some(e) = cause.downcast_ref::<CatalogError>() {
+            Some(e.kind())
+        } else if let Some(e) = cause.downcast_ref::<TailError>() {
+            match e {
+                TailError::Replication(e) => Some(e.kind()),
+                TailError::Stdout(_) => None,
+            }
+        } else if let Some(e) = cause.downcast_ref::<ServeError>() {
+            serve_kind(e)
+        } else if let Some(e) = cause.downcast_ref::<DemoError>() {
+            match e {
+                DemoError::Serve(e) => serve_kind(e),
+                other => other.kind(),
+            }
+        } else {
+            None
+        }
+    })
+}
+
+fn serve_kind(e: &walcast::daemon::serve::ServeError) -> Option<ErrorKind> {
+    use walcast::daemon::serve::ServeError;
+    match e {
+        ServeError::Config(_)
+        | ServeError::NoDatabaseUrl
+        | ServeError::Auth(_)
+        | ServeError::Log { .. } => Some(ErrorKind::Usage),
+        ServeError::Replication(e) => Some(e.kind()),
+        ServeError::Catalog(e) => Some(e.kind()),
+        _ => None,
+    }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text an
+/// outer error already includes (many errors show their source in their own text).
+fn render_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
 }
 
 fn init_tracing(cli: &Cli) {

@@ -223,6 +223,8 @@ pub struct Cluster {
     as_postgres: bool,
     watchdog: Mutex<Option<Child>>,
     running: AtomicBool,
+    /// Environment of the server process.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -234,6 +236,16 @@ impl Cluster {
 
     /// [`Cluster::start`] with the temp dir named `walcast-<name>-…`.
     pub fn start_named(name: &str, settings: &[(&str, &str)]) -> Result<Cluster, ClusterError> {
+        Cluster::start_with_env(name, settings, &[])
+    }
+
+    /// [`Cluster::start_named`] with `env` set for the server (e.g. `LOCPATH`,
+    /// where glibc looks for a locale `lc_messages` names).
+    pub fn start_with_env(
+        name: &str,
+        settings: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Result<Cluster, ClusterError> {
         let bindir = find_bindir()?;
         let as_postgres = is_root();
         if as_postgres {
@@ -247,6 +259,10 @@ impl Cluster {
             as_postgres,
             watchdog: Mutex::new(None),
             running: AtomicBool::new(false),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         // From here on, dropping `cluster` cleans up whatever was made.
         cluster.init(settings)?;
@@ -455,6 +471,7 @@ impl Cluster {
             .arg("-l")
             .arg(self.log_path())
             .args(["-o", &format!("-p {}", self.port)])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]))
         .map_err(|e| match e {
             ClusterError::Command { what, output } => ClusterError::Command {

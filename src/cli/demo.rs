@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, PgConnInfo};
-use crate::source::session::ReplicationError;
+use crate::source::error::{ErrorKind, PgError};
 use crate::testing::{Cluster, ClusterError};
 
 /// The bakery schema, its triggers, the publication and the seed data.
@@ -70,16 +70,17 @@ pub enum DemoError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Connect(#[from] ReplicationError),
+    Connect(#[from] PgError),
     /// Boxed: a serve error is large, and this enum is returned often.
     #[error(transparent)]
     Serve(Box<crate::daemon::serve::ServeError>),
     #[error("{0} (a demo task stopped unexpectedly)")]
     Task(String),
-    #[error("{context}: {message}")]
+    #[error("{context}: {source}")]
     Sql {
         context: &'static str,
-        message: String,
+        #[source]
+        source: Box<PgError>,
     },
 }
 
@@ -91,20 +92,34 @@ impl From<crate::daemon::serve::ServeError> for DemoError {
 
 impl DemoError {
     fn sql(context: &'static str, e: tokio_postgres::Error) -> DemoError {
-        let message = match e.as_db_error() {
-            Some(db) => {
-                let mut m = db.message().to_string();
-                if let Some(d) = db.detail() {
-                    m.push_str(&format!(" ({d})"));
-                }
-                if let Some(h) = db.hint() {
-                    m.push_str(&format!("; hint: {h}"));
-                }
-                m
+        DemoError::Sql {
+            context,
+            source: Box::new(PgError::from_sql(e)),
+        }
+    }
+
+    /// What this error means, where the demo knows: a bad flag or a missing
+    /// PostgreSQL installation is the user's to fix, a PostgreSQL error has the kind
+    /// of its [`PgError`]. `None` for the demo's own failures (and for `Serve`,
+    /// which the caller looks into).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            DemoError::Rate(_)
+            | DemoError::Config(_)
+            | DemoError::Cluster(
+                ClusterError::PostgresNotFound
+                | ClusterError::BadBindir(_)
+                | ClusterError::NoPostgresUser,
+            ) => Some(ErrorKind::Usage),
+            DemoError::Cluster(ClusterError::Sql { source, .. }) => {
+                Some(source.as_db_error().map_or(ErrorKind::Transient, |db| {
+                    ErrorKind::of_sqlstate(db.code().code())
+                }))
             }
-            None => e.to_string(),
-        };
-        DemoError::Sql { context, message }
+            DemoError::Connect(e) => Some(e.kind()),
+            DemoError::Sql { source, .. } => Some(source.kind()),
+            _ => None,
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::PgConnInfo;
-use crate::source::session::ReplicationError;
+use crate::source::error::{ErrorKind, PgError};
 use crate::source::slot::{quote_ident, quote_literal, validate_slot_name, WAL_LEVEL_HELP};
 
 /// How long `teardown --force` waits for a terminated consumer to let go of its slot.
@@ -100,50 +100,70 @@ pub struct TeardownOptions {
 pub enum SetupError {
     /// Connecting failed (network, authentication, TLS).
     #[error(transparent)]
-    Connect(#[from] ReplicationError),
+    Connect(#[from] PgError),
     /// Something an operator must change first; the message says what.
     #[error("{0}")]
     Refused(String),
-    /// PostgreSQL rejected a statement for a reason not explained above.
-    #[error("PostgreSQL: {0}")]
-    Sql(String),
+    /// PostgreSQL rejected a statement; `fix` is the advice its SQLSTATE calls
+    /// for (empty when there is none).
+    #[error("{doing}: {source}{fix}")]
+    Sql {
+        doing: String,
+        #[source]
+        source: Box<PgError>,
+        fix: &'static str,
+    },
+}
+
+/// Which statement failed, for the advice that goes with a SQLSTATE code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Creating or altering the publication, or a table's replica identity.
+    ChangePublication,
+    CreateSlot,
+    Other,
 }
 
 impl SetupError {
+    /// What this error means: refusals are the operator's to fix; a PostgreSQL
+    /// error has the kind of its [`PgError`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SetupError::Connect(e) => e.kind(),
+            SetupError::Sql { source, .. } => source.kind(),
+            SetupError::Refused(_) => ErrorKind::Usage,
+        }
+    }
+
     fn from_sql(e: tokio_postgres::Error, doing: &str) -> Self {
-        let Some(db) = e.as_db_error() else {
-            return SetupError::Sql(format!("{doing}: {e}"));
-        };
-        let msg = db.message();
-        let fix = match db.code().code() {
-            "42501" if msg.contains("superuser") && msg.contains("ALL TABLES") => {
-                "; only a superuser can create a FOR ALL TABLES publication: run setup as a superuser, or list the tables with --tables"
+        Self::from_sql_in(e, doing, Step::Other)
+    }
+
+    /// Advice by SQLSTATE and by the statement that failed, never by the message
+    /// (the server translates it).
+    fn from_sql_in(e: tokio_postgres::Error, doing: &str, step: Step) -> Self {
+        let source = PgError::from_sql(e);
+        let fix = match (source.sqlstate().unwrap_or_default(), step) {
+            ("42501", Step::ChangePublication) => {
+                "; only a table's owner (or a superuser) can add it to a publication or change its replica identity, and only a superuser can create a FOR ALL TABLES publication: run setup as the owner or a superuser, or list the tables with --tables"
             }
-            "42501" if msg.contains("replication") => {
+            ("42501", Step::CreateSlot) => {
                 "; the role needs the REPLICATION attribute (ALTER ROLE … REPLICATION) or superuser"
             }
-            "42501" if msg.contains("owner") => {
-                "; only the table's owner (or a superuser) can do this: run setup as the owner"
-            }
-            "42501" => "; grant the privilege or run setup as a superuser",
-            "53400" => {
+            ("42501", _) => "; grant the privilege or run setup as a superuser",
+            ("53400", _) => {
                 "; raise max_replication_slots in postgresql.conf and restart PostgreSQL, or drop unused slots (walcast teardown --slot …)"
             }
-            "55000" if msg.contains("wal_level") => {
-                return SetupError::Refused(WAL_LEVEL_HELP.to_string())
+            ("55000", Step::CreateSlot) => {
+                "; logical replication slots need wal_level = logical and max_replication_slots above 0 in postgresql.conf (both need a restart of PostgreSQL)"
             }
-            "42P01" => "; check the table name (schema.table) in --tables",
+            ("42P01", _) => "; check the table name (schema.table) in --tables",
             _ => "",
         };
-        let mut text = format!("{doing}: {msg}");
-        if let Some(d) = db.detail() {
-            let _ = write!(text, " ({d})");
-        }
-        text.push_str(fix);
-        if fix.is_empty() {
-            SetupError::Sql(text)
-        } else {
-            SetupError::Refused(text)
+        SetupError::Sql {
+            doing: doing.to_string(),
+            source: Box::new(source),
+            fix,
         }
     }
 }
@@ -604,7 +624,11 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
         script.push_str("COMMIT;");
         if let Err(e) = sql.batch_execute(&script).await {
             let _ = sql.batch_execute("ROLLBACK").await;
-            return Err(SetupError::from_sql(e, "changing the publication"));
+            return Err(SetupError::from_sql_in(
+                e,
+                "changing the publication",
+                Step::ChangePublication,
+            ));
         }
         report.lines.extend(tx_actions.into_iter().map(|a| a.done));
     }
@@ -616,7 +640,11 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
             )
             .await
             .map_err(|e| {
-                SetupError::from_sql(e, &format!("creating replication slot {}", opts.slot))
+                SetupError::from_sql_in(
+                    e,
+                    &format!("creating replication slot {}", opts.slot),
+                    Step::CreateSlot,
+                )
             })?;
         let lsn: String = row.get(0);
         report.lines.push(format!("{} at {lsn}", a.done));

@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use crate::config::PgConnInfo;
 use crate::decode::pgoutput::{Oid, RelId, ReplicaIdentity};
 use crate::decode::relation::{Column, Table, TypeCatalog};
-use crate::source::session::ReplicationError;
+use crate::source::error::{ErrorKind, PgError};
 
 /// How long the list of published tables is trusted before it is read again.
 const PUBLICATION_TTL: Duration = Duration::from_secs(5);
@@ -52,7 +52,27 @@ pub enum CatalogError {
         publication: String,
     },
     #[error("cannot read the catalog: {0}")]
-    Database(String),
+    Database(#[source] PgError),
+}
+
+impl CatalogError {
+    /// What this error means: a missing or unpublished table is the caller's to
+    /// fix; a database error has the kind of the [`PgError`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CatalogError::NoSuchTable { .. } | CatalogError::NotPublished { .. } => {
+                ErrorKind::Usage
+            }
+            CatalogError::Database(e) => e.kind(),
+        }
+    }
+}
+
+fn not_connected() -> CatalogError {
+    CatalogError::Database(PgError::Io(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "no connection",
+    )))
 }
 
 pub struct Catalog {
@@ -143,7 +163,7 @@ impl Catalog {
         }
         client(&mut st, &self.conn).await?;
         let Some(c) = st.client.take() else {
-            return Err(CatalogError::Database("no connection".into()));
+            return Err(not_connected());
         };
         let read_at = Instant::now();
         let res = load_table(&mut st.types, &c, schema, table, &self.publication).await;
@@ -258,12 +278,10 @@ async fn client<'a>(
     if st.client.as_ref().is_none_or(|c| c.is_closed()) {
         let c = crate::source::tls::connect_sql(conn)
             .await
-            .map_err(|e: ReplicationError| CatalogError::Database(e.to_string()))?;
+            .map_err(CatalogError::Database)?;
         st.client = Some(c);
     }
-    st.client
-        .as_ref()
-        .ok_or_else(|| CatalogError::Database("no connection".into()))
+    st.client.as_ref().ok_or_else(not_connected)
 }
 
 /// Runs one catalog query with [`CATALOG_QUERY_TIMEOUT`]: a database
@@ -274,13 +292,16 @@ async fn timed<T>(
 ) -> Result<T, CatalogError> {
     match tokio::time::timeout(CATALOG_QUERY_TIMEOUT, f).await {
         Ok(r) => r.map_err(db_err),
-        Err(_) => Err(CatalogError::Database(format!(
-            "PostgreSQL did not answer within {}s",
-            CATALOG_QUERY_TIMEOUT.as_secs()
-        ))),
+        Err(_) => Err(CatalogError::Database(PgError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "PostgreSQL did not answer within {}s",
+                CATALOG_QUERY_TIMEOUT.as_secs()
+            ),
+        )))),
     }
 }
 
 fn db_err(e: tokio_postgres::Error) -> CatalogError {
-    CatalogError::Database(ReplicationError::from_sql(e).to_string())
+    CatalogError::Database(PgError::from_sql(e))
 }

@@ -16,7 +16,7 @@ use postgres_protocol::message::frontend;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::config::PgConnInfo;
-use crate::source::error::{ReplicationError, ServerError};
+use crate::source::error::{PgError, ServerError};
 use crate::source::tls::PgIo;
 
 /// Largest backend message accepted (PostgreSQL's own limit for a field is 1 GB).
@@ -86,7 +86,7 @@ pub struct ReplicationConnection {
 impl ReplicationConnection {
     /// Connects, negotiates TLS as the connection info asks, authenticates and waits for
     /// `ReadyForQuery`.
-    pub async fn connect(info: &PgConnInfo) -> Result<Self, ReplicationError> {
+    pub async fn connect(info: &PgConnInfo) -> Result<Self, PgError> {
         let io = crate::source::tls::connect_stream(info, Duration::from_secs(10)).await?;
         let mut framed = Framed::new(io, BackendCodec);
 
@@ -144,7 +144,7 @@ impl ReplicationConnection {
                                 .filter(|m| !m.is_empty())
                                 .collect();
                             if !mechanisms.iter().any(|m| *m == sasl::SCRAM_SHA_256.as_bytes()) {
-                                return Err(ReplicationError::Auth(format!(
+                                return Err(PgError::Auth(format!(
                                     "the server offers only SASL mechanisms {:?}; walcast supports SCRAM-SHA-256",
                                     mechanisms
                                         .iter()
@@ -169,7 +169,7 @@ impl ReplicationConnection {
                                 .as_mut()
                                 .ok_or_else(|| protocol("SASLContinue before SASL"))?;
                             s.update(&body).map_err(|e| {
-                                ReplicationError::Auth(format!("SCRAM exchange failed: {e}"))
+                                PgError::Auth(format!("SCRAM exchange failed: {e}"))
                             })?;
                             frontend::sasl_response(s.message(), &mut buf)?;
                             framed.send(buf.split().freeze()).await?;
@@ -179,13 +179,13 @@ impl ReplicationConnection {
                                 .as_mut()
                                 .ok_or_else(|| protocol("SASLFinal before SASL"))?;
                             s.finish(&body).map_err(|e| {
-                                ReplicationError::Auth(format!(
+                                PgError::Auth(format!(
                                     "SCRAM server signature did not verify: {e}"
                                 ))
                             })?;
                         }
                         other => {
-                            return Err(ReplicationError::Auth(format!(
+                            return Err(PgError::Auth(format!(
                                 "unsupported authentication request {other} (walcast supports trust, password, md5 and SCRAM-SHA-256)"
                             )))
                         }
@@ -216,7 +216,7 @@ impl ReplicationConnection {
     }
 
     /// Runs one command with the simple query protocol and returns its rows as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, ReplicationError> {
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, PgError> {
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf)?;
         self.framed.send(buf.freeze()).await?;
@@ -238,13 +238,13 @@ impl ReplicationConnection {
             }
         }
         match error {
-            Some(e) => Err(ReplicationError::Server(e)),
+            Some(e) => Err(PgError::Server(e)),
             None => Ok(rows),
         }
     }
 
     /// Sends `START_REPLICATION …` and waits for `CopyBothResponse`.
-    pub async fn start_replication(&mut self, sql: &str) -> Result<(), ReplicationError> {
+    pub async fn start_replication(&mut self, sql: &str) -> Result<(), PgError> {
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf)?;
         self.framed.send(buf.freeze()).await?;
@@ -256,7 +256,7 @@ impl ReplicationConnection {
                 b'E' => {
                     let e = ServerError::parse(&msg.body);
                     // Drain to ReadyForQuery so the error is the whole story.
-                    return Err(ReplicationError::Server(e));
+                    return Err(PgError::Server(e));
                 }
                 other => {
                     return Err(protocol(&format!(
@@ -269,12 +269,12 @@ impl ReplicationConnection {
     }
 
     /// Reads the next message of the CopyBoth stream. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<BackendMessage, ReplicationError> {
+    pub async fn recv(&mut self) -> Result<BackendMessage, PgError> {
         next(&mut self.framed).await
     }
 
     /// Sends one `CopyData` message carrying `payload`.
-    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), ReplicationError> {
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), PgError> {
         let mut buf = BytesMut::with_capacity(payload.len() + 5);
         buf.put_u8(b'd');
         buf.put_i32(payload.len() as i32 + 4);
@@ -292,20 +292,18 @@ impl ReplicationConnection {
     }
 }
 
-async fn next(
-    framed: &mut Framed<Box<dyn PgIo>, BackendCodec>,
-) -> Result<BackendMessage, ReplicationError> {
+async fn next(framed: &mut Framed<Box<dyn PgIo>, BackendCodec>) -> Result<BackendMessage, PgError> {
     match framed.next().await {
         Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(ReplicationError::Io(e)),
-        None => Err(ReplicationError::Io(io::Error::new(
+        Some(Err(e)) => Err(PgError::Io(e)),
+        None => Err(PgError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the server closed the replication connection",
         ))),
     }
 }
 
-fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ReplicationError> {
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, PgError> {
     let mut b = body;
     if b.len() < 2 {
         return Err(protocol("short DataRow"));
@@ -333,38 +331,38 @@ fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ReplicationError> 
     Ok(out)
 }
 
-fn password(info: &PgConnInfo) -> Result<&[u8], ReplicationError> {
+fn password(info: &PgConnInfo) -> Result<&[u8], PgError> {
     info.password.as_deref().map(str::as_bytes).ok_or_else(|| {
-        ReplicationError::Auth(format!(
+        PgError::Auth(format!(
             "the server asks a password for role {:?} and none was given: put it in the database URL (postgres://user:password@host/db) or in PGPASSWORD",
             info.user
         ))
     })
 }
 
-fn protocol(what: &str) -> ReplicationError {
-    ReplicationError::Protocol(what.to_string())
+fn protocol(what: &str) -> PgError {
+    PgError::Protocol(what.to_string())
 }
 
-fn startup_error(e: ServerError, info: &PgConnInfo) -> ReplicationError {
+fn startup_error(e: ServerError, info: &PgConnInfo) -> PgError {
     match e.code.as_str() {
-        "28P01" => ReplicationError::Auth(format!(
+        "28P01" => PgError::Auth(format!(
             "password authentication failed for role {:?}: check the password in the database URL",
             info.user
         )),
-        "28000" => ReplicationError::Auth(format!(
+        "28000" => PgError::Auth(format!(
             "{}: the role needs the REPLICATION attribute (ALTER ROLE {} REPLICATION) and pg_hba.conf needs a line allowing replication connections to database {:?}",
             e.message, info.user, info.dbname
         )),
-        "3D000" => ReplicationError::Setup(format!(
+        "3D000" => PgError::Setup(format!(
             "database {:?} does not exist: check the database URL",
             info.dbname
         )),
-        "53300" => ReplicationError::Setup(format!(
+        "53300" => PgError::Setup(format!(
             "{}: raise max_wal_senders / max_connections or stop another consumer",
             e.message
         )),
-        _ => ReplicationError::Server(e),
+        _ => PgError::Server(e),
     }
 }
 

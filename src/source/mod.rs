@@ -13,6 +13,7 @@
 pub mod catalog;
 pub mod conn;
 pub mod error;
+pub mod explain;
 pub mod flush;
 pub mod protocol;
 pub mod session;

@@ -74,6 +74,7 @@ use crate::source::conn::ReplicationConnection;
 pub use crate::source::error::{
     Blocked, ReplicationError, ServerError, CONNECT_TIMEOUT, QUERY_TIMEOUT,
 };
+use crate::source::explain;
 pub use crate::source::flush::Progress;
 use crate::source::flush::{FlushTracker, StatusReason};
 pub use crate::source::protocol::ReplicationOptions;
@@ -185,43 +186,6 @@ impl StreamState {
     }
 }
 
-/// Rewrites server errors that an operator can fix into instructions.
-fn explain(e0: ReplicationError, opts: &ReplicationOptions) -> ReplicationError {
-    let this = e0;
-    let ReplicationError::Server(e) = &this else {
-        return this;
-    };
-    let m = &e.message;
-    if m.contains("publication") && m.contains("does not exist") {
-        return ReplicationError::Setup(format!(
-            "publication {:?} does not exist (it may have been dropped): create it with `walcast setup --publication {} --tables …` or CREATE PUBLICATION",
-            opts.publication, opts.publication
-        ));
-    }
-    if m.contains("replication slot") && m.contains("does not exist") {
-        return ReplicationError::Setup(format!(
-            "replication slot {:?} does not exist (it may have been dropped): create it with `walcast setup --publication {} --slot {} --create-slot` or run with --create-slot; changes made while it did not exist are not recoverable",
-            opts.slot, opts.publication, opts.slot
-        ));
-    }
-    if e.code == "55006" || m.contains("is active for PID") {
-        return ReplicationError::Setup(format!(
-            "replication slot {:?} is already in use by another connection ({m}): stop the other consumer, or give this walcast its own slot with --slot",
-            opts.slot
-        ));
-    }
-    if m.contains("wal_level") {
-        return ReplicationError::Setup(slot::WAL_LEVEL_HELP.to_string());
-    }
-    if m.contains("can no longer get changes") || m.contains("invalidated") {
-        return ReplicationError::Setup(format!(
-            "replication slot {:?} was invalidated because the WAL it needed was removed (max_slot_wal_keep_size): drop and recreate it; changes since its confirmed position are lost ({m})",
-            opts.slot
-        ));
-    }
-    this
-}
-
 /// Streams the slot into `tx` until `shutdown` fires, reconnecting after transient
 /// errors. Returns `Ok` after a clean shutdown (with a final status update sent),
 /// also when shutdown comes while connecting: every connect and query has a
@@ -251,7 +215,7 @@ pub async fn run(
         match res {
             Ok(()) => return Ok(()),
             Err(e) => {
-                let e = explain(e, &opts);
+                let e = explain::explain(e, &opts, ever_streamed, &shutdown).await;
                 if tx.is_closed() {
                     // Downstream is gone (tail's stdout closed, serve stopping).
                     return Err(e);
@@ -655,7 +619,7 @@ impl<'a> Session<'a> {
             return ReplicationError::Blocked {
                 kind: Blocked::PublicationMissing,
                 message: format!(
-                    "publication {:?} was dropped ({e}): create it again with `walcast setup --publication {} --tables …`; if changes were written while it was missing, the slot must then be advanced past them (walcast will say so)",
+                    "publication {:?} does not exist: it was dropped ({e}); create it again with `walcast setup --publication {} --tables …`; if changes were written while it was missing, the slot must then be advanced past them (walcast will say so)",
                     o.publication, o.publication
                 ),
                 slot_at,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::lsn::Lsn;
 use crate::source::conn::ReplicationConnection;
-use crate::source::error::ReplicationError;
+use crate::source::error::PgError;
 use crate::source::protocol::ReplicationOptions;
 pub use crate::source::protocol::{quote_ident, quote_literal};
 
@@ -34,8 +34,8 @@ pub struct SlotInfo {
 pub async fn preflight(
     sql: &tokio_postgres::Client,
     opts: &ReplicationOptions,
-) -> Result<Preflight, ReplicationError> {
-    let q = |e| ReplicationError::from_sql(e);
+) -> Result<Preflight, PgError> {
+    let q = |e| PgError::from_sql(e);
     let row = sql
         .query_one(
             "select current_setting('wal_level'), current_setting('server_version_num')::int4, \
@@ -46,7 +46,7 @@ pub async fn preflight(
         .map_err(q)?;
     let wal_level: String = row.get(0);
     if wal_level != "logical" {
-        return Err(ReplicationError::Setup(format!(
+        return Err(PgError::Setup(format!(
             "{WAL_LEVEL_HELP} (it is '{wal_level}' now)"
         )));
     }
@@ -82,14 +82,14 @@ pub async fn preflight(
             let confirmed: Option<String> = r.get(4);
             let wal_status: Option<String> = r.get(5);
             if plugin.as_deref() != Some("pgoutput") {
-                return Err(ReplicationError::Setup(format!(
+                return Err(PgError::Setup(format!(
                     "replication slot {:?} uses plugin {:?}, walcast needs pgoutput: drop it or choose another --slot",
                     opts.slot,
                     plugin.unwrap_or_else(|| "none (a physical slot)".into())
                 )));
             }
             if database.as_deref() != Some(opts.conn.dbname.as_str()) {
-                return Err(ReplicationError::Setup(format!(
+                return Err(PgError::Setup(format!(
                     "replication slot {:?} belongs to database {:?}, not {:?}: connect to that database or choose another --slot",
                     opts.slot,
                     database.unwrap_or_default(),
@@ -97,13 +97,13 @@ pub async fn preflight(
                 )));
             }
             if let Some(pid) = active_pid {
-                return Err(ReplicationError::Setup(format!(
+                return Err(PgError::Setup(format!(
                     "replication slot {:?} is already in use by another connection (server PID {pid}): stop the other consumer, or give this walcast its own slot with --slot",
                     opts.slot
                 )));
             }
             if wal_status.as_deref() == Some("lost") {
-                return Err(ReplicationError::Setup(format!(
+                return Err(PgError::Setup(format!(
                     "replication slot {:?} was invalidated because the WAL it needed was removed (max_slot_wal_keep_size): drop and recreate it; changes since its confirmed position are lost",
                     opts.slot
                 )));
@@ -127,7 +127,7 @@ pub async fn create_slot(
     conn: &mut ReplicationConnection,
     name: &str,
     temporary: bool,
-) -> Result<Lsn, ReplicationError> {
+) -> Result<Lsn, PgError> {
     validate_slot_name(name)?;
     let rows = conn
         .simple_query(&format!(
@@ -137,11 +137,11 @@ pub async fn create_slot(
         ))
         .await
         .map_err(|e| match e {
-            ReplicationError::Server(se) if se.code == "53400" => ReplicationError::Setup(format!(
+            PgError::Server(se) if se.code == "53400" => PgError::Setup(format!(
                 "cannot create replication slot {name:?}: {}; raise max_replication_slots (needs a restart) or drop unused slots",
                 se.message
             )),
-            ReplicationError::Server(se) if se.code == "42501" => ReplicationError::Setup(format!(
+            PgError::Server(se) if se.code == "42501" => PgError::Setup(format!(
                 "cannot create replication slot {name:?}: {}; the role needs the REPLICATION attribute or superuser",
                 se.message
             )),
@@ -155,8 +155,8 @@ pub async fn create_slot(
 }
 
 /// Slot names: lower-case letters, digits and underscores, at most 63 characters.
-pub fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
-    crate::config::validate_slot_name(name).map_err(ReplicationError::Setup)
+pub fn validate_slot_name(name: &str) -> Result<(), PgError> {
+    crate::config::validate_slot_name(name).map_err(PgError::Setup)
 }
 
 /// Parses a duration as `current_setting` prints it: `60s`, `1min`, `500ms`, `0`.

@@ -39,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{PgConnInfo, PgHost, SslMode};
-use crate::source::error::{ReplicationError, CONNECT_TIMEOUT};
+use crate::source::error::{PgError, CONNECT_TIMEOUT};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The `SSLRequest` message: length 8, then the magic request code 80877103.
@@ -53,7 +53,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> PgIo for T {}
 pub async fn connect_stream(
     info: &PgConnInfo,
     timeout: Duration,
-) -> Result<Box<dyn PgIo>, ReplicationError> {
+) -> Result<Box<dyn PgIo>, PgError> {
     let tls = client_config(info)?;
     let mut last_err = None;
     for host in &info.hosts {
@@ -73,14 +73,12 @@ pub async fn connect_stream(
                                     negotiate(s, host, &target, cfg.clone(), info.ssl_mode),
                                 )
                                 .await
-                                .map_err(|_| {
-                                    ReplicationError::Connect {
-                                        target,
-                                        source: std::io::Error::new(
-                                            std::io::ErrorKind::TimedOut,
-                                            "TLS negotiation timed out",
-                                        ),
-                                    }
+                                .map_err(|_| PgError::Connect {
+                                    target,
+                                    source: std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "TLS negotiation timed out",
+                                    ),
                                 })?;
                             }
                         }
@@ -105,11 +103,11 @@ pub async fn connect_stream(
         }
     }
     let Some((host, e)) = last_err else {
-        return Err(ReplicationError::Setup(
+        return Err(PgError::Setup(
             "the database URL names no host: add one (postgres://user@host:port/db)".into(),
         ));
     };
-    Err(ReplicationError::Connect {
+    Err(PgError::Connect {
         target: match host {
             PgHost::Tcp { host, port } => format!("{host}:{port}"),
             PgHost::Unix { path } => path.display().to_string(),
@@ -126,8 +124,8 @@ async fn negotiate(
     target: &str,
     cfg: Arc<ClientConfig>,
     mode: SslMode,
-) -> Result<Box<dyn PgIo>, ReplicationError> {
-    let io_err = |source| ReplicationError::Connect {
+) -> Result<Box<dyn PgIo>, PgError> {
+    let io_err = |source| PgError::Connect {
         target: target.to_string(),
         source,
     };
@@ -143,8 +141,8 @@ async fn negotiate(
             Ok(Box::new(stream))
         }
         b'N' if mode == SslMode::Prefer => Ok(Box::new(tcp)),
-        b'N' => Err(ReplicationError::Tls(no_tls_help(target, mode))),
-        other => Err(ReplicationError::Protocol(format!(
+        b'N' => Err(PgError::tls(no_tls_help(target, mode))),
+        other => Err(PgError::Protocol(format!(
             "unexpected answer {:?} to SSLRequest from {target}",
             char::from(other)
         ))),
@@ -168,22 +166,22 @@ fn mode_name(mode: SslMode) -> &'static str {
     }
 }
 
-fn server_name(host: &str) -> Result<ServerName<'static>, ReplicationError> {
+fn server_name(host: &str) -> Result<ServerName<'static>, PgError> {
     ServerName::try_from(host.to_string()).map_err(|e| {
-        ReplicationError::Tls(format!(
+        PgError::tls(format!(
             "host {host:?} is not a valid DNS name or IP address for TLS: {e}"
         ))
     })
 }
 
 /// Explains a failed handshake; certificate problems say what to change.
-fn handshake_error(e: std::io::Error, target: &str, mode: SslMode) -> ReplicationError {
+fn handshake_error(e: std::io::Error, target: &str, mode: SslMode) -> PgError {
     let rustls_err = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_err {
-        Some(err) => ReplicationError::Tls(explain_rustls(err, target, mode)),
-        None => ReplicationError::Connect {
+        Some(err) => PgError::tls_caused(explain_rustls(err, target, mode), err.clone()),
+        None => PgError::Connect {
             target: target.to_string(),
             source: e,
         },
@@ -216,11 +214,11 @@ fn explain_rustls(err: &rustls::Error, target: &str, mode: SslMode) -> String {
 }
 
 /// The rustls settings `sslmode` asks for, or `None` when TLS is off.
-pub fn client_config(info: &PgConnInfo) -> Result<Option<Arc<ClientConfig>>, ReplicationError> {
+pub fn client_config(info: &PgConnInfo) -> Result<Option<Arc<ClientConfig>>, PgError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ReplicationError::Tls(format!("cannot set up TLS: {e}")))?;
+        .map_err(|e| PgError::tls(format!("cannot set up TLS: {e}")))?;
     let root_file = root_cert_path(info);
     let verifier: Arc<dyn ServerCertVerifier> = match (info.ssl_mode, root_file) {
         (SslMode::Disable, _) => return Ok(None),
@@ -233,7 +231,7 @@ pub fn client_config(info: &PgConnInfo) -> Result<Option<Arc<ClientConfig>>, Rep
         }),
         (SslMode::VerifyFull, Some(path)) => webpki_verifier(&path, provider)?,
         (mode @ (SslMode::VerifyCa | SslMode::VerifyFull), None) => {
-            return Err(ReplicationError::Tls(format!(
+            return Err(PgError::tls(format!(
                 "sslmode={} needs the CA certificate that signed the server's certificate: add sslrootcert=/path/to/ca.pem to the database URL (or put it in ~/.postgresql/root.crt)",
                 mode_name(mode)
             )))
@@ -259,22 +257,22 @@ fn root_cert_path(info: &PgConnInfo) -> Option<PathBuf> {
 fn webpki_verifier(
     path: &Path,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, ReplicationError> {
+) -> Result<Arc<WebPkiServerVerifier>, PgError> {
     if path.as_os_str() == "system" {
-        return Err(ReplicationError::Tls(
-            "sslrootcert=system is not supported: point sslrootcert at a PEM file with the CA certificate".into(),
+        return Err(PgError::tls(
+            "sslrootcert=system is not supported: point sslrootcert at a PEM file with the CA certificate",
         ));
     }
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
-            ReplicationError::Tls(format!(
+            PgError::tls(format!(
                 "cannot read the root certificate file sslrootcert={} ({e}): it must be a readable PEM file with the CA certificate",
                 path.display()
             ))
         })?;
     if certs.is_empty() {
-        return Err(ReplicationError::Tls(format!(
+        return Err(PgError::tls(format!(
             "sslrootcert={} holds no PEM certificate (-----BEGIN CERTIFICATE-----): point it at the CA certificate",
             path.display()
         )));
@@ -282,7 +280,7 @@ fn webpki_verifier(
     let mut roots = RootCertStore::empty();
     for c in certs {
         roots.add(c).map_err(|e| {
-            ReplicationError::Tls(format!(
+            PgError::tls(format!(
                 "sslrootcert={} holds a certificate that cannot be used as a root ({e})",
                 path.display()
             ))
@@ -290,7 +288,7 @@ fn webpki_verifier(
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| ReplicationError::Tls(format!("cannot set up certificate checks: {e}")))
+        .map_err(|e| PgError::tls(format!("cannot set up certificate checks: {e}")))
 }
 
 /// `sslmode=require`/`prefer` without a root: encrypt, check nothing about the
@@ -405,7 +403,7 @@ impl ServerCertVerifier for ChainOnly {
 
 /// Opens an ordinary SQL connection and drives it on a background task that ends
 /// when the client is dropped.
-pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, ReplicationError> {
+pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, PgError> {
     let mut cfg = info.sql_config.clone();
     cfg.connect_timeout(Duration::from_secs(10));
     // Like libpq, never TLS over Unix-domain sockets (the server would say 'N').
@@ -425,7 +423,7 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Re
                 let (client, conn) = cfg
                     .connect(tokio_postgres::NoTls)
                     .await
-                    .map_err(ReplicationError::from_sql)?;
+                    .map_err(PgError::from_sql)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "sql connection ended");
@@ -451,7 +449,7 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Re
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(r) => r,
-        Err(_) => Err(ReplicationError::Connect {
+        Err(_) => Err(PgError::Connect {
             target: target.clone(),
             source: std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -466,23 +464,23 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Re
 
 /// TLS failures of the SQL connection are definite (retrying will not fix a
 /// certificate); everything else keeps its usual classification.
-fn sql_tls_error(e: tokio_postgres::Error, target: &str, mode: SslMode) -> ReplicationError {
+fn sql_tls_error(e: tokio_postgres::Error, target: &str, mode: SslMode) -> PgError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = src {
         if let Some(r) = s.downcast_ref::<rustls::Error>() {
-            return ReplicationError::Tls(explain_rustls(r, target, mode));
+            return PgError::tls_caused(explain_rustls(r, target, mode), r.clone());
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return ReplicationError::Tls(explain_rustls(r, target, mode));
+                return PgError::tls_caused(explain_rustls(r, target, mode), r.clone());
             }
         }
         if s.to_string().contains("server does not support TLS") {
-            return ReplicationError::Tls(no_tls_help(target, mode));
+            return PgError::tls(no_tls_help(target, mode));
         }
         src = s.source();
     }
-    ReplicationError::from_sql(e)
+    PgError::from_sql(e)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod layers;
 mod lifecycle;
 mod metrics;
 mod paused;
+mod pgerrors;
 mod realtime_js;
 mod replication;
 mod setup;

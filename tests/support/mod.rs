@@ -58,7 +58,12 @@ impl Cluster {
     /// A new cluster with `wal_level=logical` plus `extra` settings; stopped and
     /// removed when dropped (the shared one: when the test process exits).
     pub fn start(extra: &[(&str, &str)]) -> Cluster {
-        match ::walcast::testing::Cluster::start(extra) {
+        Cluster::start_with_env(extra, &[])
+    }
+
+    /// [`Cluster::start`] with `env` set for the server process.
+    pub fn start_with_env(extra: &[(&str, &str)], env: &[(&str, &str)]) -> Cluster {
+        match ::walcast::testing::Cluster::start_with_env("test", extra, env) {
             Ok(c) => Cluster(c),
             Err(e) => panic!("cannot start a throwaway PostgreSQL: {e}"),
         }
