@@ -362,10 +362,44 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
     let sql = crate::source::tls::connect_sql(&opts.conn).await?;
     let facts = server_facts(&sql).await?;
     let mut report = Report::default();
+    let mut plan = Plan::default();
+    let final_tables = plan_publication(&sql, opts, &facts, &mut report, &mut plan).await?;
+    plan_replica_identity(opts, &facts, &final_tables, &mut report, &mut plan)?;
+    if opts.create_slot {
+        plan.slot = plan_slot(&sql, opts, &facts, &mut report).await?;
+    }
+    if facts.wal_level != "logical" && !opts.create_slot {
+        report.note(
+            opts.dry_run,
+            format!(
+                "warning: wal_level is '{}': {WAL_LEVEL_HELP}",
+                facts.wal_level
+            ),
+        );
+    }
+
+    apply(&sql, opts, plan, report).await
+}
+
+/// What setup will do: statements run in one transaction, then the slot.
+#[derive(Default)]
+struct Plan {
+    tx_actions: Vec<Action>,
+    slot: Option<Action>,
+}
+
+/// The publication's part of the plan; returns the tables it will publish.
+async fn plan_publication(
+    sql: &tokio_postgres::Client,
+    opts: &SetupOptions,
+    facts: &ServerFacts,
+    report: &mut Report,
+    plan: &mut Plan,
+) -> Result<Vec<Table>, SetupError> {
     let dry = opts.dry_run;
     let publication = quote_ident(&opts.publication);
-
-    // --- the publication -------------------------------------------------------
+    let tx_actions = &mut plan.tx_actions;
+    let final_tables: Vec<Table>;
     let existing = sql
         .query_opt(
             "select puballtables from pg_catalog.pg_publication where pubname = $1",
@@ -373,9 +407,6 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
         )
         .await
         .map_err(|e| SetupError::from_sql(e, "reading publications"))?;
-    let mut tx_actions: Vec<Action> = Vec::new();
-    // The tables the publication will have once the plan ran.
-    let final_tables: Vec<Table>;
     match (existing.map(|r| r.get::<_, bool>(0)), &opts.tables) {
         (None, TableSelection::Unchanged) => {
             return Err(SetupError::Refused(format!(
@@ -384,9 +415,9 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
             )));
         }
         (None, TableSelection::Tables(list)) => {
-            let tables = resolve_tables(&sql, list, &facts.database).await?;
-            need_create_on_db(&facts, &opts.publication)?;
-            need_ownership(&facts, &tables, "add it to a publication")?;
+            let tables = resolve_tables(sql, list, &facts.database).await?;
+            need_create_on_db(facts, &opts.publication)?;
+            need_ownership(facts, &tables, "add it to a publication")?;
             tx_actions.push(Action {
                 sql: format!(
                     "CREATE PUBLICATION {publication} FOR TABLE {}",
@@ -411,13 +442,13 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
                 sql: format!("CREATE PUBLICATION {publication} FOR ALL TABLES"),
                 done: format!("created publication {} for all tables", opts.publication),
             });
-            final_tables = all_user_tables(&sql).await?;
+            final_tables = all_user_tables(sql).await?;
         }
         (Some(true), selection) => {
-            let tables = publication_tables(&sql, &opts.publication).await?;
+            let tables = publication_tables(sql, &opts.publication).await?;
             match selection {
                 TableSelection::Tables(list) => {
-                    let wanted = resolve_tables(&sql, list, &facts.database).await?;
+                    let wanted = resolve_tables(sql, list, &facts.database).await?;
                     report.note(dry, format!(
                         "publication {} is FOR ALL TABLES, so it already publishes {}: nothing to add",
                         opts.publication,
@@ -441,10 +472,10 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
             )));
         }
         (Some(false), selection) => {
-            let current = publication_tables(&sql, &opts.publication).await?;
+            let current = publication_tables(sql, &opts.publication).await?;
             let mut final_list = current.clone();
             if let TableSelection::Tables(list) = selection {
-                let wanted = resolve_tables(&sql, list, &facts.database).await?;
+                let wanted = resolve_tables(sql, list, &facts.database).await?;
                 let missing: Vec<Table> = wanted
                     .iter()
                     .filter(|t| {
@@ -464,7 +495,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
                         ),
                     );
                 } else {
-                    need_ownership(&facts, &missing, "add it to a publication")?;
+                    need_ownership(facts, &missing, "add it to a publication")?;
                     tx_actions.push(Action {
                         sql: format!(
                             "ALTER PUBLICATION {publication} ADD TABLE {}",
@@ -492,7 +523,19 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
         }
     }
 
-    // --- replica identity -------------------------------------------------------
+    Ok(final_tables)
+}
+
+/// Replica identity changes, when asked for, of the tables to be published.
+fn plan_replica_identity(
+    opts: &SetupOptions,
+    facts: &ServerFacts,
+    final_tables: &[Table],
+    report: &mut Report,
+    plan: &mut Plan,
+) -> Result<(), SetupError> {
+    let dry = opts.dry_run;
+    let tx_actions = &mut plan.tx_actions;
     if let Some(identity) = opts.replica_identity {
         let to_change: Vec<&Table> = final_tables
             .iter()
@@ -512,14 +555,14 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
                     dry,
                     format!(
                         "tables {} already have REPLICA IDENTITY {}: nothing to do",
-                        names(&final_tables),
+                        names(final_tables),
                         identity.sql()
                     ),
                 );
             }
         } else {
             let owned: Vec<Table> = to_change.iter().map(|t| (*t).clone()).collect();
-            need_ownership(&facts, &owned, "change its replica identity")?;
+            need_ownership(facts, &owned, "change its replica identity")?;
             for t in to_change {
                 tx_actions.push(Action {
                     sql: format!(
@@ -533,7 +576,18 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
         }
     }
 
-    // --- the slot ---------------------------------------------------------------
+    Ok(())
+}
+
+/// The slot's part of the plan: nothing when it exists as it should, refused
+/// when it cannot be made.
+async fn plan_slot(
+    sql: &tokio_postgres::Client,
+    opts: &SetupOptions,
+    facts: &ServerFacts,
+    report: &mut Report,
+) -> Result<Option<Action>, SetupError> {
+    let dry = opts.dry_run;
     let mut slot_action = None;
     if opts.create_slot {
         let slot = sql
@@ -598,17 +652,22 @@ pub async fn setup(opts: &SetupOptions) -> Result<Report, SetupError> {
         }
     }
 
-    if facts.wal_level != "logical" && !opts.create_slot {
-        report.note(
-            dry,
-            format!(
-                "warning: wal_level is '{}': {WAL_LEVEL_HELP}",
-                facts.wal_level
-            ),
-        );
-    }
+    Ok(slot_action)
+}
 
-    // --- act --------------------------------------------------------------------
+/// Runs the plan (or, dry, lists its statements): the publication and replica
+/// identity in one transaction, then the slot.
+async fn apply(
+    sql: &tokio_postgres::Client,
+    opts: &SetupOptions,
+    plan: Plan,
+    mut report: Report,
+) -> Result<Report, SetupError> {
+    let dry = opts.dry_run;
+    let Plan {
+        tx_actions,
+        slot: slot_action,
+    } = plan;
     if dry {
         for a in tx_actions.iter().chain(slot_action.iter()) {
             report.lines.push(format!("{};", a.sql));

@@ -283,12 +283,33 @@ impl ReplicationConnection {
         Ok(())
     }
 
-    /// Ends the stream politely: CopyDone, then Terminate.
+    /// Ends the stream politely: CopyDone; then reads (and drops) what the server
+    /// still sends until it ends its side of the copy and is ready, so that
+    /// everything sent before — the final status update — was processed; then
+    /// Terminate. Closing a socket with unread data resets the connection, and a
+    /// reset can make the server drop what it had not read yet: the last flush
+    /// position would be lost. Bounded by 2 s.
     pub async fn close(mut self) {
-        let mut buf = BytesMut::new();
-        frontend::copy_done(&mut buf);
-        frontend::terminate(&mut buf);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.framed.send(buf.freeze())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut buf = BytesMut::new();
+            frontend::copy_done(&mut buf);
+            self.framed.send(buf.freeze()).await?;
+            loop {
+                match next(&mut self.framed).await?.tag {
+                    // ReadyForQuery: the stream is over and the server idle.
+                    b'Z' => break,
+                    // ErrorResponse: nothing more will come.
+                    b'E' => break,
+                    // XLogData, keepalives, CopyDone, CommandComplete: drop.
+                    _ => {}
+                }
+            }
+            let mut buf = BytesMut::new();
+            frontend::terminate(&mut buf);
+            self.framed.send(buf.freeze()).await?;
+            Ok::<(), PgError>(())
+        })
+        .await;
     }
 }
 

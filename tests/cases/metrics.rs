@@ -342,7 +342,7 @@ async fn ready_fails_while_postgres_is_down_and_recovers() {
     let r = wait_for("/ready 503 and health critical", T, || async {
         let (status, r) = ready(server.port).await;
         let h = health_status(&scrape(server.port).await);
-        (status == 503 && h == 2.0).then_some(r)
+        (status == 503 && h == 2.0 && r["status"] == "critical").then_some(r)
     })
     .await;
     // critical 3 s, plus the reconnect attempt and a scrape.

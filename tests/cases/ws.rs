@@ -333,12 +333,14 @@ async fn sigterm_closes_sockets_with_1001_confirms_and_exits_cleanly() {
         "ok"
     );
     c.batch_execute("insert into t values (1)").await.unwrap();
-    recv_event(&mut ws, "postgres_changes").await;
-    let before: String = c
-        .query_one("select pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let change = recv_event(&mut ws, "postgres_changes").await;
+    // The delivered transaction's commit LSN; its end (what is confirmed) is past
+    // it. (Not `pg_current_wal_lsn()`: the server may write WAL of its own after
+    // the commit, which walcast only confirms once a keepalive reports it.)
+    let commit_lsn = change[4]["data"]["commit_lsn"]
+        .as_str()
+        .expect("commit_lsn in the change")
+        .to_string();
     server.proc.signal(15);
     let mut code = None;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(T, ws.next()).await {
@@ -353,8 +355,8 @@ async fn sigterm_closes_sockets_with_1001_confirms_and_exits_cleanly() {
     // The delivered transaction was confirmed: the slot is past it.
     let confirmed: bool = c
         .query_one(
-            "select confirmed_flush_lsn >= $1::text::pg_lsn from pg_replication_slots where slot_name = 'slot_ws_shutdown'",
-            &[&before],
+            "select confirmed_flush_lsn > $1::text::pg_lsn from pg_replication_slots where slot_name = 'slot_ws_shutdown'",
+            &[&commit_lsn],
         )
         .await
         .unwrap()

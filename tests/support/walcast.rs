@@ -20,7 +20,10 @@ pub struct Proc {
 pub fn spawn(args: &[&str]) -> Proc {
     let mut child = Command::new(BIN)
         .args(args)
-        .env("WALCAST_LOG", "warn")
+        .env(
+            "WALCAST_LOG",
+            std::env::var("WALCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
