@@ -191,7 +191,7 @@ static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
 const BASE_SETTINGS: &str = "listen_addresses = '127.0.0.1'\n\
      wal_level = logical\n\
      max_wal_senders = 64\n\
-     max_replication_slots = 64\n\
+     max_replication_slots = 256\n\
      max_connections = 300\n\
      fsync = off\n\
      synchronous_commit = off\n\
