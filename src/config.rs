@@ -390,6 +390,8 @@ pub struct ServeConfig {
     pub channels: Vec<crate::broadcast::ChannelRule>,
     /// `[auth]`: JWT verification and per-table row rules.
     pub auth: crate::auth::AuthConfig,
+    /// `[status]`: who may open the live status page besides a bypass role.
+    pub status: crate::status::StatusConfig,
 }
 
 #[derive(Clone, serde::Deserialize)]

@@ -49,6 +49,8 @@
 //! - [`metrics`]: Prometheus metrics read from the pipeline's counters, health
 //!   levels, `/metrics`, `/health` and `/ready`; [`notice`]: `system` messages
 //!   to channels when replication is down, back, or skipped changes.
+//! - [`status`]: the live status page (`/status`, server-sent events), `walcast
+//!   status --url`'s summary, and catch-up progress logging.
 //! - [`serve`]: `walcast serve`, wiring the stages together with an explicit
 //!   shutdown order; [`shutdown`] turns SIGINT/SIGTERM into a cancellation token.
 //! - [`setup`]: `walcast setup`, `status` and `teardown`: publication, replica
@@ -84,6 +86,7 @@ pub mod replication;
 pub mod serve;
 pub mod setup;
 pub mod shutdown;
+pub mod status;
 pub mod tail;
 pub mod testing;
 pub mod tls;

@@ -161,7 +161,7 @@ pub async fn run(
     // Replication stops on its own token, cancelled after the server stops accepting.
     let stop_stream = CancellationToken::new();
     let repl_opts = ReplicationOptions {
-        conn,
+        conn: conn.clone(),
         slot: config.postgres.slot.clone(),
         publication: config.postgres.publication.clone(),
         create_slot: config.postgres.create_slot,
@@ -181,10 +181,12 @@ pub async fn run(
         config.presence.clone(),
         config.channels.clone(),
     ));
+    let status_feed = Arc::new(crate::status::Feed::default());
     let hub = {
         let b = broadcast.clone();
         let hub = Hub::new(render, hub_stats.clone())
-            .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)));
+            .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)))
+            .with_change_hook(status_feed.hook());
         tokio::spawn(hub.run(items_rx, cmd_rx, progress))
     };
 
@@ -215,7 +217,19 @@ pub async fn run(
         shutdown: sessions_stop.clone(),
         tracker: tracker.clone(),
     });
-    let app = ws::router(shared.clone()).merge(crate::metrics::routes(metrics.clone()));
+    let status = crate::status::Status::start(crate::status::StatusOptions {
+        metrics: metrics.clone(),
+        hub: shared.hub.clone(),
+        auth: shared.auth.clone(),
+        config: (*config).clone(),
+        conn,
+        feed: status_feed,
+        catalog: shared.catalog.clone(),
+        stop: sessions_stop.clone(),
+    });
+    let app = ws::router(shared.clone())
+        .merge(crate::metrics::routes(metrics.clone()))
+        .merge(crate::status::routes(status));
     let app = ws::http::finish(app, &config.server.cors_origins);
     // Serve once the slot is streaming (so a slot created at startup exists before the
     // first client can write), or after a deadline so /health answers while PostgreSQL
@@ -232,6 +246,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if repl.is_finished() {
+        sessions_stop.cancel(); // the status sampler
         notices_stop.cancel();
         monitor_stop.cancel();
         let _ = monitor.await;
