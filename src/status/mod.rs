@@ -64,9 +64,9 @@ use crate::lsn::Lsn;
 use crate::metrics::{AuthFailure, DisconnectReason, DropReason, Health, Level, Metrics};
 
 /// How often the sampler reads the counters.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Samples kept: 15 minutes.
-pub const HISTORY: usize = 450;
+pub const HISTORY: usize = 900;
 /// Feed items buffered per viewer before it skips some.
 pub const FEED_CAPACITY: usize = 256;
 /// A catch-up is logged when the slot is at least this far behind (one WAL segment).
@@ -612,6 +612,7 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
     let mut prev_tables: Option<(std::time::Instant, HashMap<String, [u64; 4]>)> = None;
     let mut catch_up = CatchUp::default();
     let mut was_connected = false;
+    let mut last_tick = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = st.stop.cancelled() => return,
@@ -690,7 +691,12 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
 
         // Work for open pages only.
         if st.feed.watchers.load(Ordering::Relaxed) == 0 {
-            prev_tables = None;
+            if prev_tables.take().is_some() {
+                if let Ok(mut m) = st.feed.by_table.lock() {
+                    m.clear();
+                }
+            }
+            last_tick = now;
             continue;
         }
         let counts = st
@@ -699,7 +705,10 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        if let Some((at, before)) = &prev_tables {
+        // The first tick watched counts from the previous one: the hook counts
+        // since the first page opened, and the map was empty before.
+        let (at, before) = prev_tables.get_or_insert_with(|| (last_tick, HashMap::new()));
+        {
             let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
             let mut rates: Vec<(String, [f64; 4])> = counts
                 .iter()
@@ -721,6 +730,7 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
             }
         }
         prev_tables = Some((now, counts));
+        last_tick = now;
         st.feed.resolve_keys(&st.catalog).await;
         let census = st.census().await;
         let snap = st.snapshot_with(census);

@@ -11,6 +11,7 @@ mod metrics;
 mod realtime_js;
 mod replication;
 mod setup;
+mod status;
 mod subscriptions;
 mod tls;
 mod values;

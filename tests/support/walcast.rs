@@ -140,8 +140,19 @@ impl Server {
 
 /// Starts `walcast serve` for `db`'s slot and publication, waits until it listens.
 pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) -> Server {
+    serve_on("127.0.0.1", db_url, slot, publication, extra).await
+}
+
+/// Like [`serve`], listening on `host` (such as `0.0.0.0`) instead of loopback.
+pub async fn serve_on(
+    host: &str,
+    db_url: &str,
+    slot: &str,
+    publication: &str,
+    extra: &[&str],
+) -> Server {
     let port = super::free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("{host}:{port}");
     let mut args = vec![
         "serve",
         "--database-url",
