@@ -249,20 +249,49 @@ impl Feed {
             .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default();
         for (id, schema, name) in wanted {
-            let names: Vec<String> = match catalog.table(&schema, &name).await {
-                Ok(t) => t
-                    .columns
-                    .iter()
-                    .filter(|c| c.key)
-                    .map(|c| c.name.clone())
-                    .collect(),
+            match catalog.table(&schema, &name).await {
+                Ok(t) => self.note_key(&t),
                 // Dropped or unpublished meanwhile: show no key.
-                Err(_) => Vec::new(),
-            };
-            if let Ok(mut m) = self.primary_keys.lock() {
-                if m.len() < MAX_TABLES * 5 {
-                    m.insert(id, Arc::from(names));
-                }
+                Err(_) => self.note_key_names(id, Vec::new()),
+            }
+        }
+    }
+
+    /// Reads the primary keys of every published table (when a page opens), so
+    /// the feed shows keys from the first change.
+    async fn preload_keys(&self, catalog: &crate::catalog::Catalog) {
+        let Ok(tables) = catalog.published_relations().await else {
+            return;
+        };
+        for (id, schema, name) in tables.into_iter().take(MAX_TABLES) {
+            let known = self
+                .primary_keys
+                .lock()
+                .map(|m| m.contains_key(&id.0))
+                .unwrap_or(true);
+            if known {
+                continue;
+            }
+            if let Ok(t) = catalog.table(&schema, &name).await {
+                self.note_key(&t);
+            }
+        }
+    }
+
+    fn note_key(&self, t: &crate::relation::Table) {
+        let names = t
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect();
+        self.note_key_names(t.id.0, names);
+    }
+
+    fn note_key_names(&self, id: u32, names: Vec<String>) {
+        if let Ok(mut m) = self.primary_keys.lock() {
+            if m.len() < MAX_TABLES * 5 || m.contains_key(&id) {
+                m.insert(id, Arc::from(names));
             }
         }
     }
@@ -914,6 +943,8 @@ async fn events(
     if let Err(r) = st.admit(peer, &headers, &q).await {
         return r;
     }
+    // At most a couple of seconds; the sampler catches up on what is missing.
+    let _ = tokio::time::timeout(Duration::from_secs(2), st.feed.preload_keys(&st.catalog)).await;
     let watcher = st.feed.watch();
     let feed = st.feed.tx.subscribe();
     let mut latest = st.latest.subscribe();
