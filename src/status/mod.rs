@@ -984,8 +984,16 @@ async fn events(
     let mut resp = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    // The connection ends with the stream: its deadline (see below) goes with it.
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     resp.extensions_mut().insert(crate::ws::listener::LongLived);
     resp
 }

@@ -154,7 +154,11 @@ async fn status_without_auth_is_loopback_only_unless_the_status_token_is_sent() 
     let db = "status_access_noauth";
     let _c = setup_db(db, "create table t (id int primary key)").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, "[status]\ntoken = \"ops-secret-token\"\n");
+    // A short request deadline: the event stream must outlive it.
+    let config = write_config(
+        &dir,
+        "[server]\nheader_timeout_secs = 1\n[status]\ntoken = \"ops-secret-token\"\n",
+    );
     let server = serve_on(
         "0.0.0.0",
         &cluster().url(db),
@@ -187,6 +191,14 @@ async fn status_without_auth_is_loopback_only_unless_the_status_token_is_sent() 
     let (code, body) = get(outside, "/status?apikey=ops-secret-token", &[]).await;
     assert_eq!(code, 200);
     assert!(body.contains("<title>walcast status</title>"), "{body}");
+
+    // The event stream is not cut by the 1 s request deadline: three snapshots
+    // (one a second) arrive on one connection.
+    let mut ev = Events::open(inside, "/status/events").await;
+    ev.until("three snapshots", Duration::from_secs(6), |t| {
+        t.matches("event: snapshot").count() >= 3
+    })
+    .await;
 }
 
 #[tokio::test]
