@@ -398,7 +398,7 @@ async fn status_page_in_chromium_follows_writes_and_an_outage() {
     .unwrap();
     page_wait(
         &mut page,
-        "[...document.querySelectorAll('#feed-rows tr')].some(r => r.textContent.includes('public.orders') && r.textContent.includes('UPDATE') && r.textContent.includes('id=1'))",
+        "[...document.querySelectorAll('#feed-rows tr')].some(r => r.cells[1].textContent === 'public.orders' && r.cells[2].textContent === 'UPDATE' && r.cells[4].textContent === 'id=1')",
         Duration::from_secs(3),
     )
     .await;
@@ -434,7 +434,7 @@ async fn status_page_in_chromium_follows_writes_and_an_outage() {
     .await;
     let shown: Value = page
         .call(
-            json!({"cmd": "eval", "expr": "document.getElementById('feed-rows').textContent.includes('id=100')"}),
+            json!({"cmd": "eval", "expr": "[...document.querySelectorAll('#feed-rows tr')].some(r => r.cells[4].textContent === 'id=100')"}),
             T,
         )
         .await;
@@ -443,7 +443,7 @@ async fn status_page_in_chromium_follows_writes_and_an_outage() {
         .await;
     page_wait(
         &mut page,
-        "document.getElementById('feed-rows').textContent.includes('id=100')",
+        "[...document.querySelectorAll('#feed-rows tr')].some(r => r.cells[4].textContent === 'id=100')",
         Duration::from_secs(2),
     )
     .await;
