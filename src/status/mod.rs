@@ -427,6 +427,11 @@ pub struct Status {
     /// Unix milliseconds since when replication is connected (0: not connected).
     connected_since: AtomicI64,
     server_version: Mutex<Option<String>>,
+    /// A read of the server's version is under way.
+    reading_version: std::sync::atomic::AtomicBool,
+    /// For that read (an ordinary SQL connection, made only when a page or
+    /// `walcast status --url` asks).
+    conn: PgConnInfo,
     /// Per-table change rates over the last interval, while watched.
     table_rates: Mutex<Vec<(String, [f64; 4])>>,
     /// The latest snapshot, made by the sampler while a page is open.
@@ -462,11 +467,13 @@ impl Status {
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             connected_since: AtomicI64::new(0),
             server_version: Mutex::new(None),
+            reading_version: std::sync::atomic::AtomicBool::new(false),
+            conn: o.conn,
             table_rates: Mutex::new(Vec::new()),
             latest: watch::channel(None).0,
             stop: o.stop,
         });
-        tokio::spawn(sampler(status.clone(), o.conn));
+        tokio::spawn(sampler(status.clone()));
         status
     }
 
@@ -634,7 +641,7 @@ fn unix_millis() -> i64 {
 // ---------------------------------------------------------------------------
 // The sampler
 
-async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
+async fn sampler(st: Arc<Status>) {
     let mut ticker = tokio::time::interval(SAMPLE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev: Option<Counters> = None;
@@ -665,7 +672,10 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
         let connected = health.connected;
         if connected && !was_connected {
             st.connected_since.store(unix_millis(), Ordering::Relaxed);
-            tokio::spawn(read_server_version(st.clone(), conn.clone()));
+            // Read again when a page next asks (maybe a different server now).
+            if let Ok(mut v) = st.server_version.lock() {
+                *v = None;
+            }
         } else if !connected {
             st.connected_since.store(0, Ordering::Relaxed);
         }
@@ -761,13 +771,28 @@ async fn sampler(st: Arc<Status>, conn: PgConnInfo) {
         prev_tables = Some((now, counts));
         last_tick = now;
         st.feed.resolve_keys(&st.catalog).await;
+        want_server_version(&st);
         let census = st.census().await;
         let snap = st.snapshot_with(census);
         st.latest.send_replace(Some(Arc::new(snap)));
     }
 }
 
-async fn read_server_version(st: Arc<Status>, conn: PgConnInfo) {
+/// Starts reading the server's version unless it is known or being read.
+fn want_server_version(st: &Arc<Status>) {
+    let known = st
+        .server_version
+        .lock()
+        .map(|v| v.is_some())
+        .unwrap_or(true);
+    if known || st.reading_version.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(read_server_version(st.clone()));
+}
+
+async fn read_server_version(st: Arc<Status>) {
+    let conn = st.conn.clone();
     let read = async {
         let c = crate::tls::connect_sql(&conn).await.ok()?;
         let row = c.query_one("show server_version", &[]).await.ok()?;
@@ -778,6 +803,7 @@ async fn read_server_version(st: Arc<Status>, conn: PgConnInfo) {
             *s = Some(v);
         }
     }
+    st.reading_version.store(false, Ordering::Release);
 }
 
 // ---------------------------------------------------------------------------
@@ -911,6 +937,15 @@ async fn snapshot(
     if let Err(r) = st.admit(peer, &headers, &q).await {
         return r;
     }
+    // One-off readers (`walcast status --url`) get the version in this answer.
+    let unknown = st
+        .server_version
+        .lock()
+        .map(|v| v.is_none())
+        .unwrap_or(false);
+    if unknown && !st.reading_version.swap(true, Ordering::AcqRel) {
+        read_server_version(st.clone()).await;
+    }
     let mut v = st.snapshot().await;
     if q.get("history").is_some_and(|h| h == "1" || h == "true") {
         v["history"] = json!(st.history());
@@ -945,6 +980,7 @@ async fn events(
     }
     // At most a couple of seconds; the sampler catches up on what is missing.
     let _ = tokio::time::timeout(Duration::from_secs(2), st.feed.preload_keys(&st.catalog)).await;
+    want_server_version(&st);
     let watcher = st.feed.watch();
     let feed = st.feed.tx.subscribe();
     let mut latest = st.latest.subscribe();
