@@ -721,6 +721,24 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     /// `[log]`: the on-disk change log.
     pub log: LogConfig,
+    /// `[status]`: who may open the live status page besides a bypass role.
+    pub status: StatusConfig,
+}
+
+/// `[status]`: who may open the status page besides a bypass role.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// A shared secret that opens `/status` (e.g. for an operator without a JWT).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for StatusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Default size of the change log (1 GiB).

@@ -73,7 +73,9 @@
 //! - [`deliver`]: the Phoenix-protocol sessions that realtime-js speaks, each
 //!   connection's writer, Broadcast and Presence.
 //! - [`server`]: the HTTP routes, the accept loop with connection limits,
-//!   Prometheus metrics, health levels, `/ready`.
+//!   Prometheus metrics, health levels, `/ready`, and the live status page
+//!   ([`server::status`]: `/status` over server-sent events, `walcast status
+//!   --url`'s summary, catch-up progress logging).
 //! - [`daemon`]: `walcast serve` as a [`daemon::serve`] pipeline with an explicit
 //!   start and shutdown order; `system` notices when replication is down, back,
 //!   or skipped changes.

@@ -238,16 +238,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             say(format_args!("{}: ok", args.file.display()))?;
         }
         Command::Status(args) => {
-            let conn = PgConnInfo::parse(&args.database_url)?;
-            let status = interruptible(&shutdown, async {
-                Ok(walcast::cli::setup::status(&conn, &args.slot, &args.publication).await?)
-            })
-            .await?;
-            if args.json {
-                say(format_args!("{}", serde_json::to_string(&status)?))?;
-            } else {
-                use std::io::Write;
-                std::io::stdout().write_all(status.to_text().as_bytes())?;
+            if let Some(database_url) = &args.database_url {
+                let conn = PgConnInfo::parse(database_url)?;
+                let status = interruptible(&shutdown, async {
+                    Ok(walcast::cli::setup::status(&conn, &args.slot, &args.publication).await?)
+                })
+                .await?;
+                if args.json {
+                    say(format_args!("{}", serde_json::to_string(&status)?))?;
+                } else {
+                    use std::io::Write;
+                    std::io::stdout().write_all(status.to_text().as_bytes())?;
+                }
+            }
+            if let Some(url) = args.url.clone() {
+                let token = args.token.clone();
+                let live = interruptible(&shutdown, async move {
+                    tokio::task::spawn_blocking(move || {
+                        walcast::server::status::fetch_summary(&url, token.as_deref())
+                    })
+                    .await?
+                    .map_err(anyhow::Error::msg)
+                })
+                .await?;
+                if args.json {
+                    say(format_args!("{live}"))?;
+                } else {
+                    use std::io::Write;
+                    std::io::stdout()
+                        .write_all(walcast::server::status::summary_text(&live).as_bytes())?;
+                }
             }
         }
     }

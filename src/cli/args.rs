@@ -270,8 +270,17 @@ impl SetupArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// PostgreSQL connection URL (postgres://user:password@host:port/db?sslmode=…).
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", required_unless_present = "url")]
+    pub database_url: Option<String>,
+
+    /// A running walcast's HTTP address (http://host:port): also print its live
+    /// summary (health, replication, rates, clients) from /status.json.
+    #[arg(long)]
+    pub url: Option<String>,
+
+    /// Token for --url: a bypass role's JWT or `[status] token`.
+    #[arg(long, env = "WALCAST_STATUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 
     /// Replication slot to report on.
     #[arg(long, default_value = "walcast")]

@@ -520,6 +520,7 @@ orders and their own customer row (without the email). Their portal:
         (change) => console.log('my order', change.new.id, change.new.status))
       .subscribe()
 
+Status:   {base}/status?apikey={status_key}
 Metrics:  {base}/metrics
 Health:   {base}/health
 Database: psql {url}
@@ -528,6 +529,7 @@ Database: psql {url}
 Ctrl-C stops the demo and removes its database.
 "#,
         rate = s.ticks_per_second,
+        status_key = s.api_key,
     )
 }
 

@@ -174,6 +174,8 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ServeError> {
 /// shutdown waits for all of them.
 struct Pipeline {
     config: Arc<ServeConfig>,
+    /// The status page's sampler and feed.
+    status: Arc<crate::server::status::Status>,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     listener: Option<tokio::net::TcpListener>,
@@ -262,7 +264,7 @@ impl Pipeline {
         let stop_stream = CancellationToken::new();
         let repl = tasks.spawn(session::run(
             ReplicationOptions {
-                conn: c.conn,
+                conn: c.conn.clone(),
                 slot: config.postgres.slot.clone(),
                 publication: config.postgres.publication.clone(),
                 create_slot: config.postgres.create_slot,
@@ -275,10 +277,13 @@ impl Pipeline {
             stream.clone(),
             stop_stream.clone(),
         ));
+        // The status page's feed of recent changes (nothing when nobody watches).
+        let status_feed = Arc::new(crate::server::status::Feed::default());
         let hub = {
             let b = broadcast.clone();
             let hub = Hub::new(render, hub_stats.clone())
-                .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)));
+                .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)))
+                .with_change_hook(status_feed.hook());
             tasks.spawn(hub.run(items_rx, cmd_rx, progress))
         };
         // Stopped first on shutdown: stopping is not an outage to announce.
@@ -309,7 +314,18 @@ impl Pipeline {
             shutdown: stop_sessions.clone(),
             tracker: sessions.clone(),
         });
+        let status = crate::server::status::Status::start(crate::server::status::StatusOptions {
+            metrics: metrics.clone(),
+            hub: shared.hub.clone(),
+            auth: shared.auth.clone(),
+            config: (*config).clone(),
+            conn: c.conn,
+            feed: status_feed,
+            catalog: shared.catalog.clone(),
+            stop: stop_sessions.clone(),
+        });
         Ok(Pipeline {
+            status,
             config,
             addr: c.addr,
             metrics_addr: c
@@ -371,7 +387,8 @@ impl Pipeline {
     /// Step 4: serves HTTP and WebSocket, and the metrics listener if configured.
     fn serve_http(&mut self) {
         let app = crate::server::router::router(self.shared.clone())
-            .merge(crate::server::metrics::routes(self.metrics.clone()));
+            .merge(crate::server::metrics::routes(self.metrics.clone()))
+            .merge(crate::server::status::routes(self.status.clone()));
         let app = crate::server::http::finish(app, &self.config.server.cors_origins);
         tracing::info!(addr = %self.addr, "listening");
         if let Some(listener) = self.listener.take() {

@@ -262,6 +262,9 @@ pub enum HubCommand {
         relids: Vec<RelId>,
         read_at: Instant,
     },
+    /// Live `postgres_changes` subscriptions by table (`schema.table`, or a
+    /// wildcard pattern such as `public.*`), for the status page.
+    Census(oneshot::Sender<Vec<(String, u64)>>),
 }
 
 /// A `system` message to all `postgres_changes` channels.
@@ -461,6 +464,8 @@ pub struct Hub {
     hits: Vec<Hit>,
     /// Where logical decoding messages go (the broadcast module).
     on_message: Option<MessageHook>,
+    /// Sees every routed change (the status page's feed).
+    on_change: Option<ChangeHook>,
     /// Replication readiness as last reported, and the channels waiting for it.
     replication_ready: bool,
     ready_watches: Vec<(ChannelId, std::time::Instant)>,
@@ -471,6 +476,10 @@ pub struct Hub {
 /// Receives each logical decoding message (`pg_logical_emit_message`) the stream
 /// carries, in commit order with the changes; must not block.
 pub type MessageHook = Arc<dyn Fn(&DbMessage) + Send + Sync>;
+
+/// Sees each row change the hub routes (the status page's feed); must not block
+/// and should return at once when nobody listens.
+pub type ChangeHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
 impl Hub {
     pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
@@ -485,10 +494,17 @@ impl Hub {
             stats,
             hits: Vec::new(),
             on_message: None,
+            on_change: None,
             replication_ready: false,
             ready_watches: Vec::new(),
             down_notice: None,
         }
+    }
+
+    /// Shows every routed change to `hook` (see [`ChangeHook`]).
+    pub fn with_change_hook(mut self, hook: ChangeHook) -> Self {
+        self.on_change = Some(hook);
+        self
     }
 
     /// Hands logical decoding messages to `hook`.
@@ -617,7 +633,34 @@ impl Hub {
             }
             HubCommand::ReplicationReady(ready) => self.set_replication_ready(ready),
             HubCommand::Published { relids, read_at } => self.unpublished(&relids, read_at),
+            HubCommand::Census(reply) => {
+                let _ = reply.send(self.census());
+            }
         }
+    }
+
+    /// Live subscriptions by table or wildcard pattern, most first.
+    fn census(&self) -> Vec<(String, u64)> {
+        let mut by: HashMap<String, u64> = HashMap::new();
+        for s in self.subs.iter().flatten() {
+            let name = match &s.slot {
+                IndexSlot::Keyed { relid, .. } | IndexSlot::Scan { relid } => {
+                    match self.tables.get(relid) {
+                        Some(t) => format!("{}.{}", t.table.schema, t.table.name),
+                        None => continue,
+                    }
+                }
+                IndexSlot::Pattern { schema, table } => format!(
+                    "{}.{}",
+                    schema.as_deref().unwrap_or("*"),
+                    table.as_deref().unwrap_or("*")
+                ),
+            };
+            *by.entry(name).or_default() += 1;
+        }
+        let mut v: Vec<(String, u64)> = by.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
     }
 
     /// Closes the channels subscribed to tables that are no longer published.
@@ -938,6 +981,9 @@ impl Hub {
     pub fn route(&mut self, change: &Arc<Change>) {
         self.stats.changes.fetch_add(1, Ordering::Relaxed);
         self.stats.changes_by_kind[kind_index(change.kind)].fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.on_change {
+            hook(change);
+        }
         let relid = change.table.id;
         if self.tables.contains_key(&relid) {
             self.rebind_if_changed(relid, &change.table);

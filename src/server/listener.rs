@@ -274,6 +274,14 @@ pub async fn serve(
     conns.wait().await;
 }
 
+/// Marks a response whose body streams for as long as the client stays (the
+/// status page's server-sent events): the request deadline does not cut it.
+#[derive(Clone, Copy, Debug)]
+pub struct LongLived;
+
+/// The deadline of a connection serving a [`LongLived`] response.
+const LONG_LIVED: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A deadline shared between a connection's task and its requests, as
 /// milliseconds since `base`.
 struct Deadline {
@@ -323,8 +331,11 @@ async fn serve_connection(
             let deadline = deadline.clone();
             async move {
                 let response = call.await;
-                // The next request must come within the window too.
-                deadline.push(timeout);
+                // The next request must come within the window too; a response
+                // marked long-lived (an event stream) holds the connection.
+                let long =
+                    matches!(&response, Ok(r) if r.extensions().get::<LongLived>().is_some());
+                deadline.push(if long { LONG_LIVED } else { timeout });
                 Ok::<_, Infallible>(match response {
                     Ok(r) => r,
                     Err(never) => match never {},

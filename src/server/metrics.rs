@@ -810,6 +810,47 @@ async fn read_slot(
 }
 
 // ---------------------------------------------------------------------------
+// Read access for the status page (src/status)
+
+/// The slot as last polled, for the status page.
+#[derive(Clone, Debug, Default)]
+pub struct SlotView {
+    /// At least one poll succeeded (and the last one did).
+    pub polled: bool,
+    pub exists: bool,
+    /// The server's WAL flush position at the poll.
+    pub server_flush: u64,
+    pub lag_bytes: u64,
+    pub retained_bytes: u64,
+    pub wal_status: Option<String>,
+}
+
+impl Metrics {
+    /// The counters the metrics read.
+    pub fn sources(&self) -> &Sources {
+        &self.state.src
+    }
+
+    /// The slot as last polled.
+    pub fn slot_view(&self) -> SlotView {
+        let s = self
+            .state
+            .slot
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        SlotView {
+            polled: s.polled,
+            exists: s.exists,
+            server_flush: s.server_flush,
+            lag_bytes: s.lag_bytes,
+            retained_bytes: s.retained_bytes,
+            wal_status: s.wal_status,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // HTTP
 
 /// `/metrics` and `/ready`, for the main listener (which has its own `/health`).

@@ -15,6 +15,7 @@ mod pgerrors;
 mod realtime_js;
 mod replication;
 mod setup;
+mod status;
 mod subscriptions;
 mod tls;
 mod values;

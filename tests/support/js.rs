@@ -58,9 +58,15 @@ impl JsClient {
     /// Starts the driver and waits for its `ready` event. Panics when Node or
     /// `tests/js/node_modules` is missing.
     pub async fn spawn() -> JsClient {
+        Self::spawn_script("tests/js/client.mjs", "@supabase/realtime-js").await
+    }
+
+    /// Starts another driver of tests/js speaking the same protocol (such as
+    /// `tests/js/status-page.mjs`), which needs the npm package `package`.
+    pub async fn spawn_script(script: &str, package: &str) -> JsClient {
         let dir = js_dir();
         if !dir
-            .join("node_modules/@supabase/realtime-js/package.json")
+            .join(format!("node_modules/{package}/package.json"))
             .is_file()
         {
             panic!(
@@ -70,7 +76,7 @@ impl JsClient {
         }
         let node = std::env::var("WALCAST_NODE").unwrap_or_else(|_| "node".into());
         let mut child = Command::new(&node)
-            .arg("tests/js/client.mjs")
+            .arg(script)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -147,6 +147,18 @@ impl Server {
 /// system's choosing (`--listen 127.0.0.1:0`), and waits until it says where it
 /// listens.
 pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) -> Server {
+    serve_on("127.0.0.1", db_url, slot, publication, extra).await
+}
+
+/// Like [`serve`], listening on `host` (such as `0.0.0.0`) instead of loopback.
+pub async fn serve_on(
+    host: &str,
+    db_url: &str,
+    slot: &str,
+    publication: &str,
+    extra: &[&str],
+) -> Server {
+    let listen = format!("{host}:0");
     let mut args = vec![
         "serve",
         "--database-url",
@@ -156,7 +168,7 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, extra: &[&str]) 
         "--publication",
         publication,
         "--listen",
-        "127.0.0.1:0",
+        &listen,
     ];
     args.extend_from_slice(extra);
     let mut proc = spawn(&args);
