@@ -576,8 +576,15 @@ impl Status {
                 "disconnects": DisconnectReason::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.disconnects(r)))).collect::<serde_json::Map<_, _>>(),
                 "auth_failures": AuthFailure::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.auth_failures(r)))).collect::<serde_json::Map<_, _>>(),
             },
-            // The replay log is not part of this build; the page says so.
-            "replay_log": Value::Null,
+            // The change log, when `[log] dir` is set (resume is not served from it yet).
+            "replay_log": self.metrics.sources().log.as_ref().map_or(Value::Null, |l| json!({
+                "writable": l.writable.load(Ordering::Relaxed),
+                "transactions": l.transactions.load(Ordering::Relaxed),
+                "changes": l.changes.load(Ordering::Relaxed),
+                "syncs": l.syncs.load(Ordering::Relaxed),
+                "errors": l.errors.load(Ordering::Relaxed),
+                "resets": l.resets.load(Ordering::Relaxed),
+            })),
             "watchers": self.feed.watchers.load(Ordering::Relaxed),
             "sample": last,
         })

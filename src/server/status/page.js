@@ -187,11 +187,13 @@
 
     const rl = s.replay_log;
     fillDl($("replay"), rl ? [
-      ["size", bytes(rl.size_bytes)],
-      ["oldest retained", rl.oldest ? String(rl.oldest) : "–"],
-      ["replays", num(rl.replays)],
-      ["gaps", num(rl.gaps)],
-    ] : [["state", "not enabled in this walcast"]]);
+      ["state", rl.writable ? "writing" : "cannot write: nothing is confirmed to PostgreSQL"],
+      ["transactions", num(rl.transactions)],
+      ["changes", num(rl.changes)],
+      ["syncs", num(rl.syncs)],
+      ["errors", num(rl.errors)],
+      ["resets", num(rl.resets)],
+    ] : [["state", "off ([log] dir is not set)"]]);
 
     addSample(s.sample);
     plot();
