@@ -891,9 +891,8 @@ async fn scrape(State(m): State<Arc<Metrics>>) -> Response {
     }
 }
 
-async fn ready(State(m): State<Arc<Metrics>>) -> Response {
-    let h = m.health();
-    let ready = h.ready();
+/// The checks as `/ready` reports them (also shown by the status page).
+pub fn ready_checks(h: &Health) -> Vec<Value> {
     let mut checks: Vec<Value> = vec![json!({
         "name": "replication_connected",
         "value": u8::from(h.connected),
@@ -919,6 +918,13 @@ async fn ready(State(m): State<Arc<Metrics>>) -> Response {
             "affects_ready": c.name == "lag_seconds" || c.name == "lag_bytes",
         }));
     }
+    checks
+}
+
+async fn ready(State(m): State<Arc<Metrics>>) -> Response {
+    let h = m.health();
+    let ready = h.ready();
+    let checks = ready_checks(&h);
     let status = if ready {
         StatusCode::OK
     } else {

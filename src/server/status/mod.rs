@@ -594,35 +594,12 @@ impl Status {
 /// The checks as `/ready` reports them, and the worst level among them (a lost
 /// replication connection is critical at once, as on `/ready`).
 fn checks(h: &Health) -> (Vec<Value>, Level) {
-    let mut level = if h.connected {
-        h.level
-    } else {
+    let level = if !h.connected || h.blocked.is_some() {
         Level::Critical
+    } else {
+        h.level
     };
-    let mut out = vec![json!({
-        "name": "replication_connected",
-        "value": u8::from(h.connected),
-        "level": if h.connected { Level::Normal } else { Level::Critical }.as_str(),
-    })];
-    if let Some((b, message)) = &h.blocked {
-        level = Level::Critical;
-        out.push(json!({
-            "name": "replication_blocked",
-            "value": b.as_str(),
-            "level": Level::Critical.as_str(),
-            "message": message,
-        }));
-    }
-    for c in &h.checks {
-        out.push(json!({
-            "name": c.name,
-            "value": c.value,
-            "warning": c.warning,
-            "critical": c.critical,
-            "level": c.level.as_str(),
-        }));
-    }
-    (out, level)
+    (crate::server::metrics::ready_checks(h), level)
 }
 
 fn unix_millis() -> i64 {
