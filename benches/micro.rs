@@ -174,7 +174,7 @@ fn order_row(id: u64, owner: u64) -> Row {
     vec![
         text_cell(&id.to_string()),
         text_cell(&owner.to_string()),
-        text_cell(if id % 3 == 0 { "paid" } else { "open" }),
+        text_cell(if id.is_multiple_of(3) { "paid" } else { "open" }),
         text_cell(&format!("{}.{:02}", id % 1000, id % 100)),
         text_cell("deliver to the back door, ring twice"),
         text_cell("2024-05-06 07:08:09.123456+00"),
@@ -280,6 +280,7 @@ fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: us
                 access: Default::default(),
                 options: Default::default(),
             }],
+            hold: false,
             done,
         });
     }

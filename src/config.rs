@@ -746,12 +746,15 @@ pub const DEFAULT_LOG_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default age of the change log (24 h): a client away for a day resumes.
 pub const DEFAULT_LOG_MAX_AGE_SECS: u64 = 24 * 60 * 60;
 
+/// Default directory of the change log, relative to the working directory.
+pub const DEFAULT_LOG_DIR: &str = "walcast-log";
+
 /// `[log]`: the change log, every committed change kept on disk for a while
-/// (DESIGN.md "Resume"). Off unless `dir` is set.
+/// (DESIGN.md "Resume"). On by default; `dir = ""` turns it off.
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// The log's directory (created if missing); unset: no log.
+    /// The log's directory (created if missing); empty: no log (see [`LogConfig::dir`]).
     pub dir: Option<PathBuf>,
     /// Bytes kept; the oldest segments go first.
     pub max_bytes: u64,
@@ -762,10 +765,17 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            dir: None,
+            dir: Some(PathBuf::from(DEFAULT_LOG_DIR)),
             max_bytes: DEFAULT_LOG_MAX_BYTES,
             max_age_secs: DEFAULT_LOG_MAX_AGE_SECS,
         }
+    }
+}
+
+impl LogConfig {
+    /// The log's directory; `None` when the log is off (`dir = ""`).
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref().filter(|d| !d.as_os_str().is_empty())
     }
 }
 
@@ -1089,7 +1099,7 @@ impl ServeConfig {
                 return bad(&format!("channels[{i}] ({:?})", rule.topic), reason);
             }
         }
-        if self.log.dir.is_some() {
+        if self.log.dir().is_some() {
             if self.log.max_bytes < 4 * 1024 * 1024 {
                 return bad("log.max_bytes", "must be at least 4 MiB (4194304)");
             }

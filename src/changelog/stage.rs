@@ -100,6 +100,7 @@ pub fn spawn(
     output: mpsc::Sender<Item>,
     progress: Arc<Progress>,
 ) -> std::io::Result<(LogHandle, std::thread::JoinHandle<()>)> {
+    let lock = lock_dir(&opts.dir)?;
     let stats = Arc::new(LogStageStats::default());
     let reader = Arc::new(std::sync::Mutex::new(None));
     let stage = Stage {
@@ -117,8 +118,29 @@ pub fn spawn(
     };
     let thread = std::thread::Builder::new()
         .name("walcast-log".into())
-        .spawn(move || stage.run(input, output))?;
+        .spawn(move || {
+            let _lock = lock;
+            stage.run(input, output)
+        })?;
     Ok((LogHandle { stats, reader }, thread))
+}
+
+/// Takes the log directory for this process (created if missing): two walcasts
+/// writing one log would corrupt it. The lock goes with the process.
+fn lock_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::other(
+            "the directory is in use by another walcast (one walcast per change log directory; set [log] dir)",
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 impl Stage {

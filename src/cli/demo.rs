@@ -411,6 +411,10 @@ async fn serve_with_traffic(
     let url = cluster.create_database(DEMO_DATABASE).await?;
     load_schema(&url).await?;
     config.postgres.database_url = Some(url.clone());
+    // The demo's change log lives and goes with its throwaway cluster.
+    if config.log.dir() == Some(std::path::Path::new(crate::config::DEFAULT_LOG_DIR)) {
+        config.log.dir = Some(cluster.dir().join("walcast-log"));
+    }
 
     let stop = shutdown.child_token();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();

@@ -214,13 +214,13 @@ impl Pipeline {
         let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
         // With a change log, items pass through the log stage on their way to the
         // hub, and nothing is confirmed to PostgreSQL before the log holds it.
-        let (progress, items_rx, log) = match &config.log.dir {
+        let (progress, items_rx, log) = match config.log.dir() {
             None => (Arc::new(Progress::default()), items_rx, None),
             Some(dir) => {
                 let progress = Arc::new(Progress::gated_by_log());
                 let (logged_tx, logged_rx) = mpsc::channel(config.limits.pipeline_capacity);
                 let opts = crate::changelog::LogOptions::new(
-                    dir.clone(),
+                    dir,
                     config.log.max_bytes,
                     Duration::from_secs(config.log.max_age_secs),
                 );
@@ -236,6 +236,7 @@ impl Pipeline {
         let stream = Arc::new(StreamState::default());
         let hub_stats = Arc::new(HubStats::default());
         let ws_stats = Arc::new(WsStats::default());
+        let replay_stats = Arc::new(crate::deliver::replay::ReplayStats::default());
         let broadcast = Arc::new(Broadcaster::new(
             config.broadcast.clone(),
             config.presence.clone(),
@@ -249,6 +250,7 @@ impl Pipeline {
                 ws: ws_stats.clone(),
                 broadcast: broadcast.stats(),
                 log: log.as_ref().map(|l| l.stats.clone()),
+                replay: replay_stats.clone(),
             },
             config.health.clone(),
         )?);
@@ -313,6 +315,8 @@ impl Pipeline {
             next_id: AtomicU64::new(0),
             shutdown: stop_sessions.clone(),
             tracker: sessions.clone(),
+            log: log.clone(),
+            replay: replay_stats,
         });
         let status = crate::server::status::Status::start(crate::server::status::StatusOptions {
             metrics: metrics.clone(),

@@ -250,7 +250,7 @@ impl Change {
         out.push_str("\",\"xid\":");
         out.push_str(&self.txn.xid.0.to_string());
         out.push_str(",\"commit_timestamp\":\"");
-        out.push_str(&self.txn.commit_time.to_iso_millis());
+        self.txn.commit_time.write_iso_micros(&mut out);
         out.push_str("\",\"schema\":");
         value::write_str(&mut out, &self.table.schema);
         out.push_str(",\"table\":");
@@ -314,7 +314,7 @@ impl Change {
         out.push_str(",\"table\":");
         value::write_str(out, &self.table.name);
         out.push_str(",\"commit_timestamp\":\"");
-        out.push_str(&self.txn.commit_time.to_iso_millis());
+        self.txn.commit_time.write_iso_micros(out);
         let _ = write!(out, "\",\"commit_lsn\":\"{}", self.txn.commit_lsn);
         out.push_str("\",\"type\":\"");
         out.push_str(kind.as_str());

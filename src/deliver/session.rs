@@ -426,8 +426,17 @@ impl Session {
                 return self.refuse_join(&f, json!({ "reason": reason }));
             }
         };
+        // Resume: `replay: { since }` on the bindings (the channel's one position).
+        let since = match config.get("postgres_changes") {
+            Some(Value::Array(list)) => match crate::deliver::replay::since_of(list) {
+                Ok(s) => s,
+                Err(reason) => return self.refuse_join(&f, json!({ "reason": reason })),
+            },
+            _ => None,
+        };
         let channel = self.shared.next_id();
         let has_bindings = !bindings.is_empty();
+        let since = since.filter(|_| has_bindings);
         let (done_tx, done_rx) = oneshot::channel();
         let topic_arc: Arc<str> = Arc::from(topic.as_str());
         let sent = self
@@ -438,12 +447,14 @@ impl Session {
                 channel,
                 topic: topic_arc.clone(),
                 bindings,
+                hold: since.is_some(),
                 done: done_tx,
             })
             .await;
-        if sent.is_err() || done_rx.await.is_err() {
-            return self.refuse_join(&f, json!({"reason": "walcast is shutting down"}));
-        }
+        let routed = match (sent, done_rx.await) {
+            (Ok(()), Ok(routed)) => routed,
+            _ => return self.refuse_join(&f, json!({"reason": "walcast is shutting down"})),
+        };
         self.channels.insert(
             topic.clone(),
             Joined {
@@ -456,7 +467,7 @@ impl Session {
             },
         );
         if let Ok(mut joined) = self.joined.lock() {
-            joined.push((topic_arc, f.join_ref.clone()));
+            joined.push((topic_arc.clone(), f.join_ref.clone()));
         }
         self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.joins_ok.fetch_add(1, Ordering::Relaxed);
@@ -506,6 +517,23 @@ impl Session {
                     replication_ready: ready.then(|| std::time::Instant::now() + wait),
                 })
                 .await;
+        }
+        // The missed changes, then `REPLAY_DONE` (or `REPLAY_GAP`), then live ones.
+        if let Some(since) = since {
+            let limits = &self.shared.config.limits;
+            self.shared
+                .tracker
+                .spawn(crate::deliver::replay::run(crate::deliver::replay::Job {
+                    hub: self.shared.hub.clone(),
+                    conn: self.handle.clone(),
+                    channel,
+                    topic: topic_arc,
+                    since,
+                    routed,
+                    log: self.shared.log.clone(),
+                    stats: self.shared.replay.clone(),
+                    batch: (limits.client_queue / 4).clamp(1, 256),
+                }));
         }
     }
 

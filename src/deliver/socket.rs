@@ -44,6 +44,9 @@ pub struct Shared {
     pub next_id: AtomicU64,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The change log, for channels that resume (`None`: `[log] dir` is off).
+    pub log: Option<crate::changelog::stage::LogHandle>,
+    pub replay: Arc<crate::deliver::replay::ReplayStats>,
 }
 
 impl Shared {

@@ -1293,7 +1293,7 @@ fn parse_uuid(text: &str) -> Option<u128> {
     let mut after_hyphen = false;
     for b in inner.bytes() {
         if b == b'-' {
-            if n == 0 || n % 4 != 0 || n >= 32 || after_hyphen {
+            if n == 0 || !n.is_multiple_of(4) || n >= 32 || after_hyphen {
                 return None;
             }
             after_hyphen = true;

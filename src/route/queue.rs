@@ -116,6 +116,11 @@ impl QueuedBytes {
         self.used.fetch_sub(n, Ordering::Relaxed);
     }
 
+    /// The bound.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes queued now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)

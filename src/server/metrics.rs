@@ -81,6 +81,8 @@ pub struct Sources {
     pub broadcast: Arc<BroadcastStats>,
     /// The change log stage, when `[log] dir` is set.
     pub log: Option<Arc<LogStageStats>>,
+    /// Replays from the change log to channels that resume.
+    pub replay: Arc<crate::deliver::replay::ReplayStats>,
 }
 
 /// `wal_status` values of `pg_replication_slots` (PostgreSQL 13+).
@@ -494,6 +496,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_log_syncs_total", "Syncs of the change log to disk.", MetricType::COUNTER, None),
     ("walcast_log_errors_total", "Failed change log writes (each stops confirmation to PostgreSQL until the log is writable again).", MetricType::COUNTER, None),
     ("walcast_log_writable", "1 while the change log can be written; 0 when a write failed (nothing more is confirmed to PostgreSQL).", MetricType::GAUGE, None),
+    ("walcast_replays_total", "Channels that resumed with replay.since, by result (done: REPLAY_DONE sent; gap: REPLAY_GAP sent).", MetricType::COUNTER, Some("result")),
+    ("walcast_replayed_changes_total", "Changes read back from the change log for replays (before each channel's filters).", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
     ("walcast_health_status", "Overall health: 0 normal, 1 warning, 2 critical.", MetricType::GAUGE, None),
@@ -659,6 +663,11 @@ impl Collector for SyncCollector {
                 "walcast_log_writable" => log.map_or(vec![], |l| {
                     one(f64::from(u8::from(l.writable.load(Ordering::Relaxed))))
                 }),
+                "walcast_replays_total" => labelled(vec![
+                    ("done", n(&st.src.replay.served)),
+                    ("gap", n(&st.src.replay.gaps)),
+                ]),
+                "walcast_replayed_changes_total" => one(n(&st.src.replay.changes)),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),
                     ("rejected", n(&bc.presence_rejected)),
@@ -956,6 +965,7 @@ mod tests {
                 ws: Arc::default(),
                 broadcast: Arc::default(),
                 log: Some(Arc::default()),
+                replay: Arc::default(),
             },
             health,
         )
@@ -999,6 +1009,7 @@ mod tests {
                 ws: Arc::default(),
                 broadcast: Arc::default(),
                 log: None,
+                replay: Arc::default(),
             },
             HealthConfig::default(),
         )

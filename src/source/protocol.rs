@@ -508,7 +508,10 @@ mod tests {
         assert_eq!(pg_timestamp(UNIX_EPOCH), PgTimestamp(-PG_EPOCH_UNIX_MICROS));
         // 2024-01-02T03:04:05.678Z, read back through the decoder's conversion.
         let t = UNIX_EPOCH + Duration::from_millis(1_704_164_645_678);
-        assert_eq!(pg_timestamp(t).to_iso_millis(), "2024-01-02T03:04:05.678Z");
+        assert_eq!(
+            pg_timestamp(t).to_iso_micros(),
+            "2024-01-02T03:04:05.678000Z"
+        );
         assert_eq!(
             pg_timestamp(t).unix_micros(),
             1_704_164_645_678_000,

@@ -42,6 +42,7 @@ async fn daemon(args: &[&str], wait_listening: bool) -> Daemon {
 /// [`daemon`] with a log filter.
 async fn daemon_logging(args: &[&str], wait_listening: bool, filter: &str) -> Daemon {
     let mut child = Command::new(BIN)
+        .current_dir(crate::support::scratch_dir())
         .arg("serve")
         .args(args)
         .args(["--listen", "127.0.0.1:0", "--log", filter])
@@ -691,6 +692,7 @@ async fn serve_keeps_running_when_its_stderr_is_closed() {
     .unwrap();
     let slot = format!("slot_{db}");
     let mut child = Command::new(BIN)
+        .current_dir(crate::support::scratch_dir())
         .args([
             "serve",
             "--database-url",

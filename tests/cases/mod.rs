@@ -14,6 +14,7 @@ mod paused;
 mod pgerrors;
 mod realtime_js;
 mod replication;
+mod resume;
 mod setup;
 mod status;
 mod subscriptions;

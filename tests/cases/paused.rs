@@ -76,6 +76,8 @@ impl InProcess {
             next_id: AtomicU64::new(0),
             shutdown: shutdown.clone(),
             tracker: TaskTracker::new(),
+            log: None,
+            replay: Arc::default(),
         });
         InProcess {
             app: walcast::server::router::router(shared),

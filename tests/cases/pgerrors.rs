@@ -115,6 +115,7 @@ async fn run(args: &[&str], port: u16) -> (i32, String) {
     let out = tokio::time::timeout(
         T,
         tokio::process::Command::new(BIN)
+            .current_dir(crate::support::scratch_dir())
             .args(args)
             .env("WALCAST_LOG", "warn")
             .kill_on_drop(true)

@@ -52,6 +52,10 @@
 //  "postgres_changes":[{"event":"*","schema":"public","table":"t","filter":"id=eq.1"}],
 //  "broadcast":[{"event":"*"}],
 //  "presence":true,                  (registers sync/join/leave listeners)
+//  "resume":true,                    (the resume idiom: each callback sets its
+//                                     binding's replay.since to the change's
+//                                     commit_timestamp; realtime-js resends the
+//                                     same binding object on every rejoin)
 //  "timeout_ms":10000}               (optional subscribe timeout)
 //    → client.channel(name,{config}).on('postgres_changes',b,cb)…
 //      .on('broadcast',b,cb)….on('presence',…).on('system',{},cb).subscribe(statusCb)
@@ -71,6 +75,8 @@
 // {"cmd":"raw","text":"…"} or {"cmd":"raw","base64":"…"}
 //    → send a raw frame on the client's current WebSocket (client must be open)
 // {"cmd":"disconnect","code":1000,"reason":"…"}    → ack result "ok"|"timeout"
+// {"cmd":"drop"}   → close the client's WebSocket under realtime-js (as a lost
+//    network does): it reconnects and rejoins its channels by itself
 // {"cmd":"exit","code":0}                          → ack, then the process exits
 //
 // ── Events ────────────────────────────────────────────────────────────────────
@@ -308,7 +314,11 @@ const handlers = {
     const opts = { config: cmd.config ?? {} };
     const ch = c.supabase ? c.supabase.channel(name, opts) : c.rt.channel(name, opts);
     (cmd.postgres_changes ?? []).forEach((binding, i) => {
-      ch.on('postgres_changes', binding, (payload) => emit({ ev: 'postgres_changes', ...base, binding: i, payload }));
+      if (cmd.resume && binding.replay === undefined) binding.replay = { since: null };
+      ch.on('postgres_changes', binding, (payload) => {
+        if (cmd.resume) binding.replay.since = payload.commit_timestamp;
+        emit({ ev: 'postgres_changes', ...base, binding: i, payload });
+      });
     });
     (cmd.broadcast ?? []).forEach((binding, i) => {
       ch.on('broadcast', binding, (payload) => emit({ ev: 'broadcast', ...base, binding: i, payload }));
@@ -418,6 +428,13 @@ const handlers = {
     const channels = {};
     for (const [name, ch] of c.channels) channels[name] = ch.state;
     return { connection: c.rt.connectionState(), channels };
+  },
+
+  drop(cmd) {
+    const c = getClient(cmd);
+    const conn = c.rt.socketAdapter?.getSocket?.()?.conn;
+    if (!conn) throw new Error('the client has no WebSocket');
+    conn.terminate ? conn.terminate() : conn.close(4000, 'dropped by the test');
   },
 
   raw(cmd) {

@@ -41,6 +41,19 @@ pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
     p
 }
 
+/// A fresh empty directory for one `walcast` process to run in: its default
+/// change log (`walcast-log`) goes there, not into the crate.
+pub fn scratch_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "walcast-tests-{}/{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
 /// [`walcast::testing::Cluster`] whose failures panic with the harness's error
 /// (a test that cannot start its server must fail loudly). Everything else
 /// (`url`, `port`, `server_log`…) is the harness's own, through `Deref`.

@@ -19,6 +19,7 @@ pub struct Proc {
 
 pub fn spawn(args: &[&str]) -> Proc {
     let mut child = Command::new(BIN)
+        .current_dir(super::scratch_dir())
         .args(args)
         .env(
             "WALCAST_LOG",
@@ -106,6 +107,7 @@ pub async fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
     let out = tokio::time::timeout(
         timeout,
         Command::new(BIN)
+            .current_dir(super::scratch_dir())
             .args(args)
             .env("WALCAST_LOG", "warn")
             .stdin(Stdio::null())

@@ -95,7 +95,7 @@ pub struct Received {
     /// writer's INSERT), when sampled.
     pub latencies_us: Vec<u32>,
     /// Commit→receipt latencies in microseconds, from the frame's
-    /// `commit_timestamp` (millisecond resolution, so up to 1 ms high), when sampled.
+    /// `commit_timestamp` (microsecond resolution), when sampled.
     pub after_commit_us: Vec<u32>,
     /// Set when the server closed the connection (e.g. as a slow client).
     pub closed: Option<String>,
@@ -127,10 +127,8 @@ pub async fn receive(
                     if let Some(sent) = field_i64(&t, "\"sent_us\":") {
                         out.latencies_us.push(clamp_us(now - sent));
                     }
-                    if let Some(commit) = time_of_day_us(&t, "\"commit_timestamp\":\"") {
-                        let day = 86_400_000_000;
-                        out.after_commit_us
-                            .push(clamp_us((now.rem_euclid(day) - commit).rem_euclid(day)));
+                    if let Some(commit) = commit_us(&t) {
+                        out.after_commit_us.push(clamp_us(now - commit));
                     }
                 }
             }
@@ -166,16 +164,12 @@ fn clamp_us(us: i64) -> u32 {
     us.clamp(0, u32::MAX as i64) as u32
 }
 
-/// Microseconds since midnight UTC of the ISO timestamp after `key`
-/// (`YYYY-MM-DDTHH:MM:SS.mmmZ`, as `commit_timestamp` is written).
-fn time_of_day_us(text: &str, key: &str) -> Option<i64> {
+/// The frame's `commit_timestamp` as Unix microseconds.
+fn commit_us(text: &str) -> Option<i64> {
+    let key = "\"commit_timestamp\":\"";
     let at = text.find(key)? + key.len();
-    let t = text.get(at + 11..at + 23)?.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        std::str::from_utf8(&t[r]).ok()?.parse().ok()
-    };
-    let (h, m, s, ms) = (num(0..2)?, num(3..5)?, num(6..8)?, num(9..12)?);
-    Some((((h * 60 + m) * 60 + s) * 1000 + ms) * 1000)
+    let end = at + text[at..].find('"')?;
+    walcast::decode::pgoutput::parse_iso_unix_micros(&text[at..end])
 }
 
 /// Percentile (0..=100) of sorted values.
@@ -200,11 +194,10 @@ mod tests {
     }
 
     #[test]
-    fn reads_a_commit_time_of_day() {
-        let t = r#"{"commit_timestamp":"2026-11-22T07:54:27.123Z","x":1}"#;
-        let want = ((7 * 3600 + 54 * 60 + 27) * 1000 + 123) * 1000;
-        assert_eq!(time_of_day_us(t, "\"commit_timestamp\":\""), Some(want));
-        assert_eq!(time_of_day_us("{}", "\"commit_timestamp\":\""), None);
+    fn reads_the_commit_time() {
+        let t = r#"{"commit_timestamp":"2026-11-22T07:54:27.123456Z","x":1}"#;
+        assert_eq!(commit_us(t), Some(1_795_334_067_123_456));
+        assert_eq!(commit_us("{}"), None);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct Walcast {
     pub child: Child,
     pub port: u16,
     _config: tempfile_path::TempPath,
+    /// Its working directory, where the change log goes by default.
+    _cwd: tempfile_path::TempPath,
 }
 
 impl Walcast {
@@ -137,8 +139,10 @@ pub fn proc_cpu(pid: u32) -> Duration {
 pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) -> Result<Walcast> {
     let bin = walcast_binary()?;
     let config_path = tempfile_path::TempPath::write(config)?;
+    let cwd = tempfile_path::TempPath::dir()?;
     let listen = "127.0.0.1:0";
     let mut child = Command::new(bin)
+        .current_dir(cwd.path())
         .args(["serve", "--config"])
         .arg(config_path.path())
         .args(["--database-url", db_url, "--slot", slot])
@@ -173,6 +177,7 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) ->
         child,
         port,
         _config: config_path,
+        _cwd: cwd,
     })
 }
 
@@ -217,6 +222,17 @@ mod tempfile_path {
             Ok(TempPath(p))
         }
 
+        /// An empty directory.
+        pub fn dir() -> std::io::Result<TempPath> {
+            let p = std::env::temp_dir().join(format!(
+                "walcast-bench-{}-{}.d",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(TempPath(p))
+        }
+
         pub fn path(&self) -> &Path {
             &self.0
         }
@@ -224,7 +240,11 @@ mod tempfile_path {
 
     impl Drop for TempPath {
         fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+            if self.0.is_dir() {
+                let _ = std::fs::remove_dir_all(&self.0);
+            } else {
+                let _ = std::fs::remove_file(&self.0);
+            }
         }
     }
 }

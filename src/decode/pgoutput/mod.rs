@@ -18,6 +18,8 @@
 
 mod reader;
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
@@ -48,22 +50,108 @@ impl PgTimestamp {
         self.0.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000)
     }
 
-    /// The time as ISO 8601 UTC with milliseconds, `2024-01-02T03:04:05.678Z`, the form
-    /// Supabase Realtime uses for `commit_timestamp`.
-    pub fn to_iso_millis(self) -> String {
+    /// The time as ISO 8601 UTC with microseconds, `2024-01-02T03:04:05.678901Z`:
+    /// the `commit_timestamp` walcast sends. Supabase sends milliseconds; the
+    /// extra digits let a timestamp walcast sent name exactly one transaction when
+    /// a client resumes from it, and `Date.parse` still reads it.
+    pub fn to_iso_micros(self) -> String {
+        let mut out = String::with_capacity(27);
+        self.write_iso_micros(&mut out);
+        out
+    }
+
+    /// [`PgTimestamp::to_iso_micros`], appended to `out`.
+    pub fn write_iso_micros(self, out: &mut String) {
         let us = self.unix_micros();
         let secs = us.div_euclid(1_000_000);
-        let millis = us.rem_euclid(1_000_000) / 1000;
-        let days = secs.div_euclid(86_400);
+        let micros = us.rem_euclid(1_000_000);
+        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
         let sod = secs.rem_euclid(86_400);
-        let (y, m, d) = civil_from_days(days);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        let _ = write!(
+            out,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
             sod / 3600,
             (sod / 60) % 60,
             sod % 60
-        )
+        );
     }
+}
+
+/// Reads an ISO 8601 time with an offset (`2024-01-02T03:04:05.678901Z`,
+/// `…+02:00`, PostgreSQL's `2024-01-02 03:04:05.678901+00`) as microseconds since
+/// the Unix epoch. Up to 9 fraction digits (beyond microseconds truncated); no
+/// offset means UTC. `None` for anything else.
+pub fn parse_iso_unix_micros(s: &str) -> Option<i64> {
+    let b = s.trim().as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = b.get(r)?;
+        if d.is_empty() || !d.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(d).ok()?.parse().ok()
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut micros = 0i64;
+    if b.get(at) == Some(&b'.') {
+        let start = at + 1;
+        let mut end = start;
+        while end < b.len() && b[end].is_ascii_digit() {
+            end += 1;
+        }
+        let digits = end - start;
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        let take = digits.min(6);
+        micros = num(start..start + take)? * 10i64.pow((6 - take) as u32);
+        at = end;
+    }
+    let offset_secs = match b.get(at) {
+        None => 0,
+        Some(b'Z' | b'z') if at + 1 == b.len() => 0,
+        Some(&sign @ (b'+' | b'-')) => {
+            let rest = &b[at + 1..];
+            let (oh, om) = match rest.len() {
+                2 => (num(at + 1..at + 3)?, 0),
+                4 => (num(at + 1..at + 3)?, num(at + 3..at + 5)?),
+                5 if rest[2] == b':' => (num(at + 1..at + 3)?, num(at + 4..at + 6)?),
+                _ => return None,
+            };
+            let o = oh * 3600 + om * 60;
+            if sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    secs.checked_mul(1_000_000)?.checked_add(micros)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of
+/// [`civil_from_days`]).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day).

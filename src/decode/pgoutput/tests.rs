@@ -340,13 +340,60 @@ fn bad_markers_are_errors() {
 }
 
 #[test]
-fn commit_timestamp_formats_as_iso_utc() {
-    // 2024-01-02T03:04:05.678Z
-    let unix_us: i64 = 1_704_164_645_678_000;
+fn commit_timestamp_formats_as_iso_utc_with_microseconds() {
+    // 2024-01-02T03:04:05.678901Z
+    let unix_us: i64 = 1_704_164_645_678_901;
     let ts = PgTimestamp(unix_us - PG_EPOCH_UNIX_SECS * 1_000_000);
-    assert_eq!(ts.to_iso_millis(), "2024-01-02T03:04:05.678Z");
-    assert_eq!(PgTimestamp(0).to_iso_millis(), "2000-01-01T00:00:00.000Z");
-    assert_eq!(PgTimestamp(-1).to_iso_millis(), "1999-12-31T23:59:59.999Z");
+    assert_eq!(ts.to_iso_micros(), "2024-01-02T03:04:05.678901Z");
+    assert_eq!(
+        PgTimestamp(0).to_iso_micros(),
+        "2000-01-01T00:00:00.000000Z"
+    );
+    assert_eq!(
+        PgTimestamp(-1).to_iso_micros(),
+        "1999-12-31T23:59:59.999999Z"
+    );
+}
+
+#[test]
+fn iso_times_parse_back_to_the_microsecond() {
+    let us: i64 = 1_704_164_645_678_901;
+    for s in [
+        "2024-01-02T03:04:05.678901Z",
+        "2024-01-02 03:04:05.678901+00",
+        "2024-01-02T05:04:05.678901+02:00",
+        "2024-01-02T01:04:05.678901-0200",
+        "2024-01-02T03:04:05.678901234Z",
+    ] {
+        assert_eq!(parse_iso_unix_micros(s), Some(us), "{s}");
+    }
+    assert_eq!(
+        parse_iso_unix_micros("2024-01-02T03:04:05.678Z"),
+        Some(1_704_164_645_678_000)
+    );
+    assert_eq!(
+        parse_iso_unix_micros("2024-01-02T03:04:05Z"),
+        Some(1_704_164_645_000_000)
+    );
+    for bad in [
+        "",
+        "yesterday",
+        "2024-13-02T03:04:05Z",
+        "2024-01-02T03:04:05.Z",
+        "2024-01-02T03:04:05Zjunk",
+        "2024-01-02T03:04:05+1",
+        "0/16B3748",
+    ] {
+        assert_eq!(parse_iso_unix_micros(bad), None, "{bad}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn iso_micros_round_trip(us in -62_000_000_000_000_000i64..253_000_000_000_000_000i64) {
+        let t = PgTimestamp(us - PG_EPOCH_UNIX_SECS * 1_000_000);
+        proptest::prop_assert_eq!(parse_iso_unix_micros(&t.to_iso_micros()), Some(us));
+    }
 }
 
 proptest::proptest! {

@@ -1,0 +1,463 @@
+//! Resume on join: a channel whose `postgres_changes` bindings carry
+//! `replay: { since }` gets, after its join reply, every change it missed from
+//! the change log, then `REPLAY_DONE`, then live changes — with no gap and no
+//! duplicate at the hand-over (DESIGN.md "Resume").
+//!
+//! # The hand-over
+//!
+//! The join subscribes its channel with a *hold*: from that moment the hub keeps
+//! the channel's live frames aside instead of queueing them, and answers with the
+//! commit LSN of the last change it routed before (`routed`). Everything the hub
+//! routed before the hold is in the log already (the log stage appends a change
+//! before the hub sees it), so the replay reads the log from `since` up to
+//! `max(routed, the log's end)`, waiting for the log to reach `routed` when the hub
+//! is in the middle of a transaction. Each batch goes through the hub
+//! ([`HubCommand::Replay`]), which judges it with the channel's bindings exactly as
+//! a live change (filters, row rules, column lists, moves) and queues it past the
+//! hold. Then `REPLAY_DONE`, and [`HubCommand::Release`] queues the held frames of
+//! transactions after the last one replayed and ends the hold.
+//!
+//! # All or nothing
+//!
+//! A `since` older than the log's oldest retained change, from before a reset of
+//! the log (another database system or slot, a failed write), or a channel that
+//! asks while the log is off: nothing is replayed and a `system` error with code
+//! `REPLAY_GAP` names the oldest position the log can resume from; live delivery
+//! starts at once. A replay that fails part-way (retention overtook it, the log
+//! could not be read) also ends with `REPLAY_GAP`, never with `REPLAY_DONE`.
+//!
+//! # Bounded
+//!
+//! Replayed frames go to the connection's ordinary queue: a batch is read only
+//! when that queue is at most half full, so a long replay never closes a client
+//! that reads, and the hold is bounded like the queue (a channel whose live frames
+//! outgrow it while the replay runs is closed as a slow client, and can resume).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::changelog::codec::Logged;
+use crate::changelog::stage::LogHandle;
+use crate::changelog::{codec, Cursor, Entry, LogReader, ReplayError, Start};
+use crate::decode::event::Change;
+use crate::decode::pgoutput::{parse_iso_unix_micros, PgTimestamp};
+use crate::lsn::Lsn;
+use crate::route::hub::{ChannelId, ConnHandle, HubCommand, Outbound};
+
+/// `system` code: the replay is complete (`replayed` changes, up to `commit_lsn`).
+pub const REPLAY_DONE: &str = "REPLAY_DONE";
+/// `system` code (status `error`): nothing could be replayed from `since`; refetch.
+pub const REPLAY_GAP: &str = "REPLAY_GAP";
+
+/// A `since` that matches no logged transaction exactly resumes from the first
+/// transaction committed at or after `since - SLACK_MICROS` (duplicates possible,
+/// loss never): 1 ms, the resolution of timestamps from elsewhere.
+pub const SLACK_MICROS: i64 = 1_000;
+
+/// How long a replay waits for the log to open (it opens once replication is
+/// connected, right after a start) and to hold what the hub has routed.
+const LOG_WAIT: Duration = Duration::from_secs(30);
+
+/// Counters of replays (read by metrics).
+#[derive(Debug, Default)]
+pub struct ReplayStats {
+    /// Replays completed (`REPLAY_DONE` sent).
+    pub served: AtomicU64,
+    /// Changes read back for replays (before each channel's filters).
+    pub changes: AtomicU64,
+    /// `REPLAY_GAP` answers.
+    pub gaps: AtomicU64,
+}
+
+/// Where a channel resumes from: its bindings' `replay.since`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// After the transaction committed at this LSN (`"X/Y"`).
+    Lsn(Lsn),
+    /// After the transaction committed at this time (Unix microseconds), as
+    /// [`Start::AfterTimestamp`] resolves it.
+    Time(i64),
+}
+
+impl Since {
+    fn start(self) -> Start {
+        match self {
+            Since::Lsn(l) => Start::AfterLsn(l),
+            Since::Time(ts) => Start::AfterTimestamp {
+                ts,
+                slack: SLACK_MICROS,
+            },
+        }
+    }
+}
+
+/// The channel's resume point from its `postgres_changes` bindings: `None` when
+/// no binding asks for a replay (no `replay`, or `since: null`). Every binding
+/// that names a `since` must name the same one (the replay is the channel's).
+pub fn since_of(bindings: &[Value]) -> Result<Option<Since>, String> {
+    let mut found: Option<(Since, usize)> = None;
+    for (i, b) in bindings.iter().enumerate() {
+        let Some(r) = b.get("replay") else { continue };
+        let since = match r {
+            Value::Null => continue,
+            Value::Object(o) => match o.get("since") {
+                None | Some(Value::Null) => continue,
+                Some(v) => parse_since(v)
+                    .map_err(|e| format!("postgres_changes[{i}].replay.since: {e}"))?,
+            },
+            _ => {
+                return Err(format!(
+                    "postgres_changes[{i}].replay must be an object {{\"since\": …}}"
+                ))
+            }
+        };
+        match found {
+            Some((s, j)) if s != since => {
+                return Err(format!(
+                    "postgres_changes[{j}] and [{i}] replay from different `since` values; a channel replays from one position"
+                ))
+            }
+            _ => found = Some((since, i)),
+        }
+    }
+    Ok(found.map(|f| f.0))
+}
+
+fn parse_since(v: &Value) -> Result<Since, String> {
+    const WHAT: &str = "must be a commit_timestamp as walcast sent it (\"2026-11-30T01:02:03.123456Z\"), a commit LSN \"X/Y\", or null";
+    let Value::String(s) = v else {
+        return Err(WHAT.into());
+    };
+    if let Ok(l) = s.parse::<Lsn>() {
+        return Ok(Since::Lsn(l));
+    }
+    match parse_iso_unix_micros(s) {
+        Some(us) => Ok(Since::Time(us)),
+        None => Err(format!("{WHAT}; got {s:?}")),
+    }
+}
+
+/// One replay to run for a channel that just joined with a hold.
+pub struct Job {
+    pub hub: mpsc::Sender<HubCommand>,
+    pub conn: ConnHandle,
+    pub channel: ChannelId,
+    pub topic: Arc<str>,
+    pub since: Since,
+    /// The hub's answer to the subscribe: the last commit LSN routed before the hold.
+    pub routed: Lsn,
+    /// The change log; `None` when it is off.
+    pub log: Option<LogHandle>,
+    pub stats: Arc<ReplayStats>,
+    /// Changes per batch handed to the hub.
+    pub batch: usize,
+}
+
+/// How a replay ended.
+enum Outcome {
+    Done {
+        replayed: u64,
+        transactions: u64,
+        /// The last transaction replayed (commit LSN, Unix micros).
+        last: Option<(Lsn, i64)>,
+        /// Held frames at or before this commit LSN were replayed.
+        through: Lsn,
+    },
+    Gap {
+        message: String,
+        oldest: Option<(Lsn, i64)>,
+    },
+    /// The channel or its connection went away: nothing more to say.
+    Gone,
+}
+
+/// Runs `job`: replays, says how it ended, and releases the channel's hold.
+pub async fn run(job: Job) {
+    let outcome = replay(&job).await;
+    let release_after = match &outcome {
+        Outcome::Gone => return,
+        Outcome::Done {
+            replayed,
+            transactions,
+            last,
+            through,
+        } => {
+            job.stats.served.fetch_add(1, Ordering::Relaxed);
+            let mut extra = Map::new();
+            extra.insert("replayed".into(), json!(replayed));
+            extra.insert("transactions".into(), json!(transactions));
+            if let Some((lsn, ts)) = last {
+                extra.insert("commit_lsn".into(), json!(lsn.to_string()));
+                extra.insert("commit_timestamp".into(), json!(iso(*ts)));
+            }
+            let message = format!("Replayed {replayed} changes missed since the given position");
+            system(&job, "ok", REPLAY_DONE, &message, extra);
+            *through
+        }
+        Outcome::Gap { message, oldest } => {
+            job.stats.gaps.fetch_add(1, Ordering::Relaxed);
+            let mut extra = Map::new();
+            if let Some((lsn, ts)) = oldest {
+                extra.insert("oldest_commit_lsn".into(), json!(lsn.to_string()));
+                extra.insert("oldest_commit_timestamp".into(), json!(iso(*ts)));
+            }
+            system(&job, "error", REPLAY_GAP, message, extra);
+            Lsn::ZERO
+        }
+    };
+    let _ = job
+        .hub
+        .send(HubCommand::Release {
+            channel: job.channel,
+            after: release_after,
+        })
+        .await;
+}
+
+fn iso(unix_micros: i64) -> String {
+    PgTimestamp(unix_micros - 946_684_800 * 1_000_000).to_iso_micros()
+}
+
+/// The channel's `system` message (`extension: postgres_changes`, with `code`).
+fn system(job: &Job, status: &str, code: &str, message: &str, extra: Map<String, Value>) {
+    let mut payload = Map::new();
+    payload.insert("extension".into(), "postgres_changes".into());
+    payload.insert("status".into(), status.into());
+    payload.insert("message".into(), message.into());
+    let channel = job.topic.strip_prefix("realtime:").unwrap_or(&job.topic);
+    payload.insert("channel".into(), channel.into());
+    payload.insert("code".into(), code.into());
+    payload.extend(extra);
+    job.conn.queue_or_close(Outbound::System {
+        topic: job.topic.clone(),
+        payload: Value::Object(payload).to_string(),
+    });
+}
+
+fn gap(e: ReplayError, log: &LogReader) -> Outcome {
+    let oldest = log.stats().oldest.map(|p| (p.commit_lsn, p.commit_ts));
+    let message = match e {
+        ReplayError::Gap { .. } => "The change log no longer holds every change since the given position (it is older than the oldest retained change, or the log was reset): nothing was replayed; refetch, then resume from the oldest position or live".to_string(),
+        other => format!("The change log could not be read ({other}): the replay is incomplete; refetch"),
+    };
+    Outcome::Gap { message, oldest }
+}
+
+async fn replay(job: &Job) -> Outcome {
+    let Some(handle) = &job.log else {
+        return Outcome::Gap {
+            message:
+                "walcast keeps no change log ([log] dir is off): nothing can be replayed; refetch"
+                    .into(),
+            oldest: None,
+        };
+    };
+    let waited = Instant::now();
+    let log = loop {
+        if let Some(r) = handle.reader() {
+            break r;
+        }
+        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+            return Outcome::Gap {
+                message: "The change log is not open (replication has not connected since walcast started): nothing was replayed; refetch".into(),
+                oldest: None,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Everything routed before the hold must be readable before the replay ends.
+    let target = job.routed.max(log.last_lsn());
+    while log.last_lsn() < job.routed {
+        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+            return Outcome::Gap {
+                message: "The change log is behind the live stream (it cannot be written?): nothing was replayed; refetch".into(),
+                oldest: None,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let start = job.since.start();
+    let opened = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || log.cursor(start).map(|c| c.until(target))).await
+    };
+    let mut cursor = match opened {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return gap(e, &log),
+        Err(_) => return Outcome::Gone,
+    };
+    let (mut replayed, mut transactions, mut last) = (0u64, 0u64, None);
+    let mut txn = None;
+    loop {
+        if !room(&job.conn).await {
+            return Outcome::Gone;
+        }
+        let read = {
+            let log = log.clone();
+            let n = job.batch;
+            tokio::task::spawn_blocking(move || {
+                let r = read_batch(&mut cursor, &log, &mut txn, n);
+                (cursor, txn, r)
+            })
+            .await
+        };
+        let (c, t, r) = match read {
+            Ok(v) => v,
+            Err(_) => return Outcome::Gone,
+        };
+        (cursor, txn) = (c, t);
+        let batch = match r {
+            Ok(b) => b,
+            Err(e) => return gap(e, &log),
+        };
+        transactions += batch.transactions;
+        if batch.last.is_some() {
+            last = batch.last;
+        }
+        let n = batch.changes.len() as u64;
+        job.stats.changes.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            let (done_tx, done_rx) = oneshot::channel();
+            let sent = job
+                .hub
+                .send(HubCommand::Replay {
+                    channel: job.channel,
+                    changes: batch.changes,
+                    done: done_tx,
+                })
+                .await;
+            if sent.is_err() || !done_rx.await.unwrap_or(false) {
+                return Outcome::Gone;
+            }
+            replayed += n;
+        }
+        if batch.end {
+            break;
+        }
+    }
+    let since_lsn = match job.since {
+        Since::Lsn(l) => l,
+        Since::Time(_) => Lsn::ZERO,
+    };
+    Outcome::Done {
+        replayed,
+        transactions,
+        last,
+        through: target.max(cursor.position()).max(since_lsn),
+    }
+}
+
+/// Waits until the connection's queue is at most half full; false when it closed.
+async fn room(conn: &ConnHandle) -> bool {
+    loop {
+        if conn.kill.is_cancelled() || conn.tx.is_closed() {
+            return false;
+        }
+        let frames_ok = conn.tx.capacity() * 2 >= conn.tx.max_capacity();
+        let bytes_ok = conn.queued.used() * 2 <= conn.queued.limit();
+        if frames_ok && bytes_ok {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Batch {
+    changes: Vec<Arc<Change>>,
+    transactions: u64,
+    last: Option<(Lsn, i64)>,
+    /// The cursor reached its end.
+    end: bool,
+}
+
+/// Reads up to `n` changes (row changes only; database messages are broadcast's).
+fn read_batch(
+    cursor: &mut Cursor,
+    log: &LogReader,
+    txn: &mut Option<(crate::decode::event::TxnInfo, i64)>,
+    n: usize,
+) -> Result<Batch, ReplayError> {
+    let mut b = Batch {
+        changes: Vec::with_capacity(n),
+        transactions: 0,
+        last: None,
+        end: false,
+    };
+    while b.changes.len() < n {
+        let Some(e) = cursor.next_entry()? else {
+            b.end = true;
+            break;
+        };
+        match e {
+            Entry::Begin {
+                commit_lsn,
+                commit_ts,
+                xid,
+            } => *txn = Some((codec::txn_info(commit_lsn, commit_ts, xid), commit_ts)),
+            Entry::Change(bytes) => {
+                let Some((info, _)) = *txn else { continue };
+                match log.decode(&bytes, info) {
+                    Ok(Logged::Change(c)) => b.changes.push(Arc::new(c)),
+                    Ok(Logged::Message(_)) => {}
+                    Err(e) => {
+                        return Err(ReplayError::Log(crate::changelog::LogError::Corrupt {
+                            path: "(replay)".into(),
+                            what: e.to_string(),
+                        }))
+                    }
+                }
+            }
+            Entry::Commit { commit_lsn, .. } => {
+                if let Some((_, ts)) = txn.take() {
+                    b.transactions += 1;
+                    b.last = Some((commit_lsn, ts));
+                }
+            }
+        }
+    }
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_read_from_the_bindings() {
+        let b = |v: Value| vec![json!({"event": "*", "schema": "public", "replay": v})];
+        assert_eq!(since_of(&[json!({"event": "*"})]), Ok(None));
+        assert_eq!(since_of(&b(Value::Null)), Ok(None));
+        assert_eq!(since_of(&b(json!({"since": null}))), Ok(None));
+        assert_eq!(
+            since_of(&b(json!({"since": "0/16B3748"}))),
+            Ok(Some(Since::Lsn(Lsn(0x16B3748))))
+        );
+        assert_eq!(
+            since_of(&b(json!({"since": "2024-01-02T03:04:05.678901Z"}))),
+            Ok(Some(Since::Time(1_704_164_645_678_901)))
+        );
+        for bad in [
+            json!({"since": "yesterday"}),
+            json!({"since": 5}),
+            json!("0/1"),
+        ] {
+            let e = since_of(&b(bad.clone())).unwrap_err();
+            assert!(e.starts_with("postgres_changes[0].replay"), "{bad}: {e}");
+        }
+        let two = vec![
+            json!({"replay": {"since": "0/10"}}),
+            json!({"replay": {"since": null}}),
+            json!({"replay": {"since": "0/10"}}),
+        ];
+        assert_eq!(since_of(&two), Ok(Some(Since::Lsn(Lsn(0x10)))));
+        let differ = vec![
+            json!({"replay": {"since": "0/10"}}),
+            json!({"replay": {"since": "0/20"}}),
+        ];
+        assert!(since_of(&differ).unwrap_err().contains("different"));
+    }
+}

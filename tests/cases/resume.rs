@@ -1,0 +1,392 @@
+//! Resume on join with the real `@supabase/realtime-js`: a client whose binding
+//! carries `replay: { since }` — kept current from its callback, resent by
+//! realtime-js on every rejoin — gets every change it missed, once, in commit
+//! order, then live ones: after its network is cut, after it drops its socket,
+//! and across walcast restarts (SIGTERM and SIGKILL). A `since` the log cannot
+//! serve is answered `REPLAY_GAP`, with nothing replayed.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::support::cluster;
+use crate::support::js::{is_on, JsClient};
+use crate::support::walcast::{serve, Server};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A TCP proxy in front of walcast: the test can cut every connection through it
+/// (both ends see the TCP connection end, as when a network drops), refuse new
+/// ones for a while, and point it at a restarted walcast.
+struct Proxy {
+    port: u16,
+    upstream: Arc<AtomicU16>,
+    up: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = Arc::new(AtomicU16::new(upstream));
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, cut_rx) = watch::channel(0u64);
+        let (u, a) = (upstream.clone(), up.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !a.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let mut cut = cut_rx.clone();
+                cut.mark_unchanged();
+                let to = u.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            upstream,
+            up,
+            cut,
+        }
+    }
+
+    /// Ends every connection through the proxy now.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+
+    fn point_at(&self, port: u16) {
+        self.upstream.store(port, Ordering::SeqCst);
+    }
+}
+
+/// A realtime-js client through `proxy`, subscribed to `items` on channel
+/// `feed` with the resume idiom (`replay: { since: null }` at first).
+async fn resuming_client(proxy: &Proxy, binding: Value) -> JsClient {
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({
+            "cmd": "connect",
+            "url": format!("ws://127.0.0.1:{}/realtime/v1", proxy.port),
+            "apikey": "test-key",
+            "heartbeat_interval_ms": 500,
+        }),
+        T,
+    )
+    .await;
+    js.call(
+        json!({"cmd": "subscribe", "channel": "feed", "postgres_changes": [binding], "resume": true}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("feed", T).await, "SUBSCRIBED");
+    js
+}
+
+fn items_binding() -> Value {
+    json!({"event": "INSERT", "schema": "public", "table": "items"})
+}
+
+async fn insert(c: &tokio_postgres::Client, ids: std::ops::Range<i32>, per_txn: usize) {
+    let ids: Vec<i32> = ids.collect();
+    for chunk in ids.chunks(per_txn) {
+        let values: Vec<String> = chunk.iter().map(|i| format!("({i})")).collect();
+        c.batch_execute(&format!(
+            "insert into items (id) values {}",
+            values.join(",")
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// Every INSERT id the client receives up to and including `last`, in arrival
+/// order, and the `system` messages with a `code` seen meanwhile.
+async fn ids_until(js: &mut JsClient, last: i64) -> (Vec<i64>, Vec<Value>) {
+    let mut ids = Vec::new();
+    let mut systems = Vec::new();
+    loop {
+        let v = js
+            .wait_for(&format!("changes up to id {last}"), T, |v| {
+                is_on(v, "postgres_changes", "feed")
+                    || (is_on(v, "system", "feed") && v["payload"].get("code").is_some())
+            })
+            .await;
+        if v["ev"] == "system" {
+            systems.push(v["payload"].clone());
+            continue;
+        }
+        let id = v["payload"]["new"]["id"].as_i64().unwrap();
+        ids.push(id);
+        if id == last {
+            return (ids, systems);
+        }
+    }
+}
+
+fn codes(systems: &[Value]) -> Vec<&str> {
+    systems
+        .iter()
+        .filter_map(|s| s["code"].as_str())
+        .filter(|c| c.starts_with("REPLAY"))
+        .collect()
+}
+
+async fn items_db(db: &str) -> tokio_postgres::Client {
+    let c = cluster().new_db(db).await;
+    c.batch_execute(&format!(
+        "create table items (id int primary key, owner text);
+         create publication pub_{db} for table items;"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
+    ))
+    .await
+    .unwrap();
+    c
+}
+
+async fn start(db: &str, args: &[&str]) -> Server {
+    serve(
+        &cluster().url(db),
+        &format!("slot_{db}"),
+        &format!("pub_{db}"),
+        args,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_client_cut_off_gets_what_it_missed_once_in_order_then_live_changes() {
+    let db = "resume_cut";
+    let c = items_db(db).await;
+    let server = start(db, &[]).await;
+    let proxy = Proxy::start(server.port).await;
+    let mut js = resuming_client(&proxy, items_binding()).await;
+    insert(&c, 0..1, 1).await;
+    let (first, _) = ids_until(&mut js, 0).await;
+    assert_eq!(first, [0]);
+
+    let mut next = 1;
+    // First the network (walcast sees the TCP connection end), then the client
+    // drops its own socket; each time 250 rows in 50 transactions are written
+    // while it cannot reconnect.
+    for round in 0..2 {
+        proxy.set_up(false);
+        if round == 0 {
+            proxy.cut();
+        } else {
+            js.call(json!({"cmd": "drop"}), T).await;
+        }
+        js.wait_for("the socket to close", T, |v| {
+            v["ev"] == "socket" && v["state"] == "close"
+        })
+        .await;
+        insert(&c, next..next + 250, 5).await;
+        next += 250;
+        proxy.set_up(true);
+        let (ids, systems) = ids_until(&mut js, i64::from(next - 1)).await;
+        let want: Vec<i64> = (i64::from(next - 250)..i64::from(next)).collect();
+        assert_eq!(
+            ids, want,
+            "round {round}: every missed change once, in order"
+        );
+        assert!(codes(&systems).is_empty(), "{systems:?}");
+        // After the last replayed change.
+        let done = js
+            .wait_for("REPLAY_DONE", T, |v| {
+                is_on(v, "system", "feed") && v["payload"].get("code").is_some()
+            })
+            .await["payload"]
+            .clone();
+        assert_eq!(done["code"], "REPLAY_DONE", "{done}");
+        assert_eq!(done["status"], "ok");
+        assert_eq!(done["replayed"], 250, "{done}");
+        assert_eq!(done["transactions"], 50, "{done}");
+    }
+    // Live again: the next change arrives once, and nothing else came before it.
+    insert(&c, 100_000..100_001, 1).await;
+    let (ids, systems) = ids_until(&mut js, 100_000).await;
+    assert_eq!(ids, [100_000]);
+    assert!(codes(&systems).is_empty(), "{systems:?}");
+    js.exit().await;
+}
+
+#[tokio::test]
+async fn a_since_the_log_cannot_serve_is_a_gap_and_nothing_is_replayed() {
+    let db = "resume_gap";
+    let c = items_db(db).await;
+    insert(&c, 0..3, 1).await;
+    let server = start(db, &[]).await;
+    let proxy = Proxy::start(server.port).await;
+    for since in ["2000-01-01T00:00:00.000000Z", "0/0"] {
+        let mut binding = items_binding();
+        binding["replay"] = json!({ "since": since });
+        let mut js = resuming_client(&proxy, binding).await;
+        let gap = js
+            .wait_for("REPLAY_GAP", T, |v| {
+                is_on(v, "system", "feed") && v["payload"]["code"] == "REPLAY_GAP"
+            })
+            .await;
+        assert_eq!(gap["payload"]["status"], "error", "{gap}");
+        // Live changes go on; nothing was replayed before them.
+        let id = if since == "0/0" { 11 } else { 10 };
+        c.execute("insert into items (id) values ($1)", &[&id])
+            .await
+            .unwrap();
+        let (ids, _) = ids_until(&mut js, i64::from(id)).await;
+        assert_eq!(ids, [i64::from(id)], "since {since}");
+        js.exit().await;
+    }
+    // A since that is not a position is a join error naming it.
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({"cmd": "connect", "url": format!("ws://127.0.0.1:{}/realtime/v1", proxy.port), "apikey": "k"}),
+        T,
+    )
+    .await;
+    let mut binding = items_binding();
+    binding["replay"] = json!({ "since": "yesterday" });
+    js.call(
+        json!({"cmd": "subscribe", "channel": "feed", "postgres_changes": [binding]}),
+        T,
+    )
+    .await;
+    let st = js
+        .wait_for("the join error", T, |v| is_on(v, "status", "feed"))
+        .await;
+    assert_eq!(st["status"], "CHANNEL_ERROR", "{st}");
+    assert!(
+        st.to_string().contains("replay.since"),
+        "the error names the field: {st}"
+    );
+    js.exit().await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_across_five_walcast_restarts_under_load() {
+    let db = "resume_restarts";
+    let c = items_db(db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walcast.toml");
+    let log_dir = dir.path().join("log");
+    std::fs::write(
+        &config,
+        format!("[log]\ndir = {:?}\n", log_dir.display().to_string()),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let mut server = start(db, &args).await;
+    let proxy = Proxy::start(server.port).await;
+    let mut js = resuming_client(&proxy, items_binding()).await;
+
+    // A steady writer: one row per transaction.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let w = cluster().client(db).await;
+            let mut id = 1;
+            while !stop.load(Ordering::SeqCst) {
+                w.execute("insert into items (id) values ($1)", &[&id])
+                    .await
+                    .unwrap();
+                id += 1;
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            id - 1
+        })
+    };
+    let mut ids = Vec::new();
+    let mut systems = Vec::new();
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sig = if round % 2 == 0 { 15 } else { 9 };
+        server.proc.signal(sig);
+        let _ = tokio::time::timeout(T, server.proc.child.wait()).await;
+        server = start(db, &args).await;
+        proxy.point_at(server.port);
+        // The client reconnects and rejoins with its `since` (realtime-js's own
+        // backoff); the writer goes on meanwhile.
+        loop {
+            let v = js
+                .wait_for(
+                    &format!("the rejoin's replay after restart {round}"),
+                    T,
+                    |v| {
+                        is_on(v, "postgres_changes", "feed")
+                            || (is_on(v, "system", "feed") && v["payload"].get("code").is_some())
+                    },
+                )
+                .await;
+            if v["ev"] == "system" {
+                systems.push(v["payload"].clone());
+                if v["payload"]["code"] == "REPLAY_DONE" {
+                    break;
+                }
+            } else {
+                ids.push(v["payload"]["new"]["id"].as_i64().unwrap());
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let last = writer.await.unwrap();
+    insert(&c, 1_000_000..1_000_001, 1).await;
+    let (rest, more) = ids_until(&mut js, 1_000_000).await;
+    ids.extend(rest);
+    systems.extend(more);
+
+    let mut seen = HashSet::new();
+    let mut firsts = Vec::new();
+    for &id in &ids {
+        if seen.insert(id) {
+            firsts.push(id);
+        }
+    }
+    let missing: Vec<i64> = (1..=i64::from(last))
+        .filter(|i| !seen.contains(i))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {last} rows never arrived: {missing:?}",
+        missing.len()
+    );
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "first arrivals in commit order"
+    );
+    let done = codes(&systems)
+        .iter()
+        .filter(|c| **c == "REPLAY_DONE")
+        .count();
+    assert!(done >= 5, "a replay per rejoin: {systems:?}");
+    assert!(!codes(&systems).contains(&"REPLAY_GAP"), "{systems:?}");
+    eprintln!(
+        "resume across restarts: {last} rows, {} deliveries ({} duplicates), {done} replays",
+        ids.len() - 1,
+        ids.len() - 1 - (seen.len() - 1)
+    );
+    js.exit().await;
+}
