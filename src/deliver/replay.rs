@@ -48,7 +48,8 @@ use crate::decode::pgoutput::{parse_iso_unix_micros, PgTimestamp};
 use crate::lsn::Lsn;
 use crate::route::hub::{ChannelId, ConnHandle, HubCommand, Outbound};
 
-/// `system` code: the replay is complete (`replayed` changes, up to `commit_lsn`).
+/// `system` code: the replay is complete (`replayed` changes sent to the channel,
+/// of `transactions` read, up to `commit_lsn`).
 pub const REPLAY_DONE: &str = "REPLAY_DONE";
 /// `system` code (status `error`): nothing could be replayed from `since`; refetch.
 pub const REPLAY_GAP: &str = "REPLAY_GAP";
@@ -330,10 +331,10 @@ async fn replay(job: &Job) -> Outcome {
                     done: done_tx,
                 })
                 .await;
-            if sent.is_err() || !done_rx.await.unwrap_or(false) {
-                return Outcome::Gone;
+            match (sent, done_rx.await) {
+                (Ok(()), Ok(Some(delivered))) => replayed += delivered,
+                _ => return Outcome::Gone,
             }
-            replayed += n;
         }
         if batch.end {
             break;

@@ -236,12 +236,12 @@ pub enum HubCommand {
     },
     /// Replayed changes (from the change log, in commit order) for one channel:
     /// judged by its bindings exactly as live changes are and queued past its
-    /// hold. Answered `false` when the channel is gone (left, closed, or its
-    /// connection closed as slow).
+    /// hold. Answered with how many of them were sent, or `None` when the
+    /// channel is gone (left, closed, or its connection closed as slow).
     Replay {
         channel: ChannelId,
         changes: Vec<Arc<Change>>,
-        done: oneshot::Sender<bool>,
+        done: oneshot::Sender<Option<u64>>,
     },
     /// Ends a channel's hold: its held frames of transactions committed after
     /// `after` are queued in order (those at or before it were replayed), then
@@ -1234,11 +1234,10 @@ impl Hub {
 // Replay: a channel that resumes from the change log.
 impl Hub {
     /// Queues `changes` to `channel` as its bindings judge them now, past its
-    /// hold. False when the channel is gone.
-    fn replay(&mut self, channel: ChannelId, changes: &[Arc<Change>]) -> bool {
-        let Some(ch) = self.channels.get(&channel) else {
-            return false;
-        };
+    /// hold: how many were sent, or `None` when the channel is gone.
+    fn replay(&mut self, channel: ChannelId, changes: &[Arc<Change>]) -> Option<u64> {
+        let ch = self.channels.get(&channel)?;
+        let mut sent = 0;
         let subs = ch.subs.clone();
         let now = crate::route::auth::now_unix();
         for logged in changes {
@@ -1282,10 +1281,11 @@ impl Hub {
                 for conn in slow {
                     self.close_slow(conn);
                 }
-                return false;
+                return None;
             }
+            sent += 1;
         }
-        self.channels.contains_key(&channel)
+        self.channels.contains_key(&channel).then_some(sent)
     }
 
     /// A logged change of a table whose shape changed since, in the shape the
@@ -2042,7 +2042,7 @@ mod tests {
             changes: vec![ins("0", "new", 5), ins("9", "old", 20), ins("2", "new", 20)],
             done,
         });
-        assert!(ok.try_recv().unwrap());
+        assert_eq!(ok.try_recv().unwrap(), Some(2));
         let ids = |rx: &mut mpsc::Receiver<Outbound>| -> Vec<i64> {
             drain(rx)
                 .iter()
@@ -2066,7 +2066,7 @@ mod tests {
             changes: vec![ins("5", "new", 50)],
             done,
         });
-        assert!(!ok.try_recv().unwrap());
+        assert_eq!(ok.try_recv().unwrap(), None);
     }
 
     #[test]
