@@ -248,7 +248,7 @@ impl Pipeline {
                 hub: hub_stats.clone(),
                 ws: ws_stats.clone(),
                 broadcast: broadcast.stats(),
-                log: log.as_ref().map(|l| l.stats.clone()),
+                log: log.clone(),
             },
             config.health.clone(),
         )?);
