@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use walcast::lsn::Lsn;
 
 use crate::support::walcast::{run, serve};
-use crate::support::{cluster, wait_for};
+use crate::support::{cluster, http_get, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -426,6 +426,31 @@ async fn walcast_log_prints_what_a_running_walcast_logged() {
             "{err}"
         );
     }
+
+    // The daemon's gauges say the same: its size, and the range these lines span.
+    let (status, metrics) = http_get(server.port, "/metrics").await;
+    assert_eq!(status, 200);
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert!(gauge("walcast_log_bytes") > 0.0);
+    assert_eq!(gauge("walcast_log_segments"), 1.0);
+    assert_eq!(
+        gauge("walcast_log_oldest_commit_lsn"),
+        lsn_of(&lines[0]).0 as f64
+    );
+    assert_eq!(
+        gauge("walcast_log_newest_commit_lsn"),
+        lsn_of(lines.last().unwrap()).0 as f64
+    );
+    assert!((0.0..T.as_secs_f64()).contains(&gauge("walcast_log_oldest_age_seconds")));
+    assert_eq!(gauge("walcast_log_writable"), 1.0);
+    let (status, ready) = http_get(server.port, "/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("\"log_writable\""), "{ready}");
 
     // walcast was running all along and is still fine.
     assert!(

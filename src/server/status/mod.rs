@@ -1264,6 +1264,23 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_has_a_line_for_the_change_log_when_there_is_one() {
+        let v = json!({"replay_log": {"writable": true, "bytes": 3 * 1024 * 1024, "segments": 2,
+            "oldest_lsn": "0/16B3748", "oldest_age_seconds": 3600.4, "newest_lsn": "0/2000000",
+            "transactions": 12, "errors": 0}});
+        let text = summary_text(&v);
+        let line = text
+            .lines()
+            .find(|l| l.contains("change log:"))
+            .expect(&text);
+        assert!(line.contains("writing, 3.0 MiB in 2 segments, oldest 0/16B3748 (3600 s old), newest 0/2000000; 12 transactions, 0 errors"), "{line}");
+        let v = json!({"replay_log": {"writable": false, "bytes": null, "segments": null,
+            "oldest_lsn": null, "transactions": 0, "errors": 1}});
+        assert!(summary_text(&v).contains("change log:   NOT WRITABLE"));
+        assert!(!summary_text(&json!({"replay_log": null})).contains("change log"));
+    }
+
+    #[test]
     fn summary_url_accepts_the_base_or_the_page() {
         for u in [
             "http://127.0.0.1:4000",
