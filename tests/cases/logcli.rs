@@ -180,13 +180,14 @@ async fn walcast_log_prints_what_a_running_walcast_logged() {
     )
     .await;
     let x6 = txn(&mut c, "insert into other values (7)").await;
+    let x7 = txn(&mut c, "truncate other").await;
 
-    // The log holds transactions in commit order: once the last one (x6, the
-    // only change of `other`) can be read, every earlier one can.
+    // The log holds transactions in commit order: once the last one (x7, the
+    // second change of `other`) can be read, every earlier one can.
     let d = log_dir.to_str().unwrap();
     wait_for("walcast to log the last transaction", T, || async {
         let (_, lines, _, _) = log(&["--dir", d, "--table", "public.other"]).await;
-        (lines.len() == 1).then_some(())
+        (lines.len() == 2).then_some(())
     })
     .await;
 
@@ -225,6 +226,7 @@ async fn walcast_log_prints_what_a_running_walcast_logged() {
         ),
         want(x5, "DELETE", "accounts", None, Some(bob)),
         want(x6, "INSERT", "other", Some(json!({"id": 7})), None),
+        want(x7, "TRUNCATE", "other", None, None),
     ];
     let got: Vec<Value> = lines.iter().map(without_position).collect();
     for (i, (g, w)) in got.iter().zip(&expected).enumerate() {
@@ -271,7 +273,7 @@ async fn walcast_log_prints_what_a_running_walcast_logged() {
     }
 
     // Commit order, one position per transaction, times with microseconds.
-    let xids = [x1, x1, x2, x3, x4, x5, x5, x5, x6];
+    let xids = [x1, x1, x2, x3, x4, x5, x5, x5, x6, x7];
     for (i, l) in lines.iter().enumerate() {
         let ts = l["commit_timestamp"].as_str().unwrap();
         assert_eq!(ts.len(), 27, "{ts}");
