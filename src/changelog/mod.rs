@@ -28,6 +28,9 @@
 //!   slot than it was written for is emptied; its horizon moves to now, so every
 //!   older resume position is a gap.
 //!
+//! [`LogReader::open_read_only`] reads a log that another process (a running
+//! `walcast serve`) writes, without changing the directory (`walcast log`).
+//!
 //! Payloads are opaque bytes: the caller stores each change in a form that replays
 //! without re-decoding pgoutput. All IO here is blocking; async callers use
 //! `spawn_blocking` or a thread of their own.

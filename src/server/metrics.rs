@@ -32,8 +32,10 @@
 //! client drops per minute — is `normal` (0), `warning` (1) or `critical` (2)
 //! against the `[health]` thresholds; `walcast_health_status` is the worst of
 //! them. `/ready` is 200 when replication is connected, not blocked (a dropped
-//! slot or publication, see [`Blocked`]; always critical) and neither lag check is
-//! critical, else 503, and names each check with its value, thresholds and level.
+//! slot or publication, see [`Blocked`]; always critical), the change log (with
+//! `[log] dir`) can be written ([`LogHealth`]; a log that cannot is critical:
+//! nothing more is confirmed to PostgreSQL) and neither lag check is critical,
+//! else 503, and names each check with its value, thresholds and level.
 //! `/health` only says the process is alive.
 
 use std::collections::VecDeque;
