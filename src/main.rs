@@ -55,6 +55,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
                 c.downcast_ref::<walcast::cli::tail::TailError>(),
                 Some(walcast::cli::tail::TailError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
             )
+            || matches!(
+                c.downcast_ref::<walcast::cli::log::LogCmdError>(),
+                Some(walcast::cli::log::LogCmdError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
+            )
     })
 }
 
@@ -114,6 +118,8 @@ fn error_kind(e: &anyhow::Error) -> Option<ErrorKind> {
                 TailError::Replication(e) => Some(e.kind()),
                 TailError::Stdout(_) => None,
             }
+        } else if let Some(e) = cause.downcast_ref::<walcast::cli::log::LogCmdError>() {
+            e.kind()
         } else if let Some(e) = cause.downcast_ref::<ServeError>() {
             serve_kind(e)
         } else if let Some(e) = cause.downcast_ref::<DemoError>() {
@@ -231,6 +237,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut out = std::io::stdout();
             walcast::cli::demo::run_demo(options, shutdown, &mut out).await?;
+        }
+        Command::Log(args) => {
+            let query = args.query()?;
+            let stop = shutdown.clone();
+            tokio::task::spawn_blocking(move || {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+                walcast::cli::log::run(&query, &mut out, &stop)
+            })
+            .await??;
         }
         Command::CheckConfig(args) => {
             let c = ServeConfig::from_file(&args.file)?;

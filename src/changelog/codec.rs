@@ -46,7 +46,7 @@ pub enum Logged {
 pub fn txn_info(commit_lsn: Lsn, commit_ts_unix: i64, xid: u32) -> TxnInfo {
     TxnInfo {
         commit_lsn,
-        commit_time: PgTimestamp(commit_ts_unix.saturating_sub(946_684_800 * 1_000_000)),
+        commit_time: PgTimestamp::from_unix_micros(commit_ts_unix),
         xid: Xid(xid),
     }
 }

@@ -28,11 +28,15 @@
 //!   slot than it was written for is emptied; its horizon moves to now, so every
 //!   older resume position is a gap.
 //!
+//! [`LogReader::open_read_only`] reads a log that another process (a running
+//! `walcast serve`) writes, without changing the directory (`walcast log`).
+//!
 //! Payloads are opaque bytes: the caller stores each change in a form that replays
 //! without re-decoding pgoutput. All IO here is blocking; async callers use
 //! `spawn_blocking` or a thread of their own.
 
 pub mod codec;
+mod readonly;
 mod segment;
 pub mod stage;
 
@@ -1175,29 +1179,7 @@ impl TableFile {
                 Err(e) => return Err(io_err(&path)(e)),
             }
         };
-        let mut by_shape = HashMap::new();
-        let mut decoded = HashMap::new();
-        let mut at = 0;
-        while let Some(h) = bytes.get(at..at + 8) {
-            let len = u32::from_le_bytes(h[..4].try_into().expect("4")) as usize;
-            let crc = u32::from_le_bytes(h[4..].try_into().expect("4"));
-            let Some(body) = bytes.get(at + 8..at + 8 + len) else {
-                break;
-            };
-            if len < 4 || crc32fast::hash(body) != crc {
-                break;
-            }
-            let id = u32::from_le_bytes(body[..4].try_into().expect("4"));
-            let Ok(t) = codec::decode_table(&body[4..]) else {
-                break;
-            };
-            if id as usize != by_shape.len() {
-                break;
-            }
-            by_shape.insert(body[4..].to_vec(), id);
-            decoded.insert(id, Arc::new(t));
-            at += 8 + len;
-        }
+        let (by_shape, decoded, at) = parse_tables(&bytes);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -1217,6 +1199,36 @@ impl TableFile {
             decoded,
         ))
     }
+}
+
+/// The table shapes of a table file's bytes, up to its first torn or damaged
+/// record: (shape → id, id → table, bytes of the valid records).
+#[allow(clippy::type_complexity)]
+fn parse_tables(bytes: &[u8]) -> (HashMap<Vec<u8>, u32>, HashMap<u32, Arc<Table>>, usize) {
+    let mut by_shape = HashMap::new();
+    let mut decoded = HashMap::new();
+    let mut at = 0;
+    while let Some(h) = bytes.get(at..at + 8) {
+        let len = u32::from_le_bytes(h[..4].try_into().expect("4")) as usize;
+        let crc = u32::from_le_bytes(h[4..].try_into().expect("4"));
+        let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if len < 4 || crc32fast::hash(body) != crc {
+            break;
+        }
+        let id = u32::from_le_bytes(body[..4].try_into().expect("4"));
+        let Ok(t) = codec::decode_table(&body[4..]) else {
+            break;
+        };
+        if id as usize != by_shape.len() {
+            break;
+        }
+        by_shape.insert(body[4..].to_vec(), id);
+        decoded.insert(id, Arc::new(t));
+        at += 8 + len;
+    }
+    (by_shape, decoded, at)
 }
 
 fn read_err(path: &Path, e: ReadError) -> LogError {

@@ -85,6 +85,15 @@ pub struct LogHandle {
 }
 
 impl LogHandle {
+    /// A handle on no running stage: `stats`, and `reader` as the log's reader
+    /// (metrics tests, tools).
+    pub fn detached(stats: Arc<LogStageStats>, reader: Option<LogReader>) -> LogHandle {
+        LogHandle {
+            stats,
+            reader: Arc::new(std::sync::Mutex::new(reader)),
+        }
+    }
+
     /// A reader of the log, once the stream said where it comes from.
     pub fn reader(&self) -> Option<LogReader> {
         self.reader.lock().ok().and_then(|r| r.clone())

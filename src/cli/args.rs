@@ -49,6 +49,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Check a config file: print "ok", or name the bad field and exit 2.
     CheckConfig(CheckConfigArgs),
+    /// Print the change log ([log] dir) as one JSON object per change: the audit trail.
+    Log(LogArgs),
 }
 
 /// Where to connect and which slot and publication to use.
@@ -185,6 +187,74 @@ pub struct DemoArgs {
     /// Business steps (orders, deliveries, …) per second, at most 1000.
     #[arg(long, default_value_t = crate::cli::demo::DEFAULT_TICKS_PER_SECOND)]
     pub rate: f64,
+}
+
+/// `walcast log`: read a change log directory (also while `serve` writes it).
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// The change log's directory; default: `[log] dir` of --config.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+
+    /// TOML config file whose `[log] dir` and `[values]` to use (see config/walcast.toml).
+    #[arg(long, env = "WALCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Only changes of this table: `schema.table`, `schema.*`, or `table` (in
+    /// public). Repeatable.
+    #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+    pub tables: Vec<crate::cli::log::TableMatch>,
+
+    /// Start after this transaction: an LSN (X/Y) or a commit time in ISO 8601
+    /// (2026-11-30T01:02:03.123456Z), e.g. a printed line's commit_lsn or
+    /// commit_timestamp. Default: the oldest change kept.
+    #[arg(long, value_name = "LSN|TIME")]
+    pub since: Option<crate::cli::log::Position>,
+
+    /// Stop after the transactions committed at or before this LSN or time.
+    #[arg(long, value_name = "LSN|TIME")]
+    pub until: Option<crate::cli::log::Position>,
+
+    /// Print at most N lines.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+
+    /// Also print database messages (walcast.broadcast and other prefixes).
+    #[arg(long)]
+    pub messages: bool,
+
+    /// Render int8 and numeric values as JSON strings (also `[values]` of --config).
+    #[arg(long)]
+    pub big_numbers_as_strings: bool,
+}
+
+impl LogArgs {
+    /// The query, with the directory and value options of --config where not given.
+    pub fn query(self) -> Result<crate::cli::log::LogQuery, crate::cli::log::LogCmdError> {
+        let config = match &self.config {
+            Some(p) => Some(crate::config::ServeConfig::from_file(p)?),
+            None => None,
+        };
+        let dir = match self.dir {
+            Some(d) => d,
+            None => config
+                .as_ref()
+                .and_then(|c| c.log.dir.clone())
+                .ok_or(crate::cli::log::LogCmdError::NoDir)?,
+        };
+        Ok(crate::cli::log::LogQuery {
+            dir,
+            tables: self.tables,
+            since: self.since,
+            until: self.until,
+            limit: self.limit,
+            messages: self.messages,
+            render: crate::decode::value::RenderOptions {
+                big_numbers_as_strings: self.big_numbers_as_strings
+                    || config.is_some_and(|c| c.values.big_numbers_as_strings),
+            },
+        })
+    }
 }
 
 /// `walcast check-config`: validate a config file without starting anything.

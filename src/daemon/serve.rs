@@ -249,7 +249,7 @@ impl Pipeline {
                 hub: hub_stats.clone(),
                 ws: ws_stats.clone(),
                 broadcast: broadcast.stats(),
-                log: log.as_ref().map(|l| l.stats.clone()),
+                log: log.clone(),
                 replay: replay_stats.clone(),
             },
             config.health.clone(),

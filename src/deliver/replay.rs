@@ -220,7 +220,7 @@ pub async fn run(job: Job) {
 }
 
 fn iso(unix_micros: i64) -> String {
-    PgTimestamp(unix_micros - 946_684_800 * 1_000_000).to_iso_micros()
+    PgTimestamp::from_unix_micros(unix_micros).to_iso_micros()
 }
 
 /// The channel's `system` message (`extension: postgres_changes`, with `code`).

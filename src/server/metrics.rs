@@ -32,8 +32,10 @@
 //! client drops per minute — is `normal` (0), `warning` (1) or `critical` (2)
 //! against the `[health]` thresholds; `walcast_health_status` is the worst of
 //! them. `/ready` is 200 when replication is connected, not blocked (a dropped
-//! slot or publication, see [`Blocked`]; always critical) and neither lag check is
-//! critical, else 503, and names each check with its value, thresholds and level.
+//! slot or publication, see [`Blocked`]; always critical), the change log (with
+//! `[log] dir`) can be written ([`LogHealth`]; a log that cannot is critical:
+//! nothing more is confirmed to PostgreSQL) and neither lag check is critical,
+//! else 503, and names each check with its value, thresholds and level.
 //! `/health` only says the process is alive.
 
 use std::collections::VecDeque;
@@ -53,7 +55,7 @@ use prometheus::{Registry, TextEncoder};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::changelog::stage::LogStageStats;
+use crate::changelog::stage::LogHandle;
 use crate::config::{HealthConfig, PgConnInfo};
 use crate::decode::event::ChangeKind;
 use crate::deliver::broadcast::BroadcastStats;
@@ -79,8 +81,9 @@ pub struct Sources {
     pub hub: Arc<HubStats>,
     pub ws: Arc<WsStats>,
     pub broadcast: Arc<BroadcastStats>,
-    /// The change log stage, when `[log] dir` is set.
-    pub log: Option<Arc<LogStageStats>>,
+    /// The change log stage (its counters, and its reader for size and range),
+    /// when `[log] dir` is set.
+    pub log: Option<LogHandle>,
     /// Replays from the change log to channels that resume.
     pub replay: Arc<crate::deliver::replay::ReplayStats>,
 }
@@ -167,13 +170,45 @@ pub struct Health {
     /// A slot or publication problem that stops streaming until an operator acts
     /// (always critical), with what to do about it.
     pub blocked: Option<(Blocked, String)>,
+    /// The change log's state, when `[log] dir` is set.
+    pub log: Option<LogHealth>,
+}
+
+/// Whether the change log can be written (`walcast_log_writable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogHealth {
+    Writable,
+    /// Not opened yet (it opens when the replication stream starts): nothing is
+    /// confirmed to PostgreSQL until it is; not ready, but not a failure.
+    Opening,
+    /// A write or the open failed: delivery goes on, but nothing more is
+    /// confirmed to PostgreSQL until the log can be written again. Critical.
+    NotWritable,
+}
+
+impl LogHealth {
+    pub const NOT_WRITABLE: &'static str = "change log not writable: nothing more is confirmed to PostgreSQL until it can be written (see walcast_log_errors_total and the error in walcast's log)";
+    pub const OPENING: &'static str =
+        "change log not open yet: nothing is confirmed to PostgreSQL until it opens";
+
+    fn of(stats: &crate::changelog::stage::LogStageStats) -> LogHealth {
+        if stats.writable.load(Ordering::Relaxed) {
+            LogHealth::Writable
+        } else if stats.errors.load(Ordering::Relaxed) > 0 {
+            LogHealth::NotWritable
+        } else {
+            LogHealth::Opening
+        }
+    }
 }
 
 impl Health {
-    /// Replication connected, not blocked, and neither lag check critical.
+    /// Replication connected, not blocked, the change log (if any) writable, and
+    /// neither lag check critical.
     pub fn ready(&self) -> bool {
         self.connected
             && self.blocked.is_none()
+            && self.log.is_none_or(|l| l == LogHealth::Writable)
             && self
                 .checks
                 .iter()
@@ -343,16 +378,19 @@ impl State_ {
             ),
         ];
         let blocked = s.blocked().map(|b| (b, s.blocked_message()));
+        let log = self.src.log.as_ref().map(|l| LogHealth::of(&l.stats));
         let level = checks
             .iter()
             .map(|c| c.level)
             .max()
             .unwrap_or(Level::Normal)
-            .max(if blocked.is_some() {
-                Level::Critical
-            } else {
-                Level::Normal
-            });
+            .max(
+                if blocked.is_some() || log == Some(LogHealth::NotWritable) {
+                    Level::Critical
+                } else {
+                    Level::Normal
+                },
+            );
         let health = Health {
             blocked,
             connected,
@@ -362,6 +400,7 @@ impl State_ {
             drops_per_minute,
             checks,
             level,
+            log,
         };
         self.note_level(&health);
         health
@@ -381,6 +420,9 @@ impl State_ {
             .collect();
         if let Some((b, _)) = &h.blocked {
             failing.push(format!("replication_blocked={} (critical)", b.as_str()));
+        }
+        if h.log == Some(LogHealth::NotWritable) {
+            failing.push("log_writable=0 (critical)".into());
         }
         let failing = failing.join(", ");
         match h.level {
@@ -496,6 +538,11 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_log_syncs_total", "Syncs of the change log to disk.", MetricType::COUNTER, None),
     ("walcast_log_errors_total", "Failed change log writes (each stops confirmation to PostgreSQL until the log is writable again).", MetricType::COUNTER, None),
     ("walcast_log_writable", "1 while the change log can be written; 0 when a write failed (nothing more is confirmed to PostgreSQL).", MetricType::GAUGE, None),
+    ("walcast_log_bytes", "Bytes of committed transactions in the change log's segments on disk.", MetricType::GAUGE, None),
+    ("walcast_log_segments", "Segment files of the change log.", MetricType::GAUGE, None),
+    ("walcast_log_oldest_commit_lsn", "Commit LSN of the oldest transaction the change log holds, as a number (WAL byte position).", MetricType::GAUGE, None),
+    ("walcast_log_oldest_age_seconds", "Now minus the commit time of the oldest transaction the change log holds: how far back a client can resume.", MetricType::GAUGE, None),
+    ("walcast_log_newest_commit_lsn", "Commit LSN of the newest transaction in the change log, as a number (WAL byte position).", MetricType::GAUGE, None),
     ("walcast_replays_total", "Channels that resumed with replay.since, by result (done: REPLAY_DONE sent; gap: REPLAY_GAP sent).", MetricType::COUNTER, Some("result")),
     ("walcast_replayed_changes_total", "Changes read back from the change log for replays (before each channel's filters).", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
@@ -557,7 +604,17 @@ impl Collector for SyncCollector {
         let hub = &st.src.hub;
         let ws = &st.src.ws;
         let bc = &st.src.broadcast;
-        let log = st.src.log.as_deref();
+        let log = st.src.log.as_ref().map(|l| &*l.stats);
+        // Size and range of the log, once it is open (the families are left out before).
+        let log_stats = st
+            .src
+            .log
+            .as_ref()
+            .and_then(|l| l.reader())
+            .map(|r| r.stats());
+        let oldest = log_stats.as_ref().and_then(|s| s.oldest);
+        let newest = log_stats.as_ref().and_then(|s| s.newest);
+        let now_micros = unix_now_micros();
         let health = st.evaluate();
         let slot = st.slot.lock().map(|g| g.clone()).unwrap_or_default();
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -663,6 +720,19 @@ impl Collector for SyncCollector {
                 "walcast_log_writable" => log.map_or(vec![], |l| {
                     one(f64::from(u8::from(l.writable.load(Ordering::Relaxed))))
                 }),
+                "walcast_log_bytes" => log_stats.as_ref().map_or(vec![], |s| one(s.bytes as f64)),
+                "walcast_log_segments" => log_stats
+                    .as_ref()
+                    .map_or(vec![], |s| one(s.segments as f64)),
+                "walcast_log_oldest_commit_lsn" => {
+                    oldest.map_or(vec![], |o| one(o.commit_lsn.0 as f64))
+                }
+                "walcast_log_oldest_age_seconds" => {
+                    oldest.map_or(vec![], |o| one(secs_between(o.commit_ts, now_micros)))
+                }
+                "walcast_log_newest_commit_lsn" => {
+                    newest.map_or(vec![], |o| one(o.commit_lsn.0 as f64))
+                }
                 "walcast_replays_total" => labelled(vec![
                     ("done", n(&st.src.replay.served)),
                     ("gap", n(&st.src.replay.gaps)),
@@ -916,6 +986,30 @@ pub fn ready_checks(h: &Health) -> Vec<Value> {
             "message": message,
         }));
     }
+    match h.log {
+        None => {}
+        Some(LogHealth::Writable) => checks.push(json!({
+            "name": "log_writable",
+            "value": 1,
+            "threshold": 1,
+            "level": Level::Normal.as_str(),
+        })),
+        Some(LogHealth::Opening) => checks.push(json!({
+            "name": "log_writable",
+            "value": 0,
+            "threshold": 1,
+            "level": Level::Normal.as_str(),
+            "affects_ready": true,
+            "message": LogHealth::OPENING,
+        })),
+        Some(LogHealth::NotWritable) => checks.push(json!({
+            "name": "log_writable",
+            "value": 0,
+            "threshold": 1,
+            "level": Level::Critical.as_str(),
+            "message": LogHealth::NOT_WRITABLE,
+        })),
+    }
     for c in &h.checks {
         checks.push(json!({
             "name": c.name,
@@ -957,6 +1051,10 @@ mod tests {
     use crate::deliver::stats::ClientEvents;
 
     fn metrics(health: HealthConfig) -> Metrics {
+        metrics_with_log(health, Some(logged(&tempfile::tempdir().unwrap()).1))
+    }
+
+    fn metrics_with_log(health: HealthConfig, log: Option<LogHandle>) -> Metrics {
         Metrics::new(
             Sources {
                 stream: Arc::default(),
@@ -964,12 +1062,139 @@ mod tests {
                 hub: Arc::default(),
                 ws: Arc::default(),
                 broadcast: Arc::default(),
-                log: Some(Arc::default()),
+                log,
                 replay: Arc::default(),
             },
             health,
         )
         .unwrap()
+    }
+
+    /// A real log in `dir` holding two transactions, one committed an hour ago,
+    /// and a writable stage handle on it.
+    fn logged(dir: &tempfile::TempDir) -> (crate::changelog::ChangeLog, LogHandle) {
+        use crate::changelog::{ChangeLog, LogIdentity, LogOptions};
+        use crate::lsn::Lsn;
+        let (mut log, _) = ChangeLog::open(
+            LogOptions::new(dir.path(), 1 << 30, Duration::from_secs(86_400)),
+            LogIdentity {
+                system_id: "1".into(),
+                slot: "walcast".into(),
+            },
+            Lsn(0x100),
+        )
+        .unwrap();
+        let hour_ago = unix_now_micros() - 3_600_000_000;
+        for (lsn, ts) in [(0x1000, hour_ago), (0x2000, hour_ago + 1)] {
+            log.begin(Lsn(lsn), ts, 1).unwrap();
+            log.append(b"x").unwrap();
+            log.commit(Lsn(lsn + 8)).unwrap();
+        }
+        log.sync().unwrap();
+        let stats = Arc::new(crate::changelog::stage::LogStageStats::default());
+        stats.writable.store(true, Ordering::Relaxed);
+        let handle = LogHandle::detached(stats, Some(log.reader()));
+        (log, handle)
+    }
+
+    /// The value of an unlabelled sample in a scrape.
+    fn scraped(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn the_log_gauges_give_its_size_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, handle) = logged(&dir);
+        let m = metrics_with_log(HealthConfig::default(), Some(handle));
+        let text = m.render().unwrap();
+        let bytes = scraped(&text, "walcast_log_bytes").unwrap();
+        assert!(bytes > 16.0, "{text}");
+        assert_eq!(scraped(&text, "walcast_log_segments"), Some(1.0));
+        assert_eq!(
+            scraped(&text, "walcast_log_oldest_commit_lsn"),
+            Some(4096.0)
+        );
+        assert_eq!(
+            scraped(&text, "walcast_log_newest_commit_lsn"),
+            Some(8192.0)
+        );
+        let age = scraped(&text, "walcast_log_oldest_age_seconds").unwrap();
+        assert!((3599.0..3700.0).contains(&age), "{age}");
+        assert_eq!(scraped(&text, "walcast_log_writable"), Some(1.0));
+
+        // Configured but not open yet: the counters, no size or range.
+        let m = metrics_with_log(
+            HealthConfig::default(),
+            Some(LogHandle::detached(Arc::default(), None)),
+        );
+        let text = m.render().unwrap();
+        assert_eq!(scraped(&text, "walcast_log_writable"), Some(0.0));
+        assert!(!text.contains("walcast_log_bytes"), "{text}");
+        assert!(!text.contains("walcast_log_oldest_age_seconds"), "{text}");
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_written_fails_ready_and_is_critical() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, handle) = logged(&dir);
+        let stats = handle.stats.clone();
+        let m = metrics_with_log(HealthConfig::default(), Some(handle));
+        m.state.src.stream.connected.store(true, Ordering::Relaxed);
+        let h = m.health();
+        assert!(h.ready(), "{h:?}");
+        assert_eq!(h.level, Level::Normal);
+        let check = |h: &Health| {
+            ready_checks(h)
+                .into_iter()
+                .find(|c| c["name"] == "log_writable")
+                .expect("a log_writable check")
+        };
+        assert_eq!(check(&h)["level"], "normal");
+
+        // A failed write (disk full): the stage counts it and clears `writable`.
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats.writable.store(false, Ordering::Relaxed);
+        let h = m.health();
+        assert!(!h.ready());
+        assert_eq!(h.level, Level::Critical);
+        let c = check(&h);
+        assert_eq!(
+            (c["value"].as_u64(), c["level"].as_str()),
+            (Some(0), Some("critical"))
+        );
+        assert!(
+            c["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("change log not writable: nothing more is confirmed to PostgreSQL"),
+            "{c}"
+        );
+        let text = m.render().unwrap();
+        assert_eq!(scraped(&text, "walcast_log_writable"), Some(0.0));
+        assert_eq!(scraped(&text, "walcast_health_status"), Some(2.0));
+
+        // Writable again (the stage emptied the log and goes on): ready.
+        stats.writable.store(true, Ordering::Relaxed);
+        assert!(m.health().ready());
+
+        // Not opened yet (before the stream starts): not ready, but no failure.
+        let m = metrics_with_log(
+            HealthConfig::default(),
+            Some(LogHandle::detached(Arc::default(), None)),
+        );
+        m.state.src.stream.connected.store(true, Ordering::Relaxed);
+        let h = m.health();
+        assert!(!h.ready());
+        assert_eq!(h.level, Level::Normal);
+        assert_eq!(check(&h)["message"], LogHealth::OPENING);
+
+        // Without a log there is no such check.
+        let m = metrics_with_log(HealthConfig::default(), None);
+        assert!(ready_checks(&m.health())
+            .iter()
+            .all(|c| c["name"] != "log_writable"));
     }
 
     #[test]

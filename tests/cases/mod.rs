@@ -9,6 +9,7 @@ mod demo;
 mod filter;
 mod layers;
 mod lifecycle;
+mod logcli;
 mod metrics;
 mod paused;
 mod pgerrors;

@@ -45,6 +45,11 @@ pub struct PgTimestamp(pub i64);
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 
 impl PgTimestamp {
+    /// The time `unix_micros` microseconds after the Unix epoch.
+    pub fn from_unix_micros(unix_micros: i64) -> Self {
+        PgTimestamp(unix_micros.saturating_sub(PG_EPOCH_UNIX_SECS * 1_000_000))
+    }
+
     /// Microseconds since the Unix epoch.
     pub fn unix_micros(self) -> i64 {
         self.0.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000)
@@ -77,68 +82,78 @@ impl PgTimestamp {
     }
 }
 
-/// Reads an ISO 8601 time with an offset (`2024-01-02T03:04:05.678901Z`,
-/// `…+02:00`, PostgreSQL's `2024-01-02 03:04:05.678901+00`) as microseconds since
-/// the Unix epoch. Up to 9 fraction digits (beyond microseconds truncated); no
-/// offset means UTC. `None` for anything else.
+/// Reads an ISO 8601 / RFC 3339 time with a zone as Unix microseconds:
+/// `2026-11-30T01:02:03.123456Z`, `…+02:00`, `…T01:02:03Z` (digits past the
+/// microsecond are dropped), or a date alone (`2026-11-30`, midnight UTC).
 pub fn parse_iso_unix_micros(s: &str) -> Option<i64> {
-    let b = s.trim().as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let d = b.get(r)?;
-        if d.is_empty() || !d.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(d).ok()?.parse().ok()
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let part = b.get(from..from + len)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| std::str::from_utf8(part).ok()?.parse().ok())?
     };
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    let (y, m, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') {
         return None;
     }
-    if b[13] != b':' || b[16] != b':' {
+    let m = u32::try_from(m).ok().filter(|m| (1..=12).contains(m))?;
+    let days_in_month = (days_from_civil(if m == 12 { y + 1 } else { y }, m % 12 + 1, 1)
+        - days_from_civil(y, m, 1)) as u32;
+    let d = u32::try_from(d)
+        .ok()
+        .filter(|d| (1..=days_in_month).contains(d))?;
+    let days = days_from_civil(y, m, d);
+    if b.len() == 10 {
+        return Some(days * 86_400_000_000);
+    }
+    if !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
         return None;
     }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+    let (hh, mm, ss) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    if b.get(13) != Some(&b':') || b.get(16) != Some(&b':') || hh > 23 || mm > 59 || ss > 59 {
         return None;
     }
     let mut at = 19;
     let mut micros = 0i64;
     if b.get(at) == Some(&b'.') {
-        let start = at + 1;
-        let mut end = start;
-        while end < b.len() && b[end].is_ascii_digit() {
-            end += 1;
-        }
-        let digits = end - start;
-        if digits == 0 || digits > 9 {
+        at += 1;
+        let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
             return None;
         }
-        let take = digits.min(6);
-        micros = num(start..start + take)? * 10i64.pow((6 - take) as u32);
-        at = end;
+        for (i, c) in b[at..at + digits].iter().take(6).enumerate() {
+            micros += i64::from(c - b'0') * 10i64.pow(5 - i as u32);
+        }
+        at += digits;
     }
-    let offset_secs = match b.get(at) {
-        None => 0,
-        Some(b'Z' | b'z') if at + 1 == b.len() => 0,
-        Some(&sign @ (b'+' | b'-')) => {
-            let rest = &b[at + 1..];
-            let (oh, om) = match rest.len() {
-                2 => (num(at + 1..at + 3)?, 0),
-                4 => (num(at + 1..at + 3)?, num(at + 3..at + 5)?),
-                5 if rest[2] == b':' => (num(at + 1..at + 3)?, num(at + 4..at + 6)?),
+    let offset_secs = match b.get(at..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let rest = std::str::from_utf8(rest).ok()?;
+            let (h, mi) = match rest.len() {
+                2 => (rest, "00"),
+                4 => rest.split_at(2),
+                5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
                 _ => return None,
             };
-            let o = oh * 3600 + om * 60;
-            if sign == b'+' {
-                o
-            } else {
+            if !h.bytes().chain(mi.bytes()).all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let (h, mi): (i64, i64) = (h.parse().ok()?, mi.parse().ok()?);
+            if h > 23 || mi > 59 {
+                return None;
+            }
+            let o = h * 3600 + mi * 60;
+            if *sign == b'-' {
                 -o
+            } else {
+                o
             }
         }
         _ => return None,
     };
-    let days = days_from_civil(y, mo as u32, d as u32);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset_secs;
     secs.checked_mul(1_000_000)?.checked_add(micros)
 }
 

@@ -363,10 +363,11 @@ fn iso_times_parse_back_to_the_microsecond() {
         "2024-01-02 03:04:05.678901+00",
         "2024-01-02T05:04:05.678901+02:00",
         "2024-01-02T01:04:05.678901-0200",
-        "2024-01-02T03:04:05.678901234Z",
+        "2024-01-02T03:04:05.678901234z",
     ] {
         assert_eq!(parse_iso_unix_micros(s), Some(us), "{s}");
     }
+    // The millisecond form Supabase sends; whole seconds; a date alone.
     assert_eq!(
         parse_iso_unix_micros("2024-01-02T03:04:05.678Z"),
         Some(1_704_164_645_678_000)
@@ -375,10 +376,17 @@ fn iso_times_parse_back_to_the_microsecond() {
         parse_iso_unix_micros("2024-01-02T03:04:05Z"),
         Some(1_704_164_645_000_000)
     );
+    assert_eq!(
+        parse_iso_unix_micros("2024-01-02"),
+        Some(1_704_153_600_000_000)
+    );
     for bad in [
         "",
         "yesterday",
+        "2024-01-02T03:04:05",
         "2024-13-02T03:04:05Z",
+        "2023-02-29T00:00:00Z",
+        "2024-01-02T24:00:00Z",
         "2024-01-02T03:04:05.Z",
         "2024-01-02T03:04:05Zjunk",
         "2024-01-02T03:04:05+1",
@@ -391,7 +399,7 @@ fn iso_times_parse_back_to_the_microsecond() {
 proptest::proptest! {
     #[test]
     fn iso_micros_round_trip(us in -62_000_000_000_000_000i64..253_000_000_000_000_000i64) {
-        let t = PgTimestamp(us - PG_EPOCH_UNIX_SECS * 1_000_000);
+        let t = PgTimestamp::from_unix_micros(us);
         proptest::prop_assert_eq!(parse_iso_unix_micros(&t.to_iso_micros()), Some(us));
     }
 }

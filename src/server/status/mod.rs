@@ -577,14 +577,25 @@ impl Status {
                 "auth_failures": AuthFailure::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.auth_failures(r)))).collect::<serde_json::Map<_, _>>(),
             },
             // The change log, when `[log] dir` is set (resume is not served from it yet).
-            "replay_log": self.metrics.sources().log.as_ref().map_or(Value::Null, |l| json!({
-                "writable": l.writable.load(Ordering::Relaxed),
-                "transactions": l.transactions.load(Ordering::Relaxed),
-                "changes": l.changes.load(Ordering::Relaxed),
-                "syncs": l.syncs.load(Ordering::Relaxed),
-                "errors": l.errors.load(Ordering::Relaxed),
-                "resets": l.resets.load(Ordering::Relaxed),
-            })),
+            "replay_log": self.metrics.sources().log.as_ref().map_or(Value::Null, |h| {
+                let l = &h.stats;
+                let stats = h.reader().map(|r| r.stats());
+                let oldest = stats.as_ref().and_then(|s| s.oldest);
+                json!({
+                    "writable": l.writable.load(Ordering::Relaxed),
+                    "transactions": l.transactions.load(Ordering::Relaxed),
+                    "changes": l.changes.load(Ordering::Relaxed),
+                    "syncs": l.syncs.load(Ordering::Relaxed),
+                    "errors": l.errors.load(Ordering::Relaxed),
+                    "resets": l.resets.load(Ordering::Relaxed),
+                    // Size and range, once the log is open (null before).
+                    "bytes": stats.as_ref().map(|s| s.bytes),
+                    "segments": stats.as_ref().map(|s| s.segments),
+                    "oldest_lsn": oldest.map(|o| o.commit_lsn.to_string()),
+                    "oldest_age_seconds": oldest.map(|o| (unix_millis() * 1000 - o.commit_ts).max(0) as f64 / 1e6),
+                    "newest_lsn": stats.as_ref().and_then(|s| s.newest).map(|n| n.commit_lsn.to_string()),
+                })
+            }),
             "watchers": self.feed.watchers.load(Ordering::Relaxed),
             "sample": last,
         })
@@ -1164,6 +1175,31 @@ pub fn summary_text(v: &Value) -> String {
             line(format!("    {:<30} {}", s(&t["table"]), t["count"]));
         }
     }
+    let l = &v["replay_log"];
+    if l.is_object() {
+        let state = if l["writable"].as_bool() == Some(true) {
+            "writing"
+        } else {
+            "NOT WRITABLE (nothing more is confirmed to PostgreSQL)"
+        };
+        let range = if l["oldest_lsn"].is_string() {
+            format!(
+                ", oldest {} ({:.0} s old), newest {}",
+                s(&l["oldest_lsn"]),
+                f(&l["oldest_age_seconds"]),
+                s(&l["newest_lsn"])
+            )
+        } else {
+            String::new()
+        };
+        line(format!(
+            "  change log:   {state}, {} in {} segments{range}; {} transactions, {} errors",
+            human_bytes(f(&l["bytes"])),
+            l["segments"].as_u64().unwrap_or(0),
+            l["transactions"],
+            l["errors"]
+        ));
+    }
     out
 }
 
@@ -1225,6 +1261,23 @@ mod tests {
         let mut c = CatchUp::default();
         let t0 = std::time::Instant::now();
         assert_eq!(c.observe(t0, 100, Some(100 + 1024 * 1024), true), None);
+    }
+
+    #[test]
+    fn the_summary_has_a_line_for_the_change_log_when_there_is_one() {
+        let v = json!({"replay_log": {"writable": true, "bytes": 3 * 1024 * 1024, "segments": 2,
+            "oldest_lsn": "0/16B3748", "oldest_age_seconds": 3600.4, "newest_lsn": "0/2000000",
+            "transactions": 12, "errors": 0}});
+        let text = summary_text(&v);
+        let line = text
+            .lines()
+            .find(|l| l.contains("change log:"))
+            .expect(&text);
+        assert!(line.contains("writing, 3.0 MiB in 2 segments, oldest 0/16B3748 (3600 s old), newest 0/2000000; 12 transactions, 0 errors"), "{line}");
+        let v = json!({"replay_log": {"writable": false, "bytes": null, "segments": null,
+            "oldest_lsn": null, "transactions": 0, "errors": 1}});
+        assert!(summary_text(&v).contains("change log:   NOT WRITABLE"));
+        assert!(!summary_text(&json!({"replay_log": null})).contains("change log"));
     }
 
     #[test]

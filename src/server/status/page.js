@@ -193,6 +193,9 @@
       ["syncs", num(rl.syncs)],
       ["errors", num(rl.errors)],
       ["resets", num(rl.resets)],
+      ["size", rl.bytes == null ? "not open yet" : bytes(rl.bytes) + " in " + num(rl.segments) + " segments"],
+      ["oldest", rl.oldest_lsn == null ? "-" : rl.oldest_lsn + " · " + secs(rl.oldest_age_seconds) + " old"],
+      ["newest", rl.newest_lsn == null ? "-" : rl.newest_lsn],
     ] : [["state", "off ([log] dir is not set)"]]);
 
     addSample(s.sample);
