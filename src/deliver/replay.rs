@@ -128,7 +128,8 @@ pub fn since_of(bindings: &[Value]) -> Result<Option<Since>, String> {
     Ok(found.map(|f| f.0))
 }
 
-fn parse_since(v: &Value) -> Result<Since, String> {
+/// A `since` value: a commit_timestamp, a commit LSN `X/Y`.
+pub fn parse_since(v: &Value) -> Result<Since, String> {
     const WHAT: &str = "must be a commit_timestamp as walcast sent it (\"2026-11-30T01:02:03.123456Z\"), a commit LSN \"X/Y\", or null";
     let Value::String(s) = v else {
         return Err(WHAT.into());
@@ -421,6 +422,133 @@ fn read_batch(
         }
     }
     Ok(b)
+}
+
+/// Where a page of `GET /api/changes` starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageStart {
+    Since(Since),
+    /// A previous page's `next_cursor`: after the transaction committed at
+    /// `after`, skipping the first `skip` changes of the next one (a page may end
+    /// inside a transaction).
+    Cursor {
+        after: Lsn,
+        skip: usize,
+    },
+}
+
+impl PageStart {
+    /// Reads a `next_cursor` (`X/Y` or `X/Y:N`).
+    pub fn parse_cursor(s: &str) -> Option<PageStart> {
+        let (lsn, skip) = match s.split_once(':') {
+            Some((l, n)) => (l, n.parse().ok()?),
+            None => (s, 0),
+        };
+        Some(PageStart::Cursor {
+            after: lsn.parse().ok()?,
+            skip,
+        })
+    }
+}
+
+/// One page of changes read from the log for one binding.
+pub struct Page {
+    /// Each change's `data` object (JSON), as a channel with the binding gets it.
+    pub changes: Vec<Arc<str>>,
+    /// Where the next page starts (`X/Y` or `X/Y:N`).
+    pub next_cursor: String,
+    /// The page ended at `limit`, not at the log's end.
+    pub more: bool,
+}
+
+/// Reads up to `limit` changes that `binding` receives, from `start`: judged by
+/// the hub's own code (a hub of one channel), so a page holds exactly what a
+/// replay to a channel with that binding sends. Blocking (file reads).
+pub fn read_page(
+    log: &LogReader,
+    binding: crate::route::hub::Binding,
+    start: PageStart,
+    limit: usize,
+    render: crate::decode::value::RenderOptions,
+) -> Result<Page, ReplayError> {
+    use crate::route::hub::Hub;
+    let mut hub = Hub::new(render, Arc::default());
+    let (tx, mut rx) = mpsc::channel(64);
+    let (done, _) = oneshot::channel();
+    hub.command(HubCommand::Subscribe {
+        conn: ConnHandle::new(1, tx, usize::MAX),
+        channel: 1,
+        topic: Arc::from("realtime:api"),
+        bindings: vec![binding],
+        hold: false,
+        done,
+    });
+    let (start, mut skip) = match start {
+        PageStart::Since(s) => (s.start(), 0),
+        PageStart::Cursor { after, skip } => (Start::AfterLsn(after), skip),
+    };
+    let mut cursor = log.cursor(start)?;
+    let mut changes = Vec::new();
+    let mut txn = None;
+    let mut read_in_txn = 0usize;
+    loop {
+        let Some(e) = cursor.next_entry()? else {
+            return Ok(Page {
+                changes,
+                next_cursor: cursor.position().to_string(),
+                more: false,
+            });
+        };
+        match e {
+            Entry::Begin {
+                commit_lsn,
+                commit_ts,
+                xid,
+            } => {
+                txn = Some(codec::txn_info(commit_lsn, commit_ts, xid));
+                read_in_txn = 0;
+            }
+            Entry::Change(bytes) => {
+                read_in_txn += 1;
+                if read_in_txn <= skip {
+                    continue;
+                }
+                let Some(info) = txn else { continue };
+                let change = match log.decode(&bytes, info) {
+                    Ok(Logged::Change(c)) => Arc::new(c),
+                    Ok(Logged::Message(_)) => continue,
+                    Err(e) => {
+                        return Err(ReplayError::Log(crate::changelog::LogError::Corrupt {
+                            path: "(page)".into(),
+                            what: e.to_string(),
+                        }))
+                    }
+                };
+                let (done, _) = oneshot::channel();
+                hub.command(HubCommand::Replay {
+                    channel: 1,
+                    changes: vec![change],
+                    done,
+                });
+                while let Ok(out) = rx.try_recv() {
+                    if let Outbound::Change { data, .. } = out {
+                        changes.push(data);
+                    }
+                }
+                if changes.len() >= limit {
+                    return Ok(Page {
+                        changes,
+                        next_cursor: format!("{}:{read_in_txn}", cursor.position()),
+                        more: true,
+                    });
+                }
+            }
+            Entry::Commit { .. } => {
+                txn = None;
+                skip = 0;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

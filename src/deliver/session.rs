@@ -796,172 +796,178 @@ impl Session {
         Ok(r)
     }
 
-    /// One binding: `Ok((Ok(binding), id))` live, `Ok((Err(table), id))` pending
-    /// (only with `pending_ok`), `Err` refused. Access is judged before the catalog
-    /// is asked, so a refusal says nothing about the schema.
     async fn resolve_binding(
         &self,
         obj: &Map<String, Value>,
         token: Option<&Verified>,
         pending_ok: bool,
     ) -> Result<(Result<Binding, String>, u32), String> {
-        let str_field = |k: &str| -> Result<Option<&str>, String> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.as_str())),
-                Some(_) => Err(format!("{k} must be a string")),
-            }
-        };
-        let event_raw = str_field("event")?.unwrap_or("*");
-        let events = EventMask::parse(event_raw).ok_or_else(|| {
-            format!("invalid event {event_raw:?}: use \"*\", \"INSERT\", \"UPDATE\" or \"DELETE\"")
-        })?;
-        let schema = str_field("schema")?.unwrap_or("public");
-        let table = str_field("table")?;
-        let filter_text = str_field("filter")?.filter(|f| !f.trim().is_empty());
-        let id = binding_id(event_raw, schema, table, filter_text);
-        let filter = match filter_text {
-            Some(t) => Filter::parse(t).map_err(|e| format!("invalid filter {t:?}: {e}"))?,
-            None => Filter::default(),
-        };
-        let select = match obj.get("select") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(a)) => {
-                let mut cols = Vec::with_capacity(a.len());
-                for c in a {
-                    match c.as_str() {
-                        Some(c) if !cols.iter().any(|x: &String| x == c) => {
-                            cols.push(c.to_string())
-                        }
-                        Some(_) => {}
-                        None => return Err("select must be an array of column names".into()),
-                    }
-                }
-                Some(cols)
-            }
-            Some(_) => return Err("select must be an array of column names".into()),
-        };
-        let moves = match obj.get("moves") {
-            None | Some(Value::Null) => self.shared.config.subscriptions.moves,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err("moves must be true or false".into()),
-        };
-        let wildcard = schema == "*" || table.is_none_or(|t| t == "*");
-        if wildcard && select.is_some() {
-            return Err("select needs a single table: name the table".into());
-        }
-        let auth = &self.shared.auth;
-        let mut access = BindingAccess {
-            expires_at: token.map(|t| t.exp),
-            ..BindingAccess::default()
-        };
-        let target = if wildcard {
-            if !auth.may_use_wildcards(token) {
-                if pending_ok && filter_text.is_none() {
-                    return Ok((Err(format!("{schema}.*")), id));
-                }
-                return Err(format!(
-                    "wildcard subscriptions need a role in auth.bypass_roles ({}); name the table",
-                    auth.config().bypass_roles.join(", ")
-                ));
-            }
-            if filter_text.is_some() {
-                return Err("a filter needs a single table: name the table".into());
-            }
-            if schema != "*" && table.is_none() {
-                // Schema only: every published table of the schema.
-            }
-            let tables = self
-                .shared
-                .catalog
-                .published_tables()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !tables.iter().any(|(s, t)| {
-                (schema == "*" || s == schema) && table.is_none_or(|x| x == "*" || x == t)
-            }) {
-                return Err(format!(
-                    "no table of publication {:?} matches schema {schema:?}",
-                    self.shared.catalog.publication()
-                ));
-            }
-            Target::Pattern {
-                schema: (schema != "*").then(|| schema.to_string()),
-                table: None,
-            }
-        } else {
-            let table = table.unwrap_or_default();
-            // Access first: a token without rights learns nothing of the table.
-            let columns = match auth.table_access(schema, table, token) {
-                Access::Denied(reason) => {
-                    tracing::debug!(peer = %self.peer, %reason, "binding refused");
-                    if pending_ok {
-                        return Ok((Err(format!("{schema}.{table}")), id));
-                    }
-                    return Err(crate::route::auth::refusal(schema, table));
-                }
-                Access::Allowed { rows, columns } => {
-                    match rows {
-                        RowRule::All => {}
-                        RowRule::Filter(rule) => access.rows = Some(rule),
-                        RowRule::Nothing => access.deny_all = true,
-                    }
-                    columns
-                }
-            };
-            let t = self
-                .shared
-                .catalog
-                .table(schema, table)
-                .await
-                .map_err(|e| e.to_string())?;
-            // The filter is checked against the columns this token may see, so a
-            // hidden column is reported exactly as a column that does not exist
-            // (filtering on it would reveal its values).
-            let bound = match &columns {
-                None => filter.bind(&t),
-                Some(cols) => filter.bind(&visible_columns(&t, cols)),
-            };
-            bound.map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
-            if let Some(sel) = &select {
-                // A hidden column is reported as an unknown one, as for filters.
-                let visible = |c: &str| {
-                    t.column_index(c).is_some()
-                        && columns.as_ref().is_none_or(|v| v.iter().any(|x| x == c))
-                };
-                if let Some(bad) = sel.iter().find(|c| !visible(c)) {
-                    let names: Vec<&str> = t
-                        .columns
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .filter(|c| visible(c))
-                        .take(50)
-                        .collect();
-                    return Err(format!(
-                        "select: column {bad:?} does not exist in {schema}.{table} or is not \
-                         selectable by the subscribing role; selectable columns: {}",
-                        names.join(", ")
-                    ));
-                }
-            }
-            access.columns = columns.map(Arc::new);
-            Target::Table(t)
-        };
-        Ok((
-            Ok(Binding {
-                id,
-                events,
-                target,
-                filter,
-                access,
-                options: BindingOptions {
-                    select: select.map(Arc::new),
-                    moves,
-                },
-            }),
-            id,
-        ))
+        resolve_binding(&self.shared, self.peer, obj, token, pending_ok).await
     }
+}
+
+/// One binding: `Ok((Ok(binding), id))` live, `Ok((Err(table), id))` pending
+/// (only with `pending_ok`), `Err` refused. Access is judged before the catalog
+/// is asked, so a refusal says nothing about the schema.
+pub async fn resolve_binding(
+    shared: &Shared,
+    peer: SocketAddr,
+    obj: &Map<String, Value>,
+    token: Option<&Verified>,
+    pending_ok: bool,
+) -> Result<(Result<Binding, String>, u32), String> {
+    let str_field = |k: &str| -> Result<Option<&str>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(format!("{k} must be a string")),
+        }
+    };
+    let event_raw = str_field("event")?.unwrap_or("*");
+    let events = EventMask::parse(event_raw).ok_or_else(|| {
+        format!("invalid event {event_raw:?}: use \"*\", \"INSERT\", \"UPDATE\" or \"DELETE\"")
+    })?;
+    let schema = str_field("schema")?.unwrap_or("public");
+    let table = str_field("table")?;
+    let filter_text = str_field("filter")?.filter(|f| !f.trim().is_empty());
+    let id = binding_id(event_raw, schema, table, filter_text);
+    let filter = match filter_text {
+        Some(t) => Filter::parse(t).map_err(|e| format!("invalid filter {t:?}: {e}"))?,
+        None => Filter::default(),
+    };
+    let select = match obj.get("select") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            let mut cols = Vec::with_capacity(a.len());
+            for c in a {
+                match c.as_str() {
+                    Some(c) if !cols.iter().any(|x: &String| x == c) => cols.push(c.to_string()),
+                    Some(_) => {}
+                    None => return Err("select must be an array of column names".into()),
+                }
+            }
+            Some(cols)
+        }
+        Some(_) => return Err("select must be an array of column names".into()),
+    };
+    let moves = match obj.get("moves") {
+        None | Some(Value::Null) => shared.config.subscriptions.moves,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("moves must be true or false".into()),
+    };
+    let wildcard = schema == "*" || table.is_none_or(|t| t == "*");
+    if wildcard && select.is_some() {
+        return Err("select needs a single table: name the table".into());
+    }
+    let auth = &shared.auth;
+    let mut access = BindingAccess {
+        expires_at: token.map(|t| t.exp),
+        ..BindingAccess::default()
+    };
+    let target = if wildcard {
+        if !auth.may_use_wildcards(token) {
+            if pending_ok && filter_text.is_none() {
+                return Ok((Err(format!("{schema}.*")), id));
+            }
+            return Err(format!(
+                "wildcard subscriptions need a role in auth.bypass_roles ({}); name the table",
+                auth.config().bypass_roles.join(", ")
+            ));
+        }
+        if filter_text.is_some() {
+            return Err("a filter needs a single table: name the table".into());
+        }
+        if schema != "*" && table.is_none() {
+            // Schema only: every published table of the schema.
+        }
+        let tables = shared
+            .catalog
+            .published_tables()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !tables.iter().any(|(s, t)| {
+            (schema == "*" || s == schema) && table.is_none_or(|x| x == "*" || x == t)
+        }) {
+            return Err(format!(
+                "no table of publication {:?} matches schema {schema:?}",
+                shared.catalog.publication()
+            ));
+        }
+        Target::Pattern {
+            schema: (schema != "*").then(|| schema.to_string()),
+            table: None,
+        }
+    } else {
+        let table = table.unwrap_or_default();
+        // Access first: a token without rights learns nothing of the table.
+        let columns = match auth.table_access(schema, table, token) {
+            Access::Denied(reason) => {
+                tracing::debug!(peer = %peer, %reason, "binding refused");
+                if pending_ok {
+                    return Ok((Err(format!("{schema}.{table}")), id));
+                }
+                return Err(crate::route::auth::refusal(schema, table));
+            }
+            Access::Allowed { rows, columns } => {
+                match rows {
+                    RowRule::All => {}
+                    RowRule::Filter(rule) => access.rows = Some(rule),
+                    RowRule::Nothing => access.deny_all = true,
+                }
+                columns
+            }
+        };
+        let t = shared
+            .catalog
+            .table(schema, table)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The filter is checked against the columns this token may see, so a
+        // hidden column is reported exactly as a column that does not exist
+        // (filtering on it would reveal its values).
+        let bound = match &columns {
+            None => filter.bind(&t),
+            Some(cols) => filter.bind(&visible_columns(&t, cols)),
+        };
+        bound.map_err(|e| format!("invalid filter {:?}: {e}", filter_text.unwrap_or("")))?;
+        if let Some(sel) = &select {
+            // A hidden column is reported as an unknown one, as for filters.
+            let visible = |c: &str| {
+                t.column_index(c).is_some()
+                    && columns.as_ref().is_none_or(|v| v.iter().any(|x| x == c))
+            };
+            if let Some(bad) = sel.iter().find(|c| !visible(c)) {
+                let names: Vec<&str> = t
+                    .columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .filter(|c| visible(c))
+                    .take(50)
+                    .collect();
+                return Err(format!(
+                    "select: column {bad:?} does not exist in {schema}.{table} or is not \
+                     selectable by the subscribing role; selectable columns: {}",
+                    names.join(", ")
+                ));
+            }
+        }
+        access.columns = columns.map(Arc::new);
+        Target::Table(t)
+    };
+    Ok((
+        Ok(Binding {
+            id,
+            events,
+            target,
+            filter,
+            access,
+            options: BindingOptions {
+                select: select.map(Arc::new),
+                moves,
+            },
+        }),
+        id,
+    ))
 }
 
 /// Why a binding that asked for moves (or got them by default) does without:

@@ -28,6 +28,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/realtime/v1/api/broadcast",
             post(crate::server::rest::broadcast),
         )
+        .route("/api/changes", get(crate::server::rest::changes))
+        .route(
+            "/realtime/v1/api/changes",
+            get(crate::server::rest::changes),
+        )
         .with_state(shared)
 }
 

@@ -390,3 +390,220 @@ async fn a_client_resumes_across_five_walcast_restarts_under_load() {
     );
     js.exit().await;
 }
+
+const SECRET: &str = "walcast-resume-test-secret-with-enough-bytes";
+
+fn token(role: &str, sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"role": role, "sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Percent-encodes a query value.
+fn q(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every page of `GET /api/changes` from `since`, `limit` at a time: the
+/// `(type, id)` of each change, and how many pages it took.
+async fn pages(port: u16, query: &str, since: &str, limit: usize) -> (Vec<(String, i64)>, usize) {
+    let mut out = Vec::new();
+    let mut at = format!("since={}", q(since));
+    let mut n = 0;
+    loop {
+        let (status, body) =
+            crate::support::http_get(port, &format!("/api/changes?{query}&limit={limit}&{at}"))
+                .await;
+        assert_eq!(status, 200, "{body}");
+        let page: Value = serde_json::from_str(&body).unwrap();
+        n += 1;
+        for c in page["changes"].as_array().unwrap() {
+            let rec = if c["type"] == "DELETE" {
+                &c["old_record"]
+            } else {
+                &c["record"]
+            };
+            assert!(rec.get("note").is_none(), "a hidden column: {c}");
+            out.push((
+                c["type"].as_str().unwrap().to_string(),
+                rec["id"].as_i64().unwrap(),
+            ));
+        }
+        if page["more"] != true {
+            return (out, n);
+        }
+        at = format!("cursor={}", q(page["next_cursor"].as_str().unwrap()));
+    }
+}
+
+#[tokio::test]
+async fn a_customer_resumes_only_their_rows_and_api_changes_pages_the_same() {
+    let db = "resume_rules";
+    let c = cluster().new_db(db).await;
+    c.batch_execute(&format!(
+        "create table invoices (id int primary key, customer text, amount int, note text);
+         alter table invoices replica identity full;
+         create publication pub_{db} for table invoices;"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
+    ))
+    .await
+    .unwrap();
+    let config = crate::support::config_file(
+        db,
+        &format!(
+            "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\n\n\
+             [[auth.tables]]\nname = \"public.invoices\"\nroles = [\"customer\"]\n\
+             row_filter = \"customer=eq.{{claims.sub}}\"\ncolumns = [\"id\", \"customer\", \"amount\"]\n"
+        ),
+    );
+    let server = start(db, &["--config", config.to_str().unwrap()]).await;
+    let proxy = Proxy::start(server.port).await;
+    let alice = token("customer", "alice");
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({"cmd": "connect", "url": format!("ws://127.0.0.1:{}/realtime/v1", proxy.port),
+               "apikey": alice, "heartbeat_interval_ms": 500}),
+        T,
+    )
+    .await;
+    let binding = json!({"event": "*", "schema": "public", "table": "invoices"});
+    js.call(
+        json!({"cmd": "subscribe", "channel": "feed", "postgres_changes": [binding], "resume": true}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("feed", T).await, "SUBSCRIBED");
+    c.batch_execute("insert into invoices values (0, 'alice', 1, 'secret')")
+        .await
+        .unwrap();
+    let first = js
+        .wait_for("alice's first invoice", T, |v| {
+            is_on(v, "postgres_changes", "feed")
+        })
+        .await;
+    let since = first["payload"]["commit_timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Cut off; meanwhile invoices of both customers, updates and a delete.
+    proxy.set_up(false);
+    proxy.cut();
+    js.wait_for("the socket to close", T, |v| {
+        v["ev"] == "socket" && v["state"] == "close"
+    })
+    .await;
+    for t in 0..20 {
+        let rows: Vec<String> = (1..=3)
+            .map(|k| {
+                let id = t * 3 + k;
+                let who = if id % 2 == 0 { "alice" } else { "bob" };
+                format!("({id}, '{who}', {id}, 'secret')")
+            })
+            .collect();
+        c.batch_execute(&format!("insert into invoices values {}", rows.join(",")))
+            .await
+            .unwrap();
+    }
+    c.batch_execute(
+        "update invoices set amount = amount + 100 where id in (2, 3);
+         delete from invoices where id in (4, 5);",
+    )
+    .await
+    .unwrap();
+    proxy.set_up(true);
+    let mut replayed = Vec::new();
+    loop {
+        let v = js
+            .wait_for("the replay", T, |v| {
+                is_on(v, "postgres_changes", "feed")
+                    || (is_on(v, "system", "feed") && v["payload"].get("code").is_some())
+            })
+            .await;
+        if v["ev"] == "system" {
+            assert_eq!(v["payload"]["code"], "REPLAY_DONE", "{v}");
+            assert_eq!(v["payload"]["replayed"], replayed.len(), "{v}");
+            break;
+        }
+        let p = &v["payload"];
+        let rec = if p["eventType"] == "DELETE" {
+            &p["old"]
+        } else {
+            &p["new"]
+        };
+        assert_eq!(rec["customer"], "alice", "only alice's rows: {p}");
+        assert!(rec.get("note").is_none(), "a hidden column: {p}");
+        replayed.push((
+            p["eventType"].as_str().unwrap().to_string(),
+            rec["id"].as_i64().unwrap(),
+        ));
+    }
+    let mut want: Vec<(String, i64)> = (1..=60)
+        .filter(|i| i % 2 == 0)
+        .map(|i| ("INSERT".to_string(), i))
+        .collect();
+    want.push(("UPDATE".into(), 2));
+    want.push(("DELETE".into(), 4));
+    assert_eq!(replayed, want);
+
+    // The same history over HTTP, 7 at a time (pages end inside transactions).
+    let query = format!("apikey={}&table=invoices", q(&alice));
+    let (paged, n) = pages(server.port, &query, &since, 7).await;
+    assert_eq!(paged, want);
+    assert!(n >= 5, "{n} pages");
+    // A filter and another customer's token are applied the same way.
+    let bob = token("customer", "bob");
+    let (bobs, _) = pages(
+        server.port,
+        &format!(
+            "apikey={}&table=public.invoices&filter={}",
+            q(&bob),
+            q("amount=lt.10")
+        ),
+        &since,
+        100,
+    )
+    .await;
+    // (103 after its update no longer matches; the DELETE is judged on the old row.)
+    let mut want_bob: Vec<(String, i64)> =
+        [1, 3, 5, 7, 9].map(|i| ("INSERT".to_string(), i)).to_vec();
+    want_bob.push(("DELETE".into(), 5));
+    assert_eq!(bobs, want_bob);
+    // No token, a bad since, an older since than the log holds.
+    let (status, body) = crate::support::http_get(
+        server.port,
+        &format!("/api/changes?table=invoices&since={}", q(&since)),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = crate::support::http_get(
+        server.port,
+        &format!("/api/changes?{query}&since=yesterday"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        crate::support::http_get(server.port, &format!("/api/changes?{query}&since=0/0")).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("REPLAY_GAP"), "{body}");
+    js.exit().await;
+}
