@@ -443,6 +443,85 @@ async fn walcast_demo_serves_every_table_and_cleans_up() {
     }
     js.exit().await;
 
+    // Offline catch-up: a supabase-js app keeps the last commit_timestamp it saw,
+    // closes, and comes back with it while the demo goes on writing.
+    let orders = |replay: serde_json::Value| {
+        json!({"cmd": "subscribe", "channel": "orders", "resume": true, "postgres_changes": [
+            {"event": "*", "schema": "public", "table": "orders", "replay": replay}]})
+    };
+    let mut app = JsClient::spawn().await;
+    app.call(
+        json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": staff}),
+        T,
+    )
+    .await;
+    app.call(orders(json!({"since": null})), T).await;
+    assert_eq!(app.status("orders", T).await, "SUBSCRIBED");
+    let seen = app
+        .wait_for("an order change", T, |v| {
+            is_on(v, "postgres_changes", "orders")
+        })
+        .await;
+    let mut last = seen["payload"]["commit_timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Later changes already queued count as seen too.
+    for v in app.drain() {
+        if is_on(&v, "postgres_changes", "orders") {
+            last = v["payload"]["commit_timestamp"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+    }
+    app.exit().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut app = JsClient::spawn().await;
+    app.call(
+        json!({"cmd": "connect_supabase_js", "url": format!("http://{listen}"), "apikey": staff}),
+        T,
+    )
+    .await;
+    app.call(orders(json!({ "since": last })), T).await;
+    assert_eq!(app.status("orders", T).await, "SUBSCRIBED");
+    let mut missed = Vec::new();
+    loop {
+        let v = app
+            .wait_for("the missed orders", T, |v| {
+                is_on(v, "postgres_changes", "orders")
+                    || (is_on(v, "system", "orders") && v["payload"].get("code").is_some())
+            })
+            .await;
+        if v["ev"] == "system" {
+            assert_eq!(v["payload"]["code"], "REPLAY_DONE", "{v}");
+            assert_eq!(v["payload"]["replayed"], missed.len(), "{v}");
+            break;
+        }
+        missed.push(
+            v["payload"]["commit_timestamp"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(
+        !missed.is_empty(),
+        "1.5 s of demo traffic missed, none replayed"
+    );
+    let at = |t: &str| walcast::decode::pgoutput::parse_iso_unix_micros(t).unwrap();
+    assert!(at(&missed[0]) > at(&last), "{last} then {missed:?}");
+    assert!(
+        missed.windows(2).all(|w| at(&w[0]) <= at(&w[1])),
+        "{missed:?}"
+    );
+    // Then live again.
+    app.wait_for("a live order change", T, |v| {
+        is_on(v, "postgres_changes", "orders")
+    })
+    .await;
+    app.exit().await;
+
     // The customer portal: only this customer's orders, and no table without a rule.
     let mut portal = JsClient::spawn().await;
     portal
