@@ -74,6 +74,11 @@ pub fn encode_message(out: &mut Vec<u8>, m: &DbMessage) {
     out.extend_from_slice(&m.content);
 }
 
+/// Whether a stored entry is a logical decoding message (not a row change).
+pub fn is_message(payload: &[u8]) -> bool {
+    payload.first() == Some(&TAG_MESSAGE)
+}
+
 /// Decodes an entry of the transaction `txn`; `table` resolves a table id.
 pub fn decode(
     payload: &Bytes,

@@ -63,6 +63,69 @@ use crate::route::hub::{ChannelId, ConnHandle, Outbound};
 
 /// Prefix of the logical messages `walcast.broadcast()` emits.
 pub const DB_MESSAGE_PREFIX: &str = "walcast.broadcast";
+
+/// A database broadcast (`walcast.broadcast()`): a logical decoding message with
+/// [`DB_MESSAGE_PREFIX`] whose content is `{topic, event, payload, private, id}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DbBroadcast {
+    pub topic: String,
+    pub event: String,
+    /// JSON text (`{}` when absent).
+    pub payload: String,
+    pub private: bool,
+    /// `meta.id`: the message's own, else one derived from its LSN, so a message
+    /// sent live and again replayed has the same id.
+    pub id: String,
+}
+
+impl DbBroadcast {
+    /// `Ok(None)` for a message that is not a database broadcast.
+    pub fn of(m: &DbMessage) -> Result<Option<DbBroadcast>, serde_json::Error> {
+        if m.prefix != DB_MESSAGE_PREFIX {
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct Wire<'a> {
+            topic: String,
+            event: String,
+            #[serde(borrow)]
+            payload: Option<&'a RawValue>,
+            #[serde(default)]
+            private: bool,
+            id: Option<String>,
+        }
+        let w: Wire = serde_json::from_slice(&m.content)?;
+        let lsn = m.lsn.0;
+        Ok(Some(DbBroadcast {
+            topic: w.topic,
+            event: w.event,
+            payload: w
+                .payload
+                .map(|p| p.get().to_string())
+                .unwrap_or_else(|| "{}".into()),
+            private: w.private,
+            id: w.id.unwrap_or_else(|| {
+                format!(
+                    "{:08x}-{:04x}-{:04x}-8000-000000000000",
+                    lsn >> 32,
+                    (lsn >> 16) & 0xffff,
+                    lsn & 0xffff
+                )
+            }),
+        }))
+    }
+
+    /// The `meta` object: `{"id":…}`, with `"replayed":true` when replayed.
+    fn meta(&self, replayed: bool) -> String {
+        let mut meta = String::from("{\"id\":");
+        crate::decode::value::write_str(&mut meta, &self.id);
+        if replayed {
+            meta.push_str(",\"replayed\":true");
+        }
+        meta.push('}');
+        meta
+    }
+}
 /// Messages in one `POST /api/broadcast` (Supabase accepts batches; keep them bounded).
 pub const REST_MAX_MESSAGES: usize = 100;
 /// The `system` message a rate-limited client gets (Supabase's wording).
@@ -990,45 +1053,55 @@ impl Broadcaster {
     /// [`DB_MESSAGE_PREFIX`] is ours; its content is the JSON object
     /// `walcast.broadcast()` builds: `{topic, event, payload, private, id}`.
     pub fn on_db_message(&self, m: &DbMessage) {
-        if m.prefix != DB_MESSAGE_PREFIX {
-            return;
-        }
-        #[derive(serde::Deserialize)]
-        struct DbBroadcast<'a> {
-            topic: String,
-            event: String,
-            #[serde(borrow)]
-            payload: Option<&'a RawValue>,
-            #[serde(default)]
-            private: bool,
-            id: Option<String>,
-        }
-        let b: DbBroadcast = match serde_json::from_slice(&m.content) {
-            Ok(b) => b,
+        let b = match DbBroadcast::of(m) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(lsn = %m.lsn, error = %e, "ignoring a walcast.broadcast message that is not valid JSON of the expected shape");
                 self.stats.invalid.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
-        let payload = b
-            .payload
-            .map(|p| p.get().to_string())
-            .unwrap_or_else(|| "{}".into());
-        if payload.len() > self.config.max_payload_bytes {
-            tracing::warn!(topic = %b.topic, size = payload.len(), limit = self.config.max_payload_bytes,
+        if b.payload.len() > self.config.max_payload_bytes {
+            tracing::warn!(topic = %b.topic, size = b.payload.len(), limit = self.config.max_payload_bytes,
                 "dropping a walcast.broadcast message over broadcast.max_payload_bytes");
             self.stats.payload_too_large.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let id = b.id.unwrap_or_else(|| self.ids.uuid());
-        let mut meta = String::from("{\"id\":");
-        crate::decode::value::write_str(&mut meta, &id);
-        meta.push('}');
         self.stats
             .messages_from_database
             .fetch_add(1, Ordering::Relaxed);
-        self.publish(&b.topic, b.private, &b.event, payload, Some(meta));
+        let meta = b.meta(false);
+        self.publish(&b.topic, b.private, &b.event, b.payload, Some(meta));
+    }
+
+    /// Sends database broadcasts read back from the change log to one channel,
+    /// in order, each marked `meta.replayed` (Supabase's broadcast replay).
+    /// Returns how many were queued.
+    pub fn replay_to(&self, channel: ChannelId, messages: Vec<DbBroadcast>) -> usize {
+        let reg = self.lock();
+        let Some(key) = reg.channels.get(&channel) else {
+            return 0;
+        };
+        let Some(m) = reg
+            .topics
+            .get(key)
+            .and_then(|t| t.members.iter().find(|m| m.channel == channel))
+        else {
+            return 0;
+        };
+        let mut sent = 0;
+        for b in messages {
+            let meta = b.meta(true);
+            let mut out = Outgoing::new(&key.0, &b.event, Body::Json(b.payload), Some(meta), false);
+            if let Some(msg) = out.frame_for(m.vsn) {
+                if !self.enqueue(&m.conn, Outbound::Ws(msg)) {
+                    break;
+                }
+                sent += 1;
+            }
+        }
+        sent
     }
 
     /// Takes `n` messages from the REST caller `caller`'s budget — the same

@@ -424,6 +424,178 @@ fn read_batch(
     Ok(b)
 }
 
+/// Most database broadcasts one broadcast replay sends.
+pub const BROADCAST_REPLAY_MAX: usize = 1000;
+
+/// A private channel's `config.broadcast.replay`: `{since: <Unix ms>, limit}`
+/// (realtime-js 2.109). `limit` defaults to 25 (Supabase's) and is at most
+/// [`BROADCAST_REPLAY_MAX`].
+pub fn broadcast_replay_of(config: &Value) -> Result<Option<(i64, usize)>, String> {
+    let Some(r) = config.pointer("/broadcast/replay") else {
+        return Ok(None);
+    };
+    if r.is_null() {
+        return Ok(None);
+    }
+    let since = r
+        .get("since")
+        .and_then(Value::as_i64)
+        .ok_or("config.broadcast.replay.since must be a time in Unix milliseconds")?;
+    let limit = match r.get("limit") {
+        None | Some(Value::Null) => 25,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=BROADCAST_REPLAY_MAX as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(format!(
+                    "config.broadcast.replay.limit must be 1 to {BROADCAST_REPLAY_MAX}"
+                ))
+            }
+        },
+    };
+    if config.get("private") != Some(&Value::Bool(true)) {
+        return Err("config.broadcast.replay needs a private channel (as Supabase's)".into());
+    }
+    Ok(Some((since, limit)))
+}
+
+/// A broadcast replay for a private channel that just joined.
+pub struct BroadcastJob {
+    pub broadcast: Arc<crate::deliver::broadcast::Broadcaster>,
+    pub conn: ConnHandle,
+    pub channel: ChannelId,
+    pub topic: Arc<str>,
+    /// Unix milliseconds: messages committed at or after it.
+    pub since_ms: i64,
+    pub limit: usize,
+    pub log: Option<LogHandle>,
+    pub stats: Arc<ReplayStats>,
+}
+
+/// Sends the channel's database broadcasts committed since `since_ms` (the first
+/// `limit`, oldest first, `meta.replayed`), then `REPLAY_DONE` (with `more` when
+/// the limit cut it short) — or `REPLAY_GAP` when the log does not reach back
+/// that far, with nothing sent. A message sent live as the channel joined may
+/// come again replayed, with the same `meta.id`.
+pub async fn run_broadcast(job: BroadcastJob) {
+    let name = job
+        .topic
+        .strip_prefix("realtime:")
+        .unwrap_or(&job.topic)
+        .to_string();
+    let system = |status: &str, code: &str, message: &str, extra: Map<String, Value>| {
+        let mut payload = Map::new();
+        payload.insert("extension".into(), "broadcast".into());
+        payload.insert("status".into(), status.into());
+        payload.insert("message".into(), message.into());
+        payload.insert("channel".into(), name.clone().into());
+        payload.insert("code".into(), code.into());
+        payload.extend(extra);
+        job.conn.queue_or_close(Outbound::System {
+            topic: job.topic.clone(),
+            payload: Value::Object(payload).to_string(),
+        });
+    };
+    let gap = |message: &str, log: Option<&LogReader>| {
+        job.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        let mut extra = Map::new();
+        if let Some(o) = log.and_then(|l| l.stats().oldest) {
+            extra.insert("oldest_commit_timestamp".into(), json!(iso(o.commit_ts)));
+        }
+        system("error", REPLAY_GAP, message, extra);
+    };
+    let Some(handle) = &job.log else {
+        return gap(
+            "walcast keeps no change log ([log] dir is off): nothing can be replayed",
+            None,
+        );
+    };
+    let waited = Instant::now();
+    let log = loop {
+        if let Some(r) = handle.reader() {
+            break r;
+        }
+        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+            return gap("The change log is not open (replication has not connected since walcast started): nothing was replayed", None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let (since, limit) = (job.since_ms.saturating_mul(1000), job.limit);
+    let read = {
+        let log = log.clone();
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || {
+            // "After the transaction at `since - 1µs`": from the first at or after `since`.
+            let mut cursor = log
+                .cursor(Start::AfterTimestamp {
+                    ts: since - 1,
+                    slack: 0,
+                })?
+                .until(log.last_lsn());
+            let mut found = Vec::new();
+            let mut more = false;
+            let mut txn = None;
+            while let Some(e) = cursor.next_entry()? {
+                match e {
+                    Entry::Begin {
+                        commit_lsn,
+                        commit_ts,
+                        xid,
+                    } => txn = Some(codec::txn_info(commit_lsn, commit_ts, xid)),
+                    Entry::Change(bytes) if codec::is_message(&bytes) => {
+                        let Some(info) = txn else { continue };
+                        let Ok(Logged::Message(m)) = log.decode(&bytes, info) else {
+                            continue;
+                        };
+                        let Ok(Some(b)) = crate::deliver::broadcast::DbBroadcast::of(&m) else {
+                            continue;
+                        };
+                        if b.private && b.topic == name {
+                            if found.len() == limit {
+                                more = true;
+                                break;
+                            }
+                            found.push(b);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, ReplayError>((found, more))
+        })
+        .await
+    };
+    let (found, more) = match read {
+        Ok(Ok(v)) => v,
+        Ok(Err(ReplayError::Gap { .. })) => return gap(
+            "The change log no longer holds every message since that time: nothing was replayed",
+            Some(&log),
+        ),
+        Ok(Err(e)) => {
+            return gap(
+                &format!("The change log could not be read ({e}): nothing was replayed"),
+                Some(&log),
+            )
+        }
+        Err(_) => return,
+    };
+    let n = found.len();
+    job.stats.changes.fetch_add(n as u64, Ordering::Relaxed);
+    let sent = job.broadcast.replay_to(job.channel, found);
+    if sent < n {
+        return; // the channel left or its connection closed
+    }
+    job.stats.served.fetch_add(1, Ordering::Relaxed);
+    let mut extra = Map::new();
+    extra.insert("replayed".into(), json!(sent));
+    extra.insert("more".into(), json!(more));
+    system(
+        "ok",
+        REPLAY_DONE,
+        &format!("Replayed {sent} broadcasts since the given time"),
+        extra,
+    );
+}
+
 /// Where a page of `GET /api/changes` starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageStart {

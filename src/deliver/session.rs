@@ -434,6 +434,10 @@ impl Session {
             },
             _ => None,
         };
+        let broadcast_replay = match crate::deliver::replay::broadcast_replay_of(&config) {
+            Ok(r) => r,
+            Err(reason) => return self.refuse_join(&f, json!({ "reason": reason })),
+        };
         let channel = self.shared.next_id();
         let has_bindings = !bindings.is_empty();
         let since = since.filter(|_| has_bindings);
@@ -517,6 +521,23 @@ impl Session {
                     replication_ready: ready.then(|| std::time::Instant::now() + wait),
                 })
                 .await;
+        }
+        // Supabase's broadcast replay (private channels): database broadcasts since then.
+        if let Some((since_ms, limit)) = broadcast_replay {
+            self.shared
+                .tracker
+                .spawn(crate::deliver::replay::run_broadcast(
+                    crate::deliver::replay::BroadcastJob {
+                        broadcast: self.shared.broadcast.clone(),
+                        conn: self.handle.clone(),
+                        channel,
+                        topic: topic_arc.clone(),
+                        since_ms,
+                        limit,
+                        log: self.shared.log.clone(),
+                        stats: self.shared.replay.clone(),
+                    },
+                ));
         }
         // The missed changes, then `REPLAY_DONE` (or `REPLAY_GAP`), then live ones.
         if let Some(since) = since {

@@ -607,3 +607,126 @@ async fn a_customer_resumes_only_their_rows_and_api_changes_pages_the_same() {
     assert!(body.contains("REPLAY_GAP"), "{body}");
     js.exit().await;
 }
+
+#[tokio::test]
+async fn a_private_channel_replays_database_broadcasts_since_a_time() {
+    let db = "resume_broadcast";
+    let c = cluster().new_db(db).await;
+    c.batch_execute(&format!(
+        "create table t (id int primary key);
+         create publication pub_{db} for table t;"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(include_str!("../../sql/broadcast.sql"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
+    ))
+    .await
+    .unwrap();
+    let config = crate::support::config_file(
+        db,
+        &format!(
+            "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\n\n\
+             [[channels]]\ntopic = \"room:*\"\nread_roles = [\"authenticated\"]\n"
+        ),
+    );
+    let server = start(db, &["--config", config.to_str().unwrap()]).await;
+    let t0: i64 = c
+        .query_one(
+            "select (extract(epoch from clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for n in 0..12 {
+        c.batch_execute(&format!(
+            "select walcast.broadcast('room:1', 'tick', '{{\"n\": {n}}}', true);
+             select walcast.broadcast('room:2', 'tick', '{{\"other\": {n}}}', true);
+             select walcast.broadcast('room:1', 'tick', '{{\"public\": {n}}}', false);"
+        ))
+        .await
+        .unwrap();
+    }
+    // Logged before anyone asks (the log stage appends before the hub routes).
+    let t1: i64 = c
+        .query_one(
+            "select (extract(epoch from clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let user = token("authenticated", "u1");
+    let join = |replay: Value| {
+        json!({"cmd": "subscribe", "channel": "room:1",
+               "config": {"private": true, "broadcast": {"replay": replay}},
+               "broadcast": [{"event": "*"}]})
+    };
+    let connect = json!({"cmd": "connect", "url": format!("ws://127.0.0.1:{}/realtime/v1", server.port),
+                         "apikey": user});
+
+    // The first 10 since t0, marked replayed, then REPLAY_DONE with more.
+    let mut js = JsClient::spawn().await;
+    js.call(connect.clone(), T).await;
+    js.call(join(json!({"since": t0, "limit": 10})), T).await;
+    assert_eq!(js.status("room:1", T).await, "SUBSCRIBED");
+    let end = broadcast_replay_end(&mut js).await;
+    let got: Vec<Value> = js
+        .drain()
+        .into_iter()
+        .filter(|v| is_on(v, "broadcast", "room:1"))
+        .map(|v| v["payload"].clone())
+        .collect();
+    assert_eq!(
+        got.iter()
+            .map(|p| p["payload"]["n"].clone())
+            .collect::<Vec<_>>(),
+        (0..10).map(|n| json!(n)).collect::<Vec<_>>(),
+        "{got:?}"
+    );
+    assert!(got
+        .iter()
+        .all(|p| p["meta"]["replayed"] == true && p["meta"]["id"].is_string()));
+    assert_eq!(end["payload"]["code"], "REPLAY_DONE", "{end}");
+    assert_eq!(end["payload"]["replayed"], 10);
+    assert_eq!(end["payload"]["more"], true);
+    js.exit().await;
+
+    // Since after them: nothing, and no more.
+    let mut js = JsClient::spawn().await;
+    js.call(connect.clone(), T).await;
+    js.call(join(json!({"since": t1 + 1})), T).await;
+    assert_eq!(js.status("room:1", T).await, "SUBSCRIBED");
+    let end = broadcast_replay_end(&mut js).await;
+    assert_eq!(end["payload"]["replayed"], 0, "{end}");
+    assert_eq!(end["payload"]["more"], false, "{end}");
+    js.exit().await;
+
+    // Older than the log: REPLAY_GAP, nothing replayed; a bad limit is a join error.
+    let mut js = JsClient::spawn().await;
+    js.call(connect.clone(), T).await;
+    js.call(join(json!({"since": 1})), T).await;
+    assert_eq!(js.status("room:1", T).await, "SUBSCRIBED");
+    let end = broadcast_replay_end(&mut js).await;
+    assert_eq!(end["payload"]["code"], "REPLAY_GAP", "{end}");
+    assert!(!js.drain().iter().any(|v| is_on(v, "broadcast", "room:1")));
+    js.call(
+        json!({"cmd": "subscribe", "channel": "room:3",
+               "config": {"private": true, "broadcast": {"replay": {"since": t0, "limit": 5000}}}}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("room:3", T).await, "CHANNEL_ERROR");
+    js.exit().await;
+}
+
+async fn broadcast_replay_end(js: &mut JsClient) -> Value {
+    js.wait_for("the broadcast replay's end", T, |v| {
+        is_on(v, "system", "room:1") && v["payload"]["extension"] == "broadcast"
+    })
+    .await
+}
