@@ -1,9 +1,12 @@
 //! `walcast tail`: print every change of the publication as one JSON object per line.
 //!
-//! The first thing a user runs to see walcast work, and a debugging tool. Lines are
-//! written to stdout as they arrive (stdout is line-buffered, so each line is
-//! flushed); a transaction is confirmed to the server once all its lines were
-//! written, so Ctrl-C or SIGTERM confirms exactly what was printed.
+//! The first thing a user runs to see walcast work, and a debugging tool. On a
+//! terminal each transaction's lines are flushed as it commits. Into a pipe or a
+//! file, lines are buffered and flushed whenever tail catches up with the stream
+//! (nothing more waiting), or after [`FLUSH_EVERY`] transactions — so a reader
+//! still sees each change promptly, and a drain writes in large blocks. A
+//! transaction is confirmed to the server only once its lines were flushed, so
+//! Ctrl-C or SIGTERM confirms exactly what was printed.
 //!
 //! A closed stdout (`walcast tail | head -n 10`) stops tail quietly with exit 0 at
 //! the next line it would write. A database restart is routine: tail reconnects with
@@ -21,6 +24,10 @@ use crate::source::session::{self, Progress, ReplicationError, ReplicationOption
 
 /// Items buffered between the slot and the printer.
 const TAIL_CHANNEL_CAPACITY: usize = 1024;
+
+/// Transactions printed between flushes at most, when the stream never pauses
+/// (stdout not a terminal).
+pub const FLUSH_EVERY: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
@@ -42,8 +49,13 @@ pub async fn run(
     let printer_progress = progress.clone();
     let printer_stop = shutdown.clone();
     let printer = tokio::task::spawn_blocking(move || -> Result<(), std::io::Error> {
+        use std::io::IsTerminal;
         let stdout = std::io::stdout();
-        let mut out = stdout.lock();
+        let tty = stdout.is_terminal();
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+        // The end LSN of the last transaction printed but not yet flushed.
+        let mut unflushed = None;
+        let mut since_flush = 0;
         while let Some(item) = rx.blocking_recv() {
             match item {
                 Item::Change(c) => writeln!(out, "{}", c.to_tail_json(render))?,
@@ -53,13 +65,21 @@ pub async fn run(
                     }
                 }
                 Item::Commit { end_lsn, .. } => {
-                    out.flush()?;
-                    printer_progress.confirm(end_lsn);
+                    unflushed = Some(end_lsn);
+                    since_flush += 1;
+                    if tty || rx.is_empty() || since_flush >= FLUSH_EVERY {
+                        out.flush()?;
+                        printer_progress.confirm(end_lsn);
+                        (unflushed, since_flush) = (None, 0);
+                    }
                 }
                 Item::Begin(_) | Item::Message(_) | Item::Stream(_) => {}
             }
         }
         out.flush()?;
+        if let Some(end_lsn) = unflushed {
+            printer_progress.confirm(end_lsn);
+        }
         let _ = printer_stop;
         Ok(())
     });

@@ -514,6 +514,11 @@ async fn status_url_prints_the_live_summary() {
     )
     .await;
     let base = format!("http://127.0.0.1:{}", server.port);
+    // Ready once replication is connected and the change log open.
+    crate::support::wait_for("/ready", T, || async {
+        (crate::support::http_get(server.port, "/ready").await.0 == 200).then_some(())
+    })
+    .await;
     let (ok, out, err) = walcast::run(&["status", "--url", &base], T).await;
     assert!(ok, "{err}");
     assert!(out.starts_with("walcast "), "{out}");
