@@ -224,20 +224,37 @@ fn iso(unix_micros: i64) -> String {
     PgTimestamp::from_unix_micros(unix_micros).to_iso_micros()
 }
 
-/// The channel's `system` message (`extension: postgres_changes`, with `code`).
-fn system(job: &Job, status: &str, code: &str, message: &str, extra: Map<String, Value>) {
+/// A channel's `system` message about a replay (`extension` is
+/// `postgres_changes` or `broadcast`), with a stable `code`.
+fn system_message(
+    conn: &ConnHandle,
+    topic: &Arc<str>,
+    extension: &str,
+    (status, code, message): (&str, &str, &str),
+    extra: Map<String, Value>,
+) {
     let mut payload = Map::new();
-    payload.insert("extension".into(), "postgres_changes".into());
+    payload.insert("extension".into(), extension.into());
     payload.insert("status".into(), status.into());
     payload.insert("message".into(), message.into());
-    let channel = job.topic.strip_prefix("realtime:").unwrap_or(&job.topic);
+    let channel = topic.strip_prefix("realtime:").unwrap_or(topic);
     payload.insert("channel".into(), channel.into());
     payload.insert("code".into(), code.into());
     payload.extend(extra);
-    job.conn.queue_or_close(Outbound::System {
-        topic: job.topic.clone(),
+    conn.queue_or_close(Outbound::System {
+        topic: topic.clone(),
         payload: Value::Object(payload).to_string(),
     });
+}
+
+fn system(job: &Job, status: &str, code: &str, message: &str, extra: Map<String, Value>) {
+    system_message(
+        &job.conn,
+        &job.topic,
+        "postgres_changes",
+        (status, code, message),
+        extra,
+    );
 }
 
 fn gap(e: ReplayError, log: &LogReader) -> Outcome {
@@ -376,11 +393,68 @@ struct Batch {
     end: bool,
 }
 
+/// One step of a read of the log, decoded.
+enum Read {
+    Begin,
+    Row(Change),
+    Message(crate::decode::event::DbMessage),
+    /// A row change not decoded (a read for messages only).
+    Skipped,
+    Commit {
+        commit_lsn: Lsn,
+        commit_ts: i64,
+    },
+}
+
+/// The next step of `cursor`, decoding inside the transaction `txn` tracks; row
+/// changes are decoded only with `rows`.
+fn next_read(
+    cursor: &mut Cursor,
+    log: &LogReader,
+    txn: &mut Option<crate::decode::event::TxnInfo>,
+    rows: bool,
+) -> Result<Option<Read>, ReplayError> {
+    let Some(e) = cursor.next_entry()? else {
+        return Ok(None);
+    };
+    Ok(Some(match e {
+        Entry::Begin {
+            commit_lsn,
+            commit_ts,
+            xid,
+        } => {
+            *txn = Some(codec::txn_info(commit_lsn, commit_ts, xid));
+            Read::Begin
+        }
+        Entry::Change(bytes) => match *txn {
+            Some(_) if !rows && !codec::is_message(&bytes) => Read::Skipped,
+            Some(info) => match log.decode(&bytes, info) {
+                Ok(Logged::Change(c)) => Read::Row(c),
+                Ok(Logged::Message(m)) => Read::Message(m),
+                Err(e) => {
+                    return Err(ReplayError::Log(crate::changelog::LogError::Corrupt {
+                        path: "(replay)".into(),
+                        what: e.to_string(),
+                    }))
+                }
+            },
+            None => Read::Skipped,
+        },
+        Entry::Commit { commit_lsn, .. } => {
+            let commit_ts = txn.take().map_or(0, |t| t.commit_time.unix_micros());
+            Read::Commit {
+                commit_lsn,
+                commit_ts,
+            }
+        }
+    }))
+}
+
 /// Reads up to `n` changes (row changes only; database messages are broadcast's).
 fn read_batch(
     cursor: &mut Cursor,
     log: &LogReader,
-    txn: &mut Option<(crate::decode::event::TxnInfo, i64)>,
+    txn: &mut Option<crate::decode::event::TxnInfo>,
     n: usize,
 ) -> Result<Batch, ReplayError> {
     let mut b = Batch {
@@ -390,35 +464,20 @@ fn read_batch(
         end: false,
     };
     while b.changes.len() < n {
-        let Some(e) = cursor.next_entry()? else {
-            b.end = true;
-            break;
-        };
-        match e {
-            Entry::Begin {
+        match next_read(cursor, log, txn, true)? {
+            None => {
+                b.end = true;
+                break;
+            }
+            Some(Read::Row(c)) => b.changes.push(Arc::new(c)),
+            Some(Read::Commit {
                 commit_lsn,
                 commit_ts,
-                xid,
-            } => *txn = Some((codec::txn_info(commit_lsn, commit_ts, xid), commit_ts)),
-            Entry::Change(bytes) => {
-                let Some((info, _)) = *txn else { continue };
-                match log.decode(&bytes, info) {
-                    Ok(Logged::Change(c)) => b.changes.push(Arc::new(c)),
-                    Ok(Logged::Message(_)) => {}
-                    Err(e) => {
-                        return Err(ReplayError::Log(crate::changelog::LogError::Corrupt {
-                            path: "(replay)".into(),
-                            what: e.to_string(),
-                        }))
-                    }
-                }
+            }) => {
+                b.transactions += 1;
+                b.last = Some((commit_lsn, commit_ts));
             }
-            Entry::Commit { commit_lsn, .. } => {
-                if let Some((_, ts)) = txn.take() {
-                    b.transactions += 1;
-                    b.last = Some((commit_lsn, ts));
-                }
-            }
+            Some(_) => {}
         }
     }
     Ok(b)
@@ -483,17 +542,13 @@ pub async fn run_broadcast(job: BroadcastJob) {
         .unwrap_or(&job.topic)
         .to_string();
     let system = |status: &str, code: &str, message: &str, extra: Map<String, Value>| {
-        let mut payload = Map::new();
-        payload.insert("extension".into(), "broadcast".into());
-        payload.insert("status".into(), status.into());
-        payload.insert("message".into(), message.into());
-        payload.insert("channel".into(), name.clone().into());
-        payload.insert("code".into(), code.into());
-        payload.extend(extra);
-        job.conn.queue_or_close(Outbound::System {
-            topic: job.topic.clone(),
-            payload: Value::Object(payload).to_string(),
-        });
+        system_message(
+            &job.conn,
+            &job.topic,
+            "broadcast",
+            (status, code, message),
+            extra,
+        )
     };
     let gap = |message: &str, log: Option<&LogReader>| {
         job.stats.gaps.fetch_add(1, Ordering::Relaxed);
@@ -534,30 +589,17 @@ pub async fn run_broadcast(job: BroadcastJob) {
             let mut found = Vec::new();
             let mut more = false;
             let mut txn = None;
-            while let Some(e) = cursor.next_entry()? {
-                match e {
-                    Entry::Begin {
-                        commit_lsn,
-                        commit_ts,
-                        xid,
-                    } => txn = Some(codec::txn_info(commit_lsn, commit_ts, xid)),
-                    Entry::Change(bytes) if codec::is_message(&bytes) => {
-                        let Some(info) = txn else { continue };
-                        let Ok(Logged::Message(m)) = log.decode(&bytes, info) else {
-                            continue;
-                        };
-                        let Ok(Some(b)) = crate::deliver::broadcast::DbBroadcast::of(&m) else {
-                            continue;
-                        };
-                        if b.private && b.topic == name {
-                            if found.len() == limit {
-                                more = true;
-                                break;
-                            }
-                            found.push(b);
-                        }
+            while let Some(r) = next_read(&mut cursor, &log, &mut txn, false)? {
+                let Read::Message(m) = r else { continue };
+                let Ok(Some(b)) = crate::deliver::broadcast::DbBroadcast::of(&m) else {
+                    continue;
+                };
+                if b.private && b.topic == name {
+                    if found.len() == limit {
+                        more = true;
+                        break;
                     }
-                    _ => {}
+                    found.push(b);
                 }
             }
             Ok::<_, ReplayError>((found, more))
@@ -664,61 +706,51 @@ pub fn read_page(
     let mut txn = None;
     let mut read_in_txn = 0usize;
     loop {
-        let Some(e) = cursor.next_entry()? else {
+        let Some(r) = next_read(&mut cursor, log, &mut txn, true)? else {
             return Ok(Page {
                 changes,
                 next_cursor: cursor.position().to_string(),
                 more: false,
             });
         };
-        match e {
-            Entry::Begin {
-                commit_lsn,
-                commit_ts,
-                xid,
-            } => {
-                txn = Some(codec::txn_info(commit_lsn, commit_ts, xid));
+        let c = match r {
+            Read::Begin => {
                 read_in_txn = 0;
+                continue;
             }
-            Entry::Change(bytes) => {
-                read_in_txn += 1;
-                if read_in_txn <= skip {
-                    continue;
-                }
-                let Some(info) = txn else { continue };
-                let change = match log.decode(&bytes, info) {
-                    Ok(Logged::Change(c)) => Arc::new(c),
-                    Ok(Logged::Message(_)) => continue,
-                    Err(e) => {
-                        return Err(ReplayError::Log(crate::changelog::LogError::Corrupt {
-                            path: "(page)".into(),
-                            what: e.to_string(),
-                        }))
-                    }
-                };
-                let (done, _) = oneshot::channel();
-                hub.command(HubCommand::Replay {
-                    channel: 1,
-                    changes: vec![change],
-                    done,
-                });
-                while let Ok(out) = rx.try_recv() {
-                    if let Outbound::Change { data, .. } = out {
-                        changes.push(data);
-                    }
-                }
-                if changes.len() >= limit {
-                    return Ok(Page {
-                        changes,
-                        next_cursor: format!("{}:{read_in_txn}", cursor.position()),
-                        more: true,
-                    });
-                }
-            }
-            Entry::Commit { .. } => {
-                txn = None;
+            Read::Commit { .. } => {
                 skip = 0;
+                continue;
             }
+            Read::Row(c) => {
+                read_in_txn += 1;
+                c
+            }
+            Read::Message(_) | Read::Skipped => {
+                read_in_txn += 1;
+                continue;
+            }
+        };
+        if read_in_txn <= skip {
+            continue;
+        }
+        let (done, _) = oneshot::channel();
+        hub.command(HubCommand::Replay {
+            channel: 1,
+            changes: vec![Arc::new(c)],
+            done,
+        });
+        while let Ok(out) = rx.try_recv() {
+            if let Outbound::Change { data, .. } = out {
+                changes.push(data);
+            }
+        }
+        if changes.len() >= limit {
+            return Ok(Page {
+                changes,
+                next_cursor: format!("{}:{read_in_txn}", cursor.position()),
+                more: true,
+            });
         }
     }
 }

@@ -41,14 +41,7 @@ pub async fn broadcast(
                     Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),
                 };
             }
-            Err(e) => {
-                shared.stats.events.auth_failed(AuthFailure::of(&e), peer);
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({ "error": e.to_string(), "reason": e.reason() })),
-                )
-                    .into_response();
-            }
+            Err(e) => return unauthorized(&shared, peer, &e),
         }
     }
     // Without auth, rate-limited per client address.
@@ -56,6 +49,20 @@ pub async fn broadcast(
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err((code, error)) => (code, Json(json!({ "error": error }))).into_response(),
     }
+}
+
+/// 401 for a token that does not verify (counted by reason, as on the socket).
+fn unauthorized(
+    shared: &Shared,
+    peer: std::net::SocketAddr,
+    e: &crate::route::auth::AuthError,
+) -> Response {
+    shared.stats.events.auth_failed(AuthFailure::of(e), peer);
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({ "error": e.to_string(), "reason": e.reason() })),
+    )
+        .into_response()
 }
 
 /// Most changes one page of `GET /api/changes` holds.
@@ -82,14 +89,7 @@ pub async fn changes(
         let text = crate::route::auth::request_token(&headers, &params).unwrap_or("");
         match shared.auth.verify(text).await {
             Ok(t) => Some(t),
-            Err(e) => {
-                shared.stats.events.auth_failed(AuthFailure::of(&e), peer);
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({ "error": e.to_string(), "reason": e.reason() })),
-                )
-                    .into_response();
-            }
+            Err(e) => return unauthorized(&shared, peer, &e),
         }
     } else {
         None

@@ -151,20 +151,24 @@ fn codes(systems: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-async fn items_db(db: &str) -> tokio_postgres::Client {
+/// Database `db` with `ddl` run, a publication `pub_<db>` for all its tables and
+/// a slot `slot_<db>` made before anything is written.
+async fn db_with(db: &str, ddl: &str) -> tokio_postgres::Client {
     let c = cluster().new_db(db).await;
-    c.batch_execute(&format!(
-        "create table items (id int primary key, owner text);
-         create publication pub_{db} for table items;"
-    ))
-    .await
-    .unwrap();
+    c.batch_execute(ddl).await.unwrap();
+    c.batch_execute(&format!("create publication pub_{db} for all tables"))
+        .await
+        .unwrap();
     c.batch_execute(&format!(
         "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
     ))
     .await
     .unwrap();
     c
+}
+
+async fn items_db(db: &str) -> tokio_postgres::Client {
+    db_with(db, "create table items (id int primary key, owner text)").await
 }
 
 async fn start(db: &str, args: &[&str]) -> Server {
@@ -237,9 +241,14 @@ async fn a_client_cut_off_gets_what_it_missed_once_in_order_then_live_changes() 
 async fn a_since_the_log_cannot_serve_is_a_gap_and_nothing_is_replayed() {
     let db = "resume_gap";
     let c = items_db(db).await;
-    insert(&c, 0..3, 1).await;
     let server = start(db, &[]).await;
     let proxy = Proxy::start(server.port).await;
+    // Rows in the log that a replay from `since` would send, routed (so logged)
+    // before the resuming clients join.
+    let mut first = resuming_client(&proxy, items_binding()).await;
+    insert(&c, 0..3, 1).await;
+    ids_until(&mut first, 2).await;
+    first.exit().await;
     for since in ["2000-01-01T00:00:00.000000Z", "0/0"] {
         let mut binding = items_binding();
         binding["replay"] = json!({ "since": since });
@@ -454,19 +463,12 @@ async fn pages(port: u16, query: &str, since: &str, limit: usize) -> (Vec<(Strin
 #[tokio::test]
 async fn a_customer_resumes_only_their_rows_and_api_changes_pages_the_same() {
     let db = "resume_rules";
-    let c = cluster().new_db(db).await;
-    c.batch_execute(&format!(
+    let c = db_with(
+        db,
         "create table invoices (id int primary key, customer text, amount int, note text);
-         alter table invoices replica identity full;
-         create publication pub_{db} for table invoices;"
-    ))
-    .await
-    .unwrap();
-    c.batch_execute(&format!(
-        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
-    ))
-    .await
-    .unwrap();
+         alter table invoices replica identity full;",
+    )
+    .await;
     let config = crate::support::config_file(
         db,
         &format!(
@@ -611,21 +613,10 @@ async fn a_customer_resumes_only_their_rows_and_api_changes_pages_the_same() {
 #[tokio::test]
 async fn a_private_channel_replays_database_broadcasts_since_a_time() {
     let db = "resume_broadcast";
-    let c = cluster().new_db(db).await;
-    c.batch_execute(&format!(
-        "create table t (id int primary key);
-         create publication pub_{db} for table t;"
-    ))
-    .await
-    .unwrap();
+    let c = db_with(db, "create table t (id int primary key)").await;
     c.batch_execute(include_str!("../../sql/broadcast.sql"))
         .await
         .unwrap();
-    c.batch_execute(&format!(
-        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
-    ))
-    .await
-    .unwrap();
     let config = crate::support::config_file(
         db,
         &format!(
