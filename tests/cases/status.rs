@@ -532,6 +532,10 @@ async fn status_url_prints_the_live_summary() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["replication"]["slot"], format!("slot_{db}"));
+    // The change log is on by default; no channel resumed yet.
+    assert_eq!(v["replay_log"]["writable"], true, "{v}");
+    assert_eq!(v["replay_log"]["replays"], 0, "{v}");
+    assert_eq!(v["replay_log"]["replay_gaps"], 0, "{v}");
     // Nobody listening there (a port just released): a clear error, exit 1.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

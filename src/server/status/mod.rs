@@ -576,9 +576,10 @@ impl Status {
                 "disconnects": DisconnectReason::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.disconnects(r)))).collect::<serde_json::Map<_, _>>(),
                 "auth_failures": AuthFailure::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.auth_failures(r)))).collect::<serde_json::Map<_, _>>(),
             },
-            // The change log, when `[log] dir` is set (resume is not served from it yet).
+            // The change log, when `[log] dir` is set, and the replays served from it.
             "replay_log": self.metrics.sources().log.as_ref().map_or(Value::Null, |h| {
                 let l = &h.stats;
+                let r = &self.metrics.sources().replay;
                 let stats = h.reader().map(|r| r.stats());
                 let oldest = stats.as_ref().and_then(|s| s.oldest);
                 json!({
@@ -594,6 +595,9 @@ impl Status {
                     "oldest_lsn": oldest.map(|o| o.commit_lsn.to_string()),
                     "oldest_age_seconds": oldest.map(|o| (unix_millis() * 1000 - o.commit_ts).max(0) as f64 / 1e6),
                     "newest_lsn": stats.as_ref().and_then(|s| s.newest).map(|n| n.commit_lsn.to_string()),
+                    "replays": r.served.load(Ordering::Relaxed),
+                    "replay_gaps": r.gaps.load(Ordering::Relaxed),
+                    "replayed_changes": r.changes.load(Ordering::Relaxed),
                 })
             }),
             "watchers": self.feed.watchers.load(Ordering::Relaxed),

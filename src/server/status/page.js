@@ -196,7 +196,8 @@
       ["size", rl.bytes == null ? "not open yet" : bytes(rl.bytes) + " in " + num(rl.segments) + " segments"],
       ["oldest", rl.oldest_lsn == null ? "-" : rl.oldest_lsn + " · " + secs(rl.oldest_age_seconds) + " old"],
       ["newest", rl.newest_lsn == null ? "-" : rl.newest_lsn],
-    ] : [["state", "off ([log] dir is not set)"]]);
+      ["replays", num(rl.replays) + " done · " + num(rl.replay_gaps) + " gaps · " + num(rl.replayed_changes) + " changes read"],
+    ] : [["state", "off ([log] dir = \"\")"]]);
 
     addSample(s.sample);
     plot();
