@@ -886,6 +886,14 @@ pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
     ensure!(joined.len() == n, "not every connection joined");
     let per_conn_kb = (rss1.saturating_sub(rss0)) as f64 * 1.024 / n as f64;
     let joins_per_s = per_sec(n as u64, join_time);
+    // For a heap profiler attached to walcast: hold the idle connections a while.
+    if let Some(hold) = std::env::var("WALCAST_BENCH_HOLD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        eprintln!("connections: holding {n} idle connections for {hold} s");
+        tokio::time::sleep(Duration::from_secs(hold)).await;
+    }
     drop(joined);
     walcast.stop().await;
     Ok(vec![
