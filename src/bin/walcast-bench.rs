@@ -1,9 +1,10 @@
 //! `walcast-bench`: end-to-end benchmarks against a live throwaway cluster.
 //!
 //! ```text
-//! cargo run --release --bin walcast-bench -- <case|all> [--quick] [--rate=N]
-//! cases: drain latency fanout routing connections   (capture: rewrite the decode corpus)
+//! cargo run --release --bin walcast-bench -- <case|all> [--quick] [--rate=N] [--no-log]
+//! cases: drain latency fanout routing connections replay   (capture: rewrite the decode corpus)
 //! --rate=N: commits/s of the fanout case (default 100), to find the rate it sustains
+//! --no-log: run walcast without its change log (`[log] dir = ""`; on by default)
 //! ```
 //!
 //! Each case starts its own cluster (`walcast::testing`), writes its workload,
@@ -61,11 +62,18 @@ impl Figure {
     }
 }
 
-const CASES: &[&str] = &["drain", "latency", "fanout", "routing", "connections"];
+const CASES: &[&str] = &[
+    "drain",
+    "latency",
+    "fanout",
+    "routing",
+    "connections",
+    "replay",
+];
 
 fn usage() -> String {
     format!(
-        "usage: walcast-bench <{}|all|capture> [--quick] [--rate=N (fanout commits/s)]",
+        "usage: walcast-bench <{}|all|capture> [--quick] [--rate=N (fanout commits/s)] [--no-log]",
         CASES.join("|")
     )
 }
@@ -127,6 +135,7 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
         "fanout" => cases::fanout(quick, rate).await?,
         "routing" => cases::routing(quick).await?,
         "connections" => cases::connections(quick).await?,
+        "replay" => cases::replay(quick).await?,
         "capture" => cases::capture().await?,
         other => bail!("unknown case {other:?}; {}", usage()),
     };
@@ -137,6 +146,7 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let no_log = args.iter().any(|a| a == "--no-log");
     let mut rate = None;
     for a in args.iter().filter(|a| a.starts_with("--")) {
         if let Some(v) = a.strip_prefix("--rate=") {
@@ -145,7 +155,7 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("--rate={v}: not a number"))?;
             ensure!(r > 0, "--rate must be at least 1");
             rate = Some(r);
-        } else if a != "--quick" {
+        } else if a != "--quick" && a != "--no-log" {
             bail!("unknown option {a}; {}", usage());
         }
     }
@@ -158,11 +168,18 @@ async fn main() -> Result<()> {
         bail!("{}", usage());
     };
     let list: Vec<&str> = if *case == "all" {
-        CASES.to_vec()
+        // Without the log there is nothing to replay.
+        CASES
+            .iter()
+            .copied()
+            .filter(|c| !(no_log && *c == "replay"))
+            .collect()
     } else {
         vec![case]
     };
     env::walcast_binary()?;
+    env::set_log_off(no_log);
+    eprintln!("walcast's change log: {}", env::log_label());
     let start = Instant::now();
     let mut figs = Vec::new();
     let mut failed = Vec::new();

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -148,6 +148,62 @@ pub async fn receive(
         }
     }
     out
+}
+
+/// What a resuming channel got: its replayed changes, then `REPLAY_DONE`.
+pub struct Replayed {
+    /// Change frames before `REPLAY_DONE`.
+    pub changes: u64,
+    /// When the first change frame arrived.
+    pub first: Option<Instant>,
+    /// When `REPLAY_DONE` arrived.
+    pub done: Instant,
+    /// `REPLAY_DONE`'s `replayed` and `transactions`.
+    pub replayed: u64,
+    pub transactions: u64,
+}
+
+/// Reads a channel's replay after its join reply: counts change frames until the
+/// `system` message `REPLAY_DONE`; `REPLAY_GAP`, a close or `limit` is an error.
+pub async fn receive_replay(ws: &mut Ws, limit: Duration) -> Result<Replayed> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let (mut changes, mut first) = (0u64, None);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .with_context(|| format!("no REPLAY_DONE within {limit:?} ({changes} changes)"))?
+            .with_context(|| {
+                format!("connection closed during the replay ({changes} changes)")
+            })??;
+        let t = match m {
+            Message::Text(t) => t,
+            Message::Close(c) => bail!("closed during the replay ({changes} changes): {c:?}"),
+            _ => continue,
+        };
+        if t.contains("\"event\":\"postgres_changes\"") {
+            changes += 1;
+            first.get_or_insert_with(Instant::now);
+            continue;
+        }
+        if !t.contains("REPLAY_") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&t)?;
+        let p = &v["payload"];
+        match p["code"].as_str() {
+            Some("REPLAY_DONE") => {
+                return Ok(Replayed {
+                    changes,
+                    first,
+                    done: Instant::now(),
+                    replayed: p["replayed"].as_u64().unwrap_or(0),
+                    transactions: p["transactions"].as_u64().unwrap_or(0),
+                })
+            }
+            Some("REPLAY_GAP") => bail!("REPLAY_GAP after {changes} changes: {p}"),
+            _ => {}
+        }
+    }
 }
 
 /// The integer after `key` in `text` (a JSON number, or a number in a string).

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -181,12 +182,39 @@ pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) ->
     })
 }
 
-/// The config every case starts from: no heartbeat timeouts during a run.
+/// Set by `--no-log`: cases run walcast without its change log (`[log] dir = ""`).
+static LOG_OFF: AtomicBool = AtomicBool::new(false);
+
+pub fn set_log_off(off: bool) {
+    LOG_OFF.store(off, Ordering::Relaxed);
+}
+
+/// Whether walcast keeps its change log in this run (on, as by default, unless `--no-log`).
+pub fn log_on() -> bool {
+    !LOG_OFF.load(Ordering::Relaxed)
+}
+
+/// `log on` / `log off`, for figure names.
+pub fn log_label() -> &'static str {
+    if log_on() {
+        "log on"
+    } else {
+        "log off"
+    }
+}
+
+/// The config every case starts from: no heartbeat timeouts during a run; the
+/// change log as walcast's default (`walcast-log` in its working directory, a
+/// fresh temp dir) unless `--no-log`.
 pub fn config(client_queue: usize, channels_per_connection: usize) -> String {
-    format!(
+    let mut c = format!(
         "[server]\nheartbeat_timeout_secs = 3600\n\n[limits]\nclient_queue = {client_queue}\n\
          channels_per_connection = {channels_per_connection}\nbindings_per_channel = 100\n"
-    )
+    );
+    if !log_on() {
+        c.push_str("\n[log]\ndir = \"\"\n");
+    }
+    c
 }
 
 /// Runs `sql` statements one by one (a `DO` block with `COMMIT` inside must be
