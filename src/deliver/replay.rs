@@ -280,7 +280,7 @@ async fn replay(job: &Job) -> Outcome {
         if let Some(r) = handle.reader() {
             break r;
         }
-        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+        if waited.elapsed() > LOG_WAIT || gone(&job.conn) {
             return Outcome::Gap {
                 message: "The change log is not open (replication has not connected since walcast started): nothing was replayed; refetch".into(),
                 oldest: None,
@@ -291,7 +291,7 @@ async fn replay(job: &Job) -> Outcome {
     // Everything routed before the hold must be readable before the replay ends.
     let target = job.routed.max(log.last_lsn());
     while log.last_lsn() < job.routed {
-        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+        if waited.elapsed() > LOG_WAIT || gone(&job.conn) {
             return Outcome::Gap {
                 message: "The change log is behind the live stream (it cannot be written?): nothing was replayed; refetch".into(),
                 oldest: None,
@@ -370,10 +370,16 @@ async fn replay(job: &Job) -> Outcome {
     }
 }
 
+/// The connection was closed (asked to, or its writer ended: socket lost,
+/// server shutdown), so a replay for it stops at once.
+fn gone(conn: &ConnHandle) -> bool {
+    conn.kill.is_cancelled() || conn.tx.is_closed()
+}
+
 /// Waits until the connection's queue is at most half full; false when it closed.
 async fn room(conn: &ConnHandle) -> bool {
     loop {
-        if conn.kill.is_cancelled() || conn.tx.is_closed() {
+        if gone(conn) {
             return false;
         }
         let frames_ok = conn.tx.capacity() * 2 >= conn.tx.max_capacity();
@@ -569,7 +575,7 @@ pub async fn run_broadcast(job: BroadcastJob) {
         if let Some(r) = handle.reader() {
             break r;
         }
-        if waited.elapsed() > LOG_WAIT || job.conn.kill.is_cancelled() {
+        if waited.elapsed() > LOG_WAIT || gone(&job.conn) {
             return gap("The change log is not open (replication has not connected since walcast started): nothing was replayed", None);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
