@@ -35,20 +35,8 @@ async fn every_committed_change_is_logged_once_across_sigkills() {
     ))
     .await
     .unwrap();
-    c.execute(
-        "select pg_create_logical_replication_slot($1, 'pgoutput')",
-        &[&slot],
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let config = dir.path().join("walcast.toml");
-    std::fs::write(
-        &config,
-        format!("[log]\ndir = {:?}\n", log_dir.display().to_string()),
-    )
-    .unwrap();
+    crate::support::create_slot(&c, slot).await;
+    let (_dir, log_dir, config) = crate::support::log_dir_config();
     let url = cluster().url(db);
     let args = ["--config", config.to_str().unwrap()];
     let mut next = 1;

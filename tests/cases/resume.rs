@@ -159,11 +159,7 @@ async fn db_with(db: &str, ddl: &str) -> tokio_postgres::Client {
     c.batch_execute(&format!("create publication pub_{db} for all tables"))
         .await
         .unwrap();
-    c.batch_execute(&format!(
-        "select pg_create_logical_replication_slot('slot_{db}', 'pgoutput')"
-    ))
-    .await
-    .unwrap();
+    crate::support::create_slot(&c, &format!("slot_{db}")).await;
     c
 }
 
@@ -297,14 +293,7 @@ async fn a_since_the_log_cannot_serve_is_a_gap_and_nothing_is_replayed() {
 async fn a_client_resumes_across_five_walcast_restarts_under_load() {
     let db = "resume_restarts";
     let c = items_db(db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walcast.toml");
-    let log_dir = dir.path().join("log");
-    std::fs::write(
-        &config,
-        format!("[log]\ndir = {:?}\n", log_dir.display().to_string()),
-    )
-    .unwrap();
+    let (_dir, _log, config) = crate::support::log_dir_config();
     let args = ["--config", config.to_str().unwrap()];
     let mut server = start(db, &args).await;
     let proxy = Proxy::start(server.port).await;
@@ -642,7 +631,11 @@ async fn a_private_channel_replays_database_broadcasts_since_a_time() {
         .await
         .unwrap();
     }
-    // Logged before anyone asks (the log stage appends before the hub routes).
+    // In the log before anyone asks (later ones would arrive live, not replayed).
+    crate::support::wait_for("the broadcasts in the change log", T, || async {
+        (metric(server.port, "walcast_log_changes_total").await >= 36.0).then_some(())
+    })
+    .await;
     let t1: i64 = c
         .query_one(
             "select (extract(epoch from clock_timestamp()) * 1000)::bigint",
@@ -720,4 +713,78 @@ async fn broadcast_replay_end(js: &mut JsClient) -> Value {
         is_on(v, "system", "room:1") && v["payload"]["extension"] == "broadcast"
     })
     .await
+}
+
+/// One series of `/metrics`.
+async fn metric(port: u16, series: &str) -> f64 {
+    let (_, text) = crate::support::http_get(port, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[tokio::test]
+async fn a_connection_lost_mid_replay_releases_its_socket_channel_and_subscriptions() {
+    use futures::{SinkExt, StreamExt};
+    let db = "resume_lost";
+    let c = items_db(db).await;
+    let since: String = c
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "insert into items (id) select g from generate_series(1, 20000) g;
+         insert into items (id) select g from generate_series(20001, 40000) g;",
+    )
+    .await
+    .unwrap();
+    let mut server = start(db, &[]).await;
+    crate::support::wait_for("the rows in the change log", T, || async {
+        (metric(server.port, "walcast_log_changes_total").await >= 40_000.0).then_some(())
+    })
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("2.0.0"))
+        .await
+        .unwrap();
+    let join = json!(["1", "1", "realtime:feed", "phx_join", {"config": {"postgres_changes": [
+        {"event": "*", "schema": "public", "table": "items", "replay": {"since": since}}]}}]);
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        join.to_string(),
+    ))
+    .await
+    .unwrap();
+    // The replay is under way once its first change arrives; then the socket is
+    // lost (no close frame) while it has most of 40,000 changes still to send.
+    tokio::time::timeout(T, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.to_text().is_ok_and(|t| {
+                t.contains("\"postgres_changes\",{\"data\"") || t.contains("\"ids\"")
+            }) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("a replayed change");
+    drop(ws);
+    for series in [
+        "walcast_websocket_connections",
+        "walcast_websocket_channels",
+        "walcast_subscriptions",
+    ] {
+        crate::support::wait_for(&format!("{series} back to 0"), T, || async {
+            (metric(server.port, series).await == 0.0).then_some(())
+        })
+        .await;
+    }
+    // Nothing of it holds the shutdown up.
+    let asked = std::time::Instant::now();
+    server.proc.signal(15);
+    tokio::time::timeout(Duration::from_secs(10), server.proc.child.wait())
+        .await
+        .expect("walcast exits after SIGTERM")
+        .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(10));
 }

@@ -41,6 +41,30 @@ pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
     p
 }
 
+/// A temp dir holding a walcast config (`walcast.toml`) whose change log is in
+/// the same dir and stays across restarts: (the dir, the log dir, the config).
+pub fn log_dir_config() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let config = dir.path().join("walcast.toml");
+    std::fs::write(
+        &config,
+        format!("[log]\ndir = {:?}\n", log_dir.display().to_string()),
+    )
+    .unwrap();
+    (dir, log_dir, config)
+}
+
+/// Creates the logical replication slot `slot` (pgoutput) in `c`'s database.
+pub async fn create_slot(c: &tokio_postgres::Client, slot: &str) {
+    c.execute(
+        "select pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+}
+
 /// A fresh empty directory for one `walcast` process to run in: its default
 /// change log (`walcast-log`) goes there, not into the crate.
 pub fn scratch_dir() -> std::path::PathBuf {
