@@ -573,6 +573,24 @@ pub struct AuthConfig {
     /// Roles that see every table and row without rules (e.g. `service_role`).
     pub bypass_roles: Vec<String>,
     pub tables: Vec<TableRule>,
+    /// RLS mode for every published table: the database's own row-level
+    /// security policies and privileges decide what a subscriber receives.
+    pub rls: bool,
+    /// RLS mode for these tables only (`schema.table`), when `rls` is off.
+    pub rls_tables: Vec<String>,
+    /// Compile policies of common shapes into in-memory rules (false: every
+    /// policy is checked by SQL).
+    pub rls_compile: bool,
+    /// Connections for policy reads and SQL checks.
+    pub rls_pool: usize,
+    /// Longest SQL check, in milliseconds; a check that takes longer closes its
+    /// class's channels.
+    pub rls_check_timeout_ms: u64,
+    /// Checks waiting for a connection, at most (beyond: the class's channels
+    /// are closed, never a row skipped).
+    pub rls_queue: usize,
+    /// How often policies, privileges and roles are checked for changes.
+    pub rls_poll_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -588,6 +606,13 @@ impl Default for AuthConfig {
             audience: None,
             bypass_roles: vec!["service_role".into()],
             tables: Vec::new(),
+            rls: false,
+            rls_tables: Vec::new(),
+            rls_compile: true,
+            rls_pool: 4,
+            rls_check_timeout_ms: 5_000,
+            rls_queue: 4_096,
+            rls_poll_ms: 2_000,
         }
     }
 }
@@ -664,6 +689,23 @@ impl AuthConfig {
                 "auth.mode = \"jwt\" needs auth.jwt_secret, auth.jwks_file or auth.jwks_url".into(),
             );
         }
+        if (self.rls || !self.rls_tables.is_empty()) && self.mode != Some(AuthMode::Jwt) {
+            return Err("auth.rls needs auth.mode = \"jwt\": policies are judged by the token's role and claims".into());
+        }
+        if self.rls_pool == 0 || self.rls_queue == 0 || self.rls_check_timeout_ms == 0 {
+            return Err(
+                "auth.rls_pool, auth.rls_queue and auth.rls_check_timeout_ms must be at least 1"
+                    .into(),
+            );
+        }
+        if let Some(t) = self.rls_tables.iter().find(|t| {
+            t.split_once('.')
+                .is_none_or(|(s, n)| s.is_empty() || n.is_empty())
+        }) {
+            return Err(format!(
+                "auth.rls_tables entries must be schema.table, got {t:?}"
+            ));
+        }
         for (i, t) in self.tables.iter().enumerate() {
             if t.name
                 .split_once('.')
@@ -696,6 +738,21 @@ impl AuthConfig {
 
     pub fn enabled(&self) -> bool {
         self.mode == Some(AuthMode::Jwt)
+    }
+
+    /// Whether RLS mode judges `schema.table`.
+    pub fn rls_covers(&self, schema: &str, table: &str) -> bool {
+        self.enabled()
+            && (self.rls
+                || self
+                    .rls_tables
+                    .iter()
+                    .any(|t| t.split_once('.') == Some((schema, table))))
+    }
+
+    /// Whether RLS mode is on for any table.
+    pub fn rls_on(&self) -> bool {
+        self.enabled() && (self.rls || !self.rls_tables.is_empty())
     }
 }
 

@@ -20,7 +20,7 @@ use crate::decode::event::DbMessage;
 use crate::decode::value::RenderOptions;
 use crate::deliver::broadcast::{BroadcastStats, Broadcaster};
 use crate::deliver::socket::{Shared, WsStats};
-use crate::route::hub::{Hub, HubStats};
+use crate::route::hub::{Hub, HubCommand, HubStats};
 use crate::server::metrics::{Metrics, MetricsError, Sources};
 use crate::source::catalog::Catalog;
 use crate::source::session::{self, Progress, ReplicationError, ReplicationOptions, StreamState};
@@ -242,6 +242,35 @@ impl Pipeline {
             config.presence.clone(),
             config.channels.clone(),
         ));
+        let tasks = TaskTracker::new();
+        // RLS mode: the database's policies (route::rls); a failed check closes
+        // its class's channels through the hub.
+        let rls = config.auth.rls_on().then(|| {
+            let (failed_tx, mut failed_rx) = mpsc::channel::<(u64, String)>(256);
+            let rls = crate::route::rls::Rls::new(
+                c.conn.clone(),
+                crate::route::rls::RlsSettings {
+                    pool: config.auth.rls_pool,
+                    timeout: Duration::from_millis(config.auth.rls_check_timeout_ms),
+                    queue: config.auth.rls_queue,
+                    compile: config.auth.rls_compile,
+                },
+                failed_tx,
+            );
+            let hub = cmd_tx.clone();
+            tasks.spawn(async move {
+                while let Some((class, message)) = failed_rx.recv().await {
+                    if hub
+                        .send(HubCommand::RlsFailed { class, message })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            rls
+        });
         let metrics = Arc::new(Metrics::new(
             Sources {
                 stream: stream.clone(),
@@ -251,10 +280,10 @@ impl Pipeline {
                 broadcast: broadcast.stats(),
                 log: log.clone(),
                 replay: replay_stats.clone(),
+                rls: rls.clone(),
             },
             config.health.clone(),
         )?);
-        let tasks = TaskTracker::new();
         let stop_monitor = CancellationToken::new();
         tasks.spawn(crate::server::metrics::monitor(
             metrics.clone(),
@@ -283,9 +312,12 @@ impl Pipeline {
         let status_feed = Arc::new(crate::server::status::Feed::default());
         let hub = {
             let b = broadcast.clone();
-            let hub = Hub::new(render, hub_stats.clone())
+            let mut hub = Hub::new(render, hub_stats.clone())
                 .with_message_hook(Arc::new(move |m: &DbMessage| b.on_db_message(m)))
                 .with_change_hook(status_feed.hook());
+            if let Some(r) = &rls {
+                hub = hub.with_rls_gate(r.gate());
+            }
             tasks.spawn(hub.run(items_rx, cmd_rx, progress))
         };
         // Stopped first on shutdown: stopping is not an outage to announce.
@@ -304,6 +336,12 @@ impl Pipeline {
             cmd_tx.clone(),
             stop_sessions.clone(),
         ));
+        if let Some(r) = &rls {
+            tasks.spawn(r.clone().poll(
+                Duration::from_millis(config.auth.rls_poll_ms),
+                stop_sessions.clone(),
+            ));
+        }
         let sessions = TaskTracker::new();
         let shared = Arc::new(Shared {
             hub: cmd_tx,
@@ -317,6 +355,7 @@ impl Pipeline {
             tracker: sessions.clone(),
             log: log.clone(),
             replay: replay_stats,
+            rls,
         });
         let status = crate::server::status::Status::start(crate::server::status::StatusOptions {
             metrics: metrics.clone(),

@@ -146,6 +146,8 @@ pub async fn run(
         expiry_clock: ExpiryClock::now(),
     };
     let idle = Duration::from_secs(shared.config.server.heartbeat_timeout_secs);
+    // RLS mode: policies or privileges changed → every channel is judged again.
+    let mut policies = shared.rls.as_ref().map(|r| r.generation());
     let end = loop {
         let expiry = s.next_expiry().map(|exp| s.expiry_clock.deadline(exp));
         let next = tokio::select! {
@@ -154,6 +156,14 @@ pub async fn run(
             _ = shared.shutdown.cancelled() => break DisconnectReason::Shutdown,
             _ = crate::deliver::expiry::sleep_until(expiry), if expiry.is_some() => {
                 Box::pin(s.expire_channels()).await;
+                continue;
+            }
+            r = async { policies.as_mut()?.changed().await.ok() }, if policies.is_some() => {
+                if r.is_none() {
+                    policies = None;
+                } else {
+                    Box::pin(s.rejudge_channels()).await;
+                }
                 continue;
             }
             n = tokio::time::timeout(idle, stream.next()) => n,
@@ -660,6 +670,54 @@ impl Session {
         }
     }
 
+    /// RLS mode saw policies, privileges or roles change: every channel with
+    /// `postgres_changes` is judged again with its token, as on a refresh —
+    /// channels that lost access are closed, the others get their new rules
+    /// without a gap.
+    async fn rejudge_channels(&mut self) {
+        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        for topic in topics {
+            let Some(j) = self.channels.get(&topic) else {
+                continue;
+            };
+            let config: Value = serde_json::from_str(&j.config).unwrap_or(Value::Null);
+            if config.get("postgres_changes").is_none_or(Value::is_null) {
+                continue;
+            }
+            let (id, token) = (j.id, j.token.clone());
+            let pending_ok = self.judged_by_apikey(token.as_ref());
+            let resolved = self
+                .resolve_bindings(&config, token.as_ref(), pending_ok)
+                .await;
+            let Resolved {
+                bindings, pending, ..
+            } = match resolved {
+                Ok(r) => r,
+                Err(reason) => {
+                    let msg = format!("You no longer have access to this channel: {reason}");
+                    self.close_channel(&topic, &msg).await;
+                    continue;
+                }
+            };
+            let (done, wait) = oneshot::channel();
+            let sent = self
+                .shared
+                .hub
+                .send(HubCommand::Replace {
+                    channel: id,
+                    bindings,
+                    done,
+                })
+                .await;
+            if sent.is_err() || wait.await.is_err() {
+                return;
+            }
+            if let Some(j) = self.channels.get_mut(&topic) {
+                j.pending = pending;
+            }
+        }
+    }
+
     /// An `access_token` message: verify it and re-judge what the channel may see.
     async fn refresh_token(&mut self, f: &Frame) {
         if !self.shared.auth.enabled() {
@@ -948,6 +1006,44 @@ pub async fn resolve_binding(
             .table(schema, table)
             .await
             .map_err(|e| e.to_string())?;
+        // RLS mode: the database's own policies and privileges, on top of any rule.
+        let mut columns = columns;
+        if let (Some(rls), Some(tok)) = (&shared.rls, token) {
+            if auth.config().rls_covers(schema, table) && !auth.bypasses(token) {
+                match rls.access(&t, &tok.claims).await {
+                    crate::route::rls::RlsAccess::Denied(reason) => {
+                        tracing::debug!(peer = %peer, %reason, "binding refused by RLS mode");
+                        if pending_ok {
+                            return Ok((Err(format!("{schema}.{table}")), id));
+                        }
+                        return Err(crate::route::auth::refusal(schema, table));
+                    }
+                    crate::route::rls::RlsAccess::Allowed {
+                        rows,
+                        columns: cols,
+                        sql,
+                    } => {
+                        match rows {
+                            RowRule::All => {}
+                            RowRule::Nothing => access.deny_all = true,
+                            RowRule::Filter(f) => {
+                                access.rows = Some(match access.rows.take() {
+                                    Some(r) => r.and(f),
+                                    None => f,
+                                })
+                            }
+                        }
+                        if let Some(cols) = cols {
+                            columns = Some(match columns {
+                                Some(c) => c.into_iter().filter(|x| cols.contains(x)).collect(),
+                                None => cols,
+                            });
+                        }
+                        access.sql = sql;
+                    }
+                }
+            }
+        }
         // The filter is checked against the columns this token may see, so a
         // hidden column is reported exactly as a column that does not exist
         // (filtering on it would reveal its values).
@@ -1005,6 +1101,11 @@ fn moves_fallback(obj: &Map<String, Value>, b: &Binding, default: bool) -> Optio
         return None;
     }
     match &b.target {
+        Target::Table(_) if b.access.sql.is_some() => Some(
+            "moves are not available where row-level security policies are checked by SQL; \
+             this binding gets changes judged on their new row (DELETE: old row)"
+                .into(),
+        ),
         Target::Table(t)
             if t.replica_identity == crate::decode::pgoutput::ReplicaIdentity::Full =>
         {

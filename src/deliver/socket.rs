@@ -21,6 +21,7 @@ use crate::deliver::broadcast::Broadcaster;
 use crate::deliver::frame::{self, system_payload, Vsn};
 pub use crate::deliver::stats::WsStats;
 use crate::route::hub::{CloseReason, ConnHandle, HubCommand, Outbound, QueuedBytes};
+use crate::route::rls::Verdict;
 use crate::source::catalog::Catalog;
 
 /// Initial read buffer of a connection.
@@ -47,6 +48,8 @@ pub struct Shared {
     /// The change log, for channels that resume (`None`: `[log] dir` is off).
     pub log: Option<crate::changelog::stage::LogHandle>,
     pub replay: Arc<crate::deliver::replay::ReplayStats>,
+    /// RLS mode (`None`: off).
+    pub rls: Option<Arc<crate::route::rls::Rls>>,
 }
 
 impl Shared {
@@ -161,9 +164,37 @@ async fn write_batch(
     };
     let mut n = 0;
     let mut next = Some(first);
-    while let Some(o) = next.take() {
+    while let Some(mut o) = next.take() {
         queued.release(o.queued_size());
-        let msg = render(o, vsn);
+        if let Outbound::Gated(g) = o {
+            // RLS mode's SQL path: what is written so far goes out while the
+            // verdict is awaited; a frame the subscriber may not see is dropped
+            // (a failed check closes the channel with its reason meanwhile).
+            if !g.ticket.ready() {
+                sink.flush().await.map_err(|_| ())?;
+            }
+            let verdict = g.ticket.wait().await;
+            let g = *g;
+            o = match verdict {
+                Verdict::Send { old_visible } => Outbound::Change {
+                    topic: g.topic,
+                    ids: g.ids,
+                    data: match (old_visible, g.old_hidden) {
+                        (false, Some(hidden)) => hidden,
+                        _ => g.data,
+                    },
+                },
+                Verdict::Skip | Verdict::Failed => {
+                    if n < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                    continue;
+                }
+            };
+        }
+        let Some(msg) = render(o, vsn) else {
+            continue;
+        };
         let len = match &msg {
             Message::Text(t) => t.len(),
             Message::Binary(b) => b.len(),
@@ -190,8 +221,8 @@ fn truncate_reason(s: &str) -> String {
     s[..end].to_string()
 }
 
-fn render(o: Outbound, vsn: Vsn) -> Message {
-    match o {
+fn render(o: Outbound, vsn: Vsn) -> Option<Message> {
+    Some(match o {
         Outbound::Text(t) => Message::Text(t.into()),
         Outbound::Binary(b) => Message::Binary(b.into()),
         Outbound::Ws(m) => m,
@@ -206,7 +237,9 @@ fn render(o: Outbound, vsn: Vsn) -> Message {
             event,
             payload,
         } => Message::Text(frame::encode(vsn, None, None, &topic, event, &payload).into()),
-    }
+        // Judged by `write_batch` before rendering; never sent unjudged.
+        Outbound::Gated(_) => return None,
+    })
 }
 
 /// The text of a `postgres_changes` frame for one channel: the binding ids that

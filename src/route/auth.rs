@@ -349,6 +349,10 @@ impl Verifier {
         }
         let name = format!("{schema}.{table}");
         let mut rules = self.cfg.tables.iter().filter(|t| t.name == name).peekable();
+        if rules.peek().is_none() && self.cfg.rls_covers(schema, table) {
+            // RLS mode alone judges it (`route::rls`).
+            return Access::all();
+        }
         if rules.peek().is_none() {
             return Access::Denied(format!(
                 "table {name} has no access rule: add an [[auth.tables]] rule for it (or public = true)"
@@ -378,6 +382,13 @@ impl Verifier {
             rows: row_filter,
             columns: rule.columns.clone(),
         }
+    }
+
+    /// Whether the token's role is one of `bypass_roles` (no rules, no RLS).
+    pub fn bypasses(&self, token: Option<&Verified>) -> bool {
+        token
+            .and_then(Verified::role)
+            .is_some_and(|r| self.cfg.bypass_roles.iter().any(|b| b == r))
     }
 
     /// Whether wildcard (`*`) subscriptions are allowed for this token.

@@ -219,6 +219,9 @@ pub struct BindingAccess {
     pub columns: Option<Arc<Vec<String>>>,
     /// Unix seconds after which nothing more is delivered (the token's `exp`).
     pub expires_at: Option<i64>,
+    /// RLS mode's SQL path: rows are judged per transaction by this class's
+    /// check, and the connection's writer waits for the verdict.
+    pub sql: Option<Arc<crate::route::rls::SqlClass>>,
 }
 
 pub enum HubCommand {
@@ -287,6 +290,12 @@ pub enum HubCommand {
     /// Live `postgres_changes` subscriptions by table (`schema.table`, or a
     /// wildcard pattern such as `public.*`), for the status page.
     Census(oneshot::Sender<Vec<(String, u64)>>),
+    /// An RLS check of class `class` failed: its channels are closed with
+    /// [`crate::route::rls::RLS_CHECK_FAILED`] and `message`.
+    RlsFailed {
+        class: u64,
+        message: String,
+    },
 }
 
 /// A `system` message to all `postgres_changes` channels.
@@ -351,12 +360,33 @@ struct Delivery<'a> {
 impl Delivery<'_> {
     /// Queues one channel's frame around the change's payload for `key` (or
     /// holds it back while the channel's replay runs).
-    fn send(&mut self, ch: &mut ChannelState, key: &EncodingKey, ids: BindingIds) {
+    fn send(
+        &mut self,
+        ch: &mut ChannelState,
+        key: &EncodingKey,
+        ids: BindingIds,
+        ticket: Option<&crate::route::rls::Ticket>,
+    ) {
         let data = self.payload(key);
-        let out = Outbound::Change {
-            topic: ch.topic.clone(),
-            ids,
-            data,
+        let out = match ticket {
+            None => Outbound::Change {
+                topic: ch.topic.clone(),
+                ids,
+                data,
+            },
+            Some(t) => {
+                // Both variants: the writer drops the old image's values when
+                // the verdict says the subscriber may not see the old row.
+                let hidden = (self.delivered == ChangeKind::Update && !key.1)
+                    .then(|| self.payload(&(key.0.clone(), true)));
+                Outbound::Gated(Box::new(crate::route::queue::Gated {
+                    topic: ch.topic.clone(),
+                    ids,
+                    data,
+                    old_hidden: hidden,
+                    ticket: t.clone(),
+                }))
+            }
         };
         if !self.replay {
             if let Some(hold) = ch.hold.as_mut() {
@@ -522,6 +552,8 @@ pub struct Hub {
     /// Commit LSN of the last change routed (a channel that replays reads the
     /// log at least this far before its hold is released).
     routed_lsn: Lsn,
+    /// RLS mode's SQL path: its open batches are sealed at each commit.
+    gate: Option<Arc<crate::route::rls::Gate>>,
 }
 
 /// Receives each logical decoding message (`pg_logical_emit_message`) the stream
@@ -550,6 +582,19 @@ impl Hub {
             ready_watches: Vec::new(),
             down_notice: None,
             routed_lsn: Lsn::ZERO,
+            gate: None,
+        }
+    }
+
+    /// Seals RLS mode's SQL-path batches at each commit (see `route::rls`).
+    pub fn with_rls_gate(mut self, gate: Arc<crate::route::rls::Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    fn seal_checks(&self) {
+        if let Some(g) = &self.gate {
+            g.seal();
         }
     }
 
@@ -600,6 +645,7 @@ impl Hub {
                 self.stats
                     .last_commit_unix_micros
                     .store(info.commit_time.unix_micros(), Ordering::Relaxed);
+                self.seal_checks();
                 progress.confirm(end_lsn)
             }
             // Logical messages (e.g. `walcast.broadcast()`), in stream order.
@@ -697,6 +743,20 @@ impl Hub {
             HubCommand::Published { relids, read_at } => self.unpublished(&relids, read_at),
             HubCommand::Census(reply) => {
                 let _ = reply.send(self.census());
+            }
+            HubCommand::RlsFailed { class, message } => {
+                let mut channels: Vec<ChannelId> = self
+                    .subs
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.access.sql.as_ref().is_some_and(|c| c.id == class))
+                    .map(|s| s.channel)
+                    .collect();
+                channels.sort_unstable();
+                channels.dedup();
+                for ch in channels {
+                    self.close_channel(ch, crate::route::rls::RLS_CHECK_FAILED, &message);
+                }
             }
         }
     }
@@ -1094,7 +1154,7 @@ impl Hub {
     /// Encode and deliver: one frame per channel (per payload variant within a
     /// channel), each distinct payload encoded once and shared. Returns the
     /// connections whose queue had no room.
-    fn deliver(&mut self, change: &Change, replay: bool) -> Vec<ConnId> {
+    fn deliver(&mut self, change: &Arc<Change>, replay: bool) -> Vec<ConnId> {
         self.hits.sort_unstable();
         self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
         // One encoding per distinct (column mask, old image kept, kind) among the channels.
@@ -1123,6 +1183,8 @@ impl Hub {
                 continue;
             };
             let key = encoding_key(first, change, delivered);
+            // RLS mode's SQL path: the frame waits for its class's verdict.
+            let ticket = first.access.sql.as_ref().and_then(|c| c.ticket(change));
             let uniform = group.len() == 1
                 || group[1..].iter().all(|h| match self.subs.get(h.sub) {
                     Some(Some(s)) => same_encoding(&encoding_key(s, change, delivered), &key),
@@ -1142,7 +1204,7 @@ impl Hub {
                     [one] => BindingIds::One(one.binding_id),
                     many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
                 };
-                out.send(ch, &key, ids);
+                out.send(ch, &key, ids, ticket.as_ref());
             } else {
                 let mut keyed: Vec<(EncodingKey, Vec<u32>)> = Vec::new();
                 for h in group {
@@ -1160,7 +1222,7 @@ impl Hub {
                         [one] => BindingIds::One(*one),
                         many => BindingIds::Many(many.into()),
                     };
-                    out.send(ch, &k, ids);
+                    out.send(ch, &k, ids, ticket.as_ref());
                 }
             }
         }
@@ -1285,6 +1347,7 @@ impl Hub {
             }
             sent += 1;
         }
+        self.seal_checks();
         self.channels.contains_key(&channel).then_some(sent)
     }
 
@@ -1542,6 +1605,7 @@ fn compile(channel: ChannelId, b: &Binding) -> Sub {
         Target::Pattern { .. } => (None, None),
     };
     let moves = b.options.moves
+        && b.access.sql.is_none()
         && matches!(&b.target, Target::Table(t) if t.replica_identity == crate::decode::pgoutput::ReplicaIdentity::Full);
     Sub {
         channel,

@@ -6,8 +6,11 @@
 //!   that cannot keep up is closed.
 //! - [`filter`]: PostgREST filters bound to column types, evaluated in memory.
 //! - [`auth`]: JWT verification and per-table row rules.
+//! - [`rls`]: RLS mode: the database's own policies, compiled to row rules or
+//!   checked by batched SQL.
 
 pub mod auth;
 pub mod filter;
 pub mod hub;
 pub mod queue;
+pub mod rls;

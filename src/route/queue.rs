@@ -43,6 +43,21 @@ pub enum Outbound {
         event: &'static str,
         payload: String,
     },
+    /// A `postgres_changes` frame waiting for RLS mode's SQL verdict: the writer
+    /// waits for it, then sends it (or not).
+    Gated(Box<Gated>),
+}
+
+/// A change frame whose row is being judged by a policy check.
+#[derive(Debug)]
+pub struct Gated {
+    pub topic: Arc<str>,
+    pub ids: BindingIds,
+    pub data: Arc<str>,
+    /// The same change without the old image's values (an UPDATE whose old row
+    /// the subscriber may not see).
+    pub old_hidden: Option<Arc<str>>,
+    pub ticket: crate::route::rls::Ticket,
 }
 
 /// The binding ids of one channel that a change matched: nearly always one, so
@@ -176,6 +191,12 @@ impl Outbound {
                 Outbound::Change { topic, ids, data } => topic.len() + 12 * ids.len() + data.len(),
                 Outbound::System { topic, payload } => topic.len() + payload.len(),
                 Outbound::Push { topic, payload, .. } => topic.len() + payload.len(),
+                Outbound::Gated(g) => {
+                    g.topic.len()
+                        + 12 * g.ids.len()
+                        + g.data.len()
+                        + g.old_hidden.as_ref().map_or(0, |d| d.len())
+                }
             }
     }
 }

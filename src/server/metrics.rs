@@ -86,6 +86,8 @@ pub struct Sources {
     pub log: Option<LogHandle>,
     /// Replays from the change log to channels that resume.
     pub replay: Arc<crate::deliver::replay::ReplayStats>,
+    /// RLS mode, when on: its counters and how each table is enforced.
+    pub rls: Option<Arc<crate::route::rls::Rls>>,
 }
 
 /// `wal_status` values of `pg_replication_slots` (PostgreSQL 13+).
@@ -545,6 +547,12 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_log_newest_commit_lsn", "Commit LSN of the newest transaction in the change log, as a number (WAL byte position).", MetricType::GAUGE, None),
     ("walcast_replays_total", "Channels that resumed with replay.since, by result (done: REPLAY_DONE sent; gap: REPLAY_GAP sent).", MetricType::COUNTER, Some("result")),
     ("walcast_replayed_changes_total", "Changes read back from the change log for replays (before each channel's filters).", MetricType::COUNTER, None),
+    ("walcast_rls_checks_total", "RLS mode's SQL checks (one per class, table and batch of rows), by result (ok; error: the class's channels were closed).", MetricType::COUNTER, Some("result")),
+    ("walcast_rls_checked_rows_total", "Row images judged by RLS mode's SQL checks.", MetricType::COUNTER, None),
+    ("walcast_rls_check_seconds_total", "Time spent in RLS mode's SQL checks (divide by walcast_rls_checks_total for the mean).", MetricType::COUNTER, None),
+    ("walcast_rls_checks_queued", "RLS checks waiting for a connection of the pool (auth.rls_queue at most).", MetricType::GAUGE, None),
+    ("walcast_rls_bindings_total", "Bindings judged by RLS mode, by path (compiled: in-memory rule; sql: checked per transaction).", MetricType::COUNTER, Some("path")),
+    ("walcast_rls_policy_reloads_total", "Times policies, privileges or roles changed and every channel was judged again.", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
     ("walcast_health_status", "Overall health: 0 normal, 1 warning, 2 critical.", MetricType::GAUGE, None),
@@ -738,6 +746,38 @@ impl Collector for SyncCollector {
                     ("gap", n(&st.src.replay.gaps)),
                 ]),
                 "walcast_replayed_changes_total" => one(n(&st.src.replay.changes)),
+                "walcast_rls_checks_total" => st.src.rls.as_ref().map_or(vec![], |r| {
+                    labelled(vec![
+                        ("ok", n(&r.stats.checks_ok)),
+                        ("error", n(&r.stats.checks_failed)),
+                    ])
+                }),
+                "walcast_rls_checked_rows_total" => st
+                    .src
+                    .rls
+                    .as_ref()
+                    .map_or(vec![], |r| one(n(&r.stats.rows_checked))),
+                "walcast_rls_check_seconds_total" => st
+                    .src
+                    .rls
+                    .as_ref()
+                    .map_or(vec![], |r| one(n(&r.stats.check_micros) / 1e6)),
+                "walcast_rls_checks_queued" => st
+                    .src
+                    .rls
+                    .as_ref()
+                    .map_or(vec![], |r| one(n(&r.stats.queued))),
+                "walcast_rls_bindings_total" => st.src.rls.as_ref().map_or(vec![], |r| {
+                    labelled(vec![
+                        ("compiled", n(&r.stats.compiled_joins)),
+                        ("sql", n(&r.stats.sql_joins)),
+                    ])
+                }),
+                "walcast_rls_policy_reloads_total" => st
+                    .src
+                    .rls
+                    .as_ref()
+                    .map_or(vec![], |r| one(n(&r.stats.policy_reloads))),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),
                     ("rejected", n(&bc.presence_rejected)),
@@ -1064,6 +1104,7 @@ mod tests {
                 broadcast: Arc::default(),
                 log,
                 replay: Arc::default(),
+                rls: None,
             },
             health,
         )
@@ -1235,6 +1276,7 @@ mod tests {
                 broadcast: Arc::default(),
                 log: None,
                 replay: Arc::default(),
+                rls: None,
             },
             HealthConfig::default(),
         )

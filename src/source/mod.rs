@@ -15,6 +15,7 @@ pub mod conn;
 pub mod error;
 pub mod explain;
 pub mod flush;
+pub mod policy;
 pub mod protocol;
 pub mod session;
 pub mod slot;

@@ -16,6 +16,7 @@ mod pgerrors;
 mod realtime_js;
 mod replication;
 mod resume;
+mod rls;
 mod setup;
 mod status;
 mod subscriptions;

@@ -78,6 +78,7 @@ impl InProcess {
             tracker: TaskTracker::new(),
             log: None,
             replay: Arc::default(),
+            rls: None,
         });
         InProcess {
             app: walcast::server::router::router(shared),

@@ -576,6 +576,8 @@ impl Status {
                 "disconnects": DisconnectReason::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.disconnects(r)))).collect::<serde_json::Map<_, _>>(),
                 "auth_failures": AuthFailure::ALL.iter().map(|&r| (r.as_str().to_string(), json!(ws.events.auth_failures(r)))).collect::<serde_json::Map<_, _>>(),
             },
+            // RLS mode: how each (table, role) seen so far is enforced.
+            "rls": self.metrics.sources().rls.as_ref().map_or(Value::Null, |r| json!(r.reports())),
             // The change log, when `[log] dir` is set, and the replays served from it.
             "replay_log": self.metrics.sources().log.as_ref().map_or(Value::Null, |h| {
                 let l = &h.stats;

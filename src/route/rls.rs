@@ -1,0 +1,1424 @@
+//! RLS mode: the database's own row-level security policies decide what a
+//! subscriber receives (`[auth] rls = true`, or `rls_tables`).
+//!
+//! # Two paths
+//!
+//! For each (table, JWT role) walcast reads what PostgreSQL applies to a
+//! `SELECT` by that role ([`PolicyDb::security`]): privileges, whether row
+//! security applies, and the `SELECT`/`ALL` policies of the role. Then:
+//!
+//! - **Compiled** (no SQL per change): when every applicable policy's `USING`
+//!   is built only of `true`/`false`, `column = <expr>` and `<expr> = <expr>`
+//!   joined by `AND`/`OR`, where `<expr>` reads no column and calls only
+//!   `auth.uid()`, `auth.role()`, `auth.jwt()`, `auth.email()` or
+//!   `current_setting()` (also wrapped as `(SELECT auth.uid())`), the
+//!   expressions are evaluated once per subscriber at join, under its role and
+//!   claims, by PostgreSQL itself; the policies become a row rule
+//!   (`owner_id=eq.<uid>`, ORs of such), evaluated in memory and indexed like
+//!   any `eq` filter. A comparison is compiled only when the expression's type is
+//!   the column's (integers with integers, `text` with `text`/`varchar`, `uuid`,
+//!   `boolean`), so the in-memory comparison is PostgreSQL's.
+//! - **SQL**: anything else (subqueries, other functions, casts on a column,
+//!   other operators). Subscribers are grouped into *classes* (same role, same
+//!   claims but `exp`/`iat`/`nbf`/`jti`, same table, same policies); each
+//!   transaction's matching rows of a class are judged by one query
+//!   ([`PolicyDb::check`]) on a small pool of connections. The hub never waits:
+//!   it queues each frame with a [`Ticket`] and the connection's writer waits for
+//!   the verdict, so a slow check delays only that class's connections. A
+//!   check that fails (a policy raised, a timeout, the queue of checks full)
+//!   closes that class's channels with `RLS_CHECK_FAILED` naming the cause; no
+//!   row is ever skipped silently.
+//!
+//! Policies are combined as PostgreSQL does: permissive ones ORed, restrictive
+//! ones ANDed with them; no permissive policy, no rows. INSERT and UPDATE are
+//! judged on the new row image, DELETE on the old one (REPLICA IDENTITY FULL);
+//! an UPDATE whose old image the subscriber may not see is delivered without
+//! `old_record` values.
+//!
+//! # Changes to policies
+//!
+//! [`Rls::poll`] reads a digest of policies, row security flags, privileges
+//! and roles every `auth.rls_poll_ms`; when it changes, the cache is dropped
+//! and the generation bumped, and every session re-judges its channels as on a
+//! token refresh (channels that lost access are closed, the others get the new
+//! rules without a gap).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::PgConnInfo;
+use crate::decode::event::{Cell, Change, ChangeKind, Row};
+use crate::decode::relation::Table;
+use crate::route::auth::{Claims, RowRule};
+use crate::route::filter::Filter;
+use crate::source::policy::{CheckError, Policy, PolicyDb, Principal, TableSecurity};
+
+/// `system` code of a channel closed because its row-level security check failed.
+pub const RLS_CHECK_FAILED: &str = "RLS_CHECK_FAILED";
+
+/// Rows of one class judged by one query at most (a longer transaction makes
+/// several batches).
+const MAX_BATCH_ROWS: usize = 512;
+
+/// Claims that change on every token refresh: not part of a class, not passed
+/// to the policies.
+const VOLATILE_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
+/// RLS-mode settings (from `[auth]`).
+#[derive(Clone, Debug)]
+pub struct RlsSettings {
+    /// Connections of the check pool.
+    pub pool: usize,
+    /// Longest check.
+    pub timeout: Duration,
+    /// Checks waiting for a connection, at most.
+    pub queue: usize,
+    /// Compile what can be compiled (false: every policy runs as SQL).
+    pub compile: bool,
+}
+
+/// What a subscriber may see of a table under RLS.
+pub enum RlsAccess {
+    /// No such role, no such table, or no `SELECT` privilege.
+    Denied(String),
+    Allowed {
+        rows: RowRule,
+        /// Columns the role may read, when not all.
+        columns: Option<Vec<String>>,
+        /// Rows are judged by SQL per transaction (`rows` is then `All`).
+        sql: Option<Arc<SqlClass>>,
+    },
+}
+
+/// How one table's policies are enforced for one role (the status page's view).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlanReport {
+    pub table: String,
+    pub role: String,
+    /// `compiled`, `sql`, `no rows` (no permissive policy), `unrestricted`
+    /// (row security off or not applying to the role) or `denied`.
+    pub path: String,
+    pub policies: Vec<String>,
+    pub why: String,
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct RlsStats {
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    pub rows_checked: AtomicU64,
+    pub check_micros: AtomicU64,
+    pub queued: AtomicU64,
+    pub compiled_joins: AtomicU64,
+    pub sql_joins: AtomicU64,
+    pub policy_reloads: AtomicU64,
+}
+
+/// A policy's `USING`, parsed into the shapes the compiled path handles.
+#[derive(Clone, Debug, PartialEq)]
+enum Pred {
+    Const(bool),
+    /// `column = expr` (expr: an index into the plan's expressions).
+    Eq {
+        column: String,
+        expr: usize,
+    },
+    /// A column-free comparison, evaluated once (as a boolean expression).
+    Bool {
+        expr: usize,
+    },
+    And(Vec<Pred>),
+    Or(Vec<Pred>),
+}
+
+/// A (table, role)'s policies, parsed.
+#[derive(Clone, Debug)]
+enum Plan {
+    /// Row security does not restrict this role.
+    Unrestricted,
+    /// No permissive policy applies: no rows.
+    Nothing,
+    Compiled {
+        permissive: Vec<Pred>,
+        restrictive: Vec<Pred>,
+        exprs: Vec<String>,
+    },
+    Sql {
+        predicate: String,
+        why: String,
+    },
+}
+
+struct Entry {
+    security: TableSecurity,
+    plan: Plan,
+}
+
+/// RLS mode's state: the policy cache, the classes of the SQL path, the check
+/// workers' queue.
+pub struct Rls {
+    db: Arc<PolicyDb>,
+    settings: RlsSettings,
+    cache: tokio::sync::Mutex<HashMap<(String, String, String), Arc<Entry>>>,
+    classes: Mutex<HashMap<String, Weak<SqlClass>>>,
+    reports: Mutex<HashMap<(String, String), PlanReport>>,
+    generation: watch::Sender<u64>,
+    next_class: AtomicU64,
+    gate: Arc<Gate>,
+    pub stats: Arc<RlsStats>,
+}
+
+impl Rls {
+    /// RLS mode on `conn`; check failures are reported on `failed` (the hub
+    /// closes the class's channels).
+    pub fn new(
+        conn: PgConnInfo,
+        settings: RlsSettings,
+        failed: mpsc::Sender<(u64, String)>,
+    ) -> Arc<Rls> {
+        let db = Arc::new(PolicyDb::new(conn, settings.pool, settings.timeout));
+        let stats = Arc::new(RlsStats::default());
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let gate = Arc::new(Gate {
+            pending: Mutex::new(Vec::new()),
+            jobs: tx,
+            failed: failed.clone(),
+            stats: stats.clone(),
+        });
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..settings.pool.max(1) {
+            tokio::spawn(worker(
+                db.clone(),
+                rx.clone(),
+                failed.clone(),
+                stats.clone(),
+            ));
+        }
+        Arc::new(Rls {
+            db,
+            settings,
+            cache: tokio::sync::Mutex::new(HashMap::new()),
+            classes: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
+            generation: watch::channel(0).0,
+            next_class: AtomicU64::new(1),
+            gate,
+            stats,
+        })
+    }
+
+    /// The hub's side of the SQL path: sealing batches at commits.
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
+    }
+
+    /// Bumps whenever policies, privileges or roles changed (sessions re-judge).
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// How each (table, role) seen so far is enforced.
+    pub fn reports(&self) -> Vec<PlanReport> {
+        let mut v: Vec<PlanReport> = self
+            .reports
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| (&a.table, &a.role).cmp(&(&b.table, &b.role)));
+        v
+    }
+
+    /// Watches for policy changes every `every` until `stop`.
+    pub async fn poll(self: Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let mut last: Option<String> = None;
+        loop {
+            match self.db.fingerprint().await {
+                Ok(f) => {
+                    if last.as_ref().is_some_and(|l| *l != f) {
+                        tracing::info!("row-level security policies or privileges changed: re-judging channels");
+                        self.cache.lock().await.clear();
+                        if let Ok(mut r) = self.reports.lock() {
+                            r.clear();
+                        }
+                        self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
+                        self.generation.send_modify(|g| *g += 1);
+                    }
+                    last = Some(f);
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read the policy digest"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// What `claims` may see of `table` under its policies.
+    pub async fn access(&self, table: &Arc<Table>, claims: &Claims) -> RlsAccess {
+        let Some(role) = claims.get("role").and_then(Value::as_str) else {
+            return RlsAccess::Denied("the token has no role claim (RLS mode needs one)".into());
+        };
+        let name = format!("{}.{}", table.schema, table.name);
+        let entry = match self.entry(role, table).await {
+            Ok(e) => e,
+            Err(e) => return RlsAccess::Denied(format!("cannot read the policies of {name}: {e}")),
+        };
+        let s = &entry.security;
+        if !s.role_exists {
+            return RlsAccess::Denied(format!("role {role:?} does not exist in the database"));
+        }
+        if !s.table_exists || !s.select {
+            return RlsAccess::Denied(format!("role {role:?} has no SELECT privilege on {name}"));
+        }
+        let columns = s.columns.clone();
+        let who = principal(role, claims);
+        let report = |path: &str, why: String| PlanReport {
+            table: name.clone(),
+            role: role.to_string(),
+            path: path.to_string(),
+            policies: s.policies.iter().map(|p| p.name.clone()).collect(),
+            why,
+        };
+        let (rows, sql, rep) = match &entry.plan {
+            Plan::Unrestricted => (
+                RowRule::All,
+                None,
+                report(
+                    "unrestricted",
+                    s.exempt
+                        .unwrap_or("row security is not enabled on the table")
+                        .to_string(),
+                ),
+            ),
+            Plan::Nothing => (
+                RowRule::Nothing,
+                None,
+                report(
+                    "no rows",
+                    "no permissive SELECT policy applies to the role".into(),
+                ),
+            ),
+            Plan::Compiled {
+                permissive,
+                restrictive,
+                exprs,
+            } => match self
+                .compile_for(&who, table, permissive, restrictive, exprs)
+                .await
+            {
+                Ok(rule) => {
+                    self.stats.compiled_joins.fetch_add(1, Ordering::Relaxed);
+                    (
+                        rule,
+                        None,
+                        report("compiled", "every policy has a compiled shape".into()),
+                    )
+                }
+                Err(why) => {
+                    let predicate = sql_predicate(&s.policies);
+                    self.stats.sql_joins.fetch_add(1, Ordering::Relaxed);
+                    let class = self.class(&who, table, &predicate);
+                    (RowRule::All, Some(class), report("sql", why))
+                }
+            },
+            Plan::Sql { predicate, why } => {
+                self.stats.sql_joins.fetch_add(1, Ordering::Relaxed);
+                let class = self.class(&who, table, predicate);
+                (RowRule::All, Some(class), report("sql", why.clone()))
+            }
+        };
+        if let Ok(mut r) = self.reports.lock() {
+            r.insert((name.clone(), role.to_string()), rep);
+        }
+        RlsAccess::Allowed { rows, columns, sql }
+    }
+
+    async fn entry(&self, role: &str, table: &Table) -> Result<Arc<Entry>, CheckError> {
+        let key = (role.to_string(), table.schema.clone(), table.name.clone());
+        if let Some(e) = self.cache.lock().await.get(&key) {
+            return Ok(e.clone());
+        }
+        let security = self.db.security(role, &table.schema, &table.name).await?;
+        let plan = plan(&security, table, self.settings.compile);
+        let e = Arc::new(Entry { security, plan });
+        self.cache.lock().await.insert(key, e.clone());
+        Ok(e)
+    }
+
+    /// The row rule of compiled policies for one principal: their expressions
+    /// evaluated by PostgreSQL under its role and claims. `Err`: why this
+    /// principal needs the SQL path after all (a type the in-memory comparison
+    /// does not share with PostgreSQL).
+    async fn compile_for(
+        &self,
+        who: &Principal,
+        table: &Table,
+        permissive: &[Pred],
+        restrictive: &[Pred],
+        exprs: &[String],
+    ) -> Result<RowRule, String> {
+        let mut asked: Vec<String> = exprs.to_vec();
+        asked.extend(exprs.iter().map(|e| format!("pg_catalog.pg_typeof(({e}))")));
+        let got = self
+            .db
+            .constants(who, &asked)
+            .await
+            .map_err(|e| format!("evaluating the policies' expressions failed: {e}"))?;
+        let (values, types) = got.split_at(exprs.len());
+        let resolve = |p: &Pred| resolve(p, table, values, types);
+        let mut all = Vec::new();
+        let perm: Result<Vec<Resolved>, String> = permissive.iter().map(resolve).collect();
+        all.push(simplify(Resolved::Or(perm?)));
+        for r in restrictive {
+            all.push(resolve(r)?);
+        }
+        match simplify(Resolved::And(all)) {
+            Resolved::True => Ok(RowRule::All),
+            Resolved::False => Ok(RowRule::Nothing),
+            r => {
+                let text = render_top(&r);
+                Filter::parse(&text)
+                    .map(RowRule::Filter)
+                    .map_err(|e| format!("the compiled rule {text:?} is not a valid filter: {e}"))
+            }
+        }
+    }
+
+    /// The class of `who` for `table` under `predicate` (shared by every channel
+    /// of the same class).
+    fn class(&self, who: &Principal, table: &Arc<Table>, predicate: &str) -> Arc<SqlClass> {
+        let key = format!(
+            "{}\u{0}{}\u{0}{}.{}\u{0}{}",
+            who.role, who.claims, table.schema, table.name, predicate
+        );
+        let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = classes.get(&key).and_then(Weak::upgrade) {
+            return c;
+        }
+        classes.retain(|_, w| w.strong_count() > 0);
+        let c = Arc::new(SqlClass {
+            id: self.next_class.fetch_add(1, Ordering::Relaxed),
+            who: who.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            predicate: predicate.to_string(),
+            open: Mutex::new(None),
+            gate: Arc::downgrade(&self.gate),
+        });
+        classes.insert(key, Arc::downgrade(&c));
+        c
+    }
+}
+
+/// The principal of a token: its role and its claims without the ones that
+/// change on every refresh.
+fn principal(role: &str, claims: &Claims) -> Principal {
+    let mut c = claims.clone();
+    for k in VOLATILE_CLAIMS {
+        c.remove(k);
+    }
+    Principal {
+        role: role.to_string(),
+        claims: Value::Object(c.clone()).to_string(),
+        sub: c.get("sub").and_then(Value::as_str).map(str::to_string),
+        email: c.get("email").and_then(Value::as_str).map(str::to_string),
+    }
+}
+
+/// How a (table, role)'s policies are enforced.
+fn plan(s: &TableSecurity, table: &Table, compile: bool) -> Plan {
+    if !s.row_security {
+        return Plan::Unrestricted;
+    }
+    let reads = |p: &&Policy| p.using.is_some();
+    if !s.policies.iter().filter(reads).any(|p| p.permissive) {
+        return Plan::Nothing;
+    }
+    let predicate = sql_predicate(&s.policies);
+    if !compile {
+        return Plan::Sql {
+            predicate,
+            why: "compiling is off (auth.rls_compile = false)".into(),
+        };
+    }
+    let mut exprs = Vec::new();
+    let mut permissive = Vec::new();
+    let mut restrictive = Vec::new();
+    for p in s.policies.iter().filter(reads) {
+        let text = p.using.as_deref().unwrap_or("true");
+        match parse_policy(text, table, &mut exprs) {
+            Ok(pred) if p.permissive => permissive.push(pred),
+            Ok(pred) => restrictive.push(pred),
+            Err(why) => {
+                return Plan::Sql {
+                    predicate,
+                    why: format!("policy {:?} ({text}): {why}", p.name),
+                }
+            }
+        }
+    }
+    Plan::Compiled {
+        permissive,
+        restrictive,
+        exprs,
+    }
+}
+
+/// The policies combined as PostgreSQL combines them for a read.
+fn sql_predicate(policies: &[Policy]) -> String {
+    let perm: Vec<String> = policies
+        .iter()
+        .filter(|p| p.permissive)
+        .filter_map(|p| p.using.as_ref().map(|u| format!("({u})")))
+        .collect();
+    let mut out = if perm.is_empty() {
+        "false".to_string()
+    } else {
+        format!("({})", perm.join(" OR "))
+    };
+    for p in policies.iter().filter(|p| !p.permissive) {
+        if let Some(u) = &p.using {
+            out.push_str(&format!(" AND ({u})"));
+        }
+    }
+    out
+}
+
+// ---- parsing pg_get_expr's text into compiled shapes ----
+
+#[derive(Clone, Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    /// A quoted identifier.
+    Quoted(String),
+    Str(String),
+    Num(String),
+    Op(String),
+}
+
+fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c == b'\'' {
+            let mut v = String::new();
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return Err("unterminated string".into()),
+                    Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
+                        v.push('\'');
+                        i += 2;
+                    }
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => {
+                        let ch = s[i..].chars().next().unwrap_or('\0');
+                        v.push(ch);
+                        i += ch.len_utf8();
+                    }
+                }
+            }
+            out.push(Tok::Str(v));
+        } else if c == b'"' {
+            let mut v = String::new();
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return Err("unterminated identifier".into()),
+                    Some(b'"') if b.get(i + 1) == Some(&b'"') => {
+                        v.push('"');
+                        i += 2;
+                    }
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => {
+                        let ch = s[i..].chars().next().unwrap_or('\0');
+                        v.push(ch);
+                        i += ch.len_utf8();
+                    }
+                }
+            }
+            out.push(Tok::Quoted(v));
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            let start = i;
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+            {
+                i += 1;
+            }
+            out.push(Tok::Ident(s[start..i].to_string()));
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+                i += 1;
+            }
+            out.push(Tok::Num(s[start..i].to_string()));
+        } else if matches!(c, b'(' | b')' | b',' | b'.' | b'[' | b']') {
+            out.push(Tok::Op((c as char).to_string()));
+            i += 1;
+        } else {
+            let start = i;
+            while i < b.len() && b"+-*/<>=~!@#%^&|`?:".contains(&b[i]) {
+                i += 1;
+            }
+            if i == start {
+                return Err(format!("unexpected character {:?}", c as char));
+            }
+            out.push(Tok::Op(s[start..i].to_string()));
+        }
+    }
+    Ok(out)
+}
+
+fn is_kw(t: &Tok, kw: &str) -> bool {
+    matches!(t, Tok::Ident(s) if s.eq_ignore_ascii_case(kw))
+}
+
+fn is_op(t: &Tok, op: &str) -> bool {
+    matches!(t, Tok::Op(s) if s == op)
+}
+
+/// The index of the `)` closing the `(` at `open`.
+fn closing(toks: &[Tok], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, t) in toks.iter().enumerate().skip(open) {
+        if is_op(t, "(") {
+            depth += 1;
+        } else if is_op(t, ")") {
+            depth -= 1;
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+/// Splits at depth-0 tokens for which `at` holds.
+fn split_top(toks: &[Tok], at: impl Fn(&Tok) -> bool) -> Vec<&[Tok]> {
+    let mut parts = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, t) in toks.iter().enumerate() {
+        if is_op(t, "(") {
+            depth += 1;
+        } else if is_op(t, ")") {
+            depth -= 1;
+        } else if depth == 0 && at(t) {
+            parts.push(&toks[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&toks[start..]);
+    parts
+}
+
+fn render_tokens(toks: &[Tok]) -> String {
+    let mut out = String::new();
+    for t in toks {
+        let piece = match t {
+            Tok::Ident(s) | Tok::Num(s) | Tok::Op(s) => s.clone(),
+            Tok::Quoted(s) => crate::source::policy::quote_ident(s),
+            Tok::Str(s) => format!("'{}'", s.replace('\'', "''")),
+        };
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// Functions a column-free expression may call: they read only the role and
+/// the claims (as Supabase's helpers do).
+const CLAIM_FUNCTIONS: [(&str, &str); 5] = [
+    ("auth", "uid"),
+    ("auth", "role"),
+    ("auth", "jwt"),
+    ("auth", "email"),
+    ("", "current_setting"),
+];
+
+/// Whether `toks` read no column and call only [`CLAIM_FUNCTIONS`]; `Err`
+/// names what is not allowed.
+fn claim_expr(toks: &[Tok]) -> Result<(), String> {
+    if toks.is_empty() {
+        return Err("an empty operand".into());
+    }
+    let mut i = 0;
+    let mut after_cast = false;
+    while i < toks.len() {
+        let t = &toks[i];
+        match t {
+            Tok::Str(_) | Tok::Num(_) => after_cast = false,
+            Tok::Op(o) => {
+                after_cast = o == "::";
+            }
+            Tok::Quoted(q) if after_cast => {
+                let _ = q;
+            }
+            Tok::Quoted(q) => return Err(format!("it reads {q:?}")),
+            Tok::Ident(w) => {
+                let lw = w.to_ascii_lowercase();
+                if after_cast
+                    || matches!(
+                        lw.as_str(),
+                        "true"
+                            | "false"
+                            | "null"
+                            | "select"
+                            | "as"
+                            | "varying"
+                            | "with"
+                            | "time"
+                            | "zone"
+                            | "without"
+                            | "precision"
+                    )
+                {
+                    // a type name's words, a keyword of `(SELECT f() AS x)`
+                    if lw == "as" {
+                        // the alias after AS
+                        i += 1;
+                    }
+                } else if toks.get(i + 1).is_some_and(|n| is_op(n, "(")) {
+                    let schema = if i >= 2 && is_op(&toks[i - 1], ".") {
+                        match &toks[i - 2] {
+                            Tok::Ident(s) => s.to_ascii_lowercase(),
+                            _ => String::new(),
+                        }
+                    } else {
+                        String::new()
+                    };
+                    let ok = CLAIM_FUNCTIONS.iter().any(|(s, f)| {
+                        *f == lw
+                            && (s.is_empty() && (schema.is_empty() || schema == "pg_catalog")
+                                || *s == schema)
+                    });
+                    if !ok {
+                        let name = if schema.is_empty() {
+                            lw
+                        } else {
+                            format!("{schema}.{lw}")
+                        };
+                        return Err(format!("it calls {name}()"));
+                    }
+                } else if toks.get(i + 1).is_some_and(|n| is_op(n, ".")) {
+                    // a schema qualifier: checked with its function
+                    if !toks.get(i + 3).is_some_and(|n| is_op(n, "(")) {
+                        return Err(format!("it reads {w}.…"));
+                    }
+                } else {
+                    return Err(format!("it reads {w:?}"));
+                }
+                if matches!(lw.as_str(), "from" | "where" | "join") {
+                    return Err("it has a subquery".into());
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The column a side of `=` is, if it is a bare (possibly table-qualified)
+/// column of `table`.
+fn column_ref(toks: &[Tok], table: &Table) -> Option<String> {
+    let name = |t: &Tok| match t {
+        Tok::Ident(s) => Some(s.clone()),
+        Tok::Quoted(s) => Some(s.clone()),
+        _ => None,
+    };
+    let col = match toks {
+        [c] => name(c)?,
+        [t, dot, c] if is_op(dot, ".") && name(t).as_deref() == Some(table.name.as_str()) => {
+            name(c)?
+        }
+        _ => return None,
+    };
+    table.column_index(&col).map(|_| col)
+}
+
+fn strip_parens(mut toks: &[Tok]) -> &[Tok] {
+    while toks.len() >= 2 && is_op(&toks[0], "(") && closing(toks, 0) == Some(toks.len() - 1) {
+        toks = &toks[1..toks.len() - 1];
+    }
+    toks
+}
+
+/// Parses a policy's `USING` into a [`Pred`], collecting its column-free
+/// expressions into `exprs`; `Err` says why it needs the SQL path.
+fn parse_policy(text: &str, table: &Table, exprs: &mut Vec<String>) -> Result<Pred, String> {
+    let toks = tokenize(text)?;
+    parse_pred(&toks, table, exprs, 0)
+}
+
+fn parse_pred(
+    toks: &[Tok],
+    table: &Table,
+    exprs: &mut Vec<String>,
+    depth: usize,
+) -> Result<Pred, String> {
+    if depth > 8 {
+        return Err("nested too deep".into());
+    }
+    let toks = strip_parens(toks);
+    let ors = split_top(toks, |t| is_kw(t, "or"));
+    if ors.len() > 1 {
+        return ors
+            .iter()
+            .map(|p| parse_pred(p, table, exprs, depth + 1))
+            .collect::<Result<_, _>>()
+            .map(Pred::Or);
+    }
+    let ands = split_top(toks, |t| is_kw(t, "and"));
+    if ands.len() > 1 {
+        return ands
+            .iter()
+            .map(|p| parse_pred(p, table, exprs, depth + 1))
+            .collect::<Result<_, _>>()
+            .map(Pred::And);
+    }
+    match toks {
+        [t] if is_kw(t, "true") => return Ok(Pred::Const(true)),
+        [t] if is_kw(t, "false") => return Ok(Pred::Const(false)),
+        _ => {}
+    }
+    if toks.iter().any(|t| is_kw(t, "not")) {
+        return Err("NOT is not compiled".into());
+    }
+    let sides = split_top(toks, |t| is_op(t, "="));
+    let [l, r] = sides[..] else {
+        return Err("only `column = value` comparisons are compiled".into());
+    };
+    let (l, r) = (strip_parens(l), strip_parens(r));
+    let (lc, rc) = (column_ref(l, table), column_ref(r, table));
+    let lx = claim_expr(l);
+    let rx = claim_expr(r);
+    let mut push = |t: &[Tok]| {
+        exprs.push(render_tokens(t));
+        exprs.len() - 1
+    };
+    match (lc, rc, lx, rx) {
+        (Some(column), None, _, Ok(())) => Ok(Pred::Eq {
+            column,
+            expr: push(r),
+        }),
+        (None, Some(column), Ok(()), _) => Ok(Pred::Eq {
+            column,
+            expr: push(l),
+        }),
+        (None, None, Ok(()), Ok(())) => Ok(Pred::Bool { expr: push(toks) }),
+        (Some(_), Some(_), _, _) => Err("a comparison of two columns".into()),
+        (Some(_), None, _, Err(e)) | (None, Some(_), Err(e), _) => Err(e),
+        (_, _, Err(e), _) | (_, _, _, Err(e)) => Err(e),
+    }
+}
+
+/// A compiled predicate with its expressions' values.
+#[derive(Clone, Debug, PartialEq)]
+enum Resolved {
+    True,
+    False,
+    Eq(String, String),
+    And(Vec<Resolved>),
+    Or(Vec<Resolved>),
+}
+
+/// The type families whose in-memory `eq` is PostgreSQL's `=`; the names are
+/// `pg_typeof`'s (for the value) and `typname` (for the column).
+fn family(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "smallint" | "integer" | "bigint" | "int2" | "int4" | "int8" => "int",
+        "text" | "character varying" | "varchar" => "text",
+        "uuid" => "uuid",
+        "boolean" | "bool" => "bool",
+        _ => return None,
+    })
+}
+
+fn resolve(
+    p: &Pred,
+    table: &Table,
+    values: &[Option<String>],
+    types: &[Option<String>],
+) -> Result<Resolved, String> {
+    Ok(match p {
+        Pred::Const(true) => Resolved::True,
+        Pred::Const(false) => Resolved::False,
+        Pred::Bool { expr } => match values[*expr].as_deref() {
+            Some("true") => Resolved::True,
+            _ => Resolved::False,
+        },
+        Pred::Eq { column, expr } => {
+            let col = table
+                .column_index(column)
+                .map(|i| &table.columns[i])
+                .ok_or_else(|| format!("column {column:?} is gone"))?;
+            let vt = types[*expr].as_deref().unwrap_or("");
+            match (family(&col.ty.name), family(vt)) {
+                (Some(a), Some(b)) if a == b => {}
+                _ => {
+                    return Err(format!(
+                        "{column} ({}) is compared with a {vt} value: only integers, text, uuid and boolean are compiled",
+                        col.ty.name
+                    ))
+                }
+            }
+            if !column
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!("column name {column:?} needs quoting in a filter"));
+            }
+            match &values[*expr] {
+                // NULL = x is never true.
+                None => Resolved::False,
+                Some(v) => Resolved::Eq(column.clone(), v.clone()),
+            }
+        }
+        Pred::And(v) => Resolved::And(
+            v.iter()
+                .map(|p| resolve(p, table, values, types))
+                .collect::<Result<_, _>>()?,
+        ),
+        Pred::Or(v) => Resolved::Or(
+            v.iter()
+                .map(|p| resolve(p, table, values, types))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+fn simplify(r: Resolved) -> Resolved {
+    match r {
+        Resolved::And(v) => {
+            let mut out = Vec::new();
+            for x in v.into_iter().map(simplify) {
+                match x {
+                    Resolved::True => {}
+                    Resolved::False => return Resolved::False,
+                    Resolved::And(inner) => out.extend(inner),
+                    x => out.push(x),
+                }
+            }
+            match out.len() {
+                0 => Resolved::True,
+                1 => out.pop().unwrap_or(Resolved::True),
+                _ => Resolved::And(out),
+            }
+        }
+        Resolved::Or(v) => {
+            let mut out = Vec::new();
+            for x in v.into_iter().map(simplify) {
+                match x {
+                    Resolved::False => {}
+                    Resolved::True => return Resolved::True,
+                    Resolved::Or(inner) => out.extend(inner),
+                    x => out.push(x),
+                }
+            }
+            match out.len() {
+                0 => Resolved::False,
+                1 => out.pop().unwrap_or(Resolved::False),
+                _ => Resolved::Or(out),
+            }
+        }
+        x => x,
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A simplified rule as a filter string (top level: conditions joined by `,`).
+fn render_top(r: &Resolved) -> String {
+    match r {
+        Resolved::Eq(c, v) => format!("{c}=eq.{}", quote(v)),
+        Resolved::And(v) => v.iter().map(render_top).collect::<Vec<_>>().join(","),
+        Resolved::Or(v) => format!(
+            "or=({})",
+            v.iter().map(render_inner).collect::<Vec<_>>().join(",")
+        ),
+        Resolved::True | Resolved::False => String::new(),
+    }
+}
+
+fn render_inner(r: &Resolved) -> String {
+    match r {
+        Resolved::Eq(c, v) => format!("{c}.eq.{}", quote(v)),
+        Resolved::And(v) => format!(
+            "and({})",
+            v.iter().map(render_inner).collect::<Vec<_>>().join(",")
+        ),
+        Resolved::Or(v) => format!(
+            "or({})",
+            v.iter().map(render_inner).collect::<Vec<_>>().join(",")
+        ),
+        Resolved::True | Resolved::False => String::new(),
+    }
+}
+
+// ---- the SQL path: classes, batches, tickets ----
+
+/// Subscribers judged alike: one role and claims, one table, one predicate.
+pub struct SqlClass {
+    pub id: u64,
+    who: Principal,
+    schema: String,
+    table: String,
+    predicate: String,
+    /// The batch filling for the current transaction.
+    open: Mutex<Option<OpenBatch>>,
+    gate: Weak<Gate>,
+}
+
+impl std::fmt::Debug for SqlClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlClass")
+            .field("id", &self.id)
+            .field("role", &self.who.role)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+struct OpenBatch {
+    batch: Arc<Batch>,
+    images: Vec<String>,
+    /// The change last added, and where its images sit.
+    last: Option<(usize, u32, Option<u32>)>,
+}
+
+/// Rows of one class judged together; the verdict is set once.
+pub struct Batch {
+    verdict: OnceLock<Result<Vec<bool>, Arc<str>>>,
+    done: Notify,
+}
+
+/// A frame's claim on a verdict: the positions of its judged image (and of
+/// the old image of an UPDATE) in a batch.
+#[derive(Clone)]
+pub struct Ticket {
+    batch: Arc<Batch>,
+    row: u32,
+    old: Option<u32>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ticket({}, {:?})", self.row, self.old)
+    }
+}
+
+/// What a writer does with a gated frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it (`old_visible`: with the old image's values).
+    Send { old_visible: bool },
+    /// The row is not the subscriber's to see.
+    Skip,
+    /// The check failed: the channel is being closed with the reason.
+    Failed,
+}
+
+impl Ticket {
+    pub fn ready(&self) -> bool {
+        self.batch.verdict.get().is_some()
+    }
+
+    /// Waits for the batch's verdict on this frame.
+    pub async fn wait(&self) -> Verdict {
+        loop {
+            let notified = self.batch.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(v) = self.batch.verdict.get() {
+                return match v {
+                    Err(_) => Verdict::Failed,
+                    Ok(pass) => {
+                        if pass.get(self.row as usize).copied().unwrap_or(false) {
+                            Verdict::Send {
+                                old_visible: self
+                                    .old
+                                    .is_none_or(|o| pass.get(o as usize).copied().unwrap_or(false)),
+                            }
+                        } else {
+                            Verdict::Skip
+                        }
+                    }
+                };
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Batch {
+    fn set(&self, v: Result<Vec<bool>, Arc<str>>) {
+        let _ = self.verdict.set(v);
+        self.done.notify_waiters();
+    }
+}
+
+impl SqlClass {
+    /// The ticket of `change` for this class (its images added to the open
+    /// batch once, whatever the number of channels); `None` when the change has
+    /// no row to judge (TRUNCATE). Called by the hub only.
+    pub fn ticket(self: &Arc<Self>, change: &Arc<Change>) -> Option<Ticket> {
+        let judged = match change.kind {
+            ChangeKind::Insert | ChangeKind::Update => change.new.as_ref()?,
+            ChangeKind::Delete => change.old.as_ref()?,
+            ChangeKind::Truncate => return None,
+        };
+        let key = Arc::as_ptr(change) as usize;
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = open.as_ref() {
+            if let Some((k, row, old)) = o.last {
+                if k == key {
+                    return Some(Ticket {
+                        batch: o.batch.clone(),
+                        row,
+                        old,
+                    });
+                }
+            }
+        }
+        if open
+            .as_ref()
+            .is_some_and(|o| o.images.len() >= MAX_BATCH_ROWS)
+        {
+            if let Some(o) = open.take() {
+                self.submit(o);
+            }
+        }
+        let fresh = open.is_none();
+        let o = open.get_or_insert_with(|| OpenBatch {
+            batch: Arc::new(Batch {
+                verdict: OnceLock::new(),
+                done: Notify::new(),
+            }),
+            images: Vec::new(),
+            last: None,
+        });
+        o.images
+            .push(image(&change.table, judged, change.old.as_ref()));
+        let row = o.images.len() as u32 - 1;
+        let old = match (change.kind, change.old.as_ref()) {
+            (ChangeKind::Update, Some(old)) if old.iter().all(|c| !matches!(c, Cell::Absent)) => {
+                o.images.push(image(&change.table, old, None));
+                Some(o.images.len() as u32 - 1)
+            }
+            _ => None,
+        };
+        o.last = Some((key, row, old));
+        let t = Ticket {
+            batch: o.batch.clone(),
+            row,
+            old,
+        };
+        drop(open);
+        if fresh {
+            if let Some(g) = self.gate.upgrade() {
+                if let Ok(mut p) = g.pending.lock() {
+                    p.push(self.clone());
+                }
+            }
+        }
+        Some(t)
+    }
+
+    fn submit(&self, o: OpenBatch) {
+        let Some(g) = self.gate.upgrade() else {
+            o.batch.set(Err("walcast is shutting down".into()));
+            return;
+        };
+        let job = Job {
+            class: self.id,
+            who: self.who.clone(),
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            predicate: self.predicate.clone(),
+            images: format!("[{}]", o.images.join(",")),
+            rows: o.images.len(),
+            batch: o.batch.clone(),
+        };
+        g.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if g.jobs.try_send(job).is_err() {
+            g.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            g.stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+            let why =
+                "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
+            o.batch.set(Err(why.into()));
+            let _ = g.failed.try_send((self.id, why.to_string()));
+        }
+    }
+}
+
+/// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values as
+/// JSON, others as their text output in a JSON string. An unchanged TOASTed
+/// value is taken from the old image when there is one.
+fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
+    let mut out = String::with_capacity(64 + row.len() * 16);
+    out.push('{');
+    let mut first = true;
+    for (i, col) in table.columns.iter().enumerate() {
+        let mut cell = row.get(i);
+        if matches!(cell, Some(Cell::Absent)) {
+            cell = old.and_then(|o| o.get(i));
+        }
+        let text = match cell {
+            Some(Cell::Null) => None,
+            Some(Cell::Text(b)) => Some(String::from_utf8_lossy(b)),
+            _ => continue,
+        };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&Value::String(col.name.clone()).to_string());
+        out.push(':');
+        match text {
+            None => out.push_str("null"),
+            Some(t) if col.ty.name == "json" || col.ty.name == "jsonb" => out.push_str(&t),
+            Some(t) => out.push_str(&Value::String(t.into_owned()).to_string()),
+        }
+    }
+    out.push('}');
+    out
+}
+
+struct Job {
+    class: u64,
+    who: Principal,
+    schema: String,
+    table: String,
+    predicate: String,
+    images: String,
+    rows: usize,
+    batch: Arc<Batch>,
+}
+
+/// The hub's handle on the SQL path: batches are sealed and sent to the
+/// check workers at each commit (and after a replay batch).
+pub struct Gate {
+    pending: Mutex<Vec<Arc<SqlClass>>>,
+    jobs: mpsc::Sender<Job>,
+    failed: mpsc::Sender<(u64, String)>,
+    stats: Arc<RlsStats>,
+}
+
+impl Gate {
+    /// Sends every open batch to the workers (never waits).
+    pub fn seal(&self) {
+        let classes = match self.pending.lock() {
+            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
+            _ => return,
+        };
+        for c in classes {
+            let o = c.open.lock().map(|mut o| o.take()).unwrap_or(None);
+            if let Some(o) = o {
+                c.submit(o);
+            }
+        }
+    }
+}
+
+async fn worker(
+    db: Arc<PolicyDb>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    failed: mpsc::Sender<(u64, String)>,
+    stats: Arc<RlsStats>,
+) {
+    loop {
+        let job = {
+            let mut rx = jobs.lock().await;
+            rx.recv().await
+        };
+        let Some(job) = job else { return };
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let r = db
+            .check(
+                &job.who,
+                &job.schema,
+                &job.table,
+                &job.predicate,
+                job.images,
+            )
+            .await;
+        stats
+            .check_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats
+            .rows_checked
+            .fetch_add(job.rows as u64, Ordering::Relaxed);
+        match r {
+            Ok(pass) => {
+                stats.checks_ok.fetch_add(1, Ordering::Relaxed);
+                let mut v = vec![false; job.rows];
+                for p in pass {
+                    if let Some(x) = (p as usize).checked_sub(1).and_then(|i| v.get_mut(i)) {
+                        *x = true;
+                    }
+                }
+                job.batch.set(Ok(v));
+            }
+            Err(e) => {
+                stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+                let why = format!(
+                    "the row-level security check of {}.{} failed for your token: {e}",
+                    job.schema, job.table
+                );
+                tracing::warn!(class = job.class, role = %job.who.role, error = %e, "row-level security check failed; closing that class's channels");
+                job.batch.set(Err(why.clone().into()));
+                let _ = failed.send((job.class, why)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::pgoutput::{RelId, ReplicaIdentity};
+    use crate::decode::relation::Column;
+    use crate::decode::value::{PgType, TypeKind};
+
+    fn table() -> Table {
+        let col = |n: &str, ty: &str| Column {
+            name: n.into(),
+            ty: Arc::new(PgType::new(0, ty, TypeKind::Text)),
+            key: false,
+        };
+        Table {
+            id: RelId(1),
+            schema: "public".into(),
+            name: "jobs".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns: vec![
+                col("id", "int4"),
+                col("owner_id", "uuid"),
+                col("org", "text"),
+            ],
+            json: Default::default(),
+        }
+    }
+
+    fn parse(s: &str) -> Result<(Pred, Vec<String>), String> {
+        let mut e = Vec::new();
+        parse_policy(s, &table(), &mut e).map(|p| (p, e))
+    }
+
+    #[test]
+    fn common_policy_shapes_compile() {
+        let (p, e) = parse("(owner_id = auth.uid())").unwrap();
+        assert_eq!(
+            p,
+            Pred::Eq {
+                column: "owner_id".into(),
+                expr: 0
+            }
+        );
+        assert_eq!(e, vec!["auth . uid ( )"]);
+        let (p, e) = parse("(( SELECT auth.uid() AS uid) = owner_id)").unwrap();
+        assert_eq!(
+            p,
+            Pred::Eq {
+                column: "owner_id".into(),
+                expr: 0
+            }
+        );
+        assert_eq!(e, vec!["SELECT auth . uid ( ) AS uid"]);
+        assert_eq!(parse("true").unwrap().0, Pred::Const(true));
+        let (p, _) = parse("(auth.role() = 'authenticated'::text)").unwrap();
+        assert_eq!(p, Pred::Bool { expr: 0 });
+        let (p, e) =
+            parse("((org = ((auth.jwt() ->> 'org'::text))) OR (owner_id = auth.uid()))").unwrap();
+        assert!(matches!(p, Pred::Or(ref v) if v.len() == 2));
+        assert_eq!(e[0], "auth . jwt ( ) ->> 'org' :: text");
+        let (p, _) =
+            parse("((jobs.org = current_setting('request.jwt.claim.org'::text, true)) AND true)")
+                .unwrap();
+        assert!(matches!(p, Pred::And(_)));
+    }
+
+    #[test]
+    fn other_shapes_go_to_sql_with_a_reason() {
+        for (s, why) in [
+            (
+                "(EXISTS ( SELECT 1 FROM assignments a WHERE (a.job_id = jobs.id)))",
+                "only",
+            ),
+            ("(owner_id <> auth.uid())", "only"),
+            ("((owner_id)::text = auth.jwt() ->> 'sub'::text)", "reads"),
+            ("(org = lower(auth.role()))", "calls lower()"),
+            ("(id = org)", "two columns"),
+            ("(NOT (owner_id = auth.uid()))", "NOT"),
+            ("(org = other_thing)", "reads"),
+        ] {
+            let e = parse(s).unwrap_err();
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn compiled_rules_render_as_filters() {
+        let r = simplify(Resolved::And(vec![
+            Resolved::Or(vec![
+                Resolved::Eq("org".into(), "a,\"b".into()),
+                Resolved::False,
+                Resolved::Eq("id".into(), "3".into()),
+            ]),
+            Resolved::True,
+            Resolved::Eq("owner_id".into(), "x".into()),
+        ]));
+        let text = render_top(&r);
+        assert_eq!(text, r#"or=(org.eq."a,\"b",id.eq."3"),owner_id=eq."x""#);
+        Filter::parse(&text).unwrap();
+        assert_eq!(
+            simplify(Resolved::Or(vec![Resolved::False])),
+            Resolved::False
+        );
+        assert_eq!(
+            simplify(Resolved::And(vec![Resolved::True])),
+            Resolved::True
+        );
+    }
+
+    #[test]
+    fn policies_combine_as_postgres_does() {
+        let p = |n: &str, permissive: bool, u: Option<&str>| Policy {
+            name: n.into(),
+            permissive,
+            using: u.map(str::to_string),
+        };
+        assert_eq!(
+            sql_predicate(&[
+                p("a", true, Some("x")),
+                p("b", true, Some("y")),
+                p("r", false, Some("z")),
+                p("w", true, None)
+            ]),
+            "((x) OR (y)) AND (z)"
+        );
+        assert_eq!(sql_predicate(&[p("r", false, Some("z"))]), "false AND (z)");
+    }
+}
