@@ -185,6 +185,12 @@
     ]);
     fillRows($("subs").tBodies[0], c.subscriptions_by_table.map((t) => [t.table, el("td", num(t.count), "n")]), "no subscriptions", 2);
 
+    // RLS mode: how each (table, role) seen so far is enforced.
+    $("rls-card").hidden = !s.rls;
+    if (s.rls) {
+      fillRows($("rls").tBodies[0], s.rls.map((p) => [p.table, el("td", p.role), el("td", p.path), el("td", p.why)]), "no table judged yet", 4);
+    }
+
     const rl = s.replay_log;
     fillDl($("replay"), rl ? [
       ["state", rl.writable ? "writing" : "cannot write: nothing is confirmed to PostgreSQL"],
