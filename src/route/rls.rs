@@ -190,6 +190,7 @@ impl Rls {
             jobs: tx,
             failed: failed.clone(),
             stats: stats.clone(),
+            last: Mutex::new(None),
         });
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..settings.pool.max(1) {
@@ -410,6 +411,7 @@ impl Rls {
             table: table.name.clone(),
             predicate: predicate.to_string(),
             open: Mutex::new(None),
+            sealed: Mutex::new(Sealed::default()),
             gate: Arc::downgrade(&self.gate),
         });
         classes.insert(key, Arc::downgrade(&c));
@@ -987,7 +989,19 @@ pub struct SqlClass {
     predicate: String,
     /// The batch filling for the current transaction.
     open: Mutex<Option<OpenBatch>>,
+    /// Batches sealed and not yet judged, in commit order; a worker judges
+    /// all of them with one query (so checks that fall behind get cheaper per
+    /// row instead of piling up).
+    sealed: Mutex<Sealed>,
     gate: Weak<Gate>,
+}
+
+#[derive(Default)]
+struct Sealed {
+    batches: Vec<(Arc<Batch>, Vec<Arc<str>>)>,
+    rows: usize,
+    /// The class is in the workers' queue.
+    queued: bool,
 }
 
 impl std::fmt::Debug for SqlClass {
@@ -1002,9 +1016,10 @@ impl std::fmt::Debug for SqlClass {
 
 struct OpenBatch {
     batch: Arc<Batch>,
-    images: Vec<String>,
-    /// The change last added, and where its images sit.
-    last: Option<(usize, u32, Option<u32>)>,
+    images: Vec<Arc<str>>,
+    /// The change last added (held, so its address is not reused), and where
+    /// its images sit.
+    last: Option<(Arc<Change>, u32, Option<u32>)>,
 }
 
 /// Rows of one class judged together; the verdict is set once.
@@ -1054,11 +1069,10 @@ impl Ticket {
                 return match v {
                     Err(_) => Verdict::Failed,
                     Ok(pass) => {
-                        if pass.get(self.row as usize).copied().unwrap_or(false) {
+                        let seen = |i: u32| pass.get(i as usize).copied().unwrap_or(false);
+                        if seen(self.row) {
                             Verdict::Send {
-                                old_visible: self
-                                    .old
-                                    .is_none_or(|o| pass.get(o as usize).copied().unwrap_or(false)),
+                                old_visible: self.old.is_none_or(seen),
                             }
                         } else {
                             Verdict::Skip
@@ -1072,6 +1086,13 @@ impl Ticket {
 }
 
 impl Batch {
+    fn new() -> Arc<Batch> {
+        Arc::new(Batch {
+            verdict: OnceLock::new(),
+            done: Notify::new(),
+        })
+    }
+
     fn set(&self, v: Result<Vec<bool>, Arc<str>>) {
         let _ = self.verdict.set(v);
         self.done.notify_waiters();
@@ -1083,52 +1104,44 @@ impl SqlClass {
     /// batch once, whatever the number of channels); `None` when the change has
     /// no row to judge (TRUNCATE). Called by the hub only.
     pub fn ticket(self: &Arc<Self>, change: &Arc<Change>) -> Option<Ticket> {
-        let judged = match change.kind {
-            ChangeKind::Insert | ChangeKind::Update => change.new.as_ref()?,
-            ChangeKind::Delete => change.old.as_ref()?,
-            ChangeKind::Truncate => return None,
-        };
-        let key = Arc::as_ptr(change) as usize;
+        if change.kind == ChangeKind::Truncate {
+            return None;
+        }
+        let gate = self.gate.upgrade()?;
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(o) = open.as_ref() {
-            if let Some((k, row, old)) = o.last {
-                if k == key {
+            if let Some((c, row, old)) = &o.last {
+                if Arc::ptr_eq(c, change) {
                     return Some(Ticket {
                         batch: o.batch.clone(),
-                        row,
-                        old,
+                        row: *row,
+                        old: *old,
                     });
                 }
             }
         }
+        let (judged, old_image) = gate.images(change)?;
         if open
             .as_ref()
             .is_some_and(|o| o.images.len() >= MAX_BATCH_ROWS)
         {
             if let Some(o) = open.take() {
-                self.submit(o);
+                self.seal(&gate, o);
             }
         }
         let fresh = open.is_none();
         let o = open.get_or_insert_with(|| OpenBatch {
-            batch: Arc::new(Batch {
-                verdict: OnceLock::new(),
-                done: Notify::new(),
-            }),
+            batch: Batch::new(),
             images: Vec::new(),
             last: None,
         });
-        o.images
-            .push(image(&change.table, judged, change.old.as_ref()));
+        o.images.push(judged);
         let row = o.images.len() as u32 - 1;
-        let old = match (change.kind, change.old.as_ref()) {
-            (ChangeKind::Update, Some(old)) if old.iter().all(|c| !matches!(c, Cell::Absent)) => {
-                o.images.push(image(&change.table, old, None));
-                Some(o.images.len() as u32 - 1)
-            }
-            _ => None,
-        };
-        o.last = Some((key, row, old));
+        let old = old_image.map(|i| {
+            o.images.push(i);
+            o.images.len() as u32 - 1
+        });
+        o.last = Some((change.clone(), row, old));
         let t = Ticket {
             batch: o.batch.clone(),
             row,
@@ -1136,41 +1149,60 @@ impl SqlClass {
         };
         drop(open);
         if fresh {
-            if let Some(g) = self.gate.upgrade() {
-                if let Ok(mut p) = g.pending.lock() {
-                    p.push(self.clone());
-                }
+            if let Ok(mut p) = gate.pending.lock() {
+                p.push(self.clone());
             }
         }
         Some(t)
     }
 
-    fn submit(&self, o: OpenBatch) {
-        let Some(g) = self.gate.upgrade() else {
-            o.batch.set(Err("walcast is shutting down".into()));
+    /// Moves a filled batch to the sealed list, and the class into the
+    /// workers' queue unless it is there already.
+    fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        if sealed.rows + o.images.len() > MAX_SEALED_ROWS {
+            drop(sealed);
+            let why = "row-level security checks for your token fell too far behind (PostgreSQL is not keeping up)";
+            self.fail(gate, vec![o.batch], why);
             return;
-        };
-        let job = Job {
-            class: self.id,
-            who: self.who.clone(),
-            schema: self.schema.clone(),
-            table: self.table.clone(),
-            predicate: self.predicate.clone(),
-            images: format!("[{}]", o.images.join(",")),
-            rows: o.images.len(),
-            batch: o.batch.clone(),
-        };
-        g.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if g.jobs.try_send(job).is_err() {
-            g.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            g.stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        sealed.rows += o.images.len();
+        sealed.batches.push((o.batch, o.images));
+        if sealed.queued {
+            return;
+        }
+        sealed.queued = true;
+        drop(sealed);
+        gate.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if gate.jobs.try_send(self.clone()).is_err() {
+            gate.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let batches = self.take_sealed();
             let why =
                 "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
-            o.batch.set(Err(why.into()));
-            let _ = g.failed.try_send((self.id, why.to_string()));
+            self.fail(gate, batches.into_iter().map(|(b, _)| b).collect(), why);
         }
     }
+
+    /// Every sealed batch, leaving the class out of the queue.
+    fn take_sealed(&self) -> Vec<(Arc<Batch>, Vec<Arc<str>>)> {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        sealed.queued = false;
+        sealed.rows = 0;
+        std::mem::take(&mut sealed.batches)
+    }
+
+    fn fail(&self, gate: &Gate, batches: Vec<Arc<Batch>>, why: &str) {
+        gate.stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+        for b in batches {
+            b.set(Err(why.into()));
+        }
+        let _ = gate.failed.try_send((self.id, why.to_string()));
+    }
 }
+
+/// Rows of one class a check may hold while earlier checks run, at most;
+/// beyond, the class's channels are closed (its subscribers are too far behind).
+const MAX_SEALED_ROWS: usize = 100_000;
 
 /// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values as
 /// JSON, others as their text output in a JSON string. An unchanged TOASTed
@@ -1205,28 +1237,22 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
     out
 }
 
-struct Job {
-    class: u64,
-    who: Principal,
-    schema: String,
-    table: String,
-    predicate: String,
-    images: String,
-    rows: usize,
-    batch: Arc<Batch>,
-}
-
-/// The hub's handle on the SQL path: batches are sealed and sent to the
+/// The hub's handle on the SQL path: batches are sealed and handed to the
 /// check workers at each commit (and after a replay batch).
 pub struct Gate {
     pending: Mutex<Vec<Arc<SqlClass>>>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Arc<SqlClass>>,
     failed: mpsc::Sender<(u64, String)>,
     stats: Arc<RlsStats>,
+    /// The last change's images, shared by every class that judges it.
+    last: Mutex<Option<(Arc<Change>, Images)>>,
 }
 
+/// A change's judged image and, for an UPDATE, its old image.
+type Images = (Arc<str>, Option<Arc<str>>);
+
 impl Gate {
-    /// Sends every open batch to the workers (never waits).
+    /// Seals every open batch for the workers (never waits).
     pub fn seal(&self) {
         let classes = match self.pending.lock() {
             Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
@@ -1235,62 +1261,130 @@ impl Gate {
         for c in classes {
             let o = c.open.lock().map(|mut o| o.take()).unwrap_or(None);
             if let Some(o) = o {
-                c.submit(o);
+                c.seal(self, o);
             }
         }
     }
+
+    /// The judged image of `change` (new row; old row for DELETE) and, for an
+    /// UPDATE with a complete old image, that image: made once per change.
+    fn images(&self, change: &Arc<Change>) -> Option<Images> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((c, images)) = last.as_ref() {
+            if Arc::ptr_eq(c, change) {
+                return Some(images.clone());
+            }
+        }
+        let judged = match change.kind {
+            ChangeKind::Insert | ChangeKind::Update => change.new.as_ref()?,
+            ChangeKind::Delete => change.old.as_ref()?,
+            ChangeKind::Truncate => return None,
+        };
+        let judged: Arc<str> = image(&change.table, judged, change.old.as_ref()).into();
+        let old = match (change.kind, change.old.as_ref()) {
+            (ChangeKind::Update, Some(old)) if old.iter().all(|c| !matches!(c, Cell::Absent)) => {
+                Some(Arc::from(image(&change.table, old, None)))
+            }
+            _ => None,
+        };
+        *last = Some((change.clone(), (judged.clone(), old.clone())));
+        Some((judged, old))
+    }
 }
+
+/// Rows judged by one query at most (more sealed rows wait for the next).
+const MAX_QUERY_ROWS: usize = 8_192;
 
 async fn worker(
     db: Arc<PolicyDb>,
-    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<SqlClass>>>>,
     failed: mpsc::Sender<(u64, String)>,
     stats: Arc<RlsStats>,
 ) {
     loop {
-        let job = {
+        let class = {
             let mut rx = jobs.lock().await;
             rx.recv().await
         };
-        let Some(job) = job else { return };
+        let Some(class) = class else { return };
         stats.queued.fetch_sub(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        let r = db
-            .check(
-                &job.who,
-                &job.schema,
-                &job.table,
-                &job.predicate,
-                job.images,
-            )
-            .await;
-        stats
-            .check_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats
-            .rows_checked
-            .fetch_add(job.rows as u64, Ordering::Relaxed);
-        match r {
-            Ok(pass) => {
-                stats.checks_ok.fetch_add(1, Ordering::Relaxed);
-                let mut v = vec![false; job.rows];
-                for p in pass {
-                    if let Some(x) = (p as usize).checked_sub(1).and_then(|i| v.get_mut(i)) {
-                        *x = true;
-                    }
+        let mut batches = class.take_sealed();
+        while !batches.is_empty() {
+            // One query for as many sealed batches as fit.
+            let mut take = 0;
+            let mut rows = 0;
+            while take < batches.len()
+                && (take == 0 || rows + batches[take].1.len() <= MAX_QUERY_ROWS)
+            {
+                rows += batches[take].1.len();
+                take += 1;
+            }
+            let rest = batches.split_off(take);
+            judge(&db, &class, batches, rows, &failed, &stats).await;
+            batches = rest;
+        }
+    }
+}
+
+/// One query over `batches` (all of one class), each batch's verdict set.
+async fn judge(
+    db: &PolicyDb,
+    class: &SqlClass,
+    batches: Vec<(Arc<Batch>, Vec<Arc<str>>)>,
+    rows: usize,
+    failed: &mpsc::Sender<(u64, String)>,
+    stats: &RlsStats,
+) {
+    let mut images = String::with_capacity(2 + rows * 64);
+    images.push('[');
+    for (i, img) in batches.iter().flat_map(|(_, v)| v.iter()).enumerate() {
+        if i > 0 {
+            images.push(',');
+        }
+        images.push_str(img);
+    }
+    images.push(']');
+    let started = std::time::Instant::now();
+    let r = db
+        .check(
+            &class.who,
+            &class.schema,
+            &class.table,
+            &class.predicate,
+            images,
+        )
+        .await;
+    stats
+        .check_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats.rows_checked.fetch_add(rows as u64, Ordering::Relaxed);
+    match r {
+        Ok(pass) => {
+            stats.checks_ok.fetch_add(1, Ordering::Relaxed);
+            let mut v = vec![false; rows];
+            for p in pass {
+                if let Some(x) = (p as usize).checked_sub(1).and_then(|i| v.get_mut(i)) {
+                    *x = true;
                 }
-                job.batch.set(Ok(v));
             }
-            Err(e) => {
-                stats.checks_failed.fetch_add(1, Ordering::Relaxed);
-                let why = format!(
-                    "the row-level security check of {}.{} failed for your token: {e}",
-                    job.schema, job.table
-                );
-                tracing::warn!(class = job.class, role = %job.who.role, error = %e, "row-level security check failed; closing that class's channels");
-                job.batch.set(Err(why.clone().into()));
-                let _ = failed.send((job.class, why)).await;
+            let mut at = 0;
+            for (batch, imgs) in batches {
+                batch.set(Ok(v[at..at + imgs.len()].to_vec()));
+                at += imgs.len();
             }
+        }
+        Err(e) => {
+            stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "the row-level security check of {}.{} failed for your token: {e}",
+                class.schema, class.table
+            );
+            tracing::warn!(class = class.id, role = %class.who.role, error = %e,
+                "row-level security check failed; closing that class's channels");
+            for (batch, _) in batches {
+                batch.set(Err(why.clone().into()));
+            }
+            let _ = failed.send((class.id, why)).await;
         }
     }
 }
