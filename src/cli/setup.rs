@@ -889,6 +889,34 @@ pub struct Status {
     pub publication: PublicationStatus,
     /// One line per problem found, each with what to do.
     pub warnings: Vec<String>,
+    /// Published tables with row security enabled or policies, and how RLS
+    /// mode would enforce each policy.
+    pub row_security: Vec<TablePolicies>,
+}
+
+/// A published table's row security and policies (`walcast status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TablePolicies {
+    pub table: String,
+    pub enabled: bool,
+    pub forced: bool,
+    pub policies: Vec<PolicyStatus>,
+}
+
+/// One policy and the path RLS mode takes for it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyStatus {
+    pub name: String,
+    /// `SELECT`, `ALL`, `INSERT`, `UPDATE` or `DELETE`.
+    pub command: String,
+    pub permissive: bool,
+    pub roles: Vec<String>,
+    pub using: Option<String>,
+    /// `compiled`, `sql`, or `not for reads` (INSERT/UPDATE/DELETE policies,
+    /// or no USING).
+    pub path: String,
+    /// Why a policy runs as SQL.
+    pub why: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1078,6 +1106,72 @@ pub async fn status(
             }
         }
     };
+    let rows = sql
+        .query(
+            "select n.nspname::text, c.relname::text, c.relrowsecurity, c.relforcerowsecurity, \
+                    array(select a.attname::text from pg_catalog.pg_attribute a \
+                          where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
+                          order by a.attnum), \
+                    p.polname::text, p.polcmd::text, p.polpermissive, \
+                    array(select case when r = 0 then 'public' else pg_catalog.pg_get_userbyid(r)::text end \
+                          from unnest(p.polroles) r), \
+                    pg_catalog.pg_get_expr(p.polqual, p.polrelid) \
+             from pg_catalog.pg_publication_tables pt \
+             join pg_catalog.pg_namespace n on n.nspname = pt.schemaname \
+             join pg_catalog.pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename \
+             left join pg_catalog.pg_policy p on p.polrelid = c.oid \
+             where pt.pubname = $1 and (c.relrowsecurity or p.polname is not null) \
+             order by 1, 2, 6",
+            &[&publication],
+        )
+        .await
+        .map_err(q("reading row security policies"))?;
+    let mut row_security: Vec<TablePolicies> = Vec::new();
+    for r in &rows {
+        let table = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+        if row_security.last().is_none_or(|t| t.table != table) {
+            row_security.push(TablePolicies {
+                table: table.clone(),
+                enabled: r.get(2),
+                forced: r.get(3),
+                policies: Vec::new(),
+            });
+        }
+        let Some(name) = r.get::<_, Option<String>>(5) else {
+            continue;
+        };
+        let columns: Vec<String> = r.get(4);
+        let command = match r.get::<_, String>(6).as_str() {
+            "r" => "SELECT",
+            "a" => "INSERT",
+            "w" => "UPDATE",
+            "d" => "DELETE",
+            _ => "ALL",
+        }
+        .to_string();
+        let using: Option<String> = r.get(9);
+        let (path, why) = match (&using, command.as_str()) {
+            (Some(u), "SELECT" | "ALL") => {
+                let (schema, tname) = table.split_once('.').unwrap_or(("", &table));
+                match crate::route::rls::policy_shape(u, schema, tname, &columns) {
+                    Ok(()) => ("compiled".to_string(), None),
+                    Err(why) => ("sql".to_string(), Some(why)),
+                }
+            }
+            _ => ("not for reads".to_string(), None),
+        };
+        if let Some(t) = row_security.last_mut() {
+            t.policies.push(PolicyStatus {
+                name,
+                command,
+                permissive: r.get(7),
+                roles: r.get(8),
+                using,
+                path,
+                why,
+            });
+        }
+    }
     Ok(Status {
         server_version,
         wal_level,
@@ -1085,6 +1179,7 @@ pub async fn status(
         slot: slot_status,
         publication: publication_status,
         warnings,
+        row_security,
     })
 }
 
@@ -1175,6 +1270,38 @@ impl Status {
             }
         } else {
             let _ = writeln!(s, "publication {}: does not exist", p.name);
+        }
+        for t in &self.row_security {
+            let _ = writeln!(
+                s,
+                "row security {}: {}",
+                t.table,
+                match (t.enabled, t.forced) {
+                    (true, true) => "enabled, forced",
+                    (true, false) => "enabled",
+                    (false, _) => "disabled (policies are not applied)",
+                }
+            );
+            for p in &t.policies {
+                let _ = writeln!(
+                    s,
+                    "  policy {} ({}, {}, to {}): {}{} — {}",
+                    p.name,
+                    p.command,
+                    if p.permissive {
+                        "permissive"
+                    } else {
+                        "restrictive"
+                    },
+                    p.roles.join(", "),
+                    p.path,
+                    p.why
+                        .as_ref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default(),
+                    p.using.as_deref().unwrap_or("no USING"),
+                );
+            }
         }
         for w in &self.warnings {
             let _ = writeln!(s, "warning: {w}");

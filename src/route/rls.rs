@@ -764,6 +764,37 @@ fn strip_parens(mut toks: &[Tok]) -> &[Tok] {
     toks
 }
 
+/// Whether a policy's `USING` has a compiled shape (`Err`: why it runs as
+/// SQL), for `walcast status`. At join the values' types must match the
+/// columns' too.
+pub fn policy_shape(
+    using: &str,
+    schema: &str,
+    table: &str,
+    columns: &[String],
+) -> Result<(), String> {
+    let t = Table {
+        id: crate::decode::pgoutput::RelId(0),
+        schema: schema.to_string(),
+        name: table.to_string(),
+        replica_identity: crate::decode::pgoutput::ReplicaIdentity::Default,
+        columns: columns
+            .iter()
+            .map(|c| crate::decode::relation::Column {
+                name: c.clone(),
+                ty: Arc::new(crate::decode::value::PgType::new(
+                    0,
+                    "unknown",
+                    crate::decode::value::TypeKind::Text,
+                )),
+                key: false,
+            })
+            .collect(),
+        json: Default::default(),
+    };
+    parse_policy(using, &t, &mut Vec::new()).map(|_| ())
+}
+
 /// Parses a policy's `USING` into a [`Pred`], collecting its column-free
 /// expressions into `exprs`; `Err` says why it needs the SQL path.
 fn parse_policy(text: &str, table: &Table, exprs: &mut Vec<String>) -> Result<Pred, String> {

@@ -275,6 +275,37 @@ async fn portal_policies_match_postgres_on_both_paths() {
     assert_eq!(path("rls_cust").as_deref(), Some("compiled"), "{plans:?}");
     assert_eq!(path("rls_staff").as_deref(), Some("compiled"), "{plans:?}");
     assert_eq!(path("rls_tech").as_deref(), Some("sql"), "{plans:?}");
+    // And per policy, from the database alone.
+    let url = cluster().url(db);
+    let (ok, out, err) = crate::support::walcast::run(
+        &[
+            "status",
+            "--database-url",
+            &url,
+            "--slot",
+            "slot_rls_portal_c",
+            "--publication",
+            "pub_rls_portal",
+        ],
+        T,
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("row security public.jobs: enabled"), "{out}");
+    assert!(
+        out.contains("policy customer_own (SELECT, permissive, to rls_cust): compiled"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "policy tech_assigned (SELECT, permissive, to rls_tech): sql (only `column = value`"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("policy tech_cheap (SELECT, restrictive, to rls_tech): sql"),
+        "{out}"
+    );
 }
 
 /// A subscriber whose claims make a policy raise (a `sub` that is not a uuid:
