@@ -638,8 +638,9 @@ fn count(case: &str) {
     let table = orders_table();
     // (fixture, changes cycled, warm-up routes, counted routes, drain every)
     let (mut fx, changes, warm, counted, every) = match case {
-        "fanout" => {
-            let n = 10_000;
+        c if c.starts_with("fanout") => {
+            // `fanout` is 10,000 subscriptions; `fanout12000` another number.
+            let n = c["fanout".len()..].parse().unwrap_or(10_000);
             let fx = hub_of(&table, vec![Filter::default(); n], 0, n);
             (fx, vec![order_change(&table, 42, 7)], 2, 30, 1)
         }
@@ -685,7 +686,7 @@ fn count(case: &str) {
             (fx, vec![change], 2, 30, 1)
         }
         other => panic!(
-            "WALCAST_COUNT={other}: cases are fanout, route100, route10000, route100000, \
+            "WALCAST_COUNT={other}: cases are fanout, fanout<N>, route100, route10000, route100000, \
              or10000, plain, plain_extras, plain_extras_hit, extras_hit, keyed, keyed_moves"
         ),
     };
