@@ -17,13 +17,16 @@
 //!   back with a cursor as a replay does, in changes/s.
 //!
 //! Run: `cargo bench --bench micro` (add `-- <group>` to pick one).
+//!
+//! `WALCAST_COUNT=<case>` runs a fixed number of routes of one case instead (for
+//! callgrind: see `count`).
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use tokio::sync::{mpsc, oneshot};
 
 use walcast::decode::event::{AllColumns, Cell, Change, ChangeKind, Row, TxnInfo};
@@ -34,7 +37,7 @@ use walcast::deliver::frame::Vsn;
 use walcast::lsn::Lsn;
 use walcast::route::filter::Filter;
 use walcast::route::hub::{
-    Binding, ConnHandle, EventMask, Hub, HubCommand, HubStats, Outbound, Target,
+    Binding, BindingOptions, ConnHandle, EventMask, Hub, HubCommand, HubStats, Outbound, Target,
 };
 
 const CORPUS: &[u8] = include_bytes!("fixtures/pgoutput.bin");
@@ -246,7 +249,21 @@ fn hub_with(table: &Arc<Table>, n: usize, ranges: usize) -> HubFixture {
 
 /// A hub with one subscription per filter (plus `ranges` range filters), spread
 /// over `conns` connections.
-fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: usize) -> HubFixture {
+fn hub_of(table: &Arc<Table>, filters: Vec<Filter>, ranges: usize, conns: usize) -> HubFixture {
+    let subs = filters
+        .into_iter()
+        .map(|f| (f, BindingOptions::default()))
+        .collect();
+    hub_of_options(table, subs, ranges, conns)
+}
+
+/// [`hub_of`] with each subscription's binding options (`moves`, `select`).
+fn hub_of_options(
+    table: &Arc<Table>,
+    mut subs: Vec<(Filter, BindingOptions)>,
+    ranges: usize,
+    conns: usize,
+) -> HubFixture {
     let stats = Arc::new(HubStats::default());
     let mut hub = Hub::new(RenderOptions::default(), stats.clone());
     let mut handles = Vec::with_capacity(conns);
@@ -259,14 +276,14 @@ fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: us
     let mut skipped = 0;
     for r in 0..ranges {
         match Filter::parse(&format!("amount=gt.{}", 900 + r * 10)) {
-            Ok(f) => filters.push(f),
+            Ok(f) => subs.push((f, BindingOptions::default())),
             Err(_) => skipped += 1,
         }
     }
     if skipped > 0 {
         eprintln!("route: {skipped} range filters not supported by this filter build; skipped");
     }
-    for (i, filter) in filters.into_iter().enumerate() {
+    for (i, (filter, options)) in subs.into_iter().enumerate() {
         let (done, _) = oneshot::channel();
         hub.command(HubCommand::Subscribe {
             conn: handles[i % conns].clone(),
@@ -278,7 +295,7 @@ fn hub_of(table: &Arc<Table>, mut filters: Vec<Filter>, ranges: usize, conns: us
                 target: Target::Table(table.clone()),
                 filter,
                 access: Default::default(),
-                options: Default::default(),
+                options,
             }],
             hold: false,
             done,
@@ -504,4 +521,204 @@ criterion_group! {
         .sample_size(20);
     targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode, bench_changelog
 }
-criterion_main!(benches);
+
+// Counting mode: a fixed number of routes of one case, for callgrind (instruction
+// and cache-miss counts per delivery compare builds where timings on a shared
+// machine do not). `WALCAST_COUNT=<case> cargo bench --bench micro` runs it instead
+// of criterion; see BENCHMARKS.md for the valgrind command line.
+
+/// Marks the end of the warm-up: callgrind's `--zero-before` points here.
+#[inline(never)]
+fn counted_start() {
+    black_box(());
+}
+
+/// Drains every connection queue, giving back the bytes as the connection writer
+/// does; returns the frames taken.
+fn drain(fx: &mut HubFixture) -> u64 {
+    let mut frames = 0;
+    for (rx, h) in fx.receivers.iter_mut().zip(&fx.handles) {
+        while let Ok(out) = rx.try_recv() {
+            h.queued.release(out.queued_size());
+            frames += 1;
+        }
+    }
+    frames
+}
+
+/// An UPDATE of order 42 from owner 7 to owner 8, with the full old image.
+fn owner_update(table: &Arc<Table>) -> Arc<Change> {
+    Arc::new(Change {
+        txn: TxnInfo {
+            commit_lsn: Lsn(0x1_6B37_4D48),
+            commit_time: PgTimestamp(768_000_000_000_000),
+            xid: Xid(1234),
+        },
+        table: table.clone(),
+        kind: ChangeKind::Update,
+        new: Some(order_row(42, 8)),
+        old: Some(order_row(42, 7)),
+    })
+}
+
+/// 10,000 whole-table subscriptions and, with `extras`, 1,000 OR and 1,000 moves
+/// subscriptions on the same table, interleaved (every sixth channel), each on a
+/// connection of its own. With `hit`, the extras match [`owner_update`] (the OR
+/// names owner 8; the moves filter `owner=eq.7` sees the row leave: a DELETE);
+/// without, their keys match nothing. `plain: false` leaves the 10,000 out.
+fn mixed_fixture(table: &Arc<Table>, plain: bool, extras: bool, hit: bool) -> HubFixture {
+    let moves = BindingOptions {
+        moves: true,
+        ..Default::default()
+    };
+    let mut subs = Vec::new();
+    let (mut or_n, mut moves_n) = (0u64, 0u64);
+    for i in 0..12_000u64 {
+        if i % 6 != 5 {
+            if plain {
+                subs.push((Filter::default(), BindingOptions::default()));
+            }
+        } else if extras && i % 12 == 5 {
+            let first = if hit { 8 } else { 100_000 + or_n };
+            let f = Filter::parse(&format!(
+                "or=(owner.eq.{first},owner.eq.{})",
+                200_000 + or_n
+            ))
+            .expect("or filter");
+            subs.push((f, BindingOptions::default()));
+            or_n += 1;
+        } else if extras {
+            let owner = if hit { 7 } else { 300_000 + moves_n };
+            let f = Filter::parse(&format!("owner=eq.{owner}")).expect("eq filter");
+            subs.push((f, moves.clone()));
+            moves_n += 1;
+        }
+    }
+    let n = subs.len();
+    hub_of_options(table, subs, 0, n)
+}
+
+/// 10,000 subscriptions `owner=eq.7` and, with `moves`, 1,000 `owner=eq.<other>`
+/// with moves on (matching nothing here), interleaved, each on a connection of
+/// its own; routed: an UPDATE of an owner-7 order's status (owner unchanged).
+fn keyed_fixture(table: &Arc<Table>, moves: bool) -> (HubFixture, Arc<Change>) {
+    let with_moves = BindingOptions {
+        moves: true,
+        ..Default::default()
+    };
+    let mut subs = Vec::new();
+    for i in 0..11_000u64 {
+        if i % 11 != 10 {
+            let f = Filter::parse("owner=eq.7").expect("eq filter");
+            subs.push((f, BindingOptions::default()));
+        } else if moves {
+            let f = Filter::parse(&format!("owner=eq.{}", 300_000 + i)).expect("eq filter");
+            subs.push((f, with_moves.clone()));
+        }
+    }
+    let n = subs.len();
+    let old = order_row(42, 7);
+    let mut new = old.clone();
+    new[2] = text_cell("baked");
+    let change = Arc::new(Change {
+        txn: TxnInfo {
+            commit_lsn: Lsn(0x1_6B37_4D48),
+            commit_time: PgTimestamp(768_000_000_000_000),
+            xid: Xid(1234),
+        },
+        table: table.clone(),
+        kind: ChangeKind::Update,
+        new: Some(new),
+        old: Some(old),
+    });
+    (hub_of_options(table, subs, 0, n), change)
+}
+
+fn count(case: &str) {
+    let table = orders_table();
+    // (fixture, changes cycled, warm-up routes, counted routes, drain every)
+    let (mut fx, changes, warm, counted, every) = match case {
+        c if c.starts_with("fanout") => {
+            // `fanout` is 10,000 subscriptions; `fanout12000` another number.
+            let n = c["fanout".len()..].parse().unwrap_or(10_000);
+            let fx = hub_of(&table, vec![Filter::default(); n], 0, n);
+            (fx, vec![order_change(&table, 42, 7)], 2, 30, 1)
+        }
+        "route100" | "route10000" | "route100000" | "or10000" => {
+            let n: usize = case
+                .trim_start_matches(char::is_alphabetic)
+                .parse()
+                .unwrap();
+            let fx = if case.starts_with("or") {
+                let filters = (0..n)
+                    .map(|i| {
+                        Filter::parse(&format!("or=(owner.eq.{i},owner.eq.{})", i + 2 * n))
+                            .expect("or filter")
+                    })
+                    .collect();
+                hub_of(&table, filters, 10, n.clamp(1, 256))
+            } else {
+                hub_with(&table, n, 10)
+            };
+            let changes = (0..1024u64)
+                .map(|i| {
+                    let owner = if i % 8 == 7 {
+                        n as u64 + i
+                    } else {
+                        (i * 7919) % n as u64
+                    };
+                    order_change(&table, i, owner)
+                })
+                .collect();
+            (fx, changes, 1024, 4096, 256)
+        }
+        "plain" | "plain_extras" | "plain_extras_hit" | "extras_hit" => {
+            let fx = mixed_fixture(
+                &table,
+                case.starts_with("plain"),
+                case.contains("extras"),
+                case.ends_with("hit"),
+            );
+            (fx, vec![owner_update(&table)], 2, 30, 1)
+        }
+        "keyed" | "keyed_moves" => {
+            let (fx, change) = keyed_fixture(&table, case == "keyed_moves");
+            (fx, vec![change], 2, 30, 1)
+        }
+        other => panic!(
+            "WALCAST_COUNT={other}: cases are fanout, fanout<N>, route100, route10000, route100000, \
+             or10000, plain, plain_extras, plain_extras_hit, extras_hit, keyed, keyed_moves"
+        ),
+    };
+    for k in 0..warm {
+        fx.hub.route(&changes[k % changes.len()]);
+        if (k + 1) % every == 0 {
+            drain(&mut fx);
+        }
+    }
+    drain(&mut fx);
+    counted_start();
+    let mut frames = 0;
+    for k in 0..counted {
+        fx.hub.route(&changes[k % changes.len()]);
+        if (k + 1) % every == 0 {
+            frames += drain(&mut fx);
+        }
+    }
+    frames += drain(&mut fx);
+    assert_eq!(
+        fx.closed(),
+        0,
+        "a subscription was dropped as a slow client"
+    );
+    println!("{case}: {counted} routes counted, {frames} frames delivered");
+}
+
+fn main() {
+    if let Ok(case) = std::env::var("WALCAST_COUNT") {
+        count(&case);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

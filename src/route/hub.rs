@@ -348,7 +348,10 @@ type Encoding = (EncodingKey, ChangeKind, Arc<str>);
 /// Hands one change's frames to channels, encoding each payload variant once.
 struct Delivery<'a> {
     encodings: &'a mut Vec<Encoding>,
-    change: &'a Change,
+    /// The default payload (no column mask, old image kept) by delivered kind
+    /// ([`kind_index`]): what nearly every sub gets, found without a search.
+    defaults: &'a mut [Option<Arc<str>>; 4],
+    change: &'a Arc<Change>,
     render: RenderOptions,
     delivered: ChangeKind,
     queued: &'a mut u64,
@@ -360,6 +363,7 @@ struct Delivery<'a> {
 impl Delivery<'_> {
     /// Queues one channel's frame around the change's payload for `key` (or
     /// holds it back while the channel's replay runs).
+    #[inline]
     fn send(
         &mut self,
         ch: &mut ChannelState,
@@ -408,7 +412,17 @@ impl Delivery<'_> {
 
     /// Encode: the change's `data` for one payload variant, made on first use and
     /// shared by every channel that gets the same variant.
+    #[inline]
     fn payload(&mut self, key: &EncodingKey) -> Arc<str> {
+        if key.0.is_none() && !key.1 {
+            let slot = kind_index(self.delivered);
+            if let Some(d) = &self.defaults[slot] {
+                return d.clone();
+            }
+            let d = self.encode(key);
+            self.defaults[slot] = Some(d.clone());
+            return d;
+        }
         match self
             .encodings
             .iter()
@@ -416,29 +430,36 @@ impl Delivery<'_> {
         {
             Some(e) => e.2.clone(),
             None => {
-                let mut text = String::with_capacity(512);
-                match &key.0 {
-                    Some(m) => self.change.to_supabase_data_as(
-                        &mut text,
-                        &m[..],
-                        self.render,
-                        key.1,
-                        self.delivered,
-                    ),
-                    None => self.change.to_supabase_data_as(
-                        &mut text,
-                        &AllColumns,
-                        self.render,
-                        key.1,
-                        self.delivered,
-                    ),
-                }
-                let d: Arc<str> = Arc::from(text);
+                let d = self.encode(key);
                 self.encodings
                     .push((key.clone(), self.delivered, d.clone()));
                 d
             }
         }
+    }
+
+    /// The first use of a payload variant: encodes it.
+    #[cold]
+    #[inline(never)]
+    fn encode(&self, key: &EncodingKey) -> Arc<str> {
+        let mut text = String::with_capacity(512);
+        match &key.0 {
+            Some(m) => self.change.to_supabase_data_as(
+                &mut text,
+                &m[..],
+                self.render,
+                key.1,
+                self.delivered,
+            ),
+            None => self.change.to_supabase_data_as(
+                &mut text,
+                &AllColumns,
+                self.render,
+                key.1,
+                self.delivered,
+            ),
+        }
+        Arc::from(text)
     }
 }
 
@@ -450,6 +471,11 @@ struct Hit {
     kind: u8,
     binding_id: u32,
     sub: SubId,
+    /// The sub's payload is the default one ([`SubHot::plain`]): delivery need
+    /// not read its `Sub`.
+    plain: bool,
+    /// The sub has moves on (it may be found twice: by the old and the new row).
+    moves: bool,
 }
 
 const KINDS: [ChangeKind; 4] = [
@@ -476,6 +502,59 @@ struct Sub {
     moves: bool,
     /// Where the sub sits in its table's index, to remove it.
     slot: IndexSlot,
+}
+
+/// What matching and delivery read of a [`Sub`] for every change, kept in a
+/// dense vector beside `subs` (same index): a change fanned out to thousands of
+/// whole-table subs walks this compact array instead of touching each large
+/// `Sub`, which is read only for filters, moves and payload variants.
+#[derive(Clone, Copy, Debug)]
+struct SubHot {
+    channel: ChannelId,
+    /// The token's `exp` (unix seconds); `i64::MAX` when it has none.
+    expires_at: i64,
+    binding_id: u32,
+    events: EventMask,
+    /// Moves are on (`Sub::moves`).
+    moves: bool,
+    /// The bound filter (subscriber's filter AND row rule) matches every row.
+    all_rows: bool,
+    /// The payload is the default one whatever the change (see [`Sub::plain`]).
+    plain: bool,
+}
+
+impl SubHot {
+    /// A free slot: wants no event and has expired, so nothing matches it.
+    const FREE: SubHot = SubHot {
+        channel: 0,
+        expires_at: i64::MIN,
+        binding_id: 0,
+        events: EventMask(0),
+        moves: false,
+        all_rows: false,
+        plain: false,
+    };
+
+    fn of(sub: &Sub) -> SubHot {
+        SubHot {
+            channel: sub.channel,
+            expires_at: sub.access.expires_at.unwrap_or(i64::MAX),
+            binding_id: sub.binding_id,
+            events: sub.events,
+            moves: sub.moves,
+            all_rows: sub.bound.as_ref().is_some_and(BoundFilter::is_empty),
+            plain: sub.plain(),
+        }
+    }
+}
+
+impl Sub {
+    /// No column mask and no row rule that could hide an old image: the sub's
+    /// payload is the default one for every change ([`encoding_key`] is
+    /// `(None, false)`).
+    fn plain(&self) -> bool {
+        self.mask.is_none() && self.rule.is_none() && self.access.sql.is_none()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -522,15 +601,19 @@ struct ConnState {
 struct TableIndex {
     table: Arc<Table>,
     keyed: HashMap<usize, HashMap<String, SubList>>,
+    /// The keyed subs with moves on, indexed again on their own: an UPDATE's old
+    /// row is looked up here (a row leaving their filter), so subs without moves
+    /// are not walked a second time.
+    moves_keyed: HashMap<usize, HashMap<String, SubList>>,
     scan: SubList,
-    /// Subs with moves on: when non-zero, an UPDATE's old row is looked up too.
-    moves: usize,
     /// When the index was made (a `Published` list read earlier does not judge it).
     since: Instant,
 }
 
 pub struct Hub {
     subs: Vec<Option<Sub>>,
+    /// `subs`' hot fields, same index ([`SubHot::FREE`] where `subs` has `None`).
+    hot: Vec<SubHot>,
     free: Vec<SubId>,
     tables: HashMap<RelId, TableIndex>,
     patterns: SubList,
@@ -540,6 +623,8 @@ pub struct Hub {
     stats: Arc<HubStats>,
     /// Scratch buffer of hits, reused per change.
     hits: Vec<Hit>,
+    /// Scratch buffer of the hits delivery groups by channel ([`Hub::deliver`]).
+    grouped: Vec<Hit>,
     /// Where logical decoding messages go (the broadcast module).
     on_message: Option<MessageHook>,
     /// Sees every routed change (the status page's feed).
@@ -568,6 +653,7 @@ impl Hub {
     pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
         Hub {
             subs: Vec::new(),
+            hot: Vec::new(),
             free: Vec::new(),
             tables: HashMap::new(),
             patterns: SubList::default(),
@@ -576,6 +662,7 @@ impl Hub {
             render,
             stats,
             hits: Vec::new(),
+            grouped: Vec::new(),
             on_message: None,
             on_change: None,
             replication_ready: false,
@@ -904,13 +991,16 @@ impl Hub {
         }
         let sub = compile(channel, &b);
         let (slot, moves) = (sub.slot.clone(), sub.moves);
+        let hot = SubHot::of(&sub);
         let id = match self.free.pop() {
             Some(i) => {
                 self.subs[i] = Some(sub);
+                self.hot[i] = hot;
                 i
             }
             None => {
                 self.subs.push(Some(sub));
+                self.hot.push(hot);
                 self.subs.len() - 1
             }
         };
@@ -928,17 +1018,18 @@ impl Hub {
                 Some(t),
             ) => {
                 let ti = self.table_index(relid, t);
-                ti.moves += usize::from(moves);
+                if moves {
+                    let col = ti.moves_keyed.entry(column).or_default();
+                    for k in &keys {
+                        col.entry(k.clone()).or_default().insert(id);
+                    }
+                }
                 let col = ti.keyed.entry(column).or_default();
                 for k in keys {
                     col.entry(k).or_default().insert(id);
                 }
             }
-            (IndexSlot::Scan { relid }, Some(t)) => {
-                let ti = self.table_index(relid, t);
-                ti.moves += usize::from(moves);
-                ti.scan.insert(id)
-            }
+            (IndexSlot::Scan { relid }, Some(t)) => self.table_index(relid, t).scan.insert(id),
             _ => self.patterns.insert(id),
         }
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -949,8 +1040,8 @@ impl Hub {
         self.tables.entry(relid).or_insert_with(|| TableIndex {
             table,
             keyed: HashMap::new(),
+            moves_keyed: HashMap::new(),
             scan: SubList::default(),
-            moves: 0,
             since: Instant::now(),
         })
     }
@@ -959,17 +1050,9 @@ impl Hub {
         let Some(sub) = self.subs.get_mut(id).and_then(Option::take) else {
             return;
         };
+        self.hot[id] = SubHot::FREE;
         self.free.push(id);
         self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
-        if sub.moves {
-            let relid = match &sub.slot {
-                IndexSlot::Keyed { relid, .. } | IndexSlot::Scan { relid } => Some(*relid),
-                IndexSlot::Pattern { .. } => None,
-            };
-            if let Some(ti) = relid.and_then(|r| self.tables.get_mut(&r)) {
-                ti.moves = ti.moves.saturating_sub(1);
-            }
-        }
         match sub.slot {
             IndexSlot::Keyed {
                 relid,
@@ -977,18 +1060,9 @@ impl Hub {
                 keys,
             } => {
                 if let Some(ti) = self.tables.get_mut(&relid) {
-                    if let Some(col) = ti.keyed.get_mut(&column) {
-                        for k in keys {
-                            if let Some(v) = col.get_mut(&k) {
-                                v.remove(id);
-                                if v.is_empty() {
-                                    col.remove(&k);
-                                }
-                            }
-                        }
-                        if col.is_empty() {
-                            ti.keyed.remove(&column);
-                        }
+                    unindex(&mut ti.keyed, column, &keys, id);
+                    if sub.moves {
+                        unindex(&mut ti.moves_keyed, column, &keys, id);
                     }
                     if ti.keyed.is_empty() && ti.scan.is_empty() {
                         self.tables.remove(&relid);
@@ -1070,23 +1144,34 @@ impl Hub {
         let now = crate::route::auth::now_unix();
         if let Some(ti) = self.tables.get(&relid) {
             let subs = &self.subs;
+            let hot = &self.hot;
             let hits = &mut self.hits;
+            // Reads the sub's hot record; the full `Sub` only for a filter or moves.
             let mut consider = |sid: SubId| {
-                if let Some(Some(s)) = subs.get(sid) {
-                    if let Some(k) = table_sub_kind(s, change, row, now) {
-                        hits.push(Hit {
-                            channel: s.channel,
-                            kind: kind_index(k) as u8,
-                            binding_id: s.binding_id,
-                            sub: sid,
-                        });
+                let Some(h) = hot.get(sid) else { return };
+                let delivered = if h.all_rows && !h.moves {
+                    (h.expires_at > now && h.events.has(kind)).then_some(kind)
+                } else {
+                    match subs.get(sid) {
+                        Some(Some(s)) => table_sub_kind(s, change, row, now),
+                        _ => None,
                     }
+                };
+                if let Some(k) = delivered {
+                    hits.push(Hit {
+                        channel: h.channel,
+                        kind: kind_index(k) as u8,
+                        binding_id: h.binding_id,
+                        sub: sid,
+                        plain: h.plain,
+                        moves: h.moves,
+                    });
                 }
             };
             let lookup = |r: &crate::decode::event::Row,
-                          consider: &mut dyn FnMut(SubId),
-                          only_moves: bool| {
-                for (&col, map) in &ti.keyed {
+                          keyed: &HashMap<usize, HashMap<String, SubList>>,
+                          consider: &mut dyn FnMut(SubId)| {
+                for (&col, map) in keyed {
                     let Some(cell) = r.get(col) else { continue };
                     let Some(text) = cell.text() else { continue };
                     let Some(column) = ti.table.columns.get(col) else {
@@ -1097,35 +1182,24 @@ impl Hub {
                     };
                     if let Some(v) = map.get(&key) {
                         for sid in v.iter() {
-                            if !only_moves
-                                || subs
-                                    .get(sid)
-                                    .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
-                            {
-                                consider(sid);
-                            }
+                            consider(sid);
                         }
                     }
                 }
             };
             if let Some(r) = row {
-                lookup(r, &mut consider, false);
+                lookup(r, &ti.keyed, &mut consider);
             }
-            if ti.moves > 0 {
+            if !ti.moves_keyed.is_empty() {
                 match (kind, change.old.as_ref()) {
                     // A row leaving a keyed filter is found by its old value.
-                    (ChangeKind::Update, Some(old)) => lookup(old, &mut consider, true),
+                    (ChangeKind::Update, Some(old)) => lookup(old, &ti.moves_keyed, &mut consider),
                     // A TRUNCATE reaches every keyed sub with moves.
                     (ChangeKind::Truncate, _) => {
-                        for map in ti.keyed.values() {
+                        for map in ti.moves_keyed.values() {
                             for v in map.values() {
                                 for sid in v.iter() {
-                                    if subs
-                                        .get(sid)
-                                        .is_some_and(|s| s.as_ref().is_some_and(|s| s.moves))
-                                    {
-                                        consider(sid);
-                                    }
+                                    consider(sid);
                                 }
                             }
                         }
@@ -1145,6 +1219,8 @@ impl Hub {
                         kind: kind_index(k) as u8,
                         binding_id: s.binding_id,
                         sub: sid,
+                        plain: s.plain(),
+                        moves: s.moves,
                     });
                 }
             }
@@ -1155,77 +1231,57 @@ impl Hub {
     /// channel), each distinct payload encoded once and shared. Returns the
     /// connections whose queue had no room.
     fn deliver(&mut self, change: &Arc<Change>, replay: bool) -> Vec<ConnId> {
-        self.hits.sort_unstable();
-        self.hits.dedup_by_key(|h| (h.channel, h.binding_id));
         // One encoding per distinct (column mask, old image kept, kind) among the channels.
         let mut encodings: Vec<Encoding> = Vec::new();
+        let mut defaults: [Option<Arc<str>>; 4] = Default::default();
         let mut slow = Vec::new();
         let mut queued = 0u64;
+        let mut out = Delivery {
+            encodings: &mut encodings,
+            defaults: &mut defaults,
+            change,
+            render: self.render,
+            delivered: change.kind,
+            queued: &mut queued,
+            slow: &mut slow,
+            replay,
+        };
+        // A channel with one binding gets its one frame straight away, in the
+        // order of the hits; only hits that may share a channel (or be found
+        // twice: a moves sub by its old and its new row) are sorted into groups.
+        // Sorting every hit cost a fan-out O(n log n) as soon as the hits came
+        // out of channel order.
+        let mut grouped = std::mem::take(&mut self.grouped);
+        grouped.clear();
+        for h in &self.hits {
+            let Some(ch) = self.channels.get_mut(&h.channel) else {
+                continue;
+            };
+            if h.moves || ch.subs.len() != 1 {
+                grouped.push(*h);
+                continue;
+            }
+            out.delivered = KINDS[usize::from(h.kind) & 3];
+            send_group(&mut out, ch, std::slice::from_ref(h), &self.subs);
+        }
+        grouped.sort_unstable();
+        grouped.dedup_by_key(|h| (h.channel, h.binding_id));
         let mut i = 0;
-        while i < self.hits.len() {
-            let channel = self.hits[i].channel;
-            let hit_kind = self.hits[i].kind;
+        while i < grouped.len() {
+            let channel = grouped[i].channel;
+            let hit_kind = grouped[i].kind;
             let start = i;
-            while i < self.hits.len()
-                && self.hits[i].channel == channel
-                && self.hits[i].kind == hit_kind
+            while i < grouped.len() && grouped[i].channel == channel && grouped[i].kind == hit_kind
             {
                 i += 1;
             }
-            let delivered = KINDS[usize::from(hit_kind) & 3];
-            let group = &self.hits[start..i];
             let Some(ch) = self.channels.get_mut(&channel) else {
                 continue;
             };
-            // Bindings of one channel whose payloads differ (another `select`, an
-            // old image hidden for one only) get a frame each; nearly always one.
-            let Some(Some(first)) = self.subs.get(group[0].sub) else {
-                continue;
-            };
-            let key = encoding_key(first, change, delivered);
-            // RLS mode's SQL path: the frame waits for its class's verdict.
-            let ticket = first.access.sql.as_ref().and_then(|c| c.ticket(change));
-            let uniform = group.len() == 1
-                || group[1..].iter().all(|h| match self.subs.get(h.sub) {
-                    Some(Some(s)) => same_encoding(&encoding_key(s, change, delivered), &key),
-                    _ => true,
-                });
-            let mut out = Delivery {
-                encodings: &mut encodings,
-                change,
-                render: self.render,
-                delivered,
-                queued: &mut queued,
-                slow: &mut slow,
-                replay,
-            };
-            if uniform {
-                let ids = match group {
-                    [one] => BindingIds::One(one.binding_id),
-                    many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
-                };
-                out.send(ch, &key, ids, ticket.as_ref());
-            } else {
-                let mut keyed: Vec<(EncodingKey, Vec<u32>)> = Vec::new();
-                for h in group {
-                    let Some(Some(s)) = self.subs.get(h.sub) else {
-                        continue;
-                    };
-                    let k = encoding_key(s, change, delivered);
-                    match keyed.iter_mut().find(|(x, _)| same_encoding(x, &k)) {
-                        Some((_, ids)) => ids.push(h.binding_id),
-                        None => keyed.push((k, vec![h.binding_id])),
-                    }
-                }
-                for (k, ids) in keyed {
-                    let ids = match &ids[..] {
-                        [one] => BindingIds::One(*one),
-                        many => BindingIds::Many(many.into()),
-                    };
-                    out.send(ch, &k, ids, ticket.as_ref());
-                }
-            }
+            out.delivered = KINDS[usize::from(hit_kind) & 3];
+            send_group(&mut out, ch, &grouped[start..i], &self.subs);
         }
+        self.grouped = grouped;
         if queued > 0 {
             self.stats
                 .frames_queued
@@ -1332,6 +1388,8 @@ impl Hub {
                         kind: kind_index(k) as u8,
                         binding_id: s.binding_id,
                         sub: sid,
+                        plain: s.plain(),
+                        moves: s.moves,
                     });
                 }
             }
@@ -1619,6 +1677,81 @@ fn compile(channel: ChannelId, b: &Binding) -> Sub {
         options: b.options.clone(),
         moves,
         slot,
+    }
+}
+
+/// Deliver: one channel's frame(s) for a group of its hits of one delivered kind
+/// (`out.delivered`). Bindings of one channel whose payloads differ (another
+/// `select`, an old image hidden for one only) get a frame each; nearly always
+/// one. Plain subs all get the default payload, without reading their `Sub`.
+#[inline]
+fn send_group(out: &mut Delivery, ch: &mut ChannelState, group: &[Hit], subs: &[Option<Sub>]) {
+    let (change, delivered) = (out.change, out.delivered);
+    let (key, uniform, ticket) = if group.iter().all(|h| h.plain) {
+        ((None, false), true, None)
+    } else {
+        let Some(Some(first)) = subs.get(group[0].sub) else {
+            return;
+        };
+        let key = encoding_key(first, change, delivered);
+        // RLS mode's SQL path: the frame waits for its class's verdict.
+        let ticket = first.access.sql.as_ref().and_then(|c| c.ticket(change));
+        let uniform = group.len() == 1
+            || group[1..].iter().all(|h| match subs.get(h.sub) {
+                Some(Some(s)) => same_encoding(&encoding_key(s, change, delivered), &key),
+                _ => true,
+            });
+        (key, uniform, ticket)
+    };
+    if uniform {
+        let ids = match group {
+            [one] => BindingIds::One(one.binding_id),
+            many => BindingIds::Many(many.iter().map(|h| h.binding_id).collect()),
+        };
+        out.send(ch, &key, ids, ticket.as_ref());
+        return;
+    }
+    let mut keyed: Vec<(EncodingKey, Vec<u32>)> = Vec::new();
+    for h in group {
+        let Some(Some(s)) = subs.get(h.sub) else {
+            continue;
+        };
+        let k = encoding_key(s, change, delivered);
+        match keyed.iter_mut().find(|(x, _)| same_encoding(x, &k)) {
+            Some((_, ids)) => ids.push(h.binding_id),
+            None => keyed.push((k, vec![h.binding_id])),
+        }
+    }
+    for (k, ids) in keyed {
+        let ids = match &ids[..] {
+            [one] => BindingIds::One(*one),
+            many => BindingIds::Many(many.into()),
+        };
+        out.send(ch, &k, ids, ticket.as_ref());
+    }
+}
+
+/// Takes sub `id` out of a keyed index under `keys` of `column`, dropping
+/// emptied entries.
+fn unindex(
+    keyed: &mut HashMap<usize, HashMap<String, SubList>>,
+    column: usize,
+    keys: &[String],
+    id: SubId,
+) {
+    let Some(col) = keyed.get_mut(&column) else {
+        return;
+    };
+    for k in keys {
+        if let Some(v) = col.get_mut(k) {
+            v.remove(id);
+            if v.is_empty() {
+                col.remove(k);
+            }
+        }
+    }
+    if col.is_empty() {
+        keyed.remove(&column);
     }
 }
 
@@ -2216,6 +2349,60 @@ mod tests {
         assert_eq!(drain(&mut mov)[0]["type"], "TRUNCATE");
         assert_eq!(drain(&mut keyed_or)[0]["type"], "TRUNCATE");
         assert!(drain(&mut plain).is_empty());
+    }
+
+    #[test]
+    fn a_reused_sub_slot_judges_and_shapes_by_its_new_sub() {
+        let t = table(1, &[("id", "int4"), ("status", "text"), ("total", "int4")]);
+        let mut hub = Hub::new(RenderOptions::default(), Arc::default());
+        let moves = BindingOptions {
+            select: None,
+            moves: true,
+        };
+        let mut plain = subscribe(&mut hub, &t, 1, "status=eq.new", BindingOptions::default());
+        let _gone = subscribe(&mut hub, &t, 2, "status=eq.new", moves);
+        hub.command(HubCommand::Unsubscribe { channel: 2 });
+        assert!(hub.tables[&t.id].moves_keyed.is_empty());
+        // The freed slot goes to a whole-table binding with `select`, then one to
+        // a whole-table binding whose token has expired.
+        let whole = |id: u32, options: BindingOptions, expires_at: Option<i64>| Binding {
+            id,
+            events: EventMask::ALL,
+            target: Target::Table(t.clone()),
+            filter: Filter::default(),
+            access: BindingAccess {
+                expires_at,
+                ..Default::default()
+            },
+            options,
+        };
+        let select = BindingOptions {
+            select: Some(Arc::new(vec!["id".into()])),
+            moves: false,
+        };
+        let mut sel =
+            subscribe_bindings(&mut hub, 3, 3, "realtime:c3", vec![whole(3, select, None)]);
+        let mut expired = subscribe_bindings(
+            &mut hub,
+            4,
+            4,
+            "realtime:c4",
+            vec![whole(4, BindingOptions::default(), Some(1))],
+        );
+        // The row leaves `status=eq.new`: no DELETE (the moves sub left), the
+        // whole-table sub gets its selected columns, the expired one nothing.
+        hub.route(&change(
+            &t,
+            ChangeKind::Update,
+            Some(&["1", "baked", "5"]),
+            Some(&["1", "new", "5"]),
+        ));
+        assert!(drain(&mut plain).is_empty());
+        let d = drain(&mut sel);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0]["type"], "UPDATE");
+        assert_eq!(d[0]["record"], serde_json::json!({"id": 1}));
+        assert!(drain(&mut expired).is_empty());
     }
 
     #[test]

@@ -117,6 +117,7 @@ impl QueuedBytes {
     /// Reserves `n` bytes; false when that would pass the limit. A frame alone in
     /// an empty queue is always accepted, so one large change cannot close an idle
     /// client.
+    #[inline]
     fn reserve(&self, n: usize) -> bool {
         let before = self.used.fetch_add(n, Ordering::Relaxed);
         if before > 0 && before + n > self.limit {
@@ -127,6 +128,7 @@ impl QueuedBytes {
     }
 
     /// Gives back the bytes of a frame taken off the queue.
+    #[inline]
     pub fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
     }
@@ -152,6 +154,7 @@ pub enum QueueError {
 }
 
 /// Queues `out` on `tx` within the byte bound `queued`.
+#[inline]
 pub(crate) fn queue(
     tx: &mpsc::Sender<Outbound>,
     queued: &QueuedBytes,
@@ -176,6 +179,7 @@ pub(crate) fn queue(
 impl Outbound {
     /// The bytes this frame holds while queued (shared bytes counted in full:
     /// a stalled client keeps them alive).
+    #[inline]
     pub fn queued_size(&self) -> usize {
         /// Per-frame overhead: the queue slot and the frame's envelope.
         const FRAME_OVERHEAD: usize = 64;
