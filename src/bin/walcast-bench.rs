@@ -23,6 +23,8 @@ mod client;
 mod env;
 #[path = "walcast_bench/relay.rs"]
 mod relay;
+#[path = "walcast_bench/rls.rs"]
+mod rls;
 
 use std::time::Instant;
 
@@ -69,6 +71,7 @@ const CASES: &[&str] = &[
     "routing",
     "connections",
     "replay",
+    "rls",
 ];
 
 fn usage() -> String {
@@ -136,6 +139,7 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
         "routing" => cases::routing(quick).await?,
         "connections" => cases::connections(quick).await?,
         "replay" => cases::replay(quick).await?,
+        "rls" => rls::rls(quick).await?,
         "capture" => cases::capture().await?,
         other => bail!("unknown case {other:?}; {}", usage()),
     };

@@ -642,7 +642,7 @@ async fn commit_to_queued(port: u16) -> Option<(f64, f64)> {
 }
 
 /// walcast's `/metrics` page.
-async fn metrics_text(port: u16) -> Option<String> {
+pub(crate) async fn metrics_text(port: u16) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -659,7 +659,7 @@ async fn metrics_text(port: u16) -> Option<String> {
 }
 
 /// The value of the unlabelled metric `name` in a `/metrics` page.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
         rest.trim().parse().ok()

@@ -33,7 +33,12 @@ pub fn now_us() -> i64 {
 }
 
 pub async fn connect(port: u16) -> Result<Ws> {
-    let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey=bench&vsn=1.0.0");
+    connect_as(port, "bench").await
+}
+
+/// [`connect`] with a token as the `apikey`.
+pub async fn connect_as(port: u16, apikey: &str) -> Result<Ws> {
+    let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={apikey}&vsn=1.0.0");
     // Small buffers: the driver holds up to 10,000 connections.
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
