@@ -403,7 +403,10 @@ impl Rls {
         if let Some(c) = classes.get(&key).and_then(Weak::upgrade) {
             return c;
         }
-        classes.retain(|_, w| w.strong_count() > 0);
+        // Forget classes nobody holds any more, now and then (amortized).
+        if classes.len() % 1024 == 1023 {
+            classes.retain(|_, w| w.strong_count() > 0);
+        }
         let c = Arc::new(SqlClass {
             id: self.next_class.fetch_add(1, Ordering::Relaxed),
             who: who.clone(),
