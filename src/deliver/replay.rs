@@ -47,6 +47,7 @@ use crate::decode::event::Change;
 use crate::decode::pgoutput::{parse_iso_unix_micros, PgTimestamp};
 use crate::lsn::Lsn;
 use crate::route::hub::{ChannelId, ConnHandle, HubCommand, Outbound};
+use crate::route::rls::Verdict;
 
 /// `system` code: the replay is complete (`replayed` changes sent to the channel,
 /// of `transactions` read, up to `commit_lsn`).
@@ -350,7 +351,16 @@ async fn replay(job: &Job) -> Outcome {
                 })
                 .await;
             match (sent, done_rx.await) {
-                (Ok(()), Ok(Some(delivered))) => replayed += delivered,
+                (Ok(()), Ok(Some(r))) => {
+                    replayed += r.sent;
+                    // RLS mode's SQL path: counted only when the check lets
+                    // the change through (as the writer sends it).
+                    for t in r.gated {
+                        if let Verdict::Send { .. } = t.wait().await {
+                            replayed += 1;
+                        }
+                    }
+                }
                 _ => return Outcome::Gone,
             }
         }
