@@ -580,3 +580,74 @@ async fn truncate_on_an_rls_table_leaks_no_rows() {
         eprintln!("{path}: truncate delivered as {seen:?}");
     }
 }
+
+/// 6b. Catch-up over HTTP (`/api/changes`) on an RLS table, on both paths:
+/// exactly the caller's rows, none of the others'.
+#[tokio::test]
+async fn catch_up_over_http_is_judged_on_both_paths() {
+    let name = "rlsm_rest";
+    let c = db(
+        name,
+        &["rlsm_rs_c", "rlsm_rs_s"],
+        "create table t (id int primary key, owner uuid, body text);
+         alter table t replica identity full;
+         alter table t enable row level security;
+         create policy c on t for select to rlsm_rs_c using (owner = auth.uid());
+         create policy s on t for select to rlsm_rs_s using (owner::text = auth.uid()::text);
+         grant select on t to rlsm_rs_c, rlsm_rs_s;",
+    )
+    .await;
+    let server = start(name, "").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "w", &server, &token("rlsm_rs_c", A)).await;
+    joined(&mut js, "w", "t", "t").await;
+    c.batch_execute(&format!("insert into t values (0, '{A}', 'start')"))
+        .await
+        .unwrap();
+    let start = js
+        .wait_for("the start row", T, change_with_id("w", 0))
+        .await;
+    let since = start["payload"]["commit_timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.batch_execute(&format!(
+        "insert into t values (1, '{B}', 'not yours');
+         insert into t values (2, '{A}', 'yours');
+         insert into t values (3, '{B}', 'not yours');
+         update t set owner = '{A}', body = 'moved in' where id = 3;
+         insert into t values (4, '{A}', 'last');"
+    ))
+    .await
+    .unwrap();
+    // Everything is in the log once the live channel saw the last row.
+    js.wait_for("the last row", T, change_with_id("w", 4)).await;
+    for path in ["c", "s"] {
+        let tok = token(&format!("rlsm_rs_{path}"), A);
+        let (status, body) = crate::support::http_get(
+            server.port,
+            &format!("/api/changes?table=public.t&since={since}&apikey={tok}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(!body.contains("not yours"), "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let mut got: Vec<(String, i64)> = v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap().to_string(),
+                    c["record"]["id"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        got.retain(|g| g.1 != 0);
+        let want: Vec<(String, i64)> = [("INSERT", 2), ("UPDATE", 3), ("INSERT", 4)]
+            .iter()
+            .map(|(k, i)| (k.to_string(), *i))
+            .collect();
+        assert_eq!(got, want, "{path}: {body}");
+    }
+}
