@@ -651,3 +651,52 @@ async fn catch_up_over_http_is_judged_on_both_paths() {
         assert_eq!(got, want, "{path}: {body}");
     }
 }
+
+/// 2b. Without `REPLICA IDENTITY FULL`, an UPDATE that changes the key sends
+/// an old row of key columns only, which no policy can judge: on both paths
+/// the row moved in from another owner arrives with `old_record` hidden (its
+/// old key was someone else's).
+#[tokio::test]
+async fn an_unjudgeable_old_key_stays_hidden() {
+    let name = "rlsm_oldkey";
+    let c = db(
+        name,
+        &["rlsm_ok_c", "rlsm_ok_s"],
+        "create table t (id int primary key, owner uuid, body text);
+         alter table t enable row level security;
+         create policy c on t for select to rlsm_ok_c using (owner = auth.uid());
+         create policy s on t for select to rlsm_ok_s using (owner::text = auth.uid()::text);
+         grant select on t to rlsm_ok_c, rlsm_ok_s;",
+    )
+    .await;
+    let server = start(name, "").await;
+    let mut js = JsClient::spawn().await;
+    for path in ["c", "s"] {
+        connect(
+            &mut js,
+            path,
+            &server,
+            &token(&format!("rlsm_ok_{path}"), A),
+        )
+        .await;
+        joined(&mut js, path, "t", "t").await;
+    }
+    c.batch_execute(&format!("insert into t values (5, '{B}', 'not yours')"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "update t set id = 6, owner = '{A}', body = 'moved in' where id = 5"
+    ))
+    .await
+    .unwrap();
+    for path in ["c", "s"] {
+        let v = js.wait_for("the moved row", T, change_of(path)).await;
+        let p = &v["payload"];
+        assert_eq!(p["eventType"], "UPDATE", "{path}: {v}");
+        assert_eq!(p["new"]["id"], 6, "{path}: {v}");
+        assert!(
+            p["old"].as_object().is_none_or(|o| o.is_empty()),
+            "{path} saw the old key: {v}"
+        );
+    }
+}
