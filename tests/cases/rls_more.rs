@@ -700,3 +700,35 @@ async fn an_unjudgeable_old_key_stays_hidden() {
         );
     }
 }
+
+/// A table whose name is a plain word the check's own SQL might use as an
+/// alias (`w`, here) is judged like any other on the SQL path.
+#[tokio::test]
+async fn a_table_named_like_the_checks_alias_is_judged() {
+    let name = "rlsm_alias";
+    let c = db(
+        name,
+        &["rlsm_al"],
+        "create table w (id int primary key, owner uuid);
+         alter table w replica identity full;
+         alter table w enable row level security;
+         create policy p on w for select to rlsm_al using (w.owner::text = auth.uid()::text);
+         grant select on w to rlsm_al;",
+    )
+    .await;
+    let server = start(name, "").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "u", &server, &token("rlsm_al", A)).await;
+    joined(&mut js, "u", "w", "w").await;
+    c.batch_execute(&format!(
+        "insert into w values (1, '{B}'); insert into w values (2, '{A}');"
+    ))
+    .await
+    .unwrap();
+    let v = js.wait_for("A's row", T, change_of("u")).await;
+    assert_eq!(v["payload"]["new"]["id"], 2, "{v}");
+    js.expect_none("a system error", Duration::from_millis(300), |v| {
+        v["client"] == "u" && v["ev"] == "system" && v["payload"]["status"] == "error"
+    })
+    .await;
+}
