@@ -47,6 +47,7 @@ use crate::decode::event::Change;
 use crate::decode::pgoutput::{parse_iso_unix_micros, PgTimestamp};
 use crate::lsn::Lsn;
 use crate::route::hub::{ChannelId, ConnHandle, HubCommand, Outbound};
+use crate::route::rls::Verdict;
 
 /// `system` code: the replay is complete (`replayed` changes sent to the channel,
 /// of `transactions` read, up to `commit_lsn`).
@@ -350,7 +351,16 @@ async fn replay(job: &Job) -> Outcome {
                 })
                 .await;
             match (sent, done_rx.await) {
-                (Ok(()), Ok(Some(delivered))) => replayed += delivered,
+                (Ok(()), Ok(Some(r))) => {
+                    replayed += r.sent;
+                    // RLS mode's SQL path: counted only when the check lets
+                    // the change through (as the writer sends it).
+                    for t in r.gated {
+                        if let Verdict::Send { .. } = t.wait().await {
+                            replayed += 1;
+                        }
+                    }
+                }
                 _ => return Outcome::Gone,
             }
         }
@@ -683,16 +693,22 @@ pub struct Page {
 
 /// Reads up to `limit` changes that `binding` receives, from `start`: judged by
 /// the hub's own code (a hub of one channel), so a page holds exactly what a
-/// replay to a channel with that binding sends. Blocking (file reads).
+/// replay to a channel with that binding sends. Blocking (file reads; and, on
+/// RLS mode's SQL path, waits for each check's verdict on the runtime of the
+/// caller's `spawn_blocking`, with `gate`).
 pub fn read_page(
     log: &LogReader,
     binding: crate::route::hub::Binding,
     start: PageStart,
     limit: usize,
     render: crate::decode::value::RenderOptions,
+    gate: Option<Arc<crate::route::rls::Gate>>,
 ) -> Result<Page, ReplayError> {
     use crate::route::hub::Hub;
     let mut hub = Hub::new(render, Arc::default());
+    if let Some(g) = gate {
+        hub = hub.with_rls_gate(g);
+    }
     let (tx, mut rx) = mpsc::channel(64);
     let (done, _) = oneshot::channel();
     hub.command(HubCommand::Subscribe {
@@ -747,8 +763,29 @@ pub fn read_page(
             done,
         });
         while let Ok(out) = rx.try_recv() {
-            if let Outbound::Change { data, .. } = out {
-                changes.push(data);
+            match out {
+                Outbound::Change { data, .. } => changes.push(data),
+                // RLS mode's SQL path: as the socket writer does.
+                Outbound::Gated(g) => {
+                    let verdict = tokio::runtime::Handle::try_current()
+                        .map(|h| h.block_on(g.ticket.wait()))
+                        .unwrap_or(Verdict::Failed);
+                    match verdict {
+                        Verdict::Send { old_visible } => changes.push(
+                            match (old_visible, g.old_hidden) {
+                                (false, Some(hidden)) => hidden,
+                                _ => g.data,
+                            },
+                        ),
+                        Verdict::Skip => {}
+                        Verdict::Failed => {
+                            return Err(ReplayError::Log(crate::changelog::LogError::Usage(
+                                "a row-level security check failed for this token (see the server's log)",
+                            )))
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         if changes.len() >= limit {

@@ -244,7 +244,7 @@ pub enum HubCommand {
     Replay {
         channel: ChannelId,
         changes: Vec<Arc<Change>>,
-        done: oneshot::Sender<Option<u64>>,
+        done: oneshot::Sender<Option<Replayed>>,
     },
     /// Ends a channel's hold: its held frames of transactions committed after
     /// `after` are queued in order (those at or before it were replayed), then
@@ -296,6 +296,16 @@ pub enum HubCommand {
         class: u64,
         message: String,
     },
+}
+
+/// What a [`HubCommand::Replay`] queued: `sent` changes as they are, and one
+/// ticket per change that waits for an RLS check's verdict (sent only if it
+/// passes; counting it before would tell the subscriber that a row it may not
+/// see changed).
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub sent: u64,
+    pub gated: Vec<crate::route::rls::Ticket>,
 }
 
 /// A `system` message to all `postgres_changes` channels.
@@ -1353,9 +1363,9 @@ impl Hub {
 impl Hub {
     /// Queues `changes` to `channel` as its bindings judge them now, past its
     /// hold: how many were sent, or `None` when the channel is gone.
-    fn replay(&mut self, channel: ChannelId, changes: &[Arc<Change>]) -> Option<u64> {
+    fn replay(&mut self, channel: ChannelId, changes: &[Arc<Change>]) -> Option<Replayed> {
         let ch = self.channels.get(&channel)?;
-        let mut sent = 0;
+        let mut out = Replayed::default();
         let subs = ch.subs.clone();
         let now = crate::route::auth::now_unix();
         for logged in changes {
@@ -1403,10 +1413,19 @@ impl Hub {
                 }
                 return None;
             }
-            sent += 1;
+            // The ticket its frames got (the class hands the same one out
+            // again for the same change), or none: sent as it is.
+            let ticket = self.hits.iter().find_map(|h| match self.subs.get(h.sub) {
+                Some(Some(s)) => s.access.sql.as_ref().and_then(|c| c.ticket(&change)),
+                _ => None,
+            });
+            match ticket {
+                Some(t) => out.gated.push(t),
+                None => out.sent += 1,
+            }
         }
         self.seal_checks();
-        self.channels.contains_key(&channel).then_some(sent)
+        self.channels.contains_key(&channel).then_some(out)
     }
 
     /// A logged change of a table whose shape changed since, in the shape the
@@ -2239,7 +2258,7 @@ mod tests {
             changes: vec![ins("0", "new", 5), ins("9", "old", 20), ins("2", "new", 20)],
             done,
         });
-        assert_eq!(ok.try_recv().unwrap(), Some(2));
+        assert_eq!(ok.try_recv().unwrap().map(|r| r.sent), Some(2));
         let ids = |rx: &mut mpsc::Receiver<Outbound>| -> Vec<i64> {
             drain(rx)
                 .iter()
@@ -2263,7 +2282,7 @@ mod tests {
             changes: vec![ins("5", "new", 50)],
             done,
         });
-        assert_eq!(ok.try_recv().unwrap(), None);
+        assert!(ok.try_recv().unwrap().is_none());
     }
 
     #[test]

@@ -1155,6 +1155,10 @@ impl SqlClass {
             }
         }
         let (judged, old_image) = gate.images(change)?;
+        // An UPDATE's old row sent without all its values (a key change under
+        // the default replica identity) cannot be judged: its values stay hidden.
+        let unjudged_old =
+            change.kind == ChangeKind::Update && change.old.is_some() && old_image.is_none();
         if open
             .as_ref()
             .is_some_and(|o| o.images.len() >= MAX_BATCH_ROWS)
@@ -1171,10 +1175,15 @@ impl SqlClass {
         });
         o.images.push(judged);
         let row = o.images.len() as u32 - 1;
-        let old = old_image.map(|i| {
-            o.images.push(i);
-            o.images.len() as u32 - 1
-        });
+        let old = match old_image {
+            Some(i) => {
+                o.images.push(i);
+                Some(o.images.len() as u32 - 1)
+            }
+            // No verdict at this position: never seen.
+            None if unjudged_old => Some(u32::MAX),
+            None => None,
+        };
         o.last = Some((change.clone(), row, old));
         let t = Ticket {
             batch: o.batch.clone(),

@@ -174,9 +174,11 @@ pub async fn changes(
         big_numbers_as_strings: shared.config.values.big_numbers_as_strings,
     };
     let reader = log.clone();
-    let page =
-        tokio::task::spawn_blocking(move || read_page(&reader, binding, start, limit, render))
-            .await;
+    let gate = shared.rls.as_ref().map(|r| r.gate());
+    let page = tokio::task::spawn_blocking(move || {
+        read_page(&reader, binding, start, limit, render, gate)
+    })
+    .await;
     match page {
         Ok(Ok(p)) => {
             let mut body =

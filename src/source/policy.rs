@@ -286,10 +286,10 @@ impl PolicyDb {
         images: String,
     ) -> Result<Vec<u32>, CheckError> {
         let sql = format!(
-            "select w.walcast_ord::int4 \
+            "select \"walcast images\".walcast_ord::int4 \
              from pg_catalog.jsonb_array_elements($1::text::jsonb) \
-                  with ordinality as w(walcast_img, walcast_ord) \
-             cross join lateral pg_catalog.jsonb_populate_record(null::{q}.{t}, w.walcast_img) as {t} \
+                  with ordinality as \"walcast images\"(walcast_img, walcast_ord) \
+             cross join lateral pg_catalog.jsonb_populate_record(null::{q}.{t}, \"walcast images\".walcast_img) as {t} \
              where {predicate}",
             q = quote_ident(schema),
             t = quote_ident(table),

@@ -17,6 +17,7 @@ mod realtime_js;
 mod replication;
 mod resume;
 mod rls;
+mod rls_more;
 mod setup;
 mod status;
 mod subscriptions;
