@@ -246,7 +246,6 @@ impl Pipeline {
         // RLS mode: the database's policies (route::rls); a failed check closes
         // its class's channels through the hub.
         let rls = config.auth.rls_on().then(|| {
-            let (failed_tx, mut failed_rx) = mpsc::channel::<(u64, String)>(256);
             let rls = crate::route::rls::Rls::new(
                 c.conn.clone(),
                 crate::route::rls::RlsSettings {
@@ -255,17 +254,20 @@ impl Pipeline {
                     queue: config.auth.rls_queue,
                     compile: config.auth.rls_compile,
                 },
-                failed_tx,
             );
-            let hub = cmd_tx.clone();
-            tasks.spawn(async move {
-                while let Some((class, message)) = failed_rx.recv().await {
-                    if hub
-                        .send(HubCommand::RlsFailed { class, message })
-                        .await
-                        .is_err()
-                    {
-                        break;
+            let (hub, failures) = (cmd_tx.clone(), rls.failures());
+            // Not tracked: it waits for failures for ever and ends with the
+            // runtime (the hub no longer listening ends it sooner).
+            tokio::spawn(async move {
+                loop {
+                    for (class, message) in failures.next().await {
+                        if hub
+                            .send(HubCommand::RlsFailed { class, message })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                 }
             });

@@ -1798,7 +1798,9 @@ fn table_sub_kind(
     let ok = s.events.has(kind)
         && match (&s.bound, row) {
             (Some(f), Some(r)) => f.matches(r),
-            (Some(f), None) => f.is_empty(),
+            // TRUNCATE: only to subscribers who may see every row (a row rule or
+            // an RLS check that judges rows: no).
+            (Some(f), None) => f.is_empty() && s.access.sql.is_none(),
             // A filter that no longer binds to the table matches nothing.
             (None, _) => false,
         };

@@ -58,6 +58,41 @@ use crate::route::auth::{Claims, RowRule};
 use crate::route::filter::Filter;
 use crate::source::policy::{CheckError, Policy, PolicyDb, Principal, TableSecurity};
 
+/// Classes whose check failed, each with the reason, until the hub has closed
+/// their channels: one entry per class, so it is bounded by the live classes
+/// and no failure is ever dropped (a lost notice would leave a channel open
+/// with rows missing).
+#[derive(Default)]
+pub struct Failures {
+    pending: Mutex<HashMap<u64, String>>,
+    notify: Notify,
+}
+
+impl Failures {
+    fn push(&self, class: u64, why: String) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.entry(class).or_insert(why);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits for failures and takes them all.
+    pub async fn next(&self) -> Vec<(u64, String)> {
+        loop {
+            let notified = self.notify.notified();
+            let taken: Vec<(u64, String)> = self
+                .pending
+                .lock()
+                .map(|mut p| p.drain().collect())
+                .unwrap_or_default();
+            if !taken.is_empty() {
+                return taken;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// `system` code of a channel closed because its row-level security check failed.
 pub const RLS_CHECK_FAILED: &str = "RLS_CHECK_FAILED";
 
@@ -118,6 +153,8 @@ pub struct RlsStats {
     pub compiled_joins: AtomicU64,
     pub sql_joins: AtomicU64,
     pub policy_reloads: AtomicU64,
+    /// Changes the SQL path could not judge (a value missing from the image).
+    pub unjudgeable: AtomicU64,
 }
 
 /// A policy's `USING`, parsed into the shapes the compiled path handles.
@@ -171,17 +208,15 @@ pub struct Rls {
     generation: watch::Sender<u64>,
     next_class: AtomicU64,
     gate: Arc<Gate>,
+    failed: Arc<Failures>,
     pub stats: Arc<RlsStats>,
 }
 
 impl Rls {
-    /// RLS mode on `conn`; check failures are reported on `failed` (the hub
-    /// closes the class's channels).
-    pub fn new(
-        conn: PgConnInfo,
-        settings: RlsSettings,
-        failed: mpsc::Sender<(u64, String)>,
-    ) -> Arc<Rls> {
+    /// RLS mode on `conn`; check failures are reported on [`Rls::failures`]
+    /// (the daemon has the hub close the class's channels).
+    pub fn new(conn: PgConnInfo, settings: RlsSettings) -> Arc<Rls> {
+        let failed = Arc::new(Failures::default());
         let db = Arc::new(PolicyDb::new(conn, settings.pool, settings.timeout));
         let stats = Arc::new(RlsStats::default());
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
@@ -210,8 +245,14 @@ impl Rls {
             generation: watch::channel(0).0,
             next_class: AtomicU64::new(1),
             gate,
+            failed,
             stats,
         })
+    }
+
+    /// Classes whose check failed (their channels must be closed).
+    pub fn failures(&self) -> Arc<Failures> {
+        self.failed.clone()
     }
 
     /// The hub's side of the SQL path: sealing batches at commits.
@@ -1173,8 +1214,14 @@ impl SqlClass {
             images: Vec::new(),
             last: None,
         });
-        o.images.push(judged);
-        let row = o.images.len() as u32 - 1;
+        // No verdict at `u32::MAX`: a row that cannot be judged is not sent.
+        let row = match judged {
+            Some(i) => {
+                o.images.push(i);
+                o.images.len() as u32 - 1
+            }
+            None => u32::MAX,
+        };
         let old = match old_image {
             Some(i) => {
                 o.images.push(i);
@@ -1239,7 +1286,7 @@ impl SqlClass {
         for b in batches {
             b.set(Err(why.into()));
         }
-        let _ = gate.failed.try_send((self.id, why.to_string()));
+        gate.failed.push(self.id, why.to_string());
     }
 }
 
@@ -1250,7 +1297,11 @@ const MAX_SEALED_ROWS: usize = 100_000;
 /// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values as
 /// JSON, others as their text output in a JSON string. An unchanged TOASTed
 /// value is taken from the old image when there is one.
-fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
+///
+/// `None` when a value is missing (an unchanged TOASTed value or a non-key
+/// column of a key-only old row, with no full old image to take it from): the
+/// policy could read it, so such a row cannot be judged and is not delivered.
+fn image(table: &Table, row: &Row, old: Option<&Row>) -> Option<String> {
     let mut out = String::with_capacity(64 + row.len() * 16);
     out.push('{');
     let mut first = true;
@@ -1262,7 +1313,7 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
         let text = match cell {
             Some(Cell::Null) => None,
             Some(Cell::Text(b)) => Some(String::from_utf8_lossy(b)),
-            _ => continue,
+            _ => return None,
         };
         if !first {
             out.push(',');
@@ -1277,7 +1328,7 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
         }
     }
     out.push('}');
-    out
+    Some(out)
 }
 
 /// The hub's handle on the SQL path: batches are sealed and handed to the
@@ -1285,14 +1336,15 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> String {
 pub struct Gate {
     pending: Mutex<Vec<Arc<SqlClass>>>,
     jobs: mpsc::Sender<Arc<SqlClass>>,
-    failed: mpsc::Sender<(u64, String)>,
+    failed: Arc<Failures>,
     stats: Arc<RlsStats>,
     /// The last change's images, shared by every class that judges it.
     last: Mutex<Option<(Arc<Change>, Images)>>,
 }
 
-/// A change's judged image and, for an UPDATE, its old image.
-type Images = (Arc<str>, Option<Arc<str>>);
+/// A change's judged image (`None`: it cannot be judged) and, for an UPDATE,
+/// its old image.
+type Images = (Option<Arc<str>>, Option<Arc<str>>);
 
 impl Gate {
     /// Seals every open batch for the workers (never waits).
@@ -1323,11 +1375,12 @@ impl Gate {
             ChangeKind::Delete => change.old.as_ref()?,
             ChangeKind::Truncate => return None,
         };
-        let judged: Arc<str> = image(&change.table, judged, change.old.as_ref()).into();
+        let judged = image(&change.table, judged, change.old.as_ref()).map(Arc::from);
+        if judged.is_none() {
+            self.stats.unjudgeable.fetch_add(1, Ordering::Relaxed);
+        }
         let old = match (change.kind, change.old.as_ref()) {
-            (ChangeKind::Update, Some(old)) if old.iter().all(|c| !matches!(c, Cell::Absent)) => {
-                Some(Arc::from(image(&change.table, old, None)))
-            }
+            (ChangeKind::Update, Some(old)) => image(&change.table, old, None).map(Arc::from),
             _ => None,
         };
         *last = Some((change.clone(), (judged.clone(), old.clone())));
@@ -1341,7 +1394,7 @@ const MAX_QUERY_ROWS: usize = 8_192;
 async fn worker(
     db: Arc<PolicyDb>,
     jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<SqlClass>>>>,
-    failed: mpsc::Sender<(u64, String)>,
+    failed: Arc<Failures>,
     stats: Arc<RlsStats>,
 ) {
     loop {
@@ -1375,9 +1428,16 @@ async fn judge(
     class: &SqlClass,
     batches: Vec<(Arc<Batch>, Vec<Arc<str>>)>,
     rows: usize,
-    failed: &mpsc::Sender<(u64, String)>,
+    failed: &Failures,
     stats: &RlsStats,
 ) {
+    if rows == 0 {
+        // Only rows that cannot be judged: nothing to ask.
+        for (batch, _) in batches {
+            batch.set(Ok(Vec::new()));
+        }
+        return;
+    }
     let mut images = String::with_capacity(2 + rows * 64);
     images.push('[');
     for (i, img) in batches.iter().flat_map(|(_, v)| v.iter()).enumerate() {
@@ -1427,7 +1487,7 @@ async fn judge(
             for (batch, _) in batches {
                 batch.set(Err(why.clone().into()));
             }
-            let _ = failed.send((class.id, why)).await;
+            failed.push(class.id, why);
         }
     }
 }

@@ -552,6 +552,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_rls_check_seconds_total", "Time spent in RLS mode's SQL checks (divide by walcast_rls_checks_total for the mean).", MetricType::COUNTER, None),
     ("walcast_rls_checks_queued", "RLS checks waiting for a connection of the pool (auth.rls_queue at most).", MetricType::GAUGE, None),
     ("walcast_rls_bindings_total", "Bindings judged by RLS mode, by path (compiled: in-memory rule; sql: checked per transaction).", MetricType::COUNTER, Some("path")),
+    ("walcast_rls_unjudgeable_total", "Changes RLS mode's SQL path could not judge and did not deliver: a value missing from the row image (use REPLICA IDENTITY FULL).", MetricType::COUNTER, None),
     ("walcast_rls_policy_reloads_total", "Times policies, privileges or roles changed and every channel was judged again.", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
@@ -612,6 +613,12 @@ impl Collector for SyncCollector {
         let hub = &st.src.hub;
         let ws = &st.src.ws;
         let bc = &st.src.broadcast;
+        let rls = st
+            .src
+            .rls
+            .as_ref()
+            .map(|r| r.stats.clone())
+            .unwrap_or_default();
         let log = st.src.log.as_ref().map(|l| &*l.stats);
         // Size and range of the log, once it is open (the families are left out before).
         let log_stats = st
@@ -746,38 +753,20 @@ impl Collector for SyncCollector {
                     ("gap", n(&st.src.replay.gaps)),
                 ]),
                 "walcast_replayed_changes_total" => one(n(&st.src.replay.changes)),
-                "walcast_rls_checks_total" => st.src.rls.as_ref().map_or(vec![], |r| {
-                    labelled(vec![
-                        ("ok", n(&r.stats.checks_ok)),
-                        ("error", n(&r.stats.checks_failed)),
-                    ])
-                }),
-                "walcast_rls_checked_rows_total" => st
-                    .src
-                    .rls
-                    .as_ref()
-                    .map_or(vec![], |r| one(n(&r.stats.rows_checked))),
-                "walcast_rls_check_seconds_total" => st
-                    .src
-                    .rls
-                    .as_ref()
-                    .map_or(vec![], |r| one(n(&r.stats.check_micros) / 1e6)),
-                "walcast_rls_checks_queued" => st
-                    .src
-                    .rls
-                    .as_ref()
-                    .map_or(vec![], |r| one(n(&r.stats.queued))),
-                "walcast_rls_bindings_total" => st.src.rls.as_ref().map_or(vec![], |r| {
-                    labelled(vec![
-                        ("compiled", n(&r.stats.compiled_joins)),
-                        ("sql", n(&r.stats.sql_joins)),
-                    ])
-                }),
-                "walcast_rls_policy_reloads_total" => st
-                    .src
-                    .rls
-                    .as_ref()
-                    .map_or(vec![], |r| one(n(&r.stats.policy_reloads))),
+                // RLS mode's families read 0 while it is off.
+                "walcast_rls_checks_total" => labelled(vec![
+                    ("ok", n(&rls.checks_ok)),
+                    ("error", n(&rls.checks_failed)),
+                ]),
+                "walcast_rls_checked_rows_total" => one(n(&rls.rows_checked)),
+                "walcast_rls_check_seconds_total" => one(n(&rls.check_micros) / 1e6),
+                "walcast_rls_checks_queued" => one(n(&rls.queued)),
+                "walcast_rls_bindings_total" => labelled(vec![
+                    ("compiled", n(&rls.compiled_joins)),
+                    ("sql", n(&rls.sql_joins)),
+                ]),
+                "walcast_rls_policy_reloads_total" => one(n(&rls.policy_reloads)),
+                "walcast_rls_unjudgeable_total" => one(n(&rls.unjudgeable)),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),
                     ("rejected", n(&bc.presence_rejected)),
