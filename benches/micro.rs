@@ -16,6 +16,15 @@
 //!   log (written, not synced: syncing is batched off the path), and reading them
 //!   back with a cursor as a replay does, in changes/s.
 //!
+//! The stages a drain crosses, each over the changes of the captured corpus (its
+//! tables typed as the catalog would type them), in changes/s: `decode` (above),
+//! `assemble` (decoded messages → transactions and changes, `Assembler::apply`),
+//! `log_append` (a change encoded for the change log, then whole transactions
+//! encoded and appended as the log stage does, not synced), `route` (above),
+//! `row_json` (a change's `data` as the hub encodes it once per change, and its
+//! `walcast tail` line), `frame` (the `postgres_changes` frame the connection
+//! writer assembles around that `data`).
+//!
 //! Run: `cargo bench --bench micro` (add `-- <group>` to pick one).
 //!
 //! `WALCAST_COUNT=<case>` runs a fixed number of routes of one case instead (for
@@ -29,9 +38,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use tokio::sync::{mpsc, oneshot};
 
-use walcast::decode::event::{AllColumns, Cell, Change, ChangeKind, Row, TxnInfo};
+use walcast::decode::assembler::Assembler;
+use walcast::decode::event::{AllColumns, Cell, Change, ChangeKind, Item, Row, TxnInfo};
 use walcast::decode::pgoutput::{self, PgTimestamp, RelId, ReplicaIdentity, Xid};
-use walcast::decode::relation::{Column, Table};
+use walcast::decode::relation::{Column, Table, TypeCatalog};
 use walcast::decode::value::{self, PgType, RenderOptions, TypeKind};
 use walcast::deliver::frame::Vsn;
 use walcast::lsn::Lsn;
@@ -513,13 +523,261 @@ fn bench_changelog(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The corpus's pgoutput messages, decoded.
+fn corpus_messages() -> Vec<pgoutput::Message> {
+    walcast::testing::read_capture(CORPUS)
+        .expect("benches/fixtures/pgoutput.bin")
+        .iter()
+        .map(|m| pgoutput::decode(m).expect("the corpus decodes"))
+        .collect()
+}
+
+/// The type of a built-in OID, as the catalog would give it (the corpus's
+/// tables use these; an enum renders as text, as from the catalog).
+fn builtin_type(oid: u32) -> Arc<PgType> {
+    let base = |name: &str| scalar(oid, name);
+    match oid {
+        16 => base("bool"),
+        17 => base("bytea"),
+        20 => base("int8"),
+        21 => base("int2"),
+        23 => base("int4"),
+        25 => base("text"),
+        114 => base("json"),
+        700 => base("float4"),
+        701 => base("float8"),
+        1043 => base("varchar"),
+        1082 => base("date"),
+        1114 => base("timestamp"),
+        1184 => base("timestamptz"),
+        1700 => base("numeric"),
+        2950 => base("uuid"),
+        3802 => base("jsonb"),
+        1007 => array_of(oid, "_int4", scalar(23, "int4")),
+        1009 => array_of(oid, "_text", scalar(25, "text")),
+        _ => Arc::new(PgType::new(oid, &format!("oid{oid}"), TypeKind::Text)),
+    }
+}
+
+/// The corpus as transactions of changes, each table's columns typed with
+/// [`builtin_type`] (the assembler alone, without a catalog, types every column
+/// as text).
+fn corpus_transactions() -> Vec<(TxnInfo, Lsn, Vec<Arc<Change>>)> {
+    let mut asm = Assembler::default();
+    let mut types = TypeCatalog::default();
+    let mut typed: std::collections::HashMap<RelId, Arc<Table>> = Default::default();
+    let mut retype = |t: &Arc<Table>| {
+        typed
+            .entry(t.id)
+            .or_insert_with(|| {
+                Arc::new(Table {
+                    id: t.id,
+                    schema: t.schema.clone(),
+                    name: t.name.clone(),
+                    replica_identity: t.replica_identity,
+                    json: Default::default(),
+                    columns: t
+                        .columns
+                        .iter()
+                        .map(|c| Column {
+                            name: c.name.clone(),
+                            ty: builtin_type(c.ty.oid.0),
+                            key: c.key,
+                        })
+                        .collect(),
+                })
+            })
+            .clone()
+    };
+    let mut txns = Vec::new();
+    let mut open: Vec<Arc<Change>> = Vec::new();
+    for m in corpus_messages() {
+        let Some(item) = asm.apply(m, &mut types).expect("the corpus assembles") else {
+            continue;
+        };
+        let mut push = |c: &Change| {
+            open.push(Arc::new(Change {
+                txn: c.txn,
+                table: retype(&c.table),
+                kind: c.kind,
+                new: c.new.clone(),
+                old: c.old.clone(),
+            }))
+        };
+        match item {
+            Item::Change(c) => push(&c),
+            Item::Truncate(cs) => cs.iter().for_each(|c| push(c)),
+            Item::Commit { info, end_lsn } => txns.push((info, end_lsn, std::mem::take(&mut open))),
+            _ => {}
+        }
+    }
+    assert!(!txns.is_empty(), "no transaction in the corpus");
+    txns
+}
+
+fn corpus_changes() -> Vec<Arc<Change>> {
+    corpus_transactions()
+        .into_iter()
+        .flat_map(|(_, _, cs)| cs)
+        .collect()
+}
+
+/// Decoded messages → items: framing checks, relation lookup, row building.
+fn bench_assemble(c: &mut Criterion) {
+    let msgs = corpus_messages();
+    let changes = corpus_changes().len() as u64;
+    let mut g = c.benchmark_group("assemble");
+    g.throughput(Throughput::Elements(changes));
+    g.bench_function("corpus", |b| {
+        b.iter_batched(
+            || msgs.clone(),
+            |msgs| {
+                let mut asm = Assembler::default();
+                let mut types = TypeCatalog::default();
+                let mut items = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    items.push(asm.apply(m, &mut types).expect("assembles"));
+                }
+                // Dropped outside the timed part.
+                items
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+/// The change log stage's work per change: the entry encoded, then whole
+/// transactions encoded and appended (begin / append / commit; not synced).
+fn bench_log_append(c: &mut Criterion) {
+    use walcast::changelog::{codec, ChangeLog, LogIdentity, LogOptions};
+    let txns = corpus_transactions();
+    let changes: Vec<Arc<Change>> = txns.iter().flat_map(|t| t.2.iter().cloned()).collect();
+    let mut g = c.benchmark_group("log_append");
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("encode", |b| {
+        let mut scratch = Vec::with_capacity(4096);
+        b.iter(|| {
+            let mut bytes = 0;
+            for ch in &changes {
+                scratch.clear();
+                codec::encode_change(&mut scratch, 1, black_box(ch));
+                bytes += scratch.len();
+            }
+            black_box(bytes)
+        })
+    });
+    let dir = std::env::temp_dir().join(format!("walcast-bench-logappend-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // 256 MB kept at most: older segments go between samples (untimed).
+    let opts = LogOptions::new(&dir, 256 << 20, Duration::from_secs(3600));
+    let ident = LogIdentity {
+        system_id: "bench".into(),
+        slot: "bench".into(),
+    };
+    let (mut log, _) = ChangeLog::open(opts, ident, Lsn(1)).expect("open log");
+    let mut scratch = Vec::with_capacity(4096);
+    let mut next = 1u64;
+    g.bench_function("encode_and_append", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                for (info, _, cs) in &txns {
+                    next += 1;
+                    log.begin(Lsn(next * 1000), info.commit_time.unix_micros(), info.xid.0)
+                        .expect("begin");
+                    for ch in cs {
+                        let id = log.table_id(&ch.table).expect("table id");
+                        scratch.clear();
+                        codec::encode_change(&mut scratch, id, ch);
+                        log.append(&scratch).expect("append");
+                    }
+                    log.commit(Lsn(next * 1000 + 8)).expect("commit");
+                }
+                total += start.elapsed();
+                log.retain(walcast::changelog::now_micros())
+                    .expect("retain");
+            }
+            total
+        })
+    });
+    g.finish();
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A change's JSON: the `data` the hub encodes once per change for every
+/// subscriber (`to_supabase_data`), and the `walcast tail` line.
+fn bench_row_json(c: &mut Criterion) {
+    let changes = corpus_changes();
+    let opts = RenderOptions::default();
+    let mut g = c.benchmark_group("row_json");
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("supabase_data", |b| {
+        let mut out = String::with_capacity(4096);
+        b.iter(|| {
+            let mut bytes = 0;
+            for ch in &changes {
+                out.clear();
+                black_box(ch).to_supabase_data(&mut out, &AllColumns, opts, false);
+                bytes += out.len();
+            }
+            black_box(bytes)
+        })
+    });
+    g.bench_function("tail_line", |b| {
+        b.iter(|| {
+            let mut bytes = 0;
+            for ch in &changes {
+                bytes += black_box(ch).to_tail_json(opts).len();
+            }
+            black_box(bytes)
+        })
+    });
+    g.finish();
+}
+
+/// The frame the connection writer builds per change and channel around the
+/// change's shared `data` (one binding id), protocol 1.0.0 and 2.0.0.
+fn bench_frame(c: &mut Criterion) {
+    let datas: Vec<Arc<str>> = corpus_changes()
+        .iter()
+        .map(|ch| {
+            let mut out = String::new();
+            ch.to_supabase_data(&mut out, &AllColumns, RenderOptions::default(), false);
+            Arc::from(out)
+        })
+        .collect();
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Elements(datas.len() as u64));
+    for (name, vsn) in [("v1", Vsn::V1), ("v2", Vsn::V2)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut bytes = 0;
+                for data in &datas {
+                    bytes += walcast::deliver::socket::change_frame(
+                        vsn,
+                        black_box("realtime:orders"),
+                        &[1_234_567],
+                        data,
+                    )
+                    .len();
+                }
+                black_box(bytes)
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = bench_decode, bench_values, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode, bench_changelog
+    targets = bench_decode, bench_assemble, bench_log_append, bench_values, bench_row_json, bench_filter, bench_route, bench_route_fanout, bench_leave, bench_fanout_encode, bench_frame, bench_changelog
 }
 
 // Counting mode: a fixed number of routes of one case, for callgrind (instruction

@@ -1,8 +1,10 @@
 //! `walcast-bench`: end-to-end benchmarks against a live throwaway cluster.
 //!
 //! ```text
-//! cargo run --release --bin walcast-bench -- <case|all> [--quick] [--rate=N] [--no-log]
-//! cases: drain latency fanout routing connections replay   (capture: rewrite the decode corpus)
+//! cargo run --release --bin walcast-bench -- <case|all> [--quick] [--runs N] [--rate=N] [--no-log]
+//! cases: drain tail latency fanout routing connections replay   (capture: rewrite the decode corpus)
+//! --runs N: run each case N times (a fresh cluster each time) and report per figure
+//!           the median and the spread (min–max); default 1
 //! --rate=N: commits/s of the fanout case (default 100), to find the rate it sustains
 //! --no-log: run walcast without its change log (`[log] dir = ""`; on by default)
 //! ```
@@ -11,7 +13,8 @@
 //! runs `walcast serve` (the binary built beside this one) and a WebSocket load
 //! generator in this process, and prints one table: the figure, the baseline
 //! measured in the same run (`pg_recvlogical` for the drain and as the latency
-//! floor), their ratio and the target. `--quick` runs every case at a tiny scale
+//! floor), their ratio and the target, then the commit and the machine's load
+//! average at the start and the end. `--quick` runs every case at a tiny scale
 //! to prove it works (CI).
 //! The method and the latest figures are in BENCHMARKS.md.
 
@@ -25,17 +28,73 @@ mod env;
 mod relay;
 #[path = "walcast_bench/rls.rs"]
 mod rls;
+#[path = "walcast_bench/summary.rs"]
+mod summary;
 
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 
+/// A cell of the results table: text, or a number with its format, so that the
+/// runs of `--runs N` can be summarised (median, min–max).
+#[derive(Clone)]
+pub enum Cell {
+    Text(String),
+    Num {
+        /// Printed before the number (the baseline's name).
+        label: String,
+        x: f64,
+        fmt: fn(f64) -> String,
+    },
+}
+
+impl Cell {
+    pub fn num(x: f64, fmt: fn(f64) -> String) -> Cell {
+        Cell::labelled("", x, fmt)
+    }
+
+    pub fn labelled(label: &str, x: f64, fmt: fn(f64) -> String) -> Cell {
+        Cell::Num {
+            label: label.to_string(),
+            x,
+            fmt,
+        }
+    }
+
+    fn show(&self) -> String {
+        match self {
+            Cell::Text(t) => t.clone(),
+            Cell::Num { label, x, fmt } => labelled(label, fmt(*x)),
+        }
+    }
+}
+
+fn labelled(label: &str, v: String) -> String {
+    if label.is_empty() {
+        v
+    } else {
+        format!("{label} {v}")
+    }
+}
+
+impl From<String> for Cell {
+    fn from(s: String) -> Cell {
+        Cell::Text(s)
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(s: &str) -> Cell {
+        Cell::Text(s.to_string())
+    }
+}
+
 /// One line of the results table.
 pub struct Figure {
     case: &'static str,
     name: String,
-    value: String,
-    baseline: String,
+    value: Cell,
+    baseline: Cell,
     /// walcast ÷ baseline (or as the figure says).
     ratio: Option<f64>,
     target: String,
@@ -46,8 +105,8 @@ impl Figure {
     pub fn new(
         case: &'static str,
         name: impl Into<String>,
-        value: impl Into<String>,
-        baseline: impl Into<String>,
+        value: impl Into<Cell>,
+        baseline: impl Into<Cell>,
         ratio: Option<f64>,
         target: impl Into<String>,
         met: Option<bool>,
@@ -62,10 +121,27 @@ impl Figure {
             met,
         }
     }
+
+    fn row(&self) -> [String; 7] {
+        [
+            self.case.to_string(),
+            self.name.clone(),
+            self.value.show(),
+            self.baseline.show(),
+            self.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+            self.target.clone(),
+            match self.met {
+                Some(true) => "yes".into(),
+                Some(false) => "NO".into(),
+                None => String::new(),
+            },
+        ]
+    }
 }
 
 const CASES: &[&str] = &[
     "drain",
+    "tail",
     "latency",
     "fanout",
     "routing",
@@ -76,35 +152,18 @@ const CASES: &[&str] = &[
 
 fn usage() -> String {
     format!(
-        "usage: walcast-bench <{}|all|capture> [--quick] [--rate=N (fanout commits/s)] [--no-log]",
+        "usage: walcast-bench <{}|all|capture> [--quick] [--runs N] [--rate=N (fanout commits/s)] [--no-log]",
         CASES.join("|")
     )
 }
 
-fn print_table(figs: &[Figure]) {
-    let rows: Vec<[String; 7]> = figs
-        .iter()
-        .map(|f| {
-            [
-                f.case.to_string(),
-                f.name.clone(),
-                f.value.clone(),
-                f.baseline.clone(),
-                f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
-                f.target.clone(),
-                match f.met {
-                    Some(true) => "yes".into(),
-                    Some(false) => "NO".into(),
-                    None => String::new(),
-                },
-            ]
-        })
-        .collect();
+/// The results table (markdown) of `rows`.
+fn table(rows: &[[String; 7]]) -> String {
     let head = [
         "case", "figure", "walcast", "baseline", "ratio", "target", "met",
     ];
     let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
@@ -115,25 +174,27 @@ fn print_table(figs: &[Figure]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
             .collect();
-        println!("| {} |", parts.join(" | "));
+        format!("| {} |\n", parts.join(" | "))
     };
-    line(head.to_vec());
-    println!(
-        "|{}|",
+    let mut out = line(head.to_vec());
+    out.push_str(&format!(
+        "|{}|\n",
         widths
             .iter()
             .map(|w| "-".repeat(w + 2))
             .collect::<Vec<_>>()
             .join("|")
-    );
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
+    ));
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
+    out
 }
 
 async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
     let figs = match name {
         "drain" => cases::drain(quick).await?,
+        "tail" => cases::tail(quick).await?,
         "latency" => cases::latency(quick).await?,
         "fanout" => cases::fanout(quick, rate).await?,
         "routing" => cases::routing(quick).await?,
@@ -146,32 +207,69 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
     Ok(figs)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let no_log = args.iter().any(|a| a == "--no-log");
-    let mut rate = None;
-    for a in args.iter().filter(|a| a.starts_with("--")) {
-        if let Some(v) = a.strip_prefix("--rate=") {
+struct Options {
+    case: String,
+    quick: bool,
+    no_log: bool,
+    rate: Option<u64>,
+    runs: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        case: String::new(),
+        quick: false,
+        no_log: false,
+        rate: None,
+        runs: 1,
+    };
+    let mut names = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--quick" {
+            o.quick = true;
+        } else if a == "--no-log" {
+            o.no_log = true;
+        } else if let Some(v) = a.strip_prefix("--rate=") {
             let r: u64 = v
                 .parse()
                 .with_context(|| format!("--rate={v}: not a number"))?;
             ensure!(r > 0, "--rate must be at least 1");
-            rate = Some(r);
-        } else if a != "--quick" && a != "--no-log" {
+            o.rate = Some(r);
+        } else if a == "--runs" || a.starts_with("--runs=") {
+            let v = match a.strip_prefix("--runs=") {
+                Some(v) => v.to_string(),
+                None => it.next().context("--runs needs a number")?.clone(),
+            };
+            let n: usize = v
+                .parse()
+                .with_context(|| format!("--runs {v}: not a number"))?;
+            ensure!((1..=100).contains(&n), "--runs must be 1 to 100");
+            o.runs = n;
+        } else if a.starts_with("--") {
             bail!("unknown option {a}; {}", usage());
+        } else {
+            names.push(a.clone());
         }
     }
-    let names: Vec<&str> = args
-        .iter()
-        .filter(|a| !a.starts_with("--"))
-        .map(String::as_str)
-        .collect();
     let [case] = names.as_slice() else {
         bail!("{}", usage());
     };
-    let list: Vec<&str> = if *case == "all" {
+    o.case = case.clone();
+    Ok(o)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Options {
+        case,
+        quick,
+        no_log,
+        rate,
+        runs,
+    } = parse_args(&args)?;
+    let list: Vec<&str> = if case == "all" {
         // Without the log there is nothing to replay.
         CASES
             .iter()
@@ -179,31 +277,56 @@ async fn main() -> Result<()> {
             .filter(|c| !(no_log && *c == "replay"))
             .collect()
     } else {
-        vec![case]
+        vec![case.as_str()]
     };
     env::walcast_binary()?;
     env::set_log_off(no_log);
-    eprintln!("walcast's change log: {}", env::log_label());
+    let commit = summary::commit();
+    let load_start = summary::load_average();
+    let started_at = summary::utc_now();
+    eprintln!(
+        "walcast's change log: {}; commit {commit}; load average {load_start}",
+        env::log_label()
+    );
     let start = Instant::now();
-    let mut figs = Vec::new();
+    // One entry per run of a case: that run's figures.
+    let mut results: Vec<Vec<Figure>> = Vec::new();
     let mut failed = Vec::new();
     for c in list {
-        eprintln!("== {c}{}", if quick { " (quick)" } else { "" });
-        let t = Instant::now();
-        match run_case(c, quick, rate).await {
-            Ok(f) => figs.extend(f),
-            Err(e) => {
-                eprintln!("{c}: FAILED: {e:#}");
-                failed.push(c);
+        for r in 1..=runs {
+            let of = if runs > 1 {
+                format!(" run {r} of {runs}")
+            } else {
+                String::new()
+            };
+            eprintln!("== {c}{of}{}", if quick { " (quick)" } else { "" });
+            let t = Instant::now();
+            match run_case(c, quick, rate).await {
+                Ok(f) => {
+                    if runs > 1 {
+                        eprint!("{}", table(&f.iter().map(Figure::row).collect::<Vec<_>>()));
+                    }
+                    results.push(f);
+                }
+                Err(e) => {
+                    eprintln!("{c}{of}: FAILED: {e:#}");
+                    failed.push(format!("{c}{of}"));
+                }
             }
+            eprintln!("== {c}{of} took {:.1} s", t.elapsed().as_secs_f64());
         }
-        eprintln!("== {c} took {:.1} s", t.elapsed().as_secs_f64());
     }
+    let load_end = summary::load_average();
     println!();
-    print_table(&figs);
+    if runs > 1 {
+        println!("Each figure: median (min–max) over {runs} runs; ratio: each run's, then their median.\n");
+    }
+    print!("{}", table(&summary::summarise(&results)));
     println!(
-        "\n{} case(s) in {:.0} s{}",
-        figs.iter()
+        "\n{} case(s) × {runs} run(s) in {:.0} s, started {started_at}, commit {commit}{}",
+        results
+            .iter()
+            .flatten()
             .map(|f| f.case)
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
@@ -214,6 +337,7 @@ async fn main() -> Result<()> {
             ""
         }
     );
+    println!("load average (1 / 5 / 15 min): {load_start} at the start, {load_end} at the end");
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }

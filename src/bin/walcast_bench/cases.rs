@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{self, Received};
 use super::env::{self, exec, Env};
 use super::relay::Relay;
-use super::Figure;
+use super::{Cell, Figure};
 
 /// The prefix of the end marker written with `pg_logical_emit_message`.
 const END_MARKER: &str = "walcast-bench-end";
@@ -35,8 +35,44 @@ fn thousands(x: f64) -> String {
     }
 }
 
-fn ms(us: u32) -> String {
-    format!("{:.2} ms", f64::from(us) / 1000.0)
+/// Formats of numeric cells (see `Cell`): seconds, µs, ms, KB, MB.
+fn f_secs(x: f64) -> String {
+    format!("{x:.2} s")
+}
+
+fn f_us(x: f64) -> String {
+    format!("{x:.2} µs")
+}
+
+fn f_ms(x: f64) -> String {
+    format!("{x:.2} ms")
+}
+
+fn f_ms1(x: f64) -> String {
+    format!("{x:.1} ms")
+}
+
+fn f_kb(x: f64) -> String {
+    format!("{x:.1} KB")
+}
+
+fn f_mb(x: f64) -> String {
+    format!("{x:.0} MB")
+}
+
+/// A rate in rows/s.
+fn f_rows(x: f64) -> String {
+    format!("{} rows/s", thousands(x))
+}
+
+/// A duration as a seconds cell.
+fn secs_cell(d: Duration) -> Cell {
+    Cell::num(d.as_secs_f64(), f_secs)
+}
+
+/// CPU time per change, in µs.
+fn per_change(cpu: Duration, n: u64) -> Cell {
+    Cell::num(cpu.as_secs_f64() * 1e6 / n.max(1) as f64, f_us)
 }
 
 /// Waits until `count` reaches `want` (polled every 2 ms) or `limit` passes; returns when it did.
@@ -88,8 +124,13 @@ fn rec_workload(inserts: u64, updates: u64) -> Vec<String> {
 }
 
 /// Times `pg_recvlogical` draining `slot` through a relay, from the stream's start
-/// to the end marker in its output.
-async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(Duration, u64)> {
+/// to the end marker in its output; returns that time, the bytes it wrote and the
+/// CPU time it spent meanwhile.
+async fn drain_pg_recvlogical(
+    env: &Env,
+    slot: &str,
+    end_lsn: &str,
+) -> Result<(Duration, u64, Duration)> {
     let relay = Relay::start(env.cluster.port()).await?;
     let conn = format!(
         "host=127.0.0.1 port={} dbname={} user=postgres sslmode=disable",
@@ -119,7 +160,9 @@ async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(D
         .spawn()
         .context("spawn pg_recvlogical")?;
     let mut out = child.stdout.take().context("stdout")?;
+    let pid = child.id().unwrap_or(0);
     relay.stream_started(Duration::from_secs(60)).await?;
+    let cpu0 = env::proc_cpu(pid);
     let t0 = relay.release();
     let marker = END_MARKER.as_bytes();
     let mut buf = vec![0u8; 256 * 1024];
@@ -143,9 +186,59 @@ async fn drain_pg_recvlogical(env: &Env, slot: &str, end_lsn: &str) -> Result<(D
     })
     .await
     .context("pg_recvlogical did not reach the end marker")??;
+    let cpu = env::proc_cpu(pid).saturating_sub(cpu0);
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    Ok((found - t0, bytes))
+    Ok((found - t0, bytes, cpu))
+}
+
+/// Times `walcast tail` draining `slot` through a relay into a pipe this driver
+/// reads (so its stdout is not a terminal, as with `walcast tail > file`), from
+/// the stream's release until `expected` lines (one per change) arrived; returns
+/// that time, the CPU time tail spent meanwhile and the bytes it wrote.
+async fn drain_tail(env: &Env, slot: &str, expected: u64) -> Result<(Duration, Duration, u64)> {
+    let relay = Relay::start(env.cluster.port()).await?;
+    let mut child = tokio::process::Command::new(env::walcast_binary()?)
+        .args(["tail", "--database-url", &env.url_via(relay.port)])
+        .args(["--slot", slot, "--publication", "pub"])
+        .env("WALCAST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn walcast tail")?;
+    let pid = child.id().unwrap_or(0);
+    let mut out = child.stdout.take().context("stdout")?;
+    tokio::select! {
+        r = relay.stream_started(Duration::from_secs(60)) => { r?; }
+        status = child.wait() => bail!("walcast tail exited before its stream started: {status:?}"),
+    }
+    let cpu0 = env::proc_cpu(pid);
+    let t0 = relay.release();
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    let done = tokio::time::timeout(DELIVERY_LIMIT, async {
+        while lines < expected {
+            let n = out.read(&mut buf).await?;
+            if n == 0 {
+                bail!("walcast tail ended after {lines} of {expected} lines");
+            }
+            bytes += n as u64;
+            lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        Ok(Instant::now())
+    })
+    .await
+    .with_context(|| format!("walcast tail did not print {expected} lines"))??;
+    let cpu = env::proc_cpu(pid).saturating_sub(cpu0);
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    ensure!(
+        lines == expected,
+        "walcast tail printed {lines} lines for {expected} changes"
+    );
+    Ok((done - t0, cpu, bytes))
 }
 
 /// Times walcast draining `slot` to clients: the relay holds the stream until
@@ -219,20 +312,28 @@ async fn clients(
     Ok(tasks)
 }
 
-pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
-    let (inserts, updates) = if quick {
+/// The drain workload: (INSERTs, UPDATEs) of `rec`, in transactions of 1,000.
+fn drain_scale(quick: bool) -> (u64, u64) {
+    if quick {
         (10_000, 5_000)
     } else {
         (1_000_000, 500_000)
-    };
-    let env = Env::start().await?;
+    }
+}
+
+/// Creates `rec` and a pgoutput slot per name of `slots`, writes the drain
+/// workload, then the end marker; returns the marker's LSN.
+async fn drain_setup(env: &Env, case: &str, quick: bool, slots: &[&str]) -> Result<String> {
+    let (inserts, updates) = drain_scale(quick);
     let sql = env.sql().await?;
     exec(&sql, &[REC_TABLE.into()]).await?;
-    sql.batch_execute(
-        "select pg_create_logical_replication_slot('s_recv', 'pgoutput'); \
-         select pg_create_logical_replication_slot('s_walcast', 'pgoutput')",
-    )
-    .await?;
+    for slot in slots {
+        sql.execute(
+            "select pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[slot],
+        )
+        .await?;
+    }
     let write = exec(&sql, &rec_workload(inserts, updates)).await?;
     let end: String = sql
         .query_one(
@@ -241,12 +342,20 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
         )
         .await?
         .get(0);
-    eprintln!("drain: workload written in {}", secs(write));
-    let (base, bytes) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
+    eprintln!("{case}: workload written in {}", secs(write));
+    Ok(end)
+}
+
+pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
+    let (inserts, updates) = drain_scale(quick);
+    let env = Env::start().await?;
+    let end = drain_setup(&env, "drain", quick, &["s_recv", "s_walcast"]).await?;
+    let (base, bytes, base_cpu) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
     eprintln!(
-        "drain: pg_recvlogical {} ({} MB)",
+        "drain: pg_recvlogical {} ({} MB, its CPU {})",
         secs(base),
-        bytes / 1_000_000
+        bytes / 1_000_000,
+        secs(base_cpu)
     );
     let expected = inserts + updates;
     let (ours, cpu) = drain_walcast(
@@ -279,8 +388,8 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
                 thousands(updates as f64),
                 env::log_label()
             ),
-            secs(ours),
-            format!("pg_recvlogical {}", secs(base)),
+            secs_cell(ours),
+            Cell::labelled("pg_recvlogical", base.as_secs_f64(), f_secs),
             Some(ratio),
             format!("≤ {target}×"),
             Some(ratio <= target),
@@ -288,8 +397,8 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "drain",
             "changes/s delivered",
-            thousands(per_sec(expected, ours)),
-            format!("{} rows/s", thousands(per_sec(expected, base))),
+            Cell::num(per_sec(expected, ours), thousands),
+            Cell::num(per_sec(expected, base), f_rows),
             Some(per_sec(expected, ours) / per_sec(expected, base)),
             "",
             None,
@@ -298,8 +407,84 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "drain",
             "walcast CPU per change",
-            format!("{:.2} µs", cpu.as_secs_f64() * 1e6 / expected as f64),
-            "—",
+            per_change(cpu, expected),
+            Cell::labelled(
+                "pg_recvlogical",
+                base_cpu.as_secs_f64() * 1e6 / expected as f64,
+                f_us,
+            ),
+            None,
+            "",
+            None,
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// tail
+
+/// `walcast tail` (JSON lines on stdout, buffered when stdout is not a terminal)
+/// draining the drain case's workload into a pipe read by this driver, against
+/// `pg_recvlogical` draining a slot of the same shape to its pipe; both through a
+/// gating relay, timed from the release.
+pub async fn tail(quick: bool) -> Result<Vec<Figure>> {
+    let (inserts, updates) = drain_scale(quick);
+    let expected = inserts + updates;
+    let env = Env::start().await?;
+    let end = drain_setup(&env, "tail", quick, &["s_recv", "s_tail"]).await?;
+    let (base, base_bytes, base_cpu) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
+    eprintln!(
+        "tail: pg_recvlogical {} ({} MB, its CPU {})",
+        secs(base),
+        base_bytes / 1_000_000,
+        secs(base_cpu)
+    );
+    let (ours, cpu, bytes) = drain_tail(&env, "s_tail", expected).await?;
+    eprintln!(
+        "tail: walcast tail {} ({} MB, its CPU {})",
+        secs(ours),
+        bytes / 1_000_000,
+        secs(cpu)
+    );
+    let ratio = ours.as_secs_f64() / base.as_secs_f64();
+    let us = |cpu: Duration| cpu.as_secs_f64() * 1e6 / expected as f64;
+    Ok(vec![
+        Figure::new(
+            "tail",
+            format!(
+                "walcast tail: drain {} INSERT + {} UPDATE (RI FULL) into a pipe",
+                thousands(inserts as f64),
+                thousands(updates as f64),
+            ),
+            secs_cell(ours),
+            Cell::labelled("pg_recvlogical", base.as_secs_f64(), f_secs),
+            Some(ratio),
+            "≤ 1.2×",
+            Some(ratio <= 1.2),
+        ),
+        Figure::new(
+            "tail",
+            "lines (changes)/s written",
+            Cell::num(per_sec(expected, ours), thousands),
+            Cell::num(per_sec(expected, base), f_rows),
+            Some(base.as_secs_f64() / ours.as_secs_f64()),
+            "",
+            None,
+        ),
+        Figure::new(
+            "tail",
+            "CPU per change (tail's process; pg_recvlogical's)",
+            Cell::num(us(cpu), f_us),
+            Cell::labelled("pg_recvlogical", us(base_cpu), f_us),
+            Some(cpu.as_secs_f64() / base_cpu.as_secs_f64().max(1e-9)),
+            "",
+            None,
+        ),
+        Figure::new(
+            "tail",
+            "bytes written to the pipe (JSON lines; pgoutput)",
+            Cell::num(bytes as f64 / 1e6, f_mb),
+            Cell::labelled("pg_recvlogical", base_bytes as f64 / 1e6, f_mb),
             None,
             "",
             None,
@@ -402,21 +587,21 @@ fn latency_figures(
             let target = targets.get(i).copied().unwrap_or(0);
             let (baseline, ratio) = match floor {
                 Some((label, f)) => (
-                    format!("{label} {}", ms(f[i])),
+                    Cell::labelled(label, f64::from(f[i]) / 1000.0, f_ms),
                     (f[i] > 0).then(|| q[i] as f64 / f[i] as f64),
                 ),
-                None => ("—".to_string(), None),
+                None => (Cell::from("—"), None),
             };
             Figure::new(
                 case,
                 format!("{what} {name}"),
-                ms(q[i]),
+                Cell::num(f64::from(q[i]) / 1000.0, f_ms),
                 baseline,
                 ratio,
                 if target == 0 {
                     String::new()
                 } else {
-                    format!("≤ {}", ms(target))
+                    format!("≤ {}", f_ms(f64::from(target) / 1000.0))
                 },
                 (target > 0).then_some(q[i] <= target),
             )
@@ -499,7 +684,7 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
             figs.push(Figure::new(
                 "latency",
                 format!("commit → queued by walcast {q} (its histogram, bucket bound)"),
-                format!("≤ {v} ms"),
+                Cell::labelled("≤", v, |x| format!("{x} ms")),
                 "—",
                 None,
                 "",
@@ -714,7 +899,7 @@ pub async fn fanout(quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
         Figure::new(
             "fanout",
             format!("{conns} connections × {rate} commits/s, delivered msg/s"),
-            thousands(rate_out),
+            Cell::num(rate_out, thousands),
             format!("offered {}", thousands((rate * conns) as f64)),
             Some(rate_out / (rate * conns) as f64),
             "≥ 500k",
@@ -732,9 +917,9 @@ pub async fn fanout(quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
         Figure::new(
             "fanout",
             "walcast CPU per 1k deliveries",
-            format!(
-                "{:.1} ms",
-                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9)
+            Cell::num(
+                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9),
+                f_ms1,
             ),
             "—",
             None,
@@ -821,8 +1006,8 @@ pub async fn routing(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "routing",
             format!("changes/s with {} eq subscriptions", thousands(big as f64)),
-            thousands(thr(d_big)),
-            format!("{} with 100", thousands(thr(d_small))),
+            Cell::num(thr(d_big), thousands),
+            Cell::labelled("with 100:", thr(d_small), thousands),
             Some(ratio),
             "≥ 0.8",
             Some(ratio >= 0.8),
@@ -830,8 +1015,12 @@ pub async fn routing(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "routing",
             "walcast CPU per change, 100 vs big (inverse ratio)",
-            format!("{:.2} µs", cpu_big.as_secs_f64() * 1e6 / rows as f64),
-            format!("{:.2} µs", cpu_small.as_secs_f64() * 1e6 / rows as f64),
+            per_change(cpu_big, rows),
+            Cell::labelled(
+                "with 100:",
+                cpu_small.as_secs_f64() * 1e6 / rows as f64,
+                f_us,
+            ),
             Some(cpu_ratio),
             "≥ 0.8",
             Some(cpu_ratio >= 0.8),
@@ -900,8 +1089,8 @@ pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "connections",
             format!("RSS per idle connection + 1 channel ({n} conns)"),
-            format!("{per_conn_kb:.1} KB"),
-            format!("{} MB idle", rss0 / 1024),
+            Cell::num(per_conn_kb, f_kb),
+            Cell::labelled("idle process", rss0 as f64 / 1024.0, f_mb),
             None,
             "≤ 20 KB",
             Some(per_conn_kb <= 20.0),
@@ -909,7 +1098,7 @@ pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "connections",
             "joins/s (all connections joining at once)",
-            thousands(joins_per_s),
+            Cell::num(joins_per_s, thousands),
             "—",
             None,
             "≥ 5,000/s",
@@ -918,7 +1107,7 @@ pub async fn connections(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "connections",
             "WebSocket connects/s (64 in flight)",
-            thousands(per_sec(n as u64, connect_time)),
+            Cell::num(per_sec(n as u64, connect_time), thousands),
             "—",
             None,
             "",
@@ -1025,7 +1214,7 @@ pub async fn replay(quick: bool) -> Result<Vec<Figure>> {
         rss0 / 1024,
         rss1 / 1024
     );
-    let (base, bytes) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
+    let (base, bytes, _) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
     eprintln!(
         "replay: pg_recvlogical re-read the slot in {} ({} MB)",
         secs(base),
@@ -1041,8 +1230,8 @@ pub async fn replay(quick: bool) -> Result<Vec<Figure>> {
                 thousands(n as f64),
                 got.transactions
             ),
-            secs(took),
-            format!("pg_recvlogical {}", secs(base)),
+            secs_cell(took),
+            Cell::labelled("pg_recvlogical", base.as_secs_f64(), f_secs),
             Some(took.as_secs_f64() / base.as_secs_f64()),
             "",
             None,
@@ -1050,8 +1239,8 @@ pub async fn replay(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "replay",
             "changes/s replayed",
-            thousands(rate),
-            format!("{} rows/s", thousands(base_rate)),
+            Cell::num(rate, thousands),
+            Cell::num(base_rate, f_rows),
             Some(rate / base_rate),
             "≥ 200k",
             Some(rate >= 200_000.0),
@@ -1059,8 +1248,8 @@ pub async fn replay(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "replay",
             "join sent → first replayed change",
-            format!("{:.1} ms", first.as_secs_f64() * 1e3),
-            format!("join reply {:.1} ms", replied.as_secs_f64() * 1e3),
+            Cell::num(first.as_secs_f64() * 1e3, f_ms1),
+            Cell::labelled("join reply", replied.as_secs_f64() * 1e3, f_ms1),
             None,
             "",
             None,
@@ -1068,7 +1257,7 @@ pub async fn replay(quick: bool) -> Result<Vec<Figure>> {
         Figure::new(
             "replay",
             "walcast CPU per replayed change",
-            format!("{:.2} µs", cpu.as_secs_f64() * 1e6 / n as f64),
+            per_change(cpu, n),
             "—",
             None,
             "",
