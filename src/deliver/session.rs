@@ -670,6 +670,22 @@ impl Session {
         }
     }
 
+    /// Swaps a channel's bindings in the hub at once (no gap); false when the
+    /// hub is gone.
+    async fn replace_bindings(&self, channel: ChannelId, bindings: Vec<Binding>) -> bool {
+        let (done, wait) = oneshot::channel();
+        let sent = self
+            .shared
+            .hub
+            .send(HubCommand::Replace {
+                channel,
+                bindings,
+                done,
+            })
+            .await;
+        sent.is_ok() && wait.await.is_ok()
+    }
+
     /// RLS mode saw policies, privileges or roles change: every channel with
     /// `postgres_changes` is judged again with its token, as on a refresh —
     /// channels that lost access are closed, the others get their new rules
@@ -699,17 +715,7 @@ impl Session {
                     continue;
                 }
             };
-            let (done, wait) = oneshot::channel();
-            let sent = self
-                .shared
-                .hub
-                .send(HubCommand::Replace {
-                    channel: id,
-                    bindings,
-                    done,
-                })
-                .await;
-            if sent.is_err() || wait.await.is_err() {
+            if !self.replace_bindings(id, bindings).await {
                 return;
             }
             if let Some(j) = self.channels.get_mut(&topic) {
@@ -776,17 +782,7 @@ impl Session {
             }
         };
         let live = !bindings.is_empty();
-        let (done, wait) = oneshot::channel();
-        let sent = self
-            .shared
-            .hub
-            .send(HubCommand::Replace {
-                channel: id,
-                bindings,
-                done,
-            })
-            .await;
-        if sent.is_err() || wait.await.is_err() {
+        if !self.replace_bindings(id, bindings).await {
             return;
         }
         // Broadcast and presence now judge writes with the new claims.

@@ -549,6 +549,29 @@ enum Tok {
     Op(String),
 }
 
+/// The text of the quoted token opening at `start` (`q` doubled inside stands
+/// for itself) and where it ends.
+fn quoted(s: &str, start: usize, q: u8, what: &str) -> Result<(String, usize), String> {
+    let b = s.as_bytes();
+    let mut v = String::new();
+    let mut i = start + 1;
+    loop {
+        match b.get(i) {
+            None => return Err(format!("unterminated {what}")),
+            Some(&c) if c == q && b.get(i + 1) == Some(&q) => {
+                v.push(q as char);
+                i += 2;
+            }
+            Some(&c) if c == q => return Ok((v, i + 1)),
+            Some(_) => {
+                let ch = s[i..].chars().next().unwrap_or('\0');
+                v.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+}
+
 fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
     let b = s.as_bytes();
     let mut i = 0;
@@ -558,49 +581,13 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
         if c.is_ascii_whitespace() {
             i += 1;
         } else if c == b'\'' {
-            let mut v = String::new();
-            i += 1;
-            loop {
-                match b.get(i) {
-                    None => return Err("unterminated string".into()),
-                    Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
-                        v.push('\'');
-                        i += 2;
-                    }
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => {
-                        let ch = s[i..].chars().next().unwrap_or('\0');
-                        v.push(ch);
-                        i += ch.len_utf8();
-                    }
-                }
-            }
+            let (v, next) = quoted(s, i, b'\'', "string")?;
             out.push(Tok::Str(v));
+            i = next;
         } else if c == b'"' {
-            let mut v = String::new();
-            i += 1;
-            loop {
-                match b.get(i) {
-                    None => return Err("unterminated identifier".into()),
-                    Some(b'"') if b.get(i + 1) == Some(&b'"') => {
-                        v.push('"');
-                        i += 2;
-                    }
-                    Some(b'"') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => {
-                        let ch = s[i..].chars().next().unwrap_or('\0');
-                        v.push(ch);
-                        i += ch.len_utf8();
-                    }
-                }
-            }
+            let (v, next) = quoted(s, i, b'"', "identifier")?;
             out.push(Tok::Quoted(v));
+            i = next;
         } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             let start = i;
             while i < b.len()

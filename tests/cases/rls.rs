@@ -15,9 +15,9 @@ use crate::support::walcast::{serve, Server};
 use crate::support::{cluster, config_file, setup_db};
 
 const T: Duration = Duration::from_secs(20);
-const SECRET: &str = "walcast-rls-test-secret-with-enough-bytes!";
+pub(super) const SECRET: &str = "walcast-rls-test-secret-with-enough-bytes!";
 
-fn token(role: &str, sub: &str) -> String {
+pub(super) fn token(role: &str, sub: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -32,7 +32,7 @@ fn token(role: &str, sub: &str) -> String {
 }
 
 /// Roles are cluster-wide: each test makes its own, idempotently.
-fn roles(names: &[&str]) -> String {
+pub(super) fn roles(names: &[&str]) -> String {
     names
         .iter()
         .map(|r| {
@@ -44,7 +44,7 @@ fn roles(names: &[&str]) -> String {
         .join("\n")
 }
 
-fn auth_sql() -> String {
+pub(super) fn auth_sql() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/auth.sql")).unwrap()
 }
 

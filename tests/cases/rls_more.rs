@@ -5,50 +5,24 @@
 
 use std::time::Duration;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
+use super::rls::{auth_sql, roles, token, SECRET};
 use crate::support::js::{is_on, JsClient};
 use crate::support::walcast::{serve, Server};
 use crate::support::{cluster, config_file, setup_db};
 
 const T: Duration = Duration::from_secs(20);
-const SECRET: &str = "walcast-rls-more-secret-with-enough-bytes";
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
 const B: &str = "00000000-0000-0000-0000-0000000000b1";
 
-fn token(role: &str, sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"role": role, "sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// Roles are cluster-wide: each test makes its own, idempotently.
-fn roles(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|r| {
-            format!(
-                "do $$ begin create role {r} nologin; exception when duplicate_object then null; end $$;"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The database with `sql/auth.sql`, the given roles, then `ddl`.
 async fn db(name: &str, role_names: &[&str], ddl: &str) -> tokio_postgres::Client {
-    let auth =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/auth.sql")).unwrap();
-    setup_db(name, &format!("{}\n{auth}\n{ddl}", roles(role_names))).await
+    setup_db(
+        name,
+        &format!("{}\n{}\n{ddl}", roles(role_names), auth_sql()),
+    )
+    .await
 }
 
 async fn start(db: &str, extra: &str) -> Server {
