@@ -25,6 +25,31 @@ async fn db(name: &str, role_names: &[&str], ddl: &str) -> tokio_postgres::Clien
     .await
 }
 
+/// Table `t` (uuid `owner`) judged on both paths: role `<prefix>_c` by a
+/// compiled policy (`owner = auth.uid()`), `<prefix>_s` by one that runs as
+/// SQL (a cast on the column); `full`: REPLICA IDENTITY FULL.
+async fn two_path_db(name: &str, prefix: &str, full: bool) -> tokio_postgres::Client {
+    let (c, s) = (format!("{prefix}_c"), format!("{prefix}_s"));
+    let identity = if full {
+        "alter table t replica identity full;"
+    } else {
+        ""
+    };
+    db(
+        name,
+        &[&c, &s],
+        &format!(
+            "create table t (id int primary key, owner uuid, body text);
+             {identity}
+             alter table t enable row level security;
+             create policy c on t for select to {c} using (owner = auth.uid());
+             create policy s on t for select to {s} using (owner::text = auth.uid()::text);
+             grant select on t to {c}, {s};"
+        ),
+    )
+    .await
+}
+
 async fn start(db: &str, extra: &str) -> Server {
     let toml = format!(
         "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\nrls = true\nrls_poll_ms = 200\n{extra}\n"
@@ -142,17 +167,7 @@ async fn a_check_that_times_out_closes_only_its_channel() {
 #[tokio::test]
 async fn a_row_moving_between_owners_hides_the_old_owners_values() {
     let name = "rlsm_move";
-    let c = db(
-        name,
-        &["rlsm_mv_c", "rlsm_mv_s"],
-        "create table t (id int primary key, owner uuid, body text);
-         alter table t replica identity full;
-         alter table t enable row level security;
-         create policy c on t for select to rlsm_mv_c using (owner = auth.uid());
-         create policy s on t for select to rlsm_mv_s using (owner::text = auth.uid()::text);
-         grant select on t to rlsm_mv_c, rlsm_mv_s;",
-    )
-    .await;
+    let c = two_path_db(name, "rlsm_mv", true).await;
     let server = start(name, "").await;
     let mut js = JsClient::spawn().await;
     for path in ["c", "s"] {
@@ -398,17 +413,7 @@ async fn a_table_without_row_security_follows_grants() {
 #[tokio::test]
 async fn replayed_changes_are_judged_too() {
     let name = "rlsm_replay";
-    let c = db(
-        name,
-        &["rlsm_rp_c", "rlsm_rp_s"],
-        "create table t (id int primary key, owner uuid, body text);
-         alter table t replica identity full;
-         alter table t enable row level security;
-         create policy c on t for select to rlsm_rp_c using (owner = auth.uid());
-         create policy s on t for select to rlsm_rp_s using (owner::text = auth.uid()::text);
-         grant select on t to rlsm_rp_c, rlsm_rp_s;",
-    )
-    .await;
+    let c = two_path_db(name, "rlsm_rp", true).await;
     let server = start(name, "").await;
     let mut js = JsClient::spawn().await;
     for path in ["c", "s"] {
@@ -499,17 +504,7 @@ async fn replayed_changes_are_judged_too() {
 #[tokio::test]
 async fn truncate_on_an_rls_table_leaks_no_rows() {
     let name = "rlsm_trunc";
-    let c = db(
-        name,
-        &["rlsm_tr_c", "rlsm_tr_s"],
-        "create table t (id int primary key, owner uuid, body text);
-         alter table t replica identity full;
-         alter table t enable row level security;
-         create policy c on t for select to rlsm_tr_c using (owner = auth.uid());
-         create policy s on t for select to rlsm_tr_s using (owner::text = auth.uid()::text);
-         grant select on t to rlsm_tr_c, rlsm_tr_s;",
-    )
-    .await;
+    let c = two_path_db(name, "rlsm_tr", true).await;
     let server = start(name, "").await;
     let mut js = JsClient::spawn().await;
     for path in ["c", "s"] {
@@ -560,17 +555,7 @@ async fn truncate_on_an_rls_table_leaks_no_rows() {
 #[tokio::test]
 async fn catch_up_over_http_is_judged_on_both_paths() {
     let name = "rlsm_rest";
-    let c = db(
-        name,
-        &["rlsm_rs_c", "rlsm_rs_s"],
-        "create table t (id int primary key, owner uuid, body text);
-         alter table t replica identity full;
-         alter table t enable row level security;
-         create policy c on t for select to rlsm_rs_c using (owner = auth.uid());
-         create policy s on t for select to rlsm_rs_s using (owner::text = auth.uid()::text);
-         grant select on t to rlsm_rs_c, rlsm_rs_s;",
-    )
-    .await;
+    let c = two_path_db(name, "rlsm_rs", true).await;
     let server = start(name, "").await;
     let mut js = JsClient::spawn().await;
     connect(&mut js, "w", &server, &token("rlsm_rs_c", A)).await;
@@ -633,16 +618,7 @@ async fn catch_up_over_http_is_judged_on_both_paths() {
 #[tokio::test]
 async fn an_unjudgeable_old_key_stays_hidden() {
     let name = "rlsm_oldkey";
-    let c = db(
-        name,
-        &["rlsm_ok_c", "rlsm_ok_s"],
-        "create table t (id int primary key, owner uuid, body text);
-         alter table t enable row level security;
-         create policy c on t for select to rlsm_ok_c using (owner = auth.uid());
-         create policy s on t for select to rlsm_ok_s using (owner::text = auth.uid()::text);
-         grant select on t to rlsm_ok_c, rlsm_ok_s;",
-    )
-    .await;
+    let c = two_path_db(name, "rlsm_ok", false).await;
     let server = start(name, "").await;
     let mut js = JsClient::spawn().await;
     for path in ["c", "s"] {
