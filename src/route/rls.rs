@@ -284,10 +284,9 @@ impl Rls {
                 Ok(f) => {
                     if last.as_ref().is_some_and(|l| *l != f) {
                         tracing::info!("row-level security policies or privileges changed: re-judging channels");
+                        // Reports stay until the re-judging rewrites them: a
+                        // status read meanwhile shows the last known path.
                         self.cache.lock().await.clear();
-                        if let Ok(mut r) = self.reports.lock() {
-                            r.clear();
-                        }
                         self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
                         self.generation.send_modify(|g| *g += 1);
                     }
