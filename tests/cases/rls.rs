@@ -49,8 +49,15 @@ pub(super) fn auth_sql() -> String {
 }
 
 async fn start(db: &str, name: &str, compile: bool) -> Server {
+    let extra = format!("rls_compile = {compile}\n\n[status]\ntoken = \"rls-status\"");
+    start_with(db, name, &extra).await
+}
+
+/// walcast in RLS mode on `db` (slot named after `name`), `extra` appended to
+/// its `[auth]` section.
+pub(super) async fn start_with(db: &str, name: &str, extra: &str) -> Server {
     let toml = format!(
-        "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\nrls = true\nrls_compile = {compile}\nrls_poll_ms = 200\n\n[status]\ntoken = \"rls-status\"\n"
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\nrls = true\nrls_poll_ms = 200\n{extra}\n"
     );
     let path = config_file(name, &toml);
     serve(
@@ -62,7 +69,7 @@ async fn start(db: &str, name: &str, compile: bool) -> Server {
     .await
 }
 
-async fn connect(js: &mut JsClient, client: &str, server: &Server, token: &str) {
+pub(super) async fn connect(js: &mut JsClient, client: &str, server: &Server, token: &str) {
     js.call(
         json!({"cmd": "connect", "client": client, "url": format!("ws://127.0.0.1:{}/realtime/v1", server.port),
                "apikey": token, "vsn": "2.0.0"}),

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::rls::{auth_sql, roles, token, SECRET};
+use super::rls::{auth_sql, connect, roles, start_with, token};
 use crate::support::js::{is_on, JsClient};
-use crate::support::walcast::{serve, Server};
-use crate::support::{cluster, config_file, setup_db};
+use crate::support::setup_db;
+use crate::support::walcast::Server;
 
 const T: Duration = Duration::from_secs(20);
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
@@ -51,26 +51,7 @@ async fn two_path_db(name: &str, prefix: &str, full: bool) -> tokio_postgres::Cl
 }
 
 async fn start(db: &str, extra: &str) -> Server {
-    let toml = format!(
-        "[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\nrls = true\nrls_poll_ms = 200\n{extra}\n"
-    );
-    let path = config_file(db, &toml);
-    serve(
-        &cluster().url(db),
-        &format!("slot_{db}"),
-        &format!("pub_{db}"),
-        &["--create-slot", "--config", path.to_str().unwrap()],
-    )
-    .await
-}
-
-async fn connect(js: &mut JsClient, client: &str, server: &Server, token: &str) {
-    js.call(
-        json!({"cmd": "connect", "client": client, "url": format!("ws://127.0.0.1:{}/realtime/v1", server.port),
-               "apikey": token, "vsn": "2.0.0"}),
-        T,
-    )
-    .await;
+    start_with(db, db, extra).await
 }
 
 /// Joins `channel` with `binding`; the status event.
