@@ -716,7 +716,7 @@ async fn broadcast_replay_end(js: &mut JsClient) -> Value {
 }
 
 /// One series of `/metrics`.
-async fn metric(port: u16, series: &str) -> f64 {
+pub(super) async fn metric(port: u16, series: &str) -> f64 {
     let (_, text) = crate::support::http_get(port, "/metrics").await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))

@@ -663,3 +663,64 @@ async fn a_table_named_like_the_checks_alias_is_judged() {
     })
     .await;
 }
+
+/// A connection that goes away while its writer waits for a slow SQL verdict
+/// releases its socket, channel and subscriptions at once, and does not hold
+/// up SIGTERM (DESIGN: connection lifecycle).
+#[tokio::test]
+async fn a_connection_lost_while_a_verdict_is_pending_is_released() {
+    let name = "rlsm_lost";
+    let c = db(
+        name,
+        &["rlsm_lo"],
+        "create table t (id int primary key, owner uuid);
+         alter table t replica identity full;
+         alter table t enable row level security;
+         create function slow_yes() returns boolean language plpgsql as
+           'begin perform pg_sleep(4); return true; end';
+         create policy slow on t for select to rlsm_lo using (slow_yes());
+         grant select on t to rlsm_lo;",
+    )
+    .await;
+    let mut server = start(name, "rls_check_timeout_ms = 8000").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "u", &server, &token("rlsm_lo", A)).await;
+    joined(&mut js, "u", "t", "t").await;
+    c.batch_execute(&format!("insert into t values (1, '{A}')"))
+        .await
+        .unwrap();
+    // The check is running (it sleeps 4 s): the writer waits on its verdict.
+    crate::support::wait_for("a check under way", T, || async {
+        (super::resume::metric(server.port, "walcast_rls_checks_queued").await == 0.0
+            && super::resume::metric(server.port, "walcast_websocket_connections").await == 1.0)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    js.call(json!({"cmd": "disconnect", "client": "u"}), T)
+        .await;
+    let lost = std::time::Instant::now();
+    for series in [
+        "walcast_websocket_connections",
+        "walcast_websocket_channels",
+        "walcast_subscriptions",
+    ] {
+        crate::support::wait_for(&format!("{series} back to 0"), T, || async {
+            (super::resume::metric(server.port, series).await == 0.0).then_some(())
+        })
+        .await;
+    }
+    // Released before the 4 s check could answer.
+    assert!(
+        lost.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        lost.elapsed()
+    );
+    let asked = std::time::Instant::now();
+    server.proc.signal(15);
+    tokio::time::timeout(Duration::from_secs(10), server.proc.child.wait())
+        .await
+        .expect("walcast exits after SIGTERM")
+        .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(10));
+}
