@@ -230,6 +230,37 @@ pub async fn exec(client: &tokio_postgres::Client, statements: &[String]) -> Res
     Ok(start.elapsed())
 }
 
+/// Drops a replication slot once its last consumer is gone: the walsender of
+/// a walcast just stopped may hold the slot for a moment after the process
+/// exited, and dropping an active slot fails.
+pub async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let active: Option<bool> = client
+            .query_opt(
+                "select active from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match active {
+            None => return Ok(()),
+            Some(false) => {
+                exec(
+                    client,
+                    &[format!("select pg_drop_replication_slot('{slot}')")],
+                )
+                .await?;
+                return Ok(());
+            }
+            Some(true) if Instant::now() > deadline => {
+                bail!("replication slot {slot} is still in use 15 s after its consumer stopped")
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// A file in the temp dir removed on drop (the walcast config of a run).
 mod tempfile_path {
     use std::path::{Path, PathBuf};

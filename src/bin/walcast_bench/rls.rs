@@ -95,11 +95,7 @@ pub async fn rls(quick: bool) -> Result<Vec<Figure>> {
             .await
             .and_then(|t| super::cases::metric_value(&t, "walcast_rls_checked_rows_total"));
         walcast.stop().await;
-        exec(
-            &sql,
-            &[format!("select pg_drop_replication_slot('{slot}')")],
-        )
-        .await?;
+        env::drop_slot(&sql, &slot).await?;
         let mut r = r?;
         r.checked_rows = checked;
         runs.push((*mode, *users, *rate, r));
