@@ -241,10 +241,13 @@ fn is_integer(s: &str) -> bool {
 /// A plain decimal number as PostgreSQL's numeric prints it: `-?digits(.digits)?`.
 fn is_decimal(s: &str) -> bool {
     let d = s.strip_prefix('-').unwrap_or(s);
-    let (int, frac) = d.split_once('.').unwrap_or((d, ""));
-    !int.is_empty()
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && (frac.is_empty() && !d.ends_with('.') || frac.bytes().all(|b| b.is_ascii_digit()))
+    let (int, frac) = match d.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (d, None),
+    };
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    // A JSON number: digits on both sides of a point, no leading zero.
+    digits(int) && (int == "0" || !int.starts_with('0')) && frac.is_none_or(digits)
 }
 
 /// Renders a float's text (`1.5`, `1e+100`, `-2.5e-07`) as the plain decimal that
@@ -834,6 +837,21 @@ mod tests {
             render(TypeKind::Timestamp, "2024-01-02 03:04:05"),
             "\"2024-01-02T03:04:05\""
         );
+    }
+
+    #[test]
+    fn only_json_numbers_render_bare() {
+        for ok in ["0", "-0.5", "10", "3.25", "-12.000"] {
+            assert_eq!(render(TypeKind::Numeric, ok), ok);
+        }
+        // Text no numeric_out prints, yet it must not become invalid JSON.
+        for odd in ["0.", ".5", "01", "-", "1.2.3", "1e5", ""] {
+            assert_eq!(
+                render(TypeKind::Numeric, odd),
+                format!("\"{odd}\""),
+                "{odd}"
+            );
+        }
     }
 
     #[test]
