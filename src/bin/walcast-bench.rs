@@ -262,6 +262,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", usage());
+        return Ok(());
+    }
     let Options {
         case,
         quick,
