@@ -52,7 +52,15 @@ impl Env {
 
 /// The `walcast` binary built beside this driver, built (same profile) when it
 /// is missing or older than the driver, so `cargo run --bin walcast-bench` is enough.
+/// `WALCAST_BIN` names a binary to use as it is instead (CI builds both first).
 pub fn walcast_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WALCAST_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("WALCAST_BIN={}: no such file", bin.display());
+        }
+        return Ok(bin);
+    }
     let me = std::env::current_exe()?;
     let bin = me.with_file_name("walcast");
     let stale = |p: &PathBuf| -> bool {
