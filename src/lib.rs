@@ -88,6 +88,7 @@
 
 pub mod changelog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod decode;
