@@ -906,7 +906,27 @@ impl Nats {
         }
     }
 
-    /// Starts it again after [`Nats::kill`], on the same port with the same store.
+    /// Stops the server the way an operator restarting it does (SIGTERM: it
+    /// flushes its store) and waits.
+    pub fn stop(&self) {
+        if let Ok(mut c) = self.child.lock() {
+            if let Some(mut child) = c.take() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Starts it again after [`Nats::kill`] or [`Nats::stop`], on the same port
+    /// with the same store.
     pub fn restart(&self) -> Result<(), ClusterError> {
         let log = self.dir.0.join("nats.log");
         let _ = std::fs::remove_file(&log);

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
@@ -35,8 +35,6 @@ use crate::source::session::{ReplicationError, StreamState};
 const RETRY: Duration = Duration::from_secs(1);
 /// How often the NATS connection's state is looked at.
 const TICK: Duration = Duration::from_millis(250);
-/// After a read error the stream counts as down for at least this long.
-const ERROR_HOLD: Duration = Duration::from_secs(2);
 
 /// What the gateway has handed downstream so far.
 #[derive(Default)]
@@ -114,22 +112,24 @@ pub async fn run(
         if pending == 0 {
             caught_up = true;
         }
-        let mut last_error: Option<Instant> = None;
+        let mut was_down = false;
         let mut tick = tokio::time::interval(TICK);
         loop {
-            let healthy = caught_up
-                && client.connection_state() == async_nats::connection::State::Connected
-                && last_error.is_none_or(|t| t.elapsed() >= ERROR_HOLD);
+            let up = client.connection_state() == async_nats::connection::State::Connected;
+            // Back after a lost connection: the server may have lost the ephemeral
+            // consumer (a restart), so read on from a new one at once rather than
+            // wait for its heartbeats to be missed.
+            if up && was_down {
+                tracing::info!(
+                    "NATS is back; reading the stream on from sequence {}",
+                    cur.next_seq
+                );
+                break;
+            }
+            was_down |= !up;
+            let healthy = caught_up && up;
             if healthy != state.connected.load(Ordering::Acquire) {
-                state.set_connected(healthy);
-                if healthy {
-                    state.disconnected_since.store(0, Ordering::Relaxed);
-                } else if state.disconnected_since.load(Ordering::Relaxed) == 0 {
-                    state.disconnected_since.store(
-                        crate::changelog::now_micros() / 1_000_000,
-                        Ordering::Relaxed,
-                    );
-                }
+                set_health(&state, healthy);
             }
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -153,25 +153,34 @@ pub async fn run(
                     }
                 }
                 Some(Err(e)) => {
-                    last_error = Some(Instant::now());
-                    tracing::warn!("reading the cluster's stream: {e}");
-                    if matches!(
-                        e.kind(),
-                        async_nats::jetstream::consumer::pull::OrderedErrorKind::Recreate
-                            | async_nats::jetstream::consumer::pull::OrderedErrorKind::PushBasedConsumer
-                            | async_nats::jetstream::consumer::pull::OrderedErrorKind::Other
-                    ) {
-                        state.set_connected(false);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(RETRY) => {}
-                        }
-                        break;
+                    // Whatever went wrong, a new consumer from the next sequence
+                    // reads on without a gap.
+                    tracing::warn!(
+                        "reading the cluster's stream: {e}; reading on from sequence {}",
+                        cur.next_seq
+                    );
+                    set_health(&state, false);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(TICK) => {}
                     }
+                    break;
                 }
                 None => break,
             }
         }
+    }
+}
+
+fn set_health(state: &StreamState, healthy: bool) {
+    state.set_connected(healthy);
+    if healthy {
+        state.disconnected_since.store(0, Ordering::Relaxed);
+    } else if state.disconnected_since.load(Ordering::Relaxed) == 0 {
+        state.disconnected_since.store(
+            crate::changelog::now_micros() / 1_000_000,
+            Ordering::Relaxed,
+        );
     }
 }
 

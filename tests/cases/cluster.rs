@@ -341,3 +341,114 @@ async fn clients_of_a_killed_gateway_resume_on_the_other_and_miss_nothing() {
     }
     js.exit().await;
 }
+
+/// The value of the unlabelled series `name` on a node's `/metrics`.
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let (status, body) = crate::support::http_get(port, "/metrics").await;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn wait_leader(node: &Node, leads: bool) {
+    let want = if leads { 1.0 } else { 0.0 };
+    crate::support::wait_for("walcast_relay_leader", T, || async {
+        (metric(node.port, "walcast_relay_leader").await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_standby_relay_takes_over_from_a_killed_leader_and_nothing_is_lost_or_doubled() {
+    let db = "cl_standby";
+    db_with(db, "create table items (id int primary key)").await;
+    let nats = nats();
+    let mut leader = relay(db, &nats.url()).await;
+    wait_leader(&leader, true).await;
+    let standby = relay(db, &nats.url()).await;
+    let g = gateway(db, &nats.url()).await;
+    let mut js = client(&g.ws(), items_binding(), true).await;
+    // The standby waits while the leader holds the slot.
+    wait_leader(&standby, false).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db, stop.clone());
+    let (before, _) = changes_until(&mut js, |g| g.len() >= 20).await;
+    leader.proc.signal(9);
+    let _ = tokio::time::timeout(T, leader.proc.child.wait()).await;
+    let killed_at = std::time::Instant::now();
+    wait_leader(&standby, true).await;
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(10), "took over after {took:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let last = w.await.unwrap();
+    let (got, systems) = changes_until(&mut js, |g| g.last().is_some_and(|l| l.1 == last)).await;
+    let mut ids = ids_of(&before, "items");
+    ids.extend(ids_of(&got, "items"));
+    let want: Vec<i64> = (1..=last).collect();
+    assert_eq!(
+        ids, want,
+        "every committed change once, in order, across the takeover"
+    );
+    assert!(replay_codes(&systems).is_empty(), "{systems:?}");
+    // Fenced: a change after the takeover arrives, and nothing (no late duplicate)
+    // before it.
+    cluster()
+        .client(db)
+        .await
+        .execute("insert into items (id) values (100000)", &[])
+        .await
+        .unwrap();
+    let (after, _) = changes_until(&mut js, |g| !g.is_empty()).await;
+    assert_eq!(ids_of(&after, "items"), [100000]);
+    js.exit().await;
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_loses_nothing_and_gateways_say_so() {
+    let db = "cl_natsrestart";
+    db_with(db, "create table items (id int primary key)").await;
+    let nats = nats();
+    let relay = relay(db, &nats.url()).await;
+    wait_leader(&relay, true).await;
+    let g1 = gateway(db, &nats.url()).await;
+    let g2 = gateway(db, &nats.url()).await;
+    let mut c1 = client(&g1.ws(), items_binding(), true).await;
+    let mut c2 = client(&g2.ws(), items_binding(), true).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(db, stop.clone());
+    let (b1, _) = changes_until(&mut c1, |g| g.len() >= 20).await;
+    // NATS goes away for two seconds while the database keeps committing.
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let last = w.await.unwrap();
+    let (a1, s1) = changes_until(&mut c1, |g| g.last().is_some_and(|l| l.1 == last)).await;
+    let (a2, s2) = changes_until(&mut c2, |g| g.last().is_some_and(|l| l.1 == last)).await;
+    let want: Vec<i64> = (1..=last).collect();
+    let mut ids = ids_of(&b1, "items");
+    ids.extend(ids_of(&a1, "items"));
+    assert_eq!(ids, want, "g1's client: every change once, in order");
+    assert_eq!(
+        ids_of(&a2, "items"),
+        want,
+        "g2's client: every change once, in order"
+    );
+    // The gateways told their channels that the stream was down, then back.
+    for (name, s) in [("g1", &s1), ("g2", &s2)] {
+        let codes: Vec<&str> = s.iter().filter_map(|v| v["code"].as_str()).collect();
+        let down = codes.iter().position(|c| *c == "REPLICATION_DOWN");
+        let ok = codes.iter().position(|c| *c == "REPLICATION_OK");
+        assert!(
+            down.is_some() && ok > down,
+            "{name}: REPLICATION_DOWN then REPLICATION_OK: {codes:?}"
+        );
+    }
+    c1.exit().await;
+    c2.exit().await;
+}
