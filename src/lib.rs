@@ -29,7 +29,7 @@
 //!
 //! ```text
 //!  7  cli        args, setup, tail, demo               the command line
-//!  6  daemon     serve (the Pipeline: start, serve, shutdown order), relay, notice
+//!  6  daemon     serve (the Pipeline: start, serve, shutdown order), relay, peers, notice
 //!  5  server     router, rest, http (CORS), listener, metrics      HTTP
 //!  4  deliver    session, socket (writer), frame, broadcast, presence, stats
 //!  3  route      hub (match/encode/deliver), queue, filter, auth

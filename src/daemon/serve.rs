@@ -386,6 +386,15 @@ impl Pipeline {
                 stop_sessions.clone(),
             ));
         }
+        // A gateway: client broadcasts cross to the other gateways.
+        if let Some(client) = c.nats.clone() {
+            tasks.spawn(crate::daemon::peers::run(
+                client,
+                config.cluster.subject_prefix.clone(),
+                broadcast.clone(),
+                stop_sessions.clone(),
+            ));
+        }
         let sessions = TaskTracker::new();
         let shared = Arc::new(Shared {
             hub: cmd_tx,

@@ -452,3 +452,82 @@ async fn a_nats_restart_mid_stream_loses_nothing_and_gateways_say_so() {
     c1.exit().await;
     c2.exit().await;
 }
+
+/// A realtime-js client at `url` joined to broadcast channel `room`.
+async fn room_client(url: &str, vsn: &str) -> JsClient {
+    let mut js = JsClient::spawn().await;
+    js.call(
+        json!({"cmd": "connect", "url": url, "apikey": "k", "vsn": vsn}),
+        T,
+    )
+    .await;
+    js.call(
+        json!({"cmd": "subscribe", "channel": "room", "config": {"broadcast": {"ack": true}},
+               "broadcast": [{"event": "*"}]}),
+        T,
+    )
+    .await;
+    assert_eq!(js.status("room", T).await, "SUBSCRIBED");
+    js
+}
+
+#[tokio::test]
+async fn client_broadcasts_cross_gateways_over_nats() {
+    let db = "cl_bcast";
+    db_with(db, "create table items (id int primary key)").await;
+    let nats = nats();
+    let _relay = relay(db, &nats.url()).await;
+    let g1 = gateway(db, &nats.url()).await;
+    let g2 = gateway(db, &nats.url()).await;
+    let mut a = room_client(&g1.ws(), "2.0.0").await;
+    let mut b = room_client(&g2.ws(), "1.0.0").await;
+    let mut c = room_client(&g2.ws(), "2.0.0").await;
+    let r = a
+        .call(
+            json!({"cmd": "send", "channel": "room", "event": "hello", "payload": {"n": 1}}),
+            T,
+        )
+        .await;
+    assert_eq!(r, "ok");
+    for (name, js) in [("b", &mut b), ("c", &mut c)] {
+        let v = js
+            .wait_for("the broadcast from the other gateway", T, |v| {
+                v["ev"] == "broadcast"
+            })
+            .await;
+        assert_eq!(v["payload"]["event"], "hello", "{name}: {v}");
+        assert_eq!(v["payload"]["payload"]["n"], 1, "{name}: {v}");
+    }
+    // And back: b (on g2) → a (on g1), and c, b's neighbour on g2, once.
+    let r = b
+        .call(
+            json!({"cmd": "send", "channel": "room", "event": "back", "payload": {"n": 2}}),
+            T,
+        )
+        .await;
+    assert_eq!(r, "ok");
+    let v = a
+        .wait_for("the broadcast back", T, |v| v["ev"] == "broadcast")
+        .await;
+    assert_eq!(v["payload"]["event"], "back", "{v}");
+    let v = c
+        .wait_for("b's broadcast", T, |v| v["ev"] == "broadcast")
+        .await;
+    assert_eq!(v["payload"]["event"], "back", "{v}");
+    // Fenced: a third message arrives at c, and no copy of "back" before it.
+    let r = a
+        .call(
+            json!({"cmd": "send", "channel": "room", "event": "fence", "payload": {}}),
+            T,
+        )
+        .await;
+    assert_eq!(r, "ok");
+    let v = c.wait_for("the fence", T, |v| v["ev"] == "broadcast").await;
+    assert_eq!(
+        v["payload"]["event"], "fence",
+        "no duplicate before it: {v}"
+    );
+    for js in [a, b, c] {
+        js.exit().await;
+    }
+}
