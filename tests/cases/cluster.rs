@@ -531,3 +531,55 @@ async fn client_broadcasts_cross_gateways_over_nats() {
         js.exit().await;
     }
 }
+
+#[tokio::test]
+async fn the_relay_says_what_is_wrong_with_nats_or_the_stream() {
+    let db = "cl_errors";
+    db_with(db, "create table items (id int primary key)").await;
+    let url = cluster().url(db);
+    let (slot, publication) = (format!("slot_{db}"), format!("pub_{db}"));
+    let base = [
+        "relay",
+        "--database-url",
+        &url,
+        "--slot",
+        &slot,
+        "--publication",
+        &publication,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    // Nobody listens there.
+    let closed = format!(
+        "nats://127.0.0.1:{}",
+        walcast::testing::free_port().unwrap()
+    );
+    let mut args = base.to_vec();
+    args.extend(["--nats-url", &closed]);
+    let p = spawn(&args);
+    let (ok, err) = p.wait(T).await;
+    assert!(!ok);
+    assert!(err.contains("cannot reach NATS at"), "{err}");
+    // A stream of that name that carries other subjects.
+    let nats = nats();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "S_cl_errors".into(),
+        subjects: vec!["elsewhere.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_dir, config) = node_config(db, &nats.url(), "");
+    let mut args = base.to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
+    let (ok, err) = spawn(&args).wait(T).await;
+    assert!(!ok);
+    assert!(
+        err.contains("S_cl_errors")
+            && err.contains("elsewhere.>")
+            && err.contains("subject_prefix"),
+        "names the stream, its subjects and what to change: {err}"
+    );
+}
