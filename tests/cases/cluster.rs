@@ -181,7 +181,8 @@ async fn one_relay_two_gateways_every_change_reaches_every_matching_client_in_or
     )
     .await;
     let nats = nats();
-    let _relay = relay(db, &nats.url()).await;
+    let relay = relay(db, &nats.url()).await;
+    wait_leader(&relay, true).await;
     let g1 = gateway(db, &nats.url()).await;
     let g2 = gateway(db, &nats.url()).await;
     let all = json!([
@@ -301,7 +302,8 @@ async fn clients_of_a_killed_gateway_resume_on_the_other_and_miss_nothing() {
     let db = "cl_gwkill";
     db_with(db, "create table items (id int primary key)").await;
     let nats = nats();
-    let _relay = relay(db, &nats.url()).await;
+    let relay = relay(db, &nats.url()).await;
+    wait_leader(&relay, true).await;
     let mut g1 = gateway(db, &nats.url()).await;
     let g2 = gateway(db, &nats.url()).await;
     let proxy = Proxy::start(g1.port).await;
@@ -476,7 +478,8 @@ async fn client_broadcasts_cross_gateways_over_nats() {
     let db = "cl_bcast";
     db_with(db, "create table items (id int primary key)").await;
     let nats = nats();
-    let _relay = relay(db, &nats.url()).await;
+    let relay = relay(db, &nats.url()).await;
+    wait_leader(&relay, true).await;
     let g1 = gateway(db, &nats.url()).await;
     let g2 = gateway(db, &nats.url()).await;
     let mut a = room_client(&g1.ws(), "2.0.0").await;

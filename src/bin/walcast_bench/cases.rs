@@ -701,11 +701,7 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
 /// against `pg_recvlogical` reading its own slot. The NATS server is a throwaway
 /// `nats-server -js` on this machine (its version is in the figure).
 pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
-    let (rate, secs_, clients_n) = if quick {
-        (200, 3, 10)
-    } else {
-        (2_000, 30, 100)
-    };
+    let (rate, secs_, clients_n) = if quick { (200, 3, 10) } else { (2_000, 30, 10) };
     let nats = walcast::testing::Nats::start().context("start nats-server -js")?;
     let version = std::process::Command::new(
         std::env::var("WALCAST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
