@@ -780,6 +780,106 @@ pub struct ServeConfig {
     pub log: LogConfig,
     /// `[status]`: who may open the live status page besides a bypass role.
     pub status: StatusConfig,
+    /// `[cluster]`: the NATS JetStream stream between `walcast relay` and
+    /// gateways (`walcast serve --cluster`).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: several nodes fed from one slot through NATS JetStream (README,
+/// "Running several nodes"). Off unless `nats_url` is set.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated (`nats://host:4222`).
+    pub nats_url: Option<String>,
+    /// The JetStream stream's name.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<schema>.<table>` (and `<prefix>._msg`
+    /// for logical decoding messages).
+    pub subject_prefix: String,
+    /// Bytes the stream keeps; the oldest messages go first.
+    pub max_bytes: i64,
+    /// Seconds the stream keeps a message.
+    pub max_age_secs: u64,
+    /// Copies of the stream in a NATS cluster (1, 3 or 5).
+    pub replicas: usize,
+    /// Seconds JetStream remembers message ids to drop a republished change.
+    pub duplicate_window_secs: u64,
+    /// Messages the relay has published and JetStream not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    /// How long the relay waits for JetStream's acknowledgement of a message.
+    pub ack_timeout_ms: u64,
+    /// Set by `walcast serve --cluster` (not a file key): this process is a gateway.
+    #[serde(skip)]
+    pub gateway: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_url: None,
+            stream: "WALCAST".into(),
+            subject_prefix: "walcast".into(),
+            max_bytes: 1024 * 1024 * 1024,
+            max_age_secs: 24 * 60 * 60,
+            replicas: 1,
+            duplicate_window_secs: 120,
+            max_in_flight: 1024,
+            ack_timeout_ms: 5000,
+            gateway: false,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The field that makes no sense and why, if one does not.
+    pub fn invalid_field(&self) -> Option<(&'static str, &'static str)> {
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !token_ok(&self.stream) {
+            return Some((
+                "cluster.stream",
+                "must be letters, digits, '_' or '-' (a JetStream stream name)",
+            ));
+        }
+        if self.subject_prefix.split('.').any(|t| !token_ok(t)) {
+            return Some((
+                "cluster.subject_prefix",
+                "must be dot-separated tokens of letters, digits, '_' or '-' (no wildcards)",
+            ));
+        }
+        if self.max_bytes < 1024 * 1024 {
+            return Some(("cluster.max_bytes", "must be at least 1 MiB (1048576)"));
+        }
+        if self.max_age_secs == 0 {
+            return Some(("cluster.max_age_secs", "must be at least 1"));
+        }
+        if !matches!(self.replicas, 1..=5) {
+            return Some(("cluster.replicas", "must be 1 to 5 (JetStream's limit)"));
+        }
+        if self.duplicate_window_secs == 0 || self.duplicate_window_secs > self.max_age_secs {
+            return Some((
+                "cluster.duplicate_window_secs",
+                "must be at least 1 and at most max_age_secs",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Some(("cluster.max_in_flight", "must be at least 1"));
+        }
+        if self.ack_timeout_ms < 100 {
+            return Some(("cluster.ack_timeout_ms", "must be at least 100"));
+        }
+        if self.gateway && self.nats_url.is_none() {
+            return Some((
+                "cluster.nats_url",
+                "serve --cluster needs the NATS server: set [cluster] nats_url or --nats-url",
+            ));
+        }
+        None
+    }
 }
 
 /// `[status]`: who may open the status page besides a bypass role.
@@ -1163,6 +1263,9 @@ impl ServeConfig {
             if self.log.max_age_secs == 0 {
                 return bad("log.max_age_secs", "must be at least 1");
             }
+        }
+        if let Some((field, reason)) = self.cluster.invalid_field() {
+            return bad(field, reason);
         }
         self.health.validate()
     }

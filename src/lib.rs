@@ -29,10 +29,11 @@
 //!
 //! ```text
 //!  7  cli        args, setup, tail, demo               the command line
-//!  6  daemon     serve (the Pipeline: start, serve, shutdown order), notice
+//!  6  daemon     serve (the Pipeline: start, serve, shutdown order), relay, peers, notice
 //!  5  server     router, rest, http (CORS), listener, metrics      HTTP
 //!  4  deliver    session, socket (writer), frame, broadcast, presence, stats
 //!  3  route      hub (match/encode/deliver), queue, filter, auth
+//!     cluster    NATS JetStream between `walcast relay` and gateways
 //!  2  source     conn, tls, error, protocol, flush, session, slot, catalog
 //!     changelog  the on-disk change log (segments, index, codec)
 //!  1  decode     pgoutput, assembler, relation, value, event   (pure, no IO)
@@ -70,6 +71,9 @@
 //!   filters bound to column types ([`route::filter`]); JWT verification and
 //!   per-table row rules ([`route::auth`]); each connection's bounded queue and
 //!   the one way a slow client is closed ([`route::queue`]).
+//! - [`cluster`]: several nodes through NATS JetStream — the relay's publishing
+//!   stage and a gateway's stream reader ([`cluster::publish`],
+//!   [`cluster::consume`]).
 //! - [`deliver`]: the Phoenix-protocol sessions that realtime-js speaks, each
 //!   connection's writer, Broadcast and Presence.
 //! - [`server`]: the HTTP routes, the accept loop with connection limits,
@@ -77,7 +81,7 @@
 //!   ([`server::status`]: `/status` over server-sent events, `walcast status
 //!   --url`'s summary, catch-up progress logging).
 //! - [`daemon`]: `walcast serve` as a [`daemon::serve`] pipeline with an explicit
-//!   start and shutdown order; `system` notices when replication is down, back,
+//!   start and shutdown order; `walcast relay` ([`daemon::relay`]); `system` notices when replication is down, back,
 //!   or skipped changes.
 //! - [`cli`]: the command line, `setup`/`status`/`teardown`, `tail`, and the
 //!   demo (a throwaway cluster, a bakery schema, traffic).
@@ -88,6 +92,7 @@
 
 pub mod changelog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod decode;

@@ -142,6 +142,12 @@ fn serve_kind(e: &walcast::daemon::serve::ServeError) -> Option<ErrorKind> {
         | ServeError::Log { .. } => Some(ErrorKind::Usage),
         ServeError::Replication(e) => Some(e.kind()),
         ServeError::Catalog(e) => Some(e.kind()),
+        ServeError::Cluster(walcast::cluster::ClusterError::Connect { .. }) => {
+            Some(ErrorKind::Transient)
+        }
+        ServeError::Cluster(walcast::cluster::ClusterError::Stream { .. }) => {
+            Some(ErrorKind::Usage)
+        }
         _ => None,
     }
 }
@@ -210,6 +216,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     say_err(format_args!("walcast: metrics listening on {m}"));
                 }
                 say_err(format_args!("walcast: listening on {}", r.addr));
+            })
+            .await?;
+        }
+        Command::Relay(args) => {
+            let config = args.into_config()?;
+            walcast::daemon::relay::run(config, shutdown, |addr| {
+                say_err(format_args!("walcast: listening on {addr}"));
             })
             .await?;
         }

@@ -778,3 +778,187 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// A throwaway NATS server
+
+/// A throwaway `nats-server -js` (JetStream on, its store in a temp dir) on
+/// 127.0.0.1 and a free port, for the cluster tests and `walcast-bench cluster`.
+/// Killed and its store removed on drop. The binary is `$WALCAST_NATS_SERVER`,
+/// `nats-server` on PATH, or `/usr/sbin/nats-server` (Debian's package).
+#[derive(Debug)]
+pub struct Nats {
+    dir: tempfile_dir::Dir,
+    port: u16,
+    bin: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+/// A directory removed on drop (no dependency on the `tempfile` crate here).
+mod tempfile_dir {
+    #[derive(Debug)]
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Nats {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> Result<Nats, ClusterError> {
+        let bin = nats_server_bin()?;
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("walcast-nats-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| ClusterError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut nats = Nats {
+            dir: tempfile_dir::Dir(dir),
+            port: 0,
+            bin,
+            child: Mutex::new(None),
+        };
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            nats.port = free_port()?;
+            match nats.spawn() {
+                Ok(()) => return Ok(nats),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(ClusterError::NoPostgresUser))
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn spawn(&self) -> Result<(), ClusterError> {
+        let store = self.dir.0.join("store");
+        let log = self.dir.0.join("nats.log");
+        let mut child = Command::new(&self.bin)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&store)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| ClusterError::Io {
+                what: "cannot run",
+                path: self.bin.clone(),
+                source,
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(ClusterError::Io {
+                    what: "nats-server exited",
+                    path: self.bin.clone(),
+                    source: std::io::Error::other(format!("{status}: {}", tail_lines(&text, 10))),
+                });
+            }
+            let ready = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
+                && std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Server is ready"));
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ClusterError::Io {
+                    what: "nats-server did not accept connections within 10 s",
+                    path: self.bin.clone(),
+                    source: std::io::Error::other(tail_lines(
+                        &std::fs::read_to_string(&log).unwrap_or_default(),
+                        10,
+                    )),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(mut c) = self.child.lock() {
+            *c = Some(child);
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL: nothing flushed on the way out) and waits.
+    pub fn kill(&self) {
+        if let Ok(mut c) = self.child.lock() {
+            if let Some(mut child) = c.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Stops the server the way an operator restarting it does (SIGTERM: it
+    /// flushes its store) and waits.
+    pub fn stop(&self) {
+        if let Ok(mut c) = self.child.lock() {
+            if let Some(mut child) = c.take() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Starts it again after [`Nats::kill`] or [`Nats::stop`], on the same port
+    /// with the same store.
+    pub fn restart(&self) -> Result<(), ClusterError> {
+        let log = self.dir.0.join("nats.log");
+        let _ = std::fs::remove_file(&log);
+        self.spawn()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn nats_server_bin() -> Result<PathBuf, ClusterError> {
+    if let Some(p) = std::env::var_os("WALCAST_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("nats-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let deb = PathBuf::from("/usr/sbin/nats-server");
+    if deb.is_file() {
+        return Ok(deb);
+    }
+    Err(ClusterError::Io {
+        what: "cannot find nats-server (install Debian's nats-server package, or set WALCAST_NATS_SERVER) in",
+        path: PathBuf::from("PATH"),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
+}

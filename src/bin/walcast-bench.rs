@@ -148,6 +148,7 @@ const CASES: &[&str] = &[
     "connections",
     "replay",
     "rls",
+    "cluster",
 ];
 
 fn usage() -> String {
@@ -201,6 +202,7 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
         "connections" => cases::connections(quick).await?,
         "replay" => cases::replay(quick).await?,
         "rls" => rls::rls(quick).await?,
+        "cluster" => cases::cluster(quick).await?,
         "capture" => cases::capture().await?,
         other => bail!("unknown case {other:?}; {}", usage()),
     };

@@ -39,6 +39,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Run the daemon: stream changes to WebSocket clients (Supabase Realtime protocol).
     Serve(ServeArgs),
+    /// Read the slot and publish every committed change to the cluster's NATS
+    /// JetStream stream (needs [cluster] nats_url); a second relay waits as standby.
+    Relay(ServeArgs),
     /// Create or update the publication (and optionally the slot and replica identity).
     Setup(SetupArgs),
     /// Show the server, slot and publication as walcast sees them, with warnings.
@@ -126,6 +129,15 @@ pub struct ServeArgs {
     /// Secret for HS256/384/512 tokens (prefer the environment variable to the flag).
     #[arg(long, env = "WALCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// NATS server URL of a cluster ([cluster] nats_url).
+    #[arg(long, env = "WALCAST_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Run as a gateway of a cluster: consume the relay's JetStream stream
+    /// instead of the slot (needs [cluster] nats_url).
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 impl ServeArgs {
@@ -158,6 +170,10 @@ impl ServeArgs {
         if self.jwt_secret.is_some() {
             c.auth.jwt_secret = self.jwt_secret;
         }
+        if self.nats_url.is_some() {
+            c.cluster.nats_url = self.nats_url;
+        }
+        c.cluster.gateway = self.cluster;
         c.validate()?;
         check_feature_rules(&c)?;
         Ok(c)

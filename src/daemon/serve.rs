@@ -52,6 +52,8 @@ pub enum ServeError {
     Metrics(#[from] MetricsError),
     #[error("cannot start the change log in {dir}: {source}")]
     Log { dir: String, source: std::io::Error },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Everything running, for callers (tests, the demo) that need the address or stats.
@@ -98,6 +100,8 @@ struct Checked {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     metrics_listener: Option<tokio::net::TcpListener>,
+    /// A gateway (`serve --cluster`): its NATS connection.
+    nats: Option<async_nats::Client>,
 }
 
 impl Checked {
@@ -148,7 +152,17 @@ impl Checked {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
+        let nats = if config.cluster.gateway {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(None),
+                c = crate::cluster::connect(&config.cluster, "walcast-gateway") => Some(c?),
+            }
+        } else {
+            None
+        };
         Ok(Some(Checked {
+            nats,
             config,
             conn,
             catalog,
@@ -295,21 +309,49 @@ impl Pipeline {
         ));
         // Replication stops on its own token, cancelled after the server stops accepting.
         let stop_stream = CancellationToken::new();
-        let repl = tasks.spawn(session::run(
-            ReplicationOptions {
-                conn: c.conn.clone(),
-                slot: config.postgres.slot.clone(),
-                publication: config.postgres.publication.clone(),
-                create_slot: config.postgres.create_slot,
-                temporary: false,
-                start_lsn: None,
-                retry_definite_errors: true,
-            },
-            items_tx,
-            progress.clone(),
-            stream.clone(),
-            stop_stream.clone(),
-        ));
+        let repl = match c.nats.clone() {
+            // A gateway: the relay's stream instead of the slot.
+            Some(client) => {
+                let stats = Arc::new(crate::cluster::ClusterStats::default());
+                let connected = {
+                    let c = client.clone();
+                    Box::new(move || {
+                        c.connection_state() == async_nats::connection::State::Connected
+                    })
+                };
+                metrics.register(Box::new(
+                    crate::cluster::stats::StatsCollector::new(
+                        stats.clone(),
+                        crate::cluster::stats::Role::Gateway,
+                        connected,
+                    )
+                    .map_err(MetricsError::from)?,
+                ))?;
+                tasks.spawn(crate::cluster::consume::run(
+                    client,
+                    config.cluster.clone(),
+                    items_tx,
+                    stream.clone(),
+                    stats,
+                    stop_stream.clone(),
+                ))
+            }
+            None => tasks.spawn(session::run(
+                ReplicationOptions {
+                    conn: c.conn.clone(),
+                    slot: config.postgres.slot.clone(),
+                    publication: config.postgres.publication.clone(),
+                    create_slot: config.postgres.create_slot,
+                    temporary: false,
+                    start_lsn: None,
+                    retry_definite_errors: true,
+                },
+                items_tx,
+                progress.clone(),
+                stream.clone(),
+                stop_stream.clone(),
+            )),
+        };
         // The status page's feed of recent changes (nothing when nobody watches).
         let status_feed = Arc::new(crate::server::status::Feed::default());
         let hub = {
@@ -341,6 +383,15 @@ impl Pipeline {
         if let Some(r) = &rls {
             tasks.spawn(r.clone().poll(
                 Duration::from_millis(config.auth.rls_poll_ms),
+                stop_sessions.clone(),
+            ));
+        }
+        // A gateway: client broadcasts cross to the other gateways.
+        if let Some(client) = c.nats.clone() {
+            tasks.spawn(crate::daemon::peers::run(
+                client,
+                config.cluster.subject_prefix.clone(),
+                broadcast.clone(),
                 stop_sessions.clone(),
             ));
         }

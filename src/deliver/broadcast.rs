@@ -559,9 +559,30 @@ struct Origin<'a> {
     ref_: Option<&'a str>,
 }
 
+/// A client broadcast crossing to (or arriving from) another gateway of a
+/// cluster (`walcast serve --cluster`), already checked by the gateway it was
+/// sent to. At most once: ephemeral, like Supabase's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerBroadcast {
+    /// `realtime:<name>`.
+    pub topic: String,
+    pub private: bool,
+    pub event: String,
+    /// JSON text of the payload, or (`raw`) bytes only 2.0.0 sockets can receive.
+    pub body: Vec<u8>,
+    pub raw: bool,
+    /// Sent as a binary frame (vsn 2.0.0).
+    pub binary: bool,
+}
+
+/// Where a gateway hands its clients' broadcasts for the other gateways.
+pub type PeerSink = Box<dyn Fn(PeerBroadcast) + Send + Sync>;
+
 /// The topic registry, fan-out and limits. One per server, shared by sessions,
 /// the REST handler and the hub.
 pub struct Broadcaster {
+    /// A gateway of a cluster: client broadcasts also go to the other gateways.
+    peers: std::sync::OnceLock<PeerSink>,
     config: BroadcastConfig,
     presence: PresenceConfig,
     rules: Vec<ChannelRule>,
@@ -575,6 +596,7 @@ pub struct Broadcaster {
 impl Broadcaster {
     pub fn new(config: BroadcastConfig, presence: PresenceConfig, rules: Vec<ChannelRule>) -> Self {
         Broadcaster {
+            peers: std::sync::OnceLock::new(),
             config,
             presence,
             rules,
@@ -590,6 +612,32 @@ impl Broadcaster {
 
     pub fn stats(&self) -> Arc<BroadcastStats> {
         self.stats.clone()
+    }
+
+    /// Sends every accepted client broadcast to `sink` too (once; a gateway's
+    /// link to the other gateways).
+    pub fn set_peer_sink(&self, sink: PeerSink) {
+        let _ = self.peers.set(sink);
+    }
+
+    /// A client broadcast from another gateway: to every member of its topic
+    /// here. Returns the number of recipients.
+    pub fn from_peer(&self, b: PeerBroadcast) -> usize {
+        let body = if b.raw {
+            Body::Raw(b.body)
+        } else {
+            match String::from_utf8(b.body) {
+                Ok(s) => Body::Json(s),
+                Err(_) => return 0,
+            }
+        };
+        let reg = self.lock();
+        let Some(t) = reg.topics.get(&(b.topic.clone(), b.private)) else {
+            return 0;
+        };
+        let mut out = Outgoing::new(&b.topic, &b.event, body, None, b.binary);
+        self.fan_out(&t.members, None, &mut out);
+        t.members.len()
     }
 
     /// Fresh rate limits for a new connection.
@@ -908,6 +956,20 @@ impl Broadcaster {
             ));
         }
         self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if let Some(sink) = self.peers.get() {
+            let (body, raw) = match &body {
+                Body::Json(s) => (s.as_bytes().to_vec(), false),
+                Body::Raw(b) => (b.clone(), true),
+            };
+            sink(PeerBroadcast {
+                topic: topic_name.to_string(),
+                private: me.opts.private,
+                event: event.to_string(),
+                body,
+                raw,
+                binary,
+            });
+        }
         let exclude = (!me.opts.echo_self).then_some(channel);
         let mut out = Outgoing::new(topic_name, event, body, None, binary);
         self.fan_out(&topic.members, exclude, &mut out);

@@ -263,6 +263,11 @@ impl Metrics {
         Ok(Metrics { registry, state })
     }
 
+    /// Adds a collector (the cluster roles' families) to what `/metrics` shows.
+    pub fn register(&self, c: Box<dyn Collector>) -> Result<(), MetricsError> {
+        Ok(self.registry.register(c)?)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let families = self.registry.gather();

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("source", 2),
     ("changelog", 2),
     ("route", 3),
+    ("cluster", 3),
     ("deliver", 4),
     ("server", 5),
     ("daemon", 6),

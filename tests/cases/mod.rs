@@ -3,6 +3,7 @@ mod auth;
 mod broadcast;
 mod broadcast_js;
 mod changelog;
+mod cluster;
 mod config;
 mod connections;
 mod demo;

@@ -695,6 +695,92 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
     Ok(figs)
 }
 
+/// `cluster`: the latency case through NATS JetStream — `walcast relay` reads the
+/// slot and publishes, one gateway (`serve --cluster`) reads the stream and
+/// serves the clients: write → client p50/p99/max at the latency case's rate,
+/// against `pg_recvlogical` reading its own slot. The NATS server is a throwaway
+/// `nats-server -js` on this machine (its version is in the figure).
+pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
+    let (rate, secs_, clients_n) = if quick { (200, 3, 10) } else { (2_000, 30, 10) };
+    let nats = walcast::testing::Nats::start().context("start nats-server -js")?;
+    let version = std::process::Command::new(
+        std::env::var("WALCAST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
+    )
+    .arg("--version")
+    .output()
+    .ok()
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .filter(|v| !v.is_empty())
+    .or_else(|| {
+        std::process::Command::new("/usr/sbin/nats-server")
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    })
+    .unwrap_or_else(|| "nats-server".into());
+    let env = Env::start().await?;
+    live_setup(&env, "lat").await?;
+    exec(
+        &env.sql().await?,
+        &["select pg_create_logical_replication_slot('s_floor', 'pgoutput')".into()],
+    )
+    .await?;
+    let cluster_cfg = format!(
+        "{}\n[cluster]\nnats_url = {:?}\nstream = \"BENCH\"\nsubject_prefix = \"bench\"\n",
+        env::config(4096, 100),
+        nats.url()
+    );
+    let relay = env::run_walcast(&["relay"], &env.url(), "s_walcast", "pub", &cluster_cfg).await?;
+    let gateway = env::run_walcast(
+        &["serve", "--cluster"],
+        &env.url(),
+        "s_walcast",
+        "pub",
+        &cluster_cfg,
+    )
+    .await?;
+    let plan: Vec<Vec<Vec<serde_json::Value>>> = (0..clients_n)
+        .map(|_| vec![vec![client::binding("lat", None)]])
+        .collect();
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks = clients(gateway.port, plan, count.clone(), stop.clone(), 1).await?;
+    let floor = Floor::start(&env, "s_floor")?;
+    let written = paced_writes(&env, "lat", rate, Duration::from_secs(secs_), 1, 4).await?;
+    let expected = written * clients_n as u64;
+    let got = wait_count(&count, expected, Duration::from_secs(30)).await;
+    stop.cancel();
+    let mut floor = floor.stop(written, Duration::from_secs(30)).await;
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?.latencies_us);
+    }
+    gateway.stop().await;
+    relay.stop().await;
+    got?;
+    let floor_q = quantiles(&mut floor);
+    let mut figs = vec![Figure::new(
+        "cluster",
+        format!(
+            "{rate} commits/s × {secs_} s through {version} (1 relay, 1 gateway, {clients_n} whole-table clients)"
+        ),
+        format!("{expected} delivered"),
+        "—",
+        None,
+        "",
+        None,
+    )];
+    figs.extend(latency_figures(
+        "cluster",
+        "write → client through NATS",
+        lat,
+        Some(("pg_recvlogical", floor_q)),
+        [0, 15_000],
+    ));
+    Ok(figs)
+}
+
 /// The floor of the latency case: `pg_recvlogical` reading its own slot of the same
 /// publication on a thread of its own, each inserted row's latency taken from its
 /// `sent_us` column (16 digits) when its bytes arrive. What PostgreSQL and the

@@ -146,13 +146,25 @@ pub fn proc_cpu(pid: u32) -> Duration {
 /// Starts `walcast serve` for `db_url` with `config` (TOML) on a port of the
 /// system's choosing and waits until it says where it listens.
 pub async fn serve(db_url: &str, slot: &str, publication: &str, config: &str) -> Result<Walcast> {
+    run_walcast(&["serve"], db_url, slot, publication, config).await
+}
+
+/// Starts `walcast <command…>` (`serve`, `serve --cluster`, `relay`) like [`serve`].
+pub async fn run_walcast(
+    command: &[&str],
+    db_url: &str,
+    slot: &str,
+    publication: &str,
+    config: &str,
+) -> Result<Walcast> {
     let bin = walcast_binary()?;
     let config_path = tempfile_path::TempPath::write(config)?;
     let cwd = tempfile_path::TempPath::dir()?;
     let listen = "127.0.0.1:0";
     let mut child = Command::new(bin)
         .current_dir(cwd.path())
-        .args(["serve", "--config"])
+        .args(command)
+        .arg("--config")
         .arg(config_path.path())
         .args(["--database-url", db_url, "--slot", slot])
         .args(["--publication", publication, "--listen", listen])
