@@ -553,6 +553,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_rls_checks_queued", "RLS checks waiting for a connection of the pool (auth.rls_queue at most).", MetricType::GAUGE, None),
     ("walcast_rls_bindings_total", "Bindings judged by RLS mode, by path (compiled: in-memory rule; sql: checked per transaction).", MetricType::COUNTER, Some("path")),
     ("walcast_rls_unjudgeable_total", "Changes RLS mode's SQL path could not judge and did not deliver: a value missing from the row image (use REPLICA IDENTITY FULL).", MetricType::COUNTER, None),
+    ("walcast_rls_rounds_total", "Rounds of RLS mode's SQL checks: one table's new rows loaded once into a temp table, then every class waiting judged over them in one transaction.", MetricType::COUNTER, None),
+    ("walcast_rls_unloaded_checks_total", "RLS class checks that ran without the round's temp table (its rows could not be loaded into one; see the log): same verdicts, slower.", MetricType::COUNTER, None),
     ("walcast_rls_policy_reloads_total", "Times policies, privileges or roles changed and every channel was judged again.", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
@@ -767,6 +769,8 @@ impl Collector for SyncCollector {
                 ]),
                 "walcast_rls_policy_reloads_total" => one(n(&rls.policy_reloads)),
                 "walcast_rls_unjudgeable_total" => one(n(&rls.unjudgeable)),
+                "walcast_rls_rounds_total" => one(n(&rls.rounds)),
+                "walcast_rls_unloaded_checks_total" => one(n(&rls.unloaded)),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),
                     ("rejected", n(&bc.presence_rejected)),

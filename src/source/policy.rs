@@ -42,8 +42,15 @@
 //! `rls::sql_path_agrees_with_postgres_own_select` compares this construction
 //! with `SET ROLE …; SELECT … FROM t` on the same rows.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use futures::future::MaybeDone;
+use futures::TryStreamExt;
+use tokio_postgres::types::{ToSql, Type};
 
 use tokio::sync::Mutex;
 
@@ -93,9 +100,49 @@ pub struct Principal {
 /// A small pool of ordinary SQL connections for policy reads and checks.
 pub struct PolicyDb {
     conn: PgConnInfo,
-    pool: Vec<Mutex<Option<tokio_postgres::Client>>>,
+    pool: Vec<Mutex<Option<Conn>>>,
     next: AtomicUsize,
     timeout: Duration,
+    /// Bumped when policies or privileges changed: temp tables are made again
+    /// (a policy may read a column they lack).
+    epoch: AtomicU64,
+    /// Each table's temp table name (the same on every connection).
+    temp_names: std::sync::Mutex<HashMap<(String, String), usize>>,
+    /// Rounds judged ([`PolicyDb::judge_round`]).
+    pub rounds: AtomicU64,
+    /// Class checks that ran without a temp table (the round's rows could
+    /// not be loaded into one).
+    pub unloaded: AtomicU64,
+}
+
+/// One pool connection and the temp tables it holds.
+struct Conn {
+    client: tokio_postgres::Client,
+    temps: HashMap<(String, String), Temp>,
+}
+
+/// A temp table of one table's row images on one connection.
+struct Temp {
+    /// Quoted name.
+    name: String,
+    epoch: u64,
+    /// Its columns (type oids by name), as the catalog had them.
+    columns: HashMap<String, u32>,
+    /// Rows inserted (and rolled back) since the last `VACUUM`.
+    dead: usize,
+}
+
+/// One class's part of a round ([`PolicyDb::judge_round`]).
+pub struct RoundClass<'a> {
+    pub who: &'a Principal,
+    /// The policies combined as PostgreSQL does.
+    pub predicate: &'a str,
+    /// The predicate reads the row as a whole (`table.*`): judged over the
+    /// images as values of the table's row type (the construction of
+    /// [`PolicyDb::check`]), not over the temp table, whose row type differs.
+    pub whole_row: bool,
+    /// The class's rows: 1-based positions among the round's images.
+    pub rows: &'a [u32],
 }
 
 /// An error of a check: the database's (a policy raised, a timeout) or the
@@ -106,6 +153,8 @@ pub enum CheckError {
     Database(#[from] PgError),
     #[error("PostgreSQL did not answer within {0} ms")]
     Timeout(u64),
+    #[error("{0}")]
+    Other(String),
 }
 
 impl PolicyDb {
@@ -117,7 +166,17 @@ impl PolicyDb {
             pool: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             timeout,
+            epoch: AtomicU64::new(0),
+            temp_names: std::sync::Mutex::new(HashMap::new()),
+            rounds: AtomicU64::new(0),
+            unloaded: AtomicU64::new(0),
         }
+    }
+
+    /// Policies or privileges changed: every temp table is made again before
+    /// its next use.
+    pub fn invalidate_temps(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Runs `f` on one of the pool's connections (connecting first if needed),
@@ -132,10 +191,13 @@ impl PolicyDb {
     ) -> Result<T, CheckError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
         let mut slot = self.pool[i].lock().await;
-        if slot.as_ref().is_none_or(|c| c.is_closed()) {
-            *slot = Some(crate::source::tls::connect_sql(&self.conn).await?);
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *slot = Some(Conn {
+                client: crate::source::tls::connect_sql(&self.conn).await?,
+                temps: HashMap::new(),
+            });
         }
-        let Some(client) = slot.as_mut() else {
+        let Some(Conn { client, .. }) = slot.as_mut() else {
             return Err(CheckError::Timeout(0));
         };
         let deadline = self.timeout + Duration::from_secs(1);
@@ -285,15 +347,7 @@ impl PolicyDb {
         predicate: &str,
         images: String,
     ) -> Result<Vec<u32>, CheckError> {
-        let sql = format!(
-            "select \"walcast images\".walcast_ord::int4 \
-             from pg_catalog.jsonb_array_elements($1::text::jsonb) \
-                  with ordinality as \"walcast images\"(walcast_img, walcast_ord) \
-             cross join lateral pg_catalog.jsonb_populate_record(null::{q}.{t}, \"walcast images\".walcast_img) as {t} \
-             where {predicate}",
-            q = quote_ident(schema),
-            t = quote_ident(table),
-        );
+        let sql = row_typed_sql(schema, table, predicate);
         let who = who.clone();
         let ms = self.timeout.as_millis().to_string();
         self.with_client(move |c| {
@@ -307,6 +361,197 @@ impl PolicyDb {
             })
         })
         .await
+    }
+
+    /// Judges one table's row images for several classes in one round: the
+    /// images are loaded once into a temp table of the table's columns, then
+    /// each class is judged over its rows of it, as its role and under its
+    /// claims, every statement pipelined in one transaction (rolled back). Per
+    /// class: the 1-based positions of the images it may see, or why its
+    /// check failed — a class whose policy raises fails alone; the classes
+    /// after it are judged again in a new transaction.
+    pub async fn judge_round(
+        &self,
+        schema: &str,
+        table: &str,
+        columns: &[(String, u32)],
+        images: &[&str],
+        classes: &[RoundClass<'_>],
+    ) -> Vec<Result<Vec<u32>, CheckError>> {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        let mut out: Vec<Result<Vec<u32>, CheckError>> = Vec::with_capacity(classes.len());
+        let mut remake = false;
+        while out.len() < classes.len() {
+            let rest = &classes[out.len()..];
+            match self
+                .round_attempt(schema, table, columns, images, rest, remake)
+                .await
+            {
+                Attempt::Judged { verdicts, failed } => {
+                    let progress = !verdicts.is_empty() || failed.is_some();
+                    out.extend(verdicts.into_iter().map(Ok));
+                    if let Some(e) = failed {
+                        out.push(Err(e));
+                    }
+                    if !progress {
+                        // Not expected: never loop without progress.
+                        let e = "the round judged no class".to_string();
+                        while out.len() < classes.len() {
+                            out.push(Err(CheckError::Other(e.clone())));
+                        }
+                    }
+                }
+                Attempt::AllFailed(e) => {
+                    let why = e.to_string();
+                    out.push(Err(e));
+                    while out.len() < classes.len() {
+                        out.push(Err(CheckError::Other(why.clone())));
+                    }
+                }
+                Attempt::Unloaded(e) if !remake => {
+                    tracing::debug!(error = %e, schema, table,
+                        "loading row images into a temp table failed; making it again");
+                    remake = true;
+                }
+                Attempt::Unloaded(e) => {
+                    // Class by class, without a temp table.
+                    self.unloaded
+                        .fetch_add(rest.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(error = %e, schema, table,
+                        "row images cannot be loaded into a temp table; judging class by class");
+                    for c in rest {
+                        let mine: Vec<&str> = c
+                            .rows
+                            .iter()
+                            .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
+                            .collect();
+                        let r = self
+                            .check(c.who, schema, table, c.predicate, json_array(&mine))
+                            .await
+                            .map(|pass| positions(c.rows, &pass));
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// One transaction of a round on one connection, from `classes[0]` on.
+    async fn round_attempt(
+        &self,
+        schema: &str,
+        table: &str,
+        columns: &[(String, u32)],
+        images: &[&str],
+        classes: &[RoundClass<'_>],
+        remake: bool,
+    ) -> Attempt {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        let mut slot = self.pool[i].lock().await;
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            match crate::source::tls::connect_sql(&self.conn).await {
+                Ok(client) => {
+                    *slot = Some(Conn {
+                        client,
+                        temps: HashMap::new(),
+                    })
+                }
+                Err(e) => return Attempt::AllFailed(e.into()),
+            }
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Attempt::AllFailed(CheckError::Timeout(0));
+        };
+        let deadline = self.timeout + Duration::from_secs(1);
+        let timed_out = CheckError::Timeout(deadline.as_millis() as u64);
+        let key = (schema.to_string(), table.to_string());
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let current = !remake
+            && conn.temps.get(&key).is_some_and(|t| {
+                t.epoch == epoch
+                    && columns
+                        .iter()
+                        .all(|(n, oid)| t.columns.get(n).is_some_and(|o| *oid == 0 || o == oid))
+            });
+        if !current {
+            conn.temps.remove(&key);
+            let name = quote_ident(&format!("walcast rls {}", self.temp_index(&key)));
+            match tokio::time::timeout(deadline, make_temp(&conn.client, schema, table, &name))
+                .await
+            {
+                Ok(Ok(columns)) => {
+                    conn.temps.insert(
+                        key.clone(),
+                        Temp {
+                            name,
+                            epoch,
+                            columns,
+                            dead: 0,
+                        },
+                    );
+                }
+                Ok(Err(e)) => return Attempt::Unloaded(e),
+                Err(_) => {
+                    *slot = None;
+                    return Attempt::AllFailed(timed_out);
+                }
+            }
+        }
+        let Some(temp) = conn.temps.get_mut(&key) else {
+            return Attempt::Unloaded(CheckError::Other("no temp table".into()));
+        };
+        temp.dead += images.len();
+        let tmp = temp.name.clone();
+        let (outcome, keep) = pipeline(
+            &conn.client,
+            &tmp,
+            schema,
+            table,
+            images,
+            classes,
+            self.timeout,
+        )
+        .await;
+        if keep {
+            self.after_round(&mut slot, &key).await;
+        } else {
+            // In an unknown state (no answer, or the transaction may not
+            // have begun): its temp tables cannot be trusted any more.
+            *slot = None;
+        }
+        outcome
+    }
+
+    /// After a round's transaction: `VACUUM` the temp table once enough
+    /// rolled-back rows piled up (every class's scan reads past them).
+    async fn after_round(&self, slot: &mut Option<Conn>, key: &(String, String)) {
+        let Some(conn) = slot.as_mut() else { return };
+        let Some(temp) = conn.temps.get_mut(key) else {
+            return;
+        };
+        if temp.dead < VACUUM_AFTER_ROWS {
+            return;
+        }
+        temp.dead = 0;
+        let sql = format!("vacuum pg_temp.{}", temp.name);
+        let deadline = self.timeout + Duration::from_secs(1);
+        match tokio::time::timeout(deadline, conn.client.batch_execute(&sql)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "vacuuming a temp table of row images failed");
+                conn.temps.remove(key);
+            }
+            Err(_) => *slot = None,
+        }
+    }
+
+    /// The index in the temp table name of `key` (one per table, the same on
+    /// every connection).
+    fn temp_index(&self, key: &(String, String)) -> usize {
+        let mut names = self.temp_names.lock().unwrap_or_else(|e| e.into_inner());
+        let n = names.len();
+        *names.entry(key.clone()).or_insert(n + 1)
     }
 
     /// A digest of everything that decides what a role may read: policies, row
@@ -323,7 +568,8 @@ impl PolicyDb {
                                    order by polrelid, polname) from pg_catalog.pg_policy), \
                            (select string_agg(concat_ws(',', oid, relrowsecurity, \
                                    relforcerowsecurity, relowner, relacl::text), ';' order by oid) \
-                              from pg_catalog.pg_class where relkind in ('r', 'p')), \
+                              from pg_catalog.pg_class \
+                             where relkind in ('r', 'p') and relpersistence <> 't'), \
                            (select string_agg(concat_ws(',', attrelid, attnum, attacl::text), ';' \
                                    order by attrelid, attnum) \
                               from pg_catalog.pg_attribute where attacl is not null), \
@@ -369,4 +615,331 @@ async fn as_principal(
 /// An identifier quoted for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Rolled-back rows a temp table may hold before it is vacuumed.
+const VACUUM_AFTER_ROWS: usize = 16_384;
+
+/// How an attempt at a round ended.
+enum Attempt {
+    /// Classes judged from the first on; `failed`: the next class's check
+    /// failed (the ones after it are not judged yet).
+    Judged {
+        verdicts: Vec<Vec<u32>>,
+        failed: Option<CheckError>,
+    },
+    /// The images could not be loaded (no temp table could be made, or the
+    /// load failed): no class judged.
+    Unloaded(CheckError),
+    /// No class can be judged (no connection, or PostgreSQL did not answer).
+    AllFailed(CheckError),
+}
+
+/// Makes (again) the temp table `name` with `schema.table`'s columns (no
+/// constraints, no defaults) and `"walcast ord"`, readable by every role:
+/// the columns' type oids by name.
+async fn make_temp(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    name: &str,
+) -> Result<HashMap<String, u32>, CheckError> {
+    let rows = client
+        .query(
+            "select a.attname::text, a.atttypid::int8, \
+                    pg_catalog.format('%I %s%s', a.attname, \
+                        pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                        case when a.attcollation <> 0 and a.attcollation <> t.typcollation \
+                             then pg_catalog.format(' collate %I.%I', cn.nspname, co.collname) \
+                             else '' end) \
+             from pg_catalog.pg_attribute a \
+             join pg_catalog.pg_class c on c.oid = a.attrelid \
+             join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+             join pg_catalog.pg_type t on t.oid = a.atttypid \
+             left join pg_catalog.pg_collation co on co.oid = a.attcollation \
+             left join pg_catalog.pg_namespace cn on cn.oid = co.collnamespace \
+             where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p') \
+               and a.attnum > 0 and not a.attisdropped \
+             order by a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| CheckError::Database(PgError::from_sql(e)))?;
+    if rows.is_empty() {
+        return Err(CheckError::Other(format!(
+            "table {schema}.{table} not found"
+        )));
+    }
+    let defs: Vec<String> = rows.iter().map(|r| r.get::<_, String>(2)).collect();
+    let ddl = format!(
+        "drop table if exists pg_temp.{name}; \
+         create temp table {name} (\"walcast ord\" int4, {}); \
+         grant select on pg_temp.{name} to public",
+        defs.join(", ")
+    );
+    client
+        .batch_execute(&ddl)
+        .await
+        .map_err(|e| CheckError::Database(PgError::from_sql(e)))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+        .collect())
+}
+
+/// The load's parameter: the images as a JSON array, each with its 1-based
+/// position as `"walcast ord"`.
+fn load_json(images: &[&str]) -> String {
+    let mut out = String::with_capacity(2 + images.iter().map(|i| i.len() + 20).sum::<usize>());
+    out.push('[');
+    for (i, img) in images.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"walcast ord\":{}", i + 1));
+        match img.strip_prefix('{') {
+            Some(rest) if rest.trim_start().starts_with('}') => out.push('}'),
+            Some(rest) => {
+                out.push(',');
+                out.push_str(rest);
+            }
+            None => out.push('}'),
+        }
+    }
+    out.push(']');
+    out
+}
+
+/// Images as one JSON array.
+fn json_array(images: &[&str]) -> String {
+    let mut out = String::with_capacity(2 + images.iter().map(|i| i.len() + 1).sum::<usize>());
+    out.push('[');
+    for (i, img) in images.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(img);
+    }
+    out.push(']');
+    out
+}
+
+/// Positions in a class's own image list (1-based) as positions among the
+/// round's images.
+fn positions(rows: &[u32], pass: &[u32]) -> Vec<u32> {
+    pass.iter()
+        .filter_map(|&p| {
+            (p as usize)
+                .checked_sub(1)
+                .and_then(|i| rows.get(i))
+                .copied()
+        })
+        .collect()
+}
+
+/// A class's statement over the temp table `tmp` (quoted): the table's name
+/// as the alias, so the policy's column references (`owner_id`, `jobs.id` in
+/// a subquery) resolve to the image; when the class judges only some of the
+/// round's rows, those are picked behind an `OFFSET 0` fence, so the policy
+/// never runs on (and never raises for) another class's rows.
+fn judge_sql(
+    tmp: &str,
+    table: &str,
+    predicate: &str,
+    rows: &[u32],
+    loaded: usize,
+) -> (String, Vec<Param>) {
+    let t = quote_ident(table);
+    let all = rows.len() == loaded && {
+        let mut seen = vec![false; loaded + 1];
+        rows.iter().all(|&r| {
+            seen.get_mut(r as usize)
+                .is_some_and(|s| !std::mem::replace(s, true))
+        })
+    };
+    if all {
+        (
+            format!("select {t}.\"walcast ord\" from pg_temp.{tmp} as {t} where {predicate}"),
+            Vec::new(),
+        )
+    } else {
+        let ords: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        (
+            format!(
+                "select {t}.\"walcast ord\" from (select * from pg_temp.{tmp} \
+                 where \"walcast ord\" operator(pg_catalog.=) any($1::int4[]) offset 0) as {t} \
+                 where {predicate}"
+            ),
+            vec![(Box::new(ords), Type::INT4_ARRAY)],
+        )
+    }
+}
+
+/// The construction without a temp table: `$1`, a JSON array of images,
+/// each read as a value of the table's row type; the 1-based positions of
+/// the images the predicate lets through.
+fn row_typed_sql(schema: &str, table: &str, predicate: &str) -> String {
+    format!(
+        "select \"walcast images\".walcast_ord::int4 \
+         from pg_catalog.jsonb_array_elements($1::text::jsonb) \
+              with ordinality as \"walcast images\"(walcast_img, walcast_ord) \
+         cross join lateral pg_catalog.jsonb_populate_record(null::{q}.{t}, \"walcast images\".walcast_img) as {t} \
+         where {predicate}",
+        q = quote_ident(schema),
+        t = quote_ident(table),
+    )
+}
+
+/// A parameter of a pipelined statement.
+type Param = (Box<dyn ToSql + Sync + Send>, Type);
+
+fn text(s: &str) -> Param {
+    (Box::new(s.to_string()), Type::TEXT)
+}
+
+/// A statement sent, its answer read later.
+type Sent<'c> = Pin<
+    Box<
+        MaybeDone<
+            Pin<
+                Box<
+                    dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+                        + Send
+                        + 'c,
+                >,
+            >,
+        >,
+    >,
+>;
+
+/// A round's transaction on `client`: `BEGIN`, the statement timeout, the
+/// load into `tmp`, per class its role and claims then its judgement,
+/// `ROLLBACK` — all sent at once, answers read in order. The outcome, and
+/// whether the connection is still in a known state.
+async fn pipeline(
+    client: &tokio_postgres::Client,
+    tmp: &str,
+    schema: &str,
+    table: &str,
+    images: &[&str],
+    classes: &[RoundClass<'_>],
+    timeout: Duration,
+) -> (Attempt, bool) {
+    let deadline = timeout + Duration::from_secs(1);
+    let timed_out = || CheckError::Timeout(deadline.as_millis() as u64);
+    let mut statements: Vec<(String, Vec<Param>)> = vec![
+        ("begin".into(), Vec::new()),
+        (
+            "select pg_catalog.set_config('statement_timeout', $1, true)".into(),
+            vec![text(&timeout.as_millis().to_string())],
+        ),
+        (
+            format!(
+                "insert into pg_temp.{tmp} select * from \
+                 pg_catalog.json_populate_recordset(null::pg_temp.{tmp}, $1::text::json)"
+            ),
+            vec![text(&load_json(images))],
+        ),
+    ];
+    const STAGE: usize = 3;
+    for c in classes {
+        let who = c.who;
+        statements.push((
+            "select pg_catalog.set_config('role', $1, true), \
+                    pg_catalog.set_config('request.jwt.claims', $2, true), \
+                    pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
+                    pg_catalog.set_config('request.jwt.claim.role', $1, true), \
+                    pg_catalog.set_config('request.jwt.claim.email', $4, true)"
+                .into(),
+            vec![
+                text(&who.role),
+                text(&who.claims),
+                text(who.sub.as_deref().unwrap_or("")),
+                text(who.email.as_deref().unwrap_or("")),
+            ],
+        ));
+        statements.push(if c.whole_row {
+            let mine: Vec<&str> = c
+                .rows
+                .iter()
+                .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
+                .collect();
+            (
+                row_typed_sql(schema, table, c.predicate),
+                vec![text(&json_array(&mine))],
+            )
+        } else {
+            judge_sql(tmp, table, c.predicate, c.rows, images.len())
+        });
+    }
+    statements.push(("rollback".into(), Vec::new()));
+
+    // Each future's first poll sends its statement: all are sent, in order,
+    // before the first answer is awaited.
+    let mut sent: Vec<Sent<'_>> = Vec::with_capacity(statements.len());
+    for (sql, params) in statements {
+        let f: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(async move {
+            let rows = client.query_typed_raw(&sql, params).await?;
+            rows.try_collect::<Vec<_>>().await
+        });
+        let mut f = Box::pin(futures::future::maybe_done(f));
+        let _ = futures::poll!(f.as_mut());
+        sent.push(f);
+    }
+    let mut answers = sent.into_iter();
+    // `Err(None)`: no answer in time.
+    let mut next = async || -> Result<Vec<tokio_postgres::Row>, Option<tokio_postgres::Error>> {
+        let mut f = answers.next().ok_or(None)?;
+        tokio::time::timeout(deadline, f.as_mut())
+            .await
+            .map_err(|_| None)?;
+        f.as_mut().take_output().ok_or(None)?.map_err(Some)
+    };
+    for _ in 0..STAGE {
+        match next().await {
+            Ok(_) => {}
+            Err(Some(e)) => {
+                return (
+                    Attempt::Unloaded(CheckError::Database(PgError::from_sql(e))),
+                    false,
+                )
+            }
+            Err(None) => return (Attempt::AllFailed(timed_out()), false),
+        }
+    }
+    let mut verdicts = Vec::with_capacity(classes.len());
+    for c in classes {
+        let r = match next().await {
+            Ok(_) => next().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(rows) => {
+                let pass: Vec<u32> = rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
+                verdicts.push(if c.whole_row {
+                    positions(c.rows, &pass)
+                } else {
+                    pass
+                });
+            }
+            // The rest of the pipeline fails (the transaction is aborted) up
+            // to its ROLLBACK, which ends it.
+            Err(Some(e)) => {
+                let failed = Some(CheckError::Database(PgError::from_sql(e)));
+                return (Attempt::Judged { verdicts, failed }, true);
+            }
+            Err(None) => {
+                let failed = Some(timed_out());
+                return (Attempt::Judged { verdicts, failed }, false);
+            }
+        }
+    }
+    let ended = next().await.is_ok();
+    (
+        Attempt::Judged {
+            verdicts,
+            failed: None,
+        },
+        ended,
+    )
 }

@@ -53,7 +53,9 @@ fn exp() -> i64 {
 fn token(shape: Shape, i: u64, groups: u64) -> String {
     match shape {
         Shape::Users => sign(json!({"role": "authenticated", "sub": user(i), "exp": exp()})),
-        Shape::Teams => sign(json!({"role": "team_member", "team": team(i % groups), "exp": exp()})),
+        Shape::Teams => {
+            sign(json!({"role": "team_member", "team": team(i % groups), "exp": exp()}))
+        }
     }
 }
 

@@ -1,0 +1,230 @@
+//! RLS mode's SQL path judged in rounds (one load of a table's rows into a
+//! temp table, every waiting class judged over it in one pipelined
+//! transaction): a class whose policy raises fails alone in its round; a
+//! class judging only some of the round's rows never sees (nor raises on) the
+//! others; a policy reading the row as a whole; the rounds really used the
+//! temp table (`walcast_rls_unloaded_checks_total` stays 0).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::resume::metric;
+use super::rls::{auth_sql, connect, roles, start_with, token};
+use crate::support::js::{is_on, JsClient};
+use crate::support::setup_db;
+
+const T: Duration = Duration::from_secs(20);
+const A: &str = "00000000-0000-0000-0000-0000000000a2";
+const B: &str = "00000000-0000-0000-0000-0000000000b2";
+const C: &str = "00000000-0000-0000-0000-0000000000c2";
+
+async fn join(js: &mut JsClient, client: &str, binding: Value) {
+    js.call(
+        json!({"cmd": "subscribe", "client": client, "channel": "t",
+               "postgres_changes": [binding]}),
+        T,
+    )
+    .await;
+    let st = js
+        .wait_for("a status", T, |v| {
+            v["client"] == client && is_on(v, "status", "t")
+        })
+        .await;
+    assert_eq!(st["status"], "SUBSCRIBED", "{client}: {st}");
+}
+
+fn whole_table() -> Value {
+    json!({"event": "*", "schema": "public", "table": "t"})
+}
+
+fn change_with_id(client: &str, id: i64) -> impl Fn(&Value) -> bool + '_ {
+    move |v| {
+        v["client"] == client
+            && v["ev"] == "postgres_changes"
+            && (v["payload"]["new"]["id"] == id || v["payload"]["old"]["id"] == id)
+    }
+}
+
+fn change_of(client: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |v| v["client"] == client && v["ev"] == "postgres_changes"
+}
+
+/// Three users and one whose `sub` is not a uuid (its policy raises), all on
+/// the SQL path (a cast on the column is not compiled), one pool connection
+/// so their checks share rounds: the raising class's channel is closed with
+/// the cause, the three others get exactly their own rows — in that
+/// transaction and the next ones.
+#[tokio::test]
+async fn a_class_that_raises_fails_alone_in_its_round() {
+    let name = "rlsr_raise";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create table t (id int primary key, owner uuid, body text);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create policy p on t for select to rlsr_u using (owner::text = auth.uid()::text);
+             grant select on t to rlsr_u;",
+            roles(&["rlsr_u"]),
+            auth_sql()
+        ),
+    )
+    .await;
+    let server = start_with(name, name, "rls_pool = 1").await;
+    let mut js = JsClient::spawn().await;
+    let users = [("a", A), ("bad", "not-a-uuid"), ("b", B), ("c", C)];
+    for (client, sub) in users {
+        connect(&mut js, client, &server, &token("rlsr_u", sub)).await;
+        join(&mut js, client, whole_table()).await;
+    }
+    // One transaction: a row for each good user.
+    c.batch_execute(&format!(
+        "begin; insert into t values (1, '{A}', 'x'); insert into t values (2, '{B}', 'x');
+         insert into t values (3, '{C}', 'x'); commit;"
+    ))
+    .await
+    .unwrap();
+    let sys = js
+        .wait_for("bad's system error", T, |v| {
+            v["client"] == "bad" && is_on(v, "system", "t") && v["payload"]["status"] == "error"
+        })
+        .await;
+    let text = sys.to_string();
+    assert!(
+        text.contains("RLS_CHECK_FAILED") && text.contains("uuid"),
+        "{sys}"
+    );
+    for (client, id) in [("a", 1), ("b", 2), ("c", 3)] {
+        js.wait_for(&format!("{client}'s row"), T, change_with_id(client, id))
+            .await;
+    }
+    // Later transactions: still their own rows only (each client's next
+    // change is its own row: nothing of the others' came first).
+    c.batch_execute(&format!(
+        "insert into t values (4, '{B}', 'y'); insert into t values (5, '{C}', 'y');
+         insert into t values (6, '{A}', 'y');"
+    ))
+    .await
+    .unwrap();
+    for (client, id) in [("a", 6), ("b", 4), ("c", 5)] {
+        let v = js
+            .wait_for(&format!("{client}'s next change"), T, change_of(client))
+            .await;
+        assert_eq!(v["payload"]["new"]["id"], id, "{client}: {v}");
+    }
+    assert!(metric(server.port, "walcast_rls_rounds_total").await >= 1.0);
+    assert_eq!(
+        metric(server.port, "walcast_rls_unloaded_checks_total").await,
+        0.0,
+        "every round loaded its rows into the temp table"
+    );
+    assert!(metric(server.port, "walcast_rls_checks_total{result=\"error\"}").await >= 1.0);
+}
+
+/// Two classes in one round over the same loaded rows: `x` subscribed to
+/// `id=eq.1` only, under a policy that raises on the other row's body
+/// (`body::int`), and `y` to the whole table under a policy that does not.
+/// `x` is judged on its own row only (no error), `y` on both.
+#[tokio::test]
+async fn a_class_is_judged_on_its_own_rows_of_the_round_only() {
+    let name = "rlsr_subset";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create table t (id int primary key, owner uuid, body text);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create policy px on t for select to rlsr_x using ((body)::int > 0);
+             create policy py on t for select to rlsr_y using (length(body) > 0);
+             grant select on t to rlsr_x, rlsr_y;",
+            roles(&["rlsr_x", "rlsr_y"]),
+            auth_sql()
+        ),
+    )
+    .await;
+    let server = start_with(name, name, "rls_pool = 1").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "x", &server, &token("rlsr_x", A)).await;
+    connect(&mut js, "y", &server, &token("rlsr_y", B)).await;
+    join(
+        &mut js,
+        "x",
+        json!({"event": "*", "schema": "public", "table": "t", "filter": "id=eq.1"}),
+    )
+    .await;
+    join(&mut js, "y", whole_table()).await;
+    c.batch_execute("begin; insert into t values (1, null, '5'); insert into t values (2, null, 'not a number'); commit;")
+        .await
+        .unwrap();
+    js.wait_for("x's row", T, change_with_id("x", 1)).await;
+    js.wait_for("y's first row", T, change_with_id("y", 1))
+        .await;
+    js.wait_for("y's second row", T, change_with_id("y", 2))
+        .await;
+    // x's channel stays open: its next row arrives (and no error before it).
+    c.batch_execute("update t set body = '7' where id = 1")
+        .await
+        .unwrap();
+    js.expect_none_before(
+        "a system error for x",
+        |v| v["client"] == "x" && v["ev"] == "system" && v["payload"]["status"] == "error",
+        "x's update",
+        |v| change_with_id("x", 1)(v) && v["payload"]["eventType"] == "UPDATE",
+        T,
+    )
+    .await;
+    assert_eq!(
+        metric(server.port, "walcast_rls_unloaded_checks_total").await,
+        0.0
+    );
+}
+
+/// A policy that passes the row as a whole to a function (`t.*`) is judged
+/// over values of the table's row type, in the same rounds.
+#[tokio::test]
+async fn a_policy_reading_the_whole_row_is_judged() {
+    let name = "rlsr_whole";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create table t (id int primary key, owner uuid, body text);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create function mine(r t) returns boolean language sql stable
+               as 'select r.owner = auth.uid()';
+             create policy p on t for select to rlsr_w using (mine(t.*));
+             grant select on t to rlsr_w;",
+            roles(&["rlsr_w"]),
+            auth_sql()
+        ),
+    )
+    .await;
+    let server = start_with(name, name, "").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "a", &server, &token("rlsr_w", A)).await;
+    connect(&mut js, "b", &server, &token("rlsr_w", B)).await;
+    join(&mut js, "a", whole_table()).await;
+    join(&mut js, "b", whole_table()).await;
+    c.batch_execute(&format!(
+        "begin; insert into t values (1, '{B}', 'x'); insert into t values (2, '{A}', 'x'); commit;"
+    ))
+    .await
+    .unwrap();
+    let v = js.wait_for("a's row", T, change_of("a")).await;
+    assert_eq!(v["payload"]["new"]["id"], 2, "{v}");
+    let v = js.wait_for("b's row", T, change_of("b")).await;
+    assert_eq!(v["payload"]["new"]["id"], 1, "{v}");
+    // DELETE is judged on the old row image.
+    c.batch_execute("delete from t where id = 2").await.unwrap();
+    let v = js.wait_for("a's delete", T, change_of("a")).await;
+    assert_eq!(v["payload"]["eventType"], "DELETE", "{v}");
+    assert_eq!(v["payload"]["old"]["id"], 2, "{v}");
+    assert_eq!(
+        metric(server.port, "walcast_rls_unloaded_checks_total").await,
+        0.0
+    );
+}
