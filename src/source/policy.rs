@@ -115,10 +115,24 @@ pub struct PolicyDb {
     pub unloaded: AtomicU64,
 }
 
-/// One pool connection and the temp tables it holds.
+/// One pool connection, the temp tables it holds and its prepared
+/// statements (by text; with the round they were last used in).
 struct Conn {
     client: tokio_postgres::Client,
     temps: HashMap<(String, String), Temp>,
+    prepared: HashMap<String, (tokio_postgres::Statement, u64)>,
+    rounds: u64,
+}
+
+impl Conn {
+    fn new(client: tokio_postgres::Client) -> Conn {
+        Conn {
+            client,
+            temps: HashMap::new(),
+            prepared: HashMap::new(),
+            rounds: 0,
+        }
+    }
 }
 
 /// A temp table of one table's row images on one connection.
@@ -192,10 +206,9 @@ impl PolicyDb {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
         let mut slot = self.pool[i].lock().await;
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *slot = Some(Conn {
-                client: crate::source::tls::connect_sql(&self.conn).await?,
-                temps: HashMap::new(),
-            });
+            *slot = Some(Conn::new(
+                crate::source::tls::connect_sql(&self.conn).await?,
+            ));
         }
         let Some(Conn { client, .. }) = slot.as_mut() else {
             return Err(CheckError::Timeout(0));
@@ -387,12 +400,9 @@ impl PolicyDb {
                 .round_attempt(schema, table, columns, images, rest, remake)
                 .await
             {
-                Attempt::Judged { verdicts, failed } => {
-                    let progress = !verdicts.is_empty() || failed.is_some();
-                    out.extend(verdicts.into_iter().map(Ok));
-                    if let Some(e) = failed {
-                        out.push(Err(e));
-                    }
+                Attempt::Judged(results) => {
+                    let progress = !results.is_empty();
+                    out.extend(results);
                     if !progress {
                         // Not expected: never loop without progress.
                         let e = "the round judged no class".to_string();
@@ -451,12 +461,7 @@ impl PolicyDb {
         let mut slot = self.pool[i].lock().await;
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
             match crate::source::tls::connect_sql(&self.conn).await {
-                Ok(client) => {
-                    *slot = Some(Conn {
-                        client,
-                        temps: HashMap::new(),
-                    })
-                }
+                Ok(client) => *slot = Some(Conn::new(client)),
                 Err(e) => return Attempt::AllFailed(e.into()),
             }
         }
@@ -503,16 +508,119 @@ impl PolicyDb {
         };
         temp.dead += images.len();
         let tmp = temp.name.clone();
-        let (outcome, keep) = pipeline(
-            &conn.client,
-            &tmp,
-            schema,
-            table,
-            images,
-            classes,
-            self.timeout,
-        )
-        .await;
+        conn.rounds += 1;
+        let round = conn.rounds;
+
+        // The statements: the load, then per class its role and claims and
+        // its judgement. Those without parameters that vary per round are
+        // prepared once per connection (parsing and planning a policy costs
+        // more than running it over a round's rows).
+        let load = format!(
+            "insert into pg_temp.{tmp} select * from \
+             pg_catalog.json_populate_recordset(null::pg_temp.{tmp}, $1::text::json)"
+        );
+        let mut judge: Vec<(String, Vec<Param>, bool)> = Vec::with_capacity(classes.len());
+        for c in classes {
+            judge.push(if c.whole_row {
+                let mine: Vec<&str> = c
+                    .rows
+                    .iter()
+                    .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
+                    .collect();
+                (
+                    row_typed_sql(schema, table, c.predicate),
+                    vec![text(&json_array(&mine))],
+                    true,
+                )
+            } else {
+                let (sql, params) = judge_sql(&tmp, table, c.predicate, c.rows, images.len());
+                let prepare = params.is_empty();
+                (sql, params, prepare)
+            });
+        }
+        let mut wanted: Vec<&str> = vec![PRINCIPAL_SQL, &load];
+        wanted.extend(judge.iter().filter(|j| j.2).map(|j| j.0.as_str()));
+        let mut missing: Vec<String> = wanted
+            .iter()
+            .filter(|w| !conn.prepared.contains_key(**w))
+            .map(|w| w.to_string())
+            .collect();
+        drop(wanted);
+        missing.sort_unstable();
+        missing.dedup();
+        let mut refused: HashMap<String, CheckError> = HashMap::new();
+        if !missing.is_empty() {
+            let made =
+                match tokio::time::timeout(deadline, prepare_all(&conn.client, &missing)).await {
+                    Ok(made) => made,
+                    Err(_) => {
+                        *slot = None;
+                        return Attempt::AllFailed(timed_out);
+                    }
+                };
+            // Room for them: the least recently used go (never one this
+            // round needs).
+            let excess = (conn.prepared.len() + missing.len()).saturating_sub(MAX_PREPARED);
+            if excess > 0 {
+                let mut old: Vec<(u64, String)> = conn
+                    .prepared
+                    .iter()
+                    .filter(|(_, (_, used))| *used < round)
+                    .map(|(k, (_, used))| (*used, k.clone()))
+                    .collect();
+                old.sort_unstable();
+                for (_, k) in old.into_iter().take(excess) {
+                    conn.prepared.remove(&k);
+                }
+            }
+            for (sql, r) in missing.into_iter().zip(made) {
+                match r {
+                    Ok(st) => {
+                        conn.prepared.insert(sql, (st, round));
+                    }
+                    Err(e) => {
+                        refused.insert(sql, e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = refused
+            .remove(PRINCIPAL_SQL)
+            .or_else(|| refused.remove(&load))
+        {
+            return Attempt::Unloaded(e);
+        }
+        let mut stmt = |sql: &str, params: Vec<Param>| -> Stmt {
+            match conn.prepared.get_mut(sql) {
+                Some((st, used)) => {
+                    *used = round;
+                    Stmt::Prepared(st.clone(), params)
+                }
+                None => Stmt::Text(sql.to_string(), params),
+            }
+        };
+        let load_stmt = stmt(&load, vec![text(&load_json(images))]);
+        let mut per_class: Vec<Result<(Stmt, Stmt), CheckError>> =
+            Vec::with_capacity(classes.len());
+        for (c, (sql, params, prepare)) in classes.iter().zip(judge) {
+            if let Some(e) = prepare.then(|| refused.get(sql.as_str())).flatten() {
+                per_class.push(Err(CheckError::Other(e.to_string())));
+                continue;
+            }
+            let who = c.who;
+            let principal = stmt(
+                PRINCIPAL_SQL,
+                vec![
+                    text(&who.role),
+                    text(&who.claims),
+                    text(who.sub.as_deref().unwrap_or("")),
+                    text(who.email.as_deref().unwrap_or("")),
+                ],
+            );
+            per_class.push(Ok((principal, stmt(&sql, params))));
+        }
+        let (outcome, keep) =
+            pipeline(&conn.client, load_stmt, per_class, classes, self.timeout).await;
         if keep {
             self.after_round(&mut slot, &key).await;
         } else {
@@ -622,12 +730,9 @@ const VACUUM_AFTER_ROWS: usize = 16_384;
 
 /// How an attempt at a round ended.
 enum Attempt {
-    /// Classes judged from the first on; `failed`: the next class's check
-    /// failed (the ones after it are not judged yet).
-    Judged {
-        verdicts: Vec<Vec<u32>>,
-        failed: Option<CheckError>,
-    },
+    /// The verdicts of the classes from the first on (those after a class
+    /// whose check failed in the transaction are not judged yet).
+    Judged(Vec<Result<Vec<u32>, CheckError>>),
     /// The images could not be loaded (no temp table could be made, or the
     /// load failed): no class judged.
     Unloaded(CheckError),
@@ -812,74 +917,110 @@ type Sent<'c> = Pin<
     >,
 >;
 
+/// Statements every class runs first: its role and claims.
+const PRINCIPAL_SQL: &str = "select pg_catalog.set_config('role', $1, true), \
+     pg_catalog.set_config('request.jwt.claims', $2, true), \
+     pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
+     pg_catalog.set_config('request.jwt.claim.role', $1, true), \
+     pg_catalog.set_config('request.jwt.claim.email', $4, true)";
+
+/// Prepared statements a pool connection keeps at most.
+const MAX_PREPARED: usize = 512;
+
+/// A statement of a round: prepared, or parsed and planned with its
+/// parameters (a class picking some of the round's rows: the custom plan
+/// hashes the picked positions).
+enum Stmt {
+    Prepared(tokio_postgres::Statement, Vec<Param>),
+    Text(String, Vec<Param>),
+}
+
+/// Prepares `texts`, all sent before the first answer is awaited.
+async fn prepare_all(
+    client: &tokio_postgres::Client,
+    texts: &[String],
+) -> Vec<Result<tokio_postgres::Statement, CheckError>> {
+    type Preparing<'c> = Pin<
+        Box<
+            MaybeDone<
+                Pin<
+                    Box<
+                        dyn Future<
+                                Output = Result<tokio_postgres::Statement, tokio_postgres::Error>,
+                            > + Send
+                            + 'c,
+                    >,
+                >,
+            >,
+        >,
+    >;
+    let mut sent: Vec<Preparing<'_>> = Vec::with_capacity(texts.len());
+    for t in texts {
+        let f: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(client.prepare(t));
+        let mut f = Box::pin(futures::future::maybe_done(f));
+        let _ = futures::poll!(f.as_mut());
+        sent.push(f);
+    }
+    let mut out = Vec::with_capacity(sent.len());
+    for mut f in sent {
+        f.as_mut().await;
+        out.push(match f.as_mut().take_output() {
+            Some(r) => r.map_err(|e| CheckError::Database(PgError::from_sql(e))),
+            None => Err(CheckError::Other("no answer to a prepare".into())),
+        });
+    }
+    out
+}
+
 /// A round's transaction on `client`: `BEGIN`, the statement timeout, the
-/// load into `tmp`, per class its role and claims then its judgement,
-/// `ROLLBACK` — all sent at once, answers read in order. The outcome, and
+/// load, per class its role and claims then its judgement, `ROLLBACK` — all
+/// sent at once, answers read in order. Classes whose statement could not be
+/// made (`Err` in `per_class`) are skipped with that error. The outcome, and
 /// whether the connection is still in a known state.
 async fn pipeline(
     client: &tokio_postgres::Client,
-    tmp: &str,
-    schema: &str,
-    table: &str,
-    images: &[&str],
+    load: Stmt,
+    per_class: Vec<Result<(Stmt, Stmt), CheckError>>,
     classes: &[RoundClass<'_>],
     timeout: Duration,
 ) -> (Attempt, bool) {
     let deadline = timeout + Duration::from_secs(1);
     let timed_out = || CheckError::Timeout(deadline.as_millis() as u64);
-    let mut statements: Vec<(String, Vec<Param>)> = vec![
-        ("begin".into(), Vec::new()),
-        (
+    let mut statements: Vec<Stmt> = vec![
+        Stmt::Text("begin".into(), Vec::new()),
+        Stmt::Text(
             "select pg_catalog.set_config('statement_timeout', $1, true)".into(),
             vec![text(&timeout.as_millis().to_string())],
         ),
-        (
-            format!(
-                "insert into pg_temp.{tmp} select * from \
-                 pg_catalog.json_populate_recordset(null::pg_temp.{tmp}, $1::text::json)"
-            ),
-            vec![text(&load_json(images))],
-        ),
+        load,
     ];
     const STAGE: usize = 3;
-    for c in classes {
-        let who = c.who;
-        statements.push((
-            "select pg_catalog.set_config('role', $1, true), \
-                    pg_catalog.set_config('request.jwt.claims', $2, true), \
-                    pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
-                    pg_catalog.set_config('request.jwt.claim.role', $1, true), \
-                    pg_catalog.set_config('request.jwt.claim.email', $4, true)"
-                .into(),
-            vec![
-                text(&who.role),
-                text(&who.claims),
-                text(who.sub.as_deref().unwrap_or("")),
-                text(who.email.as_deref().unwrap_or("")),
-            ],
-        ));
-        statements.push(if c.whole_row {
-            let mine: Vec<&str> = c
-                .rows
-                .iter()
-                .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
-                .collect();
-            (
-                row_typed_sql(schema, table, c.predicate),
-                vec![text(&json_array(&mine))],
-            )
-        } else {
-            judge_sql(tmp, table, c.predicate, c.rows, images.len())
-        });
+    let mut skipped: Vec<Option<CheckError>> = Vec::with_capacity(per_class.len());
+    for c in per_class {
+        match c {
+            Ok((principal, judge)) => {
+                statements.push(principal);
+                statements.push(judge);
+                skipped.push(None);
+            }
+            Err(e) => skipped.push(Some(e)),
+        }
     }
-    statements.push(("rollback".into(), Vec::new()));
+    statements.push(Stmt::Text("rollback".into(), Vec::new()));
 
     // Each future's first poll sends its statement: all are sent, in order,
     // before the first answer is awaited.
     let mut sent: Vec<Sent<'_>> = Vec::with_capacity(statements.len());
-    for (sql, params) in statements {
+    for st in statements {
         let f: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(async move {
-            let rows = client.query_typed_raw(&sql, params).await?;
+            let rows = match st {
+                Stmt::Prepared(st, params) => {
+                    client
+                        .query_raw(&st, params.into_iter().map(|(v, _)| v))
+                        .await?
+                }
+                Stmt::Text(sql, params) => client.query_typed_raw(&sql, params).await?,
+            };
             rows.try_collect::<Vec<_>>().await
         });
         let mut f = Box::pin(futures::future::maybe_done(f));
@@ -907,8 +1048,12 @@ async fn pipeline(
             Err(None) => return (Attempt::AllFailed(timed_out()), false),
         }
     }
-    let mut verdicts = Vec::with_capacity(classes.len());
-    for c in classes {
+    let mut results = Vec::with_capacity(classes.len());
+    for (c, skip) in classes.iter().zip(skipped) {
+        if let Some(e) = skip {
+            results.push(Err(e));
+            continue;
+        }
         let r = match next().await {
             Ok(_) => next().await,
             Err(e) => Err(e),
@@ -916,30 +1061,24 @@ async fn pipeline(
         match r {
             Ok(rows) => {
                 let pass: Vec<u32> = rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
-                verdicts.push(if c.whole_row {
+                results.push(Ok(if c.whole_row {
                     positions(c.rows, &pass)
                 } else {
                     pass
-                });
+                }));
             }
             // The rest of the pipeline fails (the transaction is aborted) up
             // to its ROLLBACK, which ends it.
             Err(Some(e)) => {
-                let failed = Some(CheckError::Database(PgError::from_sql(e)));
-                return (Attempt::Judged { verdicts, failed }, true);
+                results.push(Err(CheckError::Database(PgError::from_sql(e))));
+                return (Attempt::Judged(results), true);
             }
             Err(None) => {
-                let failed = Some(timed_out());
-                return (Attempt::Judged { verdicts, failed }, false);
+                results.push(Err(timed_out()));
+                return (Attempt::Judged(results), false);
             }
         }
     }
     let ended = next().await.is_ok();
-    (
-        Attempt::Judged {
-            verdicts,
-            failed: None,
-        },
-        ended,
-    )
+    (Attempt::Judged(results), ended)
 }
