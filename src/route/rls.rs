@@ -20,9 +20,11 @@
 //!   `boolean`), so the in-memory comparison is PostgreSQL's.
 //! - **SQL**: anything else (subqueries, other functions, casts on a column,
 //!   other operators). Subscribers are grouped into *classes* (same role, same
-//!   claims but `exp`/`iat`/`nbf`/`jti`, same table, same policies); each
-//!   transaction's matching rows of a class are judged by one query
-//!   ([`PolicyDb::check`]) on a small pool of connections. The hub never waits:
+//!   claims but `exp`/`iat`/`nbf`/`jti`, same table, same policies); the
+//!   rows of sealed batches are judged in rounds: a worker takes the classes
+//!   waiting, loads each table's new rows once and judges every class over
+//!   them in one transaction ([`PolicyDb::judge_round`]) on a small pool of
+//!   connections. The hub never waits:
 //!   it queues each frame with a [`Ticket`] and the connection's writer waits for
 //!   the verdict, so a slow check delays only that class's connections. A
 //!   check that fails (a policy raised, a timeout, the queue of checks full)
@@ -1202,7 +1204,9 @@ impl SqlClass {
             .is_some_and(|o| o.images.len() >= MAX_BATCH_ROWS)
         {
             if let Some(o) = open.take() {
-                self.seal(&gate, o);
+                if let Some(c) = self.seal(&gate, o) {
+                    gate.enqueue(vec![c]);
+                }
             }
         }
         let fresh = open.is_none();
@@ -1243,31 +1247,23 @@ impl SqlClass {
         Some(t)
     }
 
-    /// Moves a filled batch to the sealed list, and the class into the
-    /// workers' queue unless it is there already.
-    fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) {
+    /// Moves a filled batch to the sealed list; `Some`: the class is to be
+    /// queued for the workers (it was not already).
+    fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) -> Option<Arc<SqlClass>> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         if sealed.rows + o.images.len() > MAX_SEALED_ROWS {
             drop(sealed);
             let why = "row-level security checks for your token fell too far behind (PostgreSQL is not keeping up)";
             self.fail(gate, vec![o.batch], why);
-            return;
+            return None;
         }
         sealed.rows += o.images.len();
         sealed.batches.push((o.batch, o.images));
         if sealed.queued {
-            return;
+            return None;
         }
         sealed.queued = true;
-        drop(sealed);
-        gate.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if gate.jobs.try_send(self.clone()).is_err() {
-            gate.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let batches = self.take_sealed();
-            let why =
-                "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
-            self.fail(gate, batches.into_iter().map(|(b, _)| b).collect(), why);
-        }
+        Some(self.clone())
     }
 
     /// Every sealed batch, leaving the class out of the queue.
@@ -1332,7 +1328,9 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> Option<String> {
 /// check workers at each commit (and after a replay batch).
 pub struct Gate {
     pending: Mutex<Vec<Arc<SqlClass>>>,
-    jobs: mpsc::Sender<Arc<SqlClass>>,
+    /// Classes sealed together (at one commit) go to the workers together,
+    /// so that one round judges them over one load of their rows.
+    jobs: mpsc::Sender<Vec<Arc<SqlClass>>>,
     failed: Arc<Failures>,
     stats: Arc<RlsStats>,
     /// The last change's images, shared by every class that judges it.
@@ -1365,11 +1363,33 @@ impl Gate {
             Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
             _ => return,
         };
+        let mut queue = Vec::new();
         for c in classes {
             let o = c.open.lock().map(|mut o| o.take()).unwrap_or(None);
-            if let Some(o) = o {
-                c.seal(self, o);
+            if let Some(q) = o.and_then(|o| c.seal(self, o)) {
+                queue.push(q);
             }
+        }
+        self.enqueue(queue);
+    }
+
+    /// Hands classes to the workers, at most [`MAX_ROUND_CLASSES`] a job;
+    /// with the queue full, their checks fail (their channels are closed).
+    fn enqueue(&self, mut classes: Vec<Arc<SqlClass>>) {
+        while !classes.is_empty() {
+            let rest = classes.split_off(classes.len().min(MAX_ROUND_CLASSES));
+            let n = classes.len() as u64;
+            self.stats.queued.fetch_add(n, Ordering::Relaxed);
+            if let Err(e) = self.jobs.try_send(classes) {
+                self.stats.queued.fetch_sub(n, Ordering::Relaxed);
+                let why =
+                    "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
+                for c in e.into_inner() {
+                    let batches = c.take_sealed();
+                    c.fail(self, batches.into_iter().map(|(b, _)| b).collect(), why);
+                }
+            }
+            classes = rest;
         }
     }
 
@@ -1407,8 +1427,9 @@ impl Gate {
     }
 }
 
-/// Classes a worker takes from the queue for one turn at most (those of one
-/// table are judged together, sharing one load of their rows).
+/// Classes a job holds at most, and a worker takes from the queue for one
+/// turn (whole jobs: the classes sealed at one commit) once it has one job;
+/// those of one table are judged together, sharing one load of their rows.
 const MAX_ROUND_CLASSES: usize = 256;
 
 /// Distinct row images one round loads at most (more sealed rows wait for
@@ -1417,7 +1438,7 @@ const MAX_ROUND_ROWS: usize = 8_192;
 
 async fn worker(
     db: Arc<PolicyDb>,
-    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<SqlClass>>>>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Arc<SqlClass>>>>>,
     failed: Arc<Failures>,
     stats: Arc<RlsStats>,
 ) {
@@ -1425,11 +1446,11 @@ async fn worker(
         let mut taken = Vec::new();
         {
             let mut rx = jobs.lock().await;
-            let Some(class) = rx.recv().await else { return };
-            taken.push(class);
+            let Some(job) = rx.recv().await else { return };
+            taken.extend(job);
             while taken.len() < MAX_ROUND_CLASSES {
                 match rx.try_recv() {
-                    Ok(class) => taken.push(class),
+                    Ok(job) => taken.extend(job),
                     Err(_) => break,
                 }
             }

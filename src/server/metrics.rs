@@ -547,7 +547,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_log_newest_commit_lsn", "Commit LSN of the newest transaction in the change log, as a number (WAL byte position).", MetricType::GAUGE, None),
     ("walcast_replays_total", "Channels that resumed with replay.since, by result (done: REPLAY_DONE sent; gap: REPLAY_GAP sent).", MetricType::COUNTER, Some("result")),
     ("walcast_replayed_changes_total", "Changes read back from the change log for replays (before each channel's filters).", MetricType::COUNTER, None),
-    ("walcast_rls_checks_total", "RLS mode's SQL checks (one per class, table and batch of rows), by result (ok; error: the class's channels were closed).", MetricType::COUNTER, Some("result")),
+    ("walcast_rls_checks_total", "RLS mode's SQL checks (one per class and round of rows), by result (ok; error: the class's channels were closed).", MetricType::COUNTER, Some("result")),
     ("walcast_rls_checked_rows_total", "Row images judged by RLS mode's SQL checks.", MetricType::COUNTER, None),
     ("walcast_rls_check_seconds_total", "Time spent in RLS mode's SQL checks (divide by walcast_rls_checks_total for the mean).", MetricType::COUNTER, None),
     ("walcast_rls_checks_queued", "RLS checks waiting for a connection of the pool (auth.rls_queue at most).", MetricType::GAUGE, None),

@@ -15,32 +15,68 @@
 //!
 //! # Judging row images
 //!
-//! [`PolicyDb::check`] evaluates the policies over row images taken from the
-//! WAL, not over the table (which may hold other values by then, or no row after
-//! a DELETE). In one transaction, rolled back at the end:
+//! The policies are evaluated over row images taken from the WAL, not over
+//! the table (which may hold other values by then, or no row after a
+//! DELETE). Each image is a JSON object of the row's columns: a `json`/`jsonb`
+//! value as its JSON, any other value as a JSON string of the type's text
+//! output (what pgoutput sends), which the populate functions feed to the
+//! type's input function — so every value is exactly the row's.
+//!
+//! [`PolicyDb::judge_round`] judges one table's new images for every class
+//! waiting (a class: one role and claims, one predicate), in rounds. Each
+//! pool connection keeps, per table, a temp table of the table's columns (from
+//! the catalog: types, typmods and collations, no constraints) plus
+//! `"walcast ord"`, readable by `PUBLIC` (a session's own temp schema is
+//! usable by whatever role it switches to). A round is one transaction, rolled
+//! back, every statement sent before the first answer is read (one round
+//! trip):
 //!
 //! ```sql
-//! SELECT set_config('role', $role, true),
-//!        set_config('request.jwt.claims', $claims, true),
-//!        set_config('request.jwt.claim.sub', $sub, true),
-//!        set_config('request.jwt.claim.role', $role_claim, true),
-//!        set_config('statement_timeout', $ms, true);
+//! BEGIN;
+//! SELECT set_config('statement_timeout', $ms, true);
+//! INSERT INTO pg_temp."walcast rls N"                       -- the images, parsed once
+//!   SELECT * FROM json_populate_recordset(NULL::pg_temp."walcast rls N", $1);
+//! -- per class:
+//! SELECT set_config('role', $role, true), set_config('request.jwt.claims', $claims, true),
+//!        set_config('request.jwt.claim.sub', $sub, true), …;
+//! SELECT "t"."walcast ord" FROM pg_temp."walcast rls N" AS "t"
+//!  WHERE ((permissive_1) OR (permissive_2) …) AND (restrictive_1) AND …;
+//! ROLLBACK;
+//! ```
+//!
+//! The alias is the table's own name, so a policy's unqualified and qualified
+//! column references (`owner_id`, `jobs.id` inside a subquery) resolve to the
+//! image; subqueries and functions in a policy run as the subscriber's role,
+//! under its claims, with the row security of the real tables they read — as
+//! in PostgreSQL. A class that judges only some of the round's rows (its
+//! channels' filters matched only those) reads them behind an `OFFSET 0`
+//! fence (`WHERE "walcast ord" = ANY($1)`), so its policy never runs on —
+//! nor raises for — another class's rows. A policy that reads the row as a
+//! whole (`jobs.*`, whose type must be the table's) is judged by the
+//! construction without a temp table below, in the same transaction.
+//! Statements without per-round parameters are prepared once per connection
+//! (planning a policy costs more than running it over a round's rows).
+//!
+//! A statement that fails aborts the transaction: that class's check failed
+//! (its error is its verdict), the classes before it are judged, the ones
+//! after it are judged again in a new transaction. When the images cannot be
+//! loaded into a temp table (a column type the walcast user may not use…),
+//! the temp table is made again once, then each class is judged alone by
+//! [`PolicyDb::check`]:
+//!
+//! ```sql
 //! SELECT w.walcast_ord
 //!   FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS w(walcast_img, walcast_ord)
 //!   CROSS JOIN LATERAL jsonb_populate_record(NULL::"s"."t", w.walcast_img) AS "t"
-//!  WHERE ((permissive_1) OR (permissive_2) …) AND (restrictive_1) AND …;
+//!  WHERE <predicate>;
 //! ```
 //!
-//! Each image is a JSON object of the row's columns: a `json`/`jsonb` value as
-//! its JSON, any other value as a JSON string of the type's text output (what
-//! pgoutput sends), which `jsonb_populate_record` feeds to the type's input
-//! function — so every value is exactly the row's. The alias is the table's own
-//! name, so a policy's unqualified and qualified column references (`owner_id`,
-//! `jobs.id` inside a subquery) resolve to the image; subqueries and functions in
-//! a policy run as the subscriber's role, under its claims, with the row
-//! security of the tables they read — as in PostgreSQL. The test
-//! `rls::sql_path_agrees_with_postgres_own_select` compares this construction
-//! with `SET ROLE …; SELECT … FROM t` on the same rows.
+//! Rolled-back rows stay in a temp table as dead tuples (temp tables are not
+//! autovacuumed): it is vacuumed every 16,384 loaded rows. Temp tables
+//! are made again when the images' columns (names, types) differ from theirs
+//! and when policies or privileges changed ([`PolicyDb::invalidate_temps`]).
+//! The test `rls::portal_policies_match_postgres_on_both_paths` compares the
+//! verdicts with `SET ROLE …; SELECT … FROM t` on the same rows.
 
 use std::collections::HashMap;
 use std::future::Future;
