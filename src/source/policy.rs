@@ -157,6 +157,9 @@ struct Conn {
     client: tokio_postgres::Client,
     temps: HashMap<(String, String), Temp>,
     prepared: HashMap<String, (tokio_postgres::Statement, u64)>,
+    /// Statements that could not be prepared (as the session user: a schema
+    /// only the subscriber's role may use…): they run unprepared, as the role.
+    unpreparable: std::collections::HashSet<String>,
     rounds: u64,
 }
 
@@ -166,6 +169,7 @@ impl Conn {
             client,
             temps: HashMap::new(),
             prepared: HashMap::new(),
+            unpreparable: std::collections::HashSet::new(),
             rounds: 0,
         }
     }
@@ -578,13 +582,12 @@ impl PolicyDb {
         wanted.extend(judge.iter().filter(|j| j.2).map(|j| j.0.as_str()));
         let mut missing: Vec<String> = wanted
             .iter()
-            .filter(|w| !conn.prepared.contains_key(**w))
+            .filter(|w| !conn.prepared.contains_key(**w) && !conn.unpreparable.contains(**w))
             .map(|w| w.to_string())
             .collect();
         drop(wanted);
         missing.sort_unstable();
         missing.dedup();
-        let mut refused: HashMap<String, CheckError> = HashMap::new();
         if !missing.is_empty() {
             let made =
                 match tokio::time::timeout(deadline, prepare_all(&conn.client, &missing)).await {
@@ -615,16 +618,15 @@ impl PolicyDb {
                         conn.prepared.insert(sql, (st, round));
                     }
                     Err(e) => {
-                        refused.insert(sql, e);
+                        // Runs unprepared (parsed as the class's role).
+                        tracing::debug!(error = %e, "a policy check cannot be prepared");
+                        if conn.unpreparable.len() >= MAX_PREPARED {
+                            conn.unpreparable.clear();
+                        }
+                        conn.unpreparable.insert(sql);
                     }
                 }
             }
-        }
-        if let Some(e) = refused
-            .remove(PRINCIPAL_SQL)
-            .or_else(|| refused.remove(&load))
-        {
-            return Attempt::Unloaded(e);
         }
         let mut stmt = |sql: &str, params: Vec<Param>| -> Stmt {
             match conn.prepared.get_mut(sql) {
@@ -638,11 +640,7 @@ impl PolicyDb {
         let load_stmt = stmt(&load, vec![text(&load_json(images))]);
         let mut per_class: Vec<Result<(Stmt, Stmt), CheckError>> =
             Vec::with_capacity(classes.len());
-        for (c, (sql, params, prepare)) in classes.iter().zip(judge) {
-            if let Some(e) = prepare.then(|| refused.get(sql.as_str())).flatten() {
-                per_class.push(Err(CheckError::Other(e.to_string())));
-                continue;
-            }
+        for (c, (sql, params, _)) in classes.iter().zip(judge) {
             let who = c.who;
             let principal = stmt(
                 PRINCIPAL_SQL,
