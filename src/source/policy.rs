@@ -36,11 +36,13 @@
 //! SELECT set_config('statement_timeout', $ms, true);
 //! INSERT INTO pg_temp."walcast rls N"                       -- the images, parsed once
 //!   SELECT * FROM json_populate_recordset(NULL::pg_temp."walcast rls N", $1);
+//! SAVEPOINT "walcast class";
 //! -- per class:
 //! SELECT set_config('role', $role, true), set_config('request.jwt.claims', $claims, true),
 //!        set_config('request.jwt.claim.sub', $sub, true), …;
 //! SELECT "t"."walcast ord" FROM pg_temp."walcast rls N" AS "t"
 //!  WHERE ((permissive_1) OR (permissive_2) …) AND (restrictive_1) AND …;
+//! ROLLBACK TO SAVEPOINT "walcast class";
 //! ROLLBACK;
 //! ```
 //!
@@ -57,9 +59,12 @@
 //! Statements without per-round parameters are prepared once per connection
 //! (planning a policy costs more than running it over a round's rows).
 //!
-//! A statement that fails aborts the transaction: that class's check failed
-//! (its error is its verdict), the classes before it are judged, the ones
-//! after it are judged again in a new transaction. When the images cannot be
+//! Each class runs in the savepoint and is rolled back to it: nothing a
+//! class's policy does (`set_config(…, true)`, `SET LOCAL`, temp objects)
+//! reaches the next class, and a class whose statement fails (its error is
+//! its verdict) does not abort the others. Should rolling back to the
+//! savepoint fail, the classes after it are judged again in a new
+//! transaction. When the images cannot be
 //! loaded into a temp table (a column type the walcast user may not use…),
 //! the temp table is made again once, then each class is judged alone by
 //! [`PolicyDb::check`]:
@@ -421,8 +426,8 @@ impl PolicyDb {
     /// each class is judged over its rows of it, as its role and under its
     /// claims, every statement pipelined in one transaction (rolled back). Per
     /// class: the 1-based positions of the images it may see, or why its
-    /// check failed — a class whose policy raises fails alone; the classes
-    /// after it are judged again in a new transaction.
+    /// check failed — each class runs in its own savepoint, so a class whose
+    /// policy raises fails alone and none sees what another's policy did.
     pub async fn judge_round(
         &self,
         schema: &str,
@@ -958,6 +963,9 @@ const PRINCIPAL_SQL: &str = "select pg_catalog.set_config('role', $1, true), \
      pg_catalog.set_config('request.jwt.claim.role', $1, true), \
      pg_catalog.set_config('request.jwt.claim.email', $4, true)";
 
+/// The savepoint each class of a round runs in, rolled back to after it.
+const CLASS_SAVEPOINT: &str = "\"walcast class\"";
+
 /// Prepared statements a pool connection keeps at most.
 const MAX_PREPARED: usize = 512;
 
@@ -1027,14 +1035,21 @@ async fn pipeline(
             vec![text(&timeout.as_millis().to_string())],
         ),
         load,
+        Stmt::Text(format!("savepoint {CLASS_SAVEPOINT}"), Vec::new()),
     ];
-    const STAGE: usize = 3;
+    const STAGE: usize = 4;
     let mut skipped: Vec<Option<CheckError>> = Vec::with_capacity(per_class.len());
     for c in per_class {
         match c {
             Ok((principal, judge)) => {
                 statements.push(principal);
                 statements.push(judge);
+                // Whatever the class's policy did (settings, temp objects, a
+                // raise) ends with it.
+                statements.push(Stmt::Text(
+                    format!("rollback to savepoint {CLASS_SAVEPOINT}"),
+                    Vec::new(),
+                ));
                 skipped.push(None);
             }
             Err(e) => skipped.push(Some(e)),
@@ -1088,9 +1103,22 @@ async fn pipeline(
             results.push(Err(e));
             continue;
         }
-        let r = match next().await {
-            Ok(_) => next().await,
-            Err(e) => Err(e),
+        // Its role and claims, its judgement: the first error is its
+        // verdict (after one, the judgement fails as the transaction is
+        // aborted, up to the savepoint's rollback).
+        let principal = next().await;
+        let judged = next().await;
+        let r = match principal {
+            Ok(_) => judged,
+            Err(None) => Err(None),
+            Err(e) => match judged {
+                Err(None) => Err(None),
+                _ => Err(e),
+            },
+        };
+        let undone = match &r {
+            Err(None) => Err(None),
+            _ => next().await,
         };
         match r {
             Ok(rows) => {
@@ -1101,16 +1129,24 @@ async fn pipeline(
                     pass
                 }));
             }
-            // The rest of the pipeline fails (the transaction is aborted) up
-            // to its ROLLBACK, which ends it.
             Err(Some(e)) => {
                 results.push(Err(CheckError::Database(PgError::from_sql(e))));
-                return (Attempt::Judged(results), true);
             }
             Err(None) => {
                 results.push(Err(timed_out()));
                 return (Attempt::Judged(results), false);
             }
+        }
+        match undone {
+            Ok(_) => {}
+            // Not expected: the rest of the pipeline fails (the transaction
+            // is aborted) up to its ROLLBACK, which ends it; the classes
+            // after this one are judged again in a new transaction.
+            Err(Some(e)) => {
+                tracing::debug!(error = %e, "rolling back to a class's savepoint failed");
+                return (Attempt::Judged(results), true);
+            }
+            Err(None) => return (Attempt::Judged(results), false),
         }
     }
     let ended = next().await.is_ok();
