@@ -26,14 +26,19 @@
 //! waiting (a class: one role and claims, one predicate), in rounds. Each
 //! pool connection keeps, per table, a temp table of the table's columns (from
 //! the catalog: types, typmods and collations, no constraints) plus
-//! `"walcast ord"`, readable by `PUBLIC` (a session's own temp schema is
-//! usable by whatever role it switches to). A round is one transaction, rolled
+//! `"walcast ord"`, readable and insertable by `PUBLIC` (a session's own temp
+//! schema is usable by whatever role it switches to). The load runs as the
+//! round's first class's role and claims, so the types' input functions and
+//! a domain's `CHECK` (the table owner's code) never run as walcast's own
+//! user — as each class's own check did before rounds; what a class does to
+//! the temp table ends with its savepoint. A round is one transaction, rolled
 //! back, every statement sent before the first answer is read (one round
 //! trip):
 //!
 //! ```sql
 //! BEGIN;
 //! SELECT set_config('statement_timeout', $ms, true);
+//! SELECT set_config('role', $first_role, true), …;         -- the first class's
 //! INSERT INTO pg_temp."walcast rls N"                       -- the images, parsed once
 //!   SELECT * FROM json_populate_recordset(NULL::pg_temp."walcast rls N", $1);
 //! SAVEPOINT "walcast class";
@@ -642,24 +647,28 @@ impl PolicyDb {
                 None => Stmt::Text(sql.to_string(), params),
             }
         };
+        // The load runs the input functions of the columns' types (and a
+        // domain's CHECK, the table owner's code) as the first class's role
+        // and claims — never as walcast's own user.
+        let Some(first) = classes.first() else {
+            return Attempt::Judged(Vec::new());
+        };
+        let load_as = stmt(PRINCIPAL_SQL, principal_params(first.who));
         let load_stmt = stmt(&load, vec![text(&load_json(images))]);
         let mut per_class: Vec<Result<(Stmt, Stmt), CheckError>> =
             Vec::with_capacity(classes.len());
         for (c, (sql, params, _)) in classes.iter().zip(judge) {
-            let who = c.who;
-            let principal = stmt(
-                PRINCIPAL_SQL,
-                vec![
-                    text(&who.role),
-                    text(&who.claims),
-                    text(who.sub.as_deref().unwrap_or("")),
-                    text(who.email.as_deref().unwrap_or("")),
-                ],
-            );
+            let principal = stmt(PRINCIPAL_SQL, principal_params(c.who));
             per_class.push(Ok((principal, stmt(&sql, params))));
         }
-        let (outcome, keep) =
-            pipeline(&conn.client, load_stmt, per_class, classes, self.timeout).await;
+        let (outcome, keep) = pipeline(
+            &conn.client,
+            [load_as, load_stmt],
+            per_class,
+            classes,
+            self.timeout,
+        )
+        .await;
         if keep {
             self.after_round(&mut slot, &key).await;
         } else {
@@ -818,7 +827,7 @@ async fn make_temp(
     let ddl = format!(
         "drop table if exists pg_temp.{name}; \
          create temp table {name} (\"walcast ord\" int4, {}); \
-         grant select on pg_temp.{name} to public",
+         grant select, insert on pg_temp.{name} to public",
         defs.join(", ")
     );
     client
@@ -963,6 +972,16 @@ const PRINCIPAL_SQL: &str = "select pg_catalog.set_config('role', $1, true), \
      pg_catalog.set_config('request.jwt.claim.role', $1, true), \
      pg_catalog.set_config('request.jwt.claim.email', $4, true)";
 
+/// The parameters of [`PRINCIPAL_SQL`] for `who`.
+fn principal_params(who: &Principal) -> Vec<Param> {
+    vec![
+        text(&who.role),
+        text(&who.claims),
+        text(who.sub.as_deref().unwrap_or("")),
+        text(who.email.as_deref().unwrap_or("")),
+    ]
+}
+
 /// The savepoint each class of a round runs in, rolled back to after it.
 const CLASS_SAVEPOINT: &str = "\"walcast class\"";
 
@@ -1015,13 +1034,15 @@ async fn prepare_all(
 }
 
 /// A round's transaction on `client`: `BEGIN`, the statement timeout, the
-/// load, per class its role and claims then its judgement, `ROLLBACK` — all
+/// load (the first class's role and claims, then the images), a savepoint,
+/// per class its role and claims, its judgement and the rollback to the
+/// savepoint, `ROLLBACK` — all
 /// sent at once, answers read in order. Classes whose statement could not be
 /// made (`Err` in `per_class`) are skipped with that error. The outcome, and
 /// whether the connection is still in a known state.
 async fn pipeline(
     client: &tokio_postgres::Client,
-    load: Stmt,
+    load: [Stmt; 2],
     per_class: Vec<Result<(Stmt, Stmt), CheckError>>,
     classes: &[RoundClass<'_>],
     timeout: Duration,
@@ -1034,10 +1055,13 @@ async fn pipeline(
             "select pg_catalog.set_config('statement_timeout', $1, true)".into(),
             vec![text(&timeout.as_millis().to_string())],
         ),
-        load,
-        Stmt::Text(format!("savepoint {CLASS_SAVEPOINT}"), Vec::new()),
     ];
-    const STAGE: usize = 4;
+    statements.extend(load);
+    statements.push(Stmt::Text(
+        format!("savepoint {CLASS_SAVEPOINT}"),
+        Vec::new(),
+    ));
+    const STAGE: usize = 5;
     let mut skipped: Vec<Option<CheckError>> = Vec::with_capacity(per_class.len());
     for c in per_class {
         match c {

@@ -297,7 +297,6 @@ async fn a_class_never_sees_the_settings_of_the_class_before_it() {
 /// function bumps a sequence, which no rollback undoes, when it runs as any
 /// other role).
 #[tokio::test]
-#[ignore = "fixed in a following commit"]
 async fn a_domain_check_in_the_load_runs_as_a_subscriber_role() {
     let name = "rlsr_domain";
     let c = setup_db(
