@@ -45,7 +45,7 @@
 //! -- per class:
 //! SELECT set_config('role', $role, true), set_config('request.jwt.claims', $claims, true),
 //!        set_config('request.jwt.claim.sub', $sub, true), …;
-//! SELECT "t"."walcast ord" FROM pg_temp."walcast rls N" AS "t"
+//! SELECT "t"."walcast ord" FROM (SELECT * FROM pg_temp."walcast rls N" OFFSET 0) AS "t"
 //!  WHERE ((permissive_1) OR (permissive_2) …) AND (restrictive_1) AND …;
 //! ROLLBACK TO SAVEPOINT "walcast class";
 //! ROLLBACK;
@@ -890,8 +890,9 @@ fn positions(rows: &[u32], pass: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// A class's statement over the temp table `tmp` (quoted): the table's name
-/// as the alias, so the policy's column references (`owner_id`, `jobs.id` in
+/// A class's statement over the temp table `tmp` (quoted), always read
+/// through a derived table (no system columns): the table's name as the
+/// alias, so the policy's column references (`owner_id`, `jobs.id` in
 /// a subquery) resolve to the image; when the class judges only some of the
 /// round's rows, those are picked behind an `OFFSET 0` fence, so the policy
 /// never runs on (and never raises for) another class's rows.
@@ -912,7 +913,13 @@ fn judge_sql(
     };
     if all {
         (
-            format!("select {t}.\"walcast ord\" from pg_temp.{tmp} as {t} where {predicate}"),
+            // A derived table, never the temp table itself: it has no
+            // system columns (`tableoid`, `ctid`, `xmin` would be the temp
+            // table's), so a policy reading them raises, as on the table.
+            format!(
+                "select {t}.\"walcast ord\" from (select * from pg_temp.{tmp} offset 0) as {t} \
+                 where {predicate}"
+            ),
             Vec::new(),
         )
     } else {
