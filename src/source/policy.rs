@@ -39,13 +39,13 @@
 //! BEGIN;
 //! SELECT set_config('statement_timeout', $ms, true);
 //! SELECT set_config('role', $first_role, true), …;         -- the first class's
-//! INSERT INTO pg_temp."walcast rls N"                       -- the images, parsed once
-//!   SELECT * FROM json_populate_recordset(NULL::pg_temp."walcast rls N", $1);
+//! INSERT INTO pg_temp."walcast rls N <pid>-<random>"        -- the images, parsed once
+//!   SELECT * FROM json_populate_recordset(NULL::pg_temp."walcast rls N …", $1);
 //! SAVEPOINT "walcast class";
 //! -- per class:
 //! SELECT set_config('role', $role, true), set_config('request.jwt.claims', $claims, true),
 //!        set_config('request.jwt.claim.sub', $sub, true), …;
-//! SELECT "t"."walcast ord" FROM (SELECT * FROM pg_temp."walcast rls N" OFFSET 0) AS "t"
+//! SELECT "t"."walcast ord" FROM (SELECT * FROM pg_temp."walcast rls N …" OFFSET 0) AS "t"
 //!  WHERE ((permissive_1) OR (permissive_2) …) AND (restrictive_1) AND …;
 //! ROLLBACK TO SAVEPOINT "walcast class";
 //! ROLLBACK;
@@ -154,6 +154,10 @@ pub struct PolicyDb {
     epoch: AtomicU64,
     /// Each table's temp table name (the same on every connection).
     temp_names: std::sync::Mutex<HashMap<(String, String), usize>>,
+    /// Ends every temp table's name: the process id and a random number, so
+    /// no real table a policy reads unqualified is shadowed by one (a
+    /// session's temp schema is searched first).
+    temp_suffix: String,
     /// Rounds judged ([`PolicyDb::judge_round`]).
     pub rounds: AtomicU64,
     /// Class checks that ran without a temp table (the round's rows could
@@ -232,6 +236,7 @@ impl PolicyDb {
             timeout,
             epoch: AtomicU64::new(0),
             temp_names: std::sync::Mutex::new(HashMap::new()),
+            temp_suffix: temp_suffix(),
             rounds: AtomicU64::new(0),
             unloaded: AtomicU64::new(0),
         }
@@ -531,7 +536,11 @@ impl PolicyDb {
             });
         if !current {
             conn.temps.remove(&key);
-            let name = quote_ident(&format!("walcast rls {}", self.temp_index(&key)));
+            let name = quote_ident(&format!(
+                "walcast rls {} {}",
+                self.temp_index(&key),
+                self.temp_suffix
+            ));
             match tokio::time::timeout(deadline, make_temp(&conn.client, schema, table, &name))
                 .await
             {
@@ -766,6 +775,21 @@ async fn as_principal(
     )
     .await
     .map(|_| ())
+}
+
+/// The end of this process's temp table names: its id and 64 random bits
+/// (from the standard library's randomly seeded hasher), hex.
+fn temp_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{}-{:016x}", std::process::id(), h.finish())
 }
 
 /// An identifier quoted for SQL.

@@ -396,7 +396,6 @@ async fn a_policy_reading_system_columns_never_reads_the_temp_table() {
 /// read unqualified by a policy, is the real one (the temp tables' names
 /// carry a suffix nobody can guess).
 #[tokio::test]
-#[ignore = "fixed in a following commit"]
 async fn a_real_table_named_like_a_temp_table_is_not_shadowed() {
     let name = "rlsr_shadow";
     let c = setup_db(
