@@ -1287,7 +1287,8 @@ impl SqlClass {
 /// beyond, the class's channels are closed (its subscribers are too far behind).
 const MAX_SEALED_ROWS: usize = 100_000;
 
-/// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values as
+/// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values (and
+/// a domain's over them) as
 /// JSON, others as their text output in a JSON string. An unchanged TOASTed
 /// value is taken from the old image when there is one.
 ///
@@ -1316,7 +1317,18 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> Option<String> {
         out.push(':');
         match text {
             None => out.push_str("null"),
-            Some(t) if col.ty.name == "json" || col.ty.name == "jsonb" => out.push_str(&t),
+            // By the base type: a domain over json/jsonb is JSON too.
+            Some(t)
+                if col.ty.name == "json"
+                    || col.ty.name == "jsonb"
+                    || matches!(
+                        col.ty.kind,
+                        crate::decode::value::TypeKind::Json
+                            | crate::decode::value::TypeKind::Jsonb
+                    ) =>
+            {
+                out.push_str(&t)
+            }
             Some(t) => out.push_str(&Value::String(t.into_owned()).to_string()),
         }
     }

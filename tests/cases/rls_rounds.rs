@@ -426,3 +426,41 @@ async fn a_real_table_named_like_a_temp_table_is_not_shadowed() {
     let v = js.wait_for("a's first change", T, change_of("a")).await;
     assert_eq!(v["payload"]["new"]["id"], 2, "{v}");
 }
+
+/// Review finding 7 (its domain part): a column of a domain over `jsonb`
+/// reaches the policy as the row's JSON (not as a JSON string of it), so
+/// `doc ->> 'owner'` reads the value.
+#[tokio::test]
+async fn a_domain_over_jsonb_reaches_the_policy_as_json() {
+    let name = "rlsr_jdom";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create domain jdoc as jsonb check (jsonb_typeof(value) = 'object');
+             create table t (id int primary key, doc jdoc);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create policy p on t for select to rlsr_jdom
+               using ((doc ->> 'owner') = auth.uid()::text);
+             grant select on t to rlsr_jdom;",
+            roles(&["rlsr_jdom"]),
+            auth_sql()
+        ),
+    )
+    .await;
+    let server = start_with(name, name, "rls_pool = 1").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "a", &server, &token("rlsr_jdom", A)).await;
+    join(&mut js, "a", whole_table()).await;
+    c.batch_execute(&format!(
+        "begin; insert into t values (1, '{{\"owner\": \"{B}\"}}');
+         insert into t values (2, '{{\"owner\": \"{A}\"}}'); commit;"
+    ))
+    .await
+    .unwrap();
+    let v = js
+        .wait_for("a's row", Duration::from_secs(8), change_of("a"))
+        .await;
+    assert_eq!(v["payload"]["new"]["id"], 2, "{v}");
+}
