@@ -64,7 +64,9 @@
 //! Statements without per-round parameters are prepared once per connection
 //! (planning a policy costs more than running it over a round's rows).
 //!
-//! Each class runs in the savepoint and is rolled back to it: nothing a
+//! A round without a connection or an answer in time is tried once more (on
+//! a new connection), then class by class, the rest failing after a class
+//! times out. Each class runs in the savepoint and is rolled back to it: nothing a
 //! class's policy does (`set_config(…, true)`, `SET LOCAL`, temp objects)
 //! reaches the next class, and a class whose statement fails (its error is
 //! its verdict) does not abort the others. Should rolling back to the
@@ -449,6 +451,7 @@ impl PolicyDb {
         self.rounds.fetch_add(1, Ordering::Relaxed);
         let mut out: Vec<Result<Vec<u32>, CheckError>> = Vec::with_capacity(classes.len());
         let mut remake = false;
+        let mut retried = false;
         while out.len() < classes.len() {
             let rest = &classes[out.len()..];
             match self
@@ -466,11 +469,28 @@ impl PolicyDb {
                         }
                     }
                 }
+                Attempt::AllFailed(e) if !retried => {
+                    // No connection, or no answer in time: once more (on a
+                    // new connection: one that did not answer was dropped).
+                    tracing::debug!(error = %e, schema, table,
+                        "a round of checks failed; trying again");
+                    retried = true;
+                }
                 Attempt::AllFailed(e) => {
-                    let why = e.to_string();
-                    out.push(Err(e));
-                    while out.len() < classes.len() {
-                        out.push(Err(CheckError::Other(why.clone())));
+                    // Class by class, each on its own; after a timeout the
+                    // rest fail with it (PostgreSQL is not answering: never
+                    // a timeout per class).
+                    tracing::warn!(error = %e, schema, table,
+                        "a round of checks failed twice; judging class by class");
+                    for c in rest {
+                        if let Some(Err(CheckError::Timeout(ms))) = out.last() {
+                            let ms = *ms;
+                            while out.len() < classes.len() {
+                                out.push(Err(CheckError::Timeout(ms)));
+                            }
+                            break;
+                        }
+                        out.push(self.check_alone(schema, table, images, c).await);
                     }
                 }
                 Attempt::Unloaded(e) if !remake => {
@@ -485,21 +505,31 @@ impl PolicyDb {
                     tracing::warn!(error = %e, schema, table,
                         "row images cannot be loaded into a temp table; judging class by class");
                     for c in rest {
-                        let mine: Vec<&str> = c
-                            .rows
-                            .iter()
-                            .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
-                            .collect();
-                        let r = self
-                            .check(c.who, schema, table, c.predicate, json_array(&mine))
-                            .await
-                            .map(|pass| positions(c.rows, &pass));
-                        out.push(r);
+                        out.push(self.check_alone(schema, table, images, c).await);
                     }
                 }
             }
         }
         out
+    }
+
+    /// One class of a round judged alone, without a temp table
+    /// ([`PolicyDb::check`]).
+    async fn check_alone(
+        &self,
+        schema: &str,
+        table: &str,
+        images: &[&str],
+        c: &RoundClass<'_>,
+    ) -> Result<Vec<u32>, CheckError> {
+        let mine: Vec<&str> = c
+            .rows
+            .iter()
+            .map(|&r| images.get(r as usize - 1).copied().unwrap_or("{}"))
+            .collect();
+        self.check(c.who, schema, table, c.predicate, json_array(&mine))
+            .await
+            .map(|pass| positions(c.rows, &pass))
     }
 
     /// One transaction of a round on one connection, from `classes[0]` on.

@@ -464,3 +464,81 @@ async fn a_domain_over_jsonb_reaches_the_policy_as_json() {
         .await;
     assert_eq!(v["payload"]["new"]["id"], 2, "{v}");
 }
+
+/// Review finding 4: a round that gets no answer in time fails no class
+/// when the next try succeeds. A table the policy reads is locked, so
+/// preparing the class's statement (outside the round's transaction: no
+/// statement timeout) waits past walcast's deadline; the lock is released
+/// once a second connection waits for it (the round tried again on a new
+/// connection): every class is judged.
+#[tokio::test]
+async fn a_round_without_an_answer_is_tried_again() {
+    let name = "rlsr_retry";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create table gate (open bool);
+             insert into gate values (true);
+             create table t (id int primary key, owner uuid, body text);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create policy p on t for select to rlsr_retry
+               using (owner::text = auth.uid()::text and exists (select 1 from gate where open));
+             grant select on t, gate to rlsr_retry;",
+            roles(&["rlsr_retry"]),
+            auth_sql()
+        ),
+    )
+    .await;
+    let server = start_with(name, name, "rls_pool = 1\nrls_check_timeout_ms = 500").await;
+    let mut js = JsClient::spawn().await;
+    for (client, sub) in [("a", A), ("b", B)] {
+        connect(&mut js, client, &server, &token("rlsr_retry", sub)).await;
+        join(&mut js, client, whole_table()).await;
+    }
+    let mut locker = crate::support::cluster().client(name).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("lock table gate in access exclusive mode")
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "begin; insert into t values (1, '{B}', 'x'); insert into t values (2, '{A}', 'y'); commit;"
+    ))
+    .await
+    .unwrap();
+    // Held until a second connection waits (or 4 s: without a retry, none
+    // does).
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let waiting: i64 = c
+            .query_one(
+                "select count(*) from pg_locks where relation = 'gate'::regclass and not granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= 2 || std::time::Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.rollback().await.unwrap();
+    for (client, id) in [("a", 2), ("b", 1)] {
+        let v = js
+            .expect_none_before(
+                &format!("a system error for {client}"),
+                |v| {
+                    v["client"] == client
+                        && is_on(v, "system", "t")
+                        && v["payload"]["status"] == "error"
+                },
+                &format!("{client}'s row"),
+                change_of(client),
+                T,
+            )
+            .await;
+        assert_eq!(v["payload"]["new"]["id"], id, "{client}: {v}");
+    }
+}
