@@ -833,7 +833,8 @@ const VACUUM_AFTER_ROWS: usize = 16_384;
 /// How an attempt at a round ended.
 enum Attempt {
     /// The verdicts of the classes from the first on (those after a class
-    /// whose check failed in the transaction are not judged yet).
+    /// that got no answer in time, or whose savepoint could not be rolled
+    /// back to, are not judged yet).
     Judged(Vec<Result<Vec<u32>, CheckError>>),
     /// The images could not be loaded (no temp table could be made, or the
     /// load failed): no class judged.
