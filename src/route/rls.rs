@@ -1289,8 +1289,8 @@ const MAX_SEALED_ROWS: usize = 100_000;
 
 /// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values (and
 /// a domain's over them) as JSON, others as their text output in a JSON
-/// string. An unchanged TOASTed
-/// value is taken from the old image when there is one.
+/// string. An unchanged TOASTed value is taken from the old image when there
+/// is one.
 ///
 /// `None` when a value is missing (an unchanged TOASTed value or a non-key
 /// column of a key-only old row, with no full old image to take it from): the

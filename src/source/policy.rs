@@ -66,15 +66,14 @@
 //!
 //! A round without a connection or an answer in time is tried once more (on
 //! a new connection), then class by class, the rest failing after a class
-//! times out. Each class runs in the savepoint and is rolled back to it: nothing a
-//! class's policy does (`set_config(…, true)`, `SET LOCAL`, temp objects)
-//! reaches the next class, and a class whose statement fails (its error is
-//! its verdict) does not abort the others. Should rolling back to the
-//! savepoint fail, the classes after it are judged again in a new
-//! transaction. When the images cannot be
-//! loaded into a temp table (a column type the walcast user may not use…),
-//! the temp table is made again once, then each class is judged alone by
-//! [`PolicyDb::check`]:
+//! times out. Each class runs in the savepoint and is rolled back to it:
+//! nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
+//! objects) reaches the next class, and a class whose statement fails (its
+//! error is its verdict) does not abort the others. Should rolling back to
+//! the savepoint fail, the classes after it are judged again in a new
+//! transaction. When the images cannot be loaded into a temp table (a column
+//! type the walcast user may not use…), the temp table is made again once,
+//! then each class is judged alone by [`PolicyDb::check`]:
 //!
 //! ```sql
 //! SELECT w.walcast_ord
@@ -482,8 +481,9 @@ impl PolicyDb {
                     // a timeout per class).
                     tracing::warn!(error = %e, schema, table,
                         "a round of checks failed twice; judging class by class");
+                    let first = out.len();
                     for c in rest {
-                        if let Some(Err(CheckError::Timeout(ms))) = out.last() {
+                        if let Some(Err(CheckError::Timeout(ms))) = out[first..].last() {
                             let ms = *ms;
                             while out.len() < classes.len() {
                                 out.push(Err(CheckError::Timeout(ms)));
