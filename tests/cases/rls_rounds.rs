@@ -3,7 +3,10 @@
 //! transaction): a class whose policy raises fails alone in its round; a
 //! class judging only some of the round's rows never sees (nor raises on) the
 //! others; a policy reading the row as a whole; the rounds really used the
-//! temp table (`walcast_rls_unloaded_checks_total` stays 0).
+//! temp table (`walcast_rls_unloaded_checks_total` stays 0). And the security
+//! review's findings: no class sees another's transaction-local settings, the
+//! load runs as a subscriber role, no system columns of the temp table, no
+//! shadowed real table, a domain over jsonb as JSON, a round retried once.
 
 use std::time::Duration;
 
