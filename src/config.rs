@@ -586,8 +586,9 @@ pub struct AuthConfig {
     /// Longest SQL check, in milliseconds; a check that takes longer closes its
     /// class's channels.
     pub rls_check_timeout_ms: u64,
-    /// Checks waiting for a connection, at most (beyond: the class's channels
-    /// are closed, never a row skipped).
+    /// Checks waiting for a connection, at most (each: the classes sealed at
+    /// one commit, up to 256; beyond: their channels are closed, never a row
+    /// skipped).
     pub rls_queue: usize,
     /// How often policies, privileges and roles are checked for changes.
     pub rls_poll_ms: u64,

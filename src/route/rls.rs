@@ -20,9 +20,11 @@
 //!   `boolean`), so the in-memory comparison is PostgreSQL's.
 //! - **SQL**: anything else (subqueries, other functions, casts on a column,
 //!   other operators). Subscribers are grouped into *classes* (same role, same
-//!   claims but `exp`/`iat`/`nbf`/`jti`, same table, same policies); each
-//!   transaction's matching rows of a class are judged by one query
-//!   ([`PolicyDb::check`]) on a small pool of connections. The hub never waits:
+//!   claims but `exp`/`iat`/`nbf`/`jti`, same table, same policies); the
+//!   rows of sealed batches are judged in rounds: a worker takes the classes
+//!   waiting, loads each table's new rows once and judges every class over
+//!   them in one transaction ([`PolicyDb::judge_round`]) on a small pool of
+//!   connections. The hub never waits:
 //!   it queues each frame with a [`Ticket`] and the connection's writer waits for
 //!   the verdict, so a slow check delays only that class's connections. A
 //!   check that fails (a policy raised, a timeout, the queue of checks full)
@@ -155,6 +157,12 @@ pub struct RlsStats {
     pub policy_reloads: AtomicU64,
     /// Changes the SQL path could not judge (a value missing from the image).
     pub unjudgeable: AtomicU64,
+    /// Rounds of checks (one table's rows loaded once, its classes judged in
+    /// one transaction).
+    pub rounds: AtomicU64,
+    /// Class checks judged without the round's temp table (its rows could not
+    /// be loaded into one).
+    pub unloaded: AtomicU64,
 }
 
 /// A policy's `USING`, parsed into the shapes the compiled path handles.
@@ -226,6 +234,7 @@ impl Rls {
             failed: failed.clone(),
             stats: stats.clone(),
             last: Mutex::new(None),
+            seq: AtomicU64::new(0),
         });
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..settings.pool.max(1) {
@@ -286,6 +295,7 @@ impl Rls {
                         tracing::info!("row-level security policies or privileges changed: re-judging channels");
                         // Reports stay until the re-judging rewrites them: a
                         // status read meanwhile shows the last known path.
+                        self.db.invalidate_temps();
                         self.cache.lock().await.clear();
                         self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
                         self.generation.send_modify(|g| *g += 1);
@@ -453,6 +463,7 @@ impl Rls {
             schema: table.schema.clone(),
             table: table.name.clone(),
             predicate: predicate.to_string(),
+            whole_row: reads_whole_row(predicate, &table.name),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),
             gate: Arc::downgrade(&self.gate),
@@ -1048,6 +1059,8 @@ pub struct SqlClass {
     schema: String,
     table: String,
     predicate: String,
+    /// The predicate reads the row as a whole (see [`reads_whole_row`]).
+    whole_row: bool,
     /// The batch filling for the current transaction.
     open: Mutex<Option<OpenBatch>>,
     /// Batches sealed and not yet judged, in commit order; a worker judges
@@ -1059,7 +1072,7 @@ pub struct SqlClass {
 
 #[derive(Default)]
 struct Sealed {
-    batches: Vec<(Arc<Batch>, Vec<Arc<str>>)>,
+    batches: Vec<(Arc<Batch>, Vec<Img>)>,
     rows: usize,
     /// The class is in the workers' queue.
     queued: bool,
@@ -1077,7 +1090,7 @@ impl std::fmt::Debug for SqlClass {
 
 struct OpenBatch {
     batch: Arc<Batch>,
-    images: Vec<Arc<str>>,
+    images: Vec<Img>,
     /// The change last added (held, so its address is not reused), and where
     /// its images sit.
     last: Option<(Arc<Change>, u32, Option<u32>)>,
@@ -1191,7 +1204,9 @@ impl SqlClass {
             .is_some_and(|o| o.images.len() >= MAX_BATCH_ROWS)
         {
             if let Some(o) = open.take() {
-                self.seal(&gate, o);
+                if let Some(c) = self.seal(&gate, o) {
+                    gate.enqueue(vec![c]);
+                }
             }
         }
         let fresh = open.is_none();
@@ -1232,35 +1247,27 @@ impl SqlClass {
         Some(t)
     }
 
-    /// Moves a filled batch to the sealed list, and the class into the
-    /// workers' queue unless it is there already.
-    fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) {
+    /// Moves a filled batch to the sealed list; `Some`: the class is to be
+    /// queued for the workers (it was not already).
+    fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) -> Option<Arc<SqlClass>> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         if sealed.rows + o.images.len() > MAX_SEALED_ROWS {
             drop(sealed);
             let why = "row-level security checks for your token fell too far behind (PostgreSQL is not keeping up)";
             self.fail(gate, vec![o.batch], why);
-            return;
+            return None;
         }
         sealed.rows += o.images.len();
         sealed.batches.push((o.batch, o.images));
         if sealed.queued {
-            return;
+            return None;
         }
         sealed.queued = true;
-        drop(sealed);
-        gate.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if gate.jobs.try_send(self.clone()).is_err() {
-            gate.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let batches = self.take_sealed();
-            let why =
-                "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
-            self.fail(gate, batches.into_iter().map(|(b, _)| b).collect(), why);
-        }
+        Some(self.clone())
     }
 
     /// Every sealed batch, leaving the class out of the queue.
-    fn take_sealed(&self) -> Vec<(Arc<Batch>, Vec<Arc<str>>)> {
+    fn take_sealed(&self) -> Vec<(Arc<Batch>, Vec<Img>)> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         sealed.queued = false;
         sealed.rows = 0;
@@ -1280,9 +1287,10 @@ impl SqlClass {
 /// beyond, the class's channels are closed (its subscribers are too far behind).
 const MAX_SEALED_ROWS: usize = 100_000;
 
-/// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values as
-/// JSON, others as their text output in a JSON string. An unchanged TOASTed
-/// value is taken from the old image when there is one.
+/// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values (and
+/// a domain's over them) as JSON, others as their text output in a JSON
+/// string. An unchanged TOASTed value is taken from the old image when there
+/// is one.
 ///
 /// `None` when a value is missing (an unchanged TOASTed value or a non-key
 /// column of a key-only old row, with no full old image to take it from): the
@@ -1309,7 +1317,18 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> Option<String> {
         out.push(':');
         match text {
             None => out.push_str("null"),
-            Some(t) if col.ty.name == "json" || col.ty.name == "jsonb" => out.push_str(&t),
+            // By the base type: a domain over json/jsonb is JSON too.
+            Some(t)
+                if col.ty.name == "json"
+                    || col.ty.name == "jsonb"
+                    || matches!(
+                        col.ty.kind,
+                        crate::decode::value::TypeKind::Json
+                            | crate::decode::value::TypeKind::Jsonb
+                    ) =>
+            {
+                out.push_str(&t)
+            }
             Some(t) => out.push_str(&Value::String(t.into_owned()).to_string()),
         }
     }
@@ -1321,16 +1340,33 @@ fn image(table: &Table, row: &Row, old: Option<&Row>) -> Option<String> {
 /// check workers at each commit (and after a replay batch).
 pub struct Gate {
     pending: Mutex<Vec<Arc<SqlClass>>>,
-    jobs: mpsc::Sender<Arc<SqlClass>>,
+    /// Classes sealed together (at one commit) go to the workers together,
+    /// so that one round judges them over one load of their rows.
+    jobs: mpsc::Sender<Vec<Arc<SqlClass>>>,
     failed: Arc<Failures>,
     stats: Arc<RlsStats>,
     /// The last change's images, shared by every class that judges it.
     last: Mutex<Option<(Arc<Change>, Images)>>,
+    /// The next image's `seq`.
+    seq: AtomicU64,
 }
 
 /// A change's judged image (`None`: it cannot be judged) and, for an UPDATE,
 /// its old image.
-type Images = (Option<Arc<str>>, Option<Arc<str>>);
+type Images = (Option<Img>, Option<Img>);
+
+/// A row image (see [`image`]) made once per change and shared by every
+/// class that judges it.
+pub struct RowImage {
+    /// Its place in the order images were made: a round loads each image
+    /// once, however many of its classes hold it.
+    seq: u64,
+    json: String,
+    /// The table as the stream described it when the image was made.
+    table: Arc<Table>,
+}
+
+type Img = Arc<RowImage>;
 
 impl Gate {
     /// Seals every open batch for the workers (never waits).
@@ -1339,11 +1375,33 @@ impl Gate {
             Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
             _ => return,
         };
+        let mut queue = Vec::new();
         for c in classes {
             let o = c.open.lock().map(|mut o| o.take()).unwrap_or(None);
-            if let Some(o) = o {
-                c.seal(self, o);
+            if let Some(q) = o.and_then(|o| c.seal(self, o)) {
+                queue.push(q);
             }
+        }
+        self.enqueue(queue);
+    }
+
+    /// Hands classes to the workers, at most [`MAX_ROUND_CLASSES`] a job;
+    /// with the queue full, their checks fail (their channels are closed).
+    fn enqueue(&self, mut classes: Vec<Arc<SqlClass>>) {
+        while !classes.is_empty() {
+            let rest = classes.split_off(classes.len().min(MAX_ROUND_CLASSES));
+            let n = classes.len() as u64;
+            self.stats.queued.fetch_add(n, Ordering::Relaxed);
+            if let Err(e) = self.jobs.try_send(classes) {
+                self.stats.queued.fetch_sub(n, Ordering::Relaxed);
+                let why =
+                    "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
+                for c in e.into_inner() {
+                    let batches = c.take_sealed();
+                    c.fail(self, batches.into_iter().map(|(b, _)| b).collect(), why);
+                }
+            }
+            classes = rest;
         }
     }
 
@@ -1361,12 +1419,19 @@ impl Gate {
             ChangeKind::Delete => change.old.as_ref()?,
             ChangeKind::Truncate => return None,
         };
-        let judged = image(&change.table, judged, change.old.as_ref()).map(Arc::from);
+        let img = |json: String| {
+            Arc::new(RowImage {
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                json,
+                table: change.table.clone(),
+            })
+        };
+        let judged = image(&change.table, judged, change.old.as_ref()).map(img);
         if judged.is_none() {
             self.stats.unjudgeable.fetch_add(1, Ordering::Relaxed);
         }
         let old = match (change.kind, change.old.as_ref()) {
-            (ChangeKind::Update, Some(old)) => image(&change.table, old, None).map(Arc::from),
+            (ChangeKind::Update, Some(old)) => image(&change.table, old, None).map(img),
             _ => None,
         };
         *last = Some((change.clone(), (judged.clone(), old.clone())));
@@ -1374,108 +1439,214 @@ impl Gate {
     }
 }
 
-/// Rows judged by one query at most (more sealed rows wait for the next).
-const MAX_QUERY_ROWS: usize = 8_192;
+/// Classes a job holds at most, and a worker takes from the queue for one
+/// turn (whole jobs: the classes sealed at one commit) once it has one job;
+/// those of one table are judged together, sharing one load of their rows.
+const MAX_ROUND_CLASSES: usize = 256;
+
+/// Distinct row images one round loads at most (more sealed rows wait for
+/// the next round).
+const MAX_ROUND_ROWS: usize = 8_192;
 
 async fn worker(
     db: Arc<PolicyDb>,
-    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<SqlClass>>>>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Arc<SqlClass>>>>>,
     failed: Arc<Failures>,
     stats: Arc<RlsStats>,
 ) {
     loop {
-        let class = {
+        let mut taken = Vec::new();
+        {
             let mut rx = jobs.lock().await;
-            rx.recv().await
-        };
-        let Some(class) = class else { return };
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
-        let mut batches = class.take_sealed();
-        while !batches.is_empty() {
-            // One query for as many sealed batches as fit.
-            let mut take = 0;
-            let mut rows = 0;
-            while take < batches.len()
-                && (take == 0 || rows + batches[take].1.len() <= MAX_QUERY_ROWS)
-            {
-                rows += batches[take].1.len();
-                take += 1;
+            let Some(job) = rx.recv().await else { return };
+            taken.extend(job);
+            while taken.len() < MAX_ROUND_CLASSES {
+                match rx.try_recv() {
+                    Ok(job) => taken.extend(job),
+                    Err(_) => break,
+                }
             }
-            let rest = batches.split_off(take);
-            judge(&db, &class, batches, rows, &failed, &stats).await;
-            batches = rest;
+        }
+        stats
+            .queued
+            .fetch_sub(taken.len() as u64, Ordering::Relaxed);
+        // By table, in queue order.
+        let mut groups: Vec<Vec<Pending>> = Vec::new();
+        for class in taken {
+            let batches = class.take_sealed().into();
+            match groups
+                .iter_mut()
+                .find(|g| g[0].class.schema == class.schema && g[0].class.table == class.table)
+            {
+                Some(g) => g.push(Pending { class, batches }),
+                None => groups.push(vec![Pending { class, batches }]),
+            }
+        }
+        for mut group in groups {
+            while group.iter().any(|p| !p.batches.is_empty()) {
+                round(&db, &mut group, &failed, &stats).await;
+            }
         }
     }
 }
 
-/// One query over `batches` (all of one class), each batch's verdict set.
-async fn judge(
-    db: &PolicyDb,
-    class: &SqlClass,
-    batches: Vec<(Arc<Batch>, Vec<Arc<str>>)>,
-    rows: usize,
-    failed: &Failures,
-    stats: &RlsStats,
-) {
-    if rows == 0 {
-        // Only rows that cannot be judged: nothing to ask.
-        for (batch, _) in batches {
-            batch.set(Ok(Vec::new()));
+/// A class taken by a worker, with its sealed batches not judged yet.
+struct Pending {
+    class: Arc<SqlClass>,
+    batches: std::collections::VecDeque<(Arc<Batch>, Vec<Img>)>,
+}
+
+/// One round over classes of one table: each class's next batches (as many
+/// as fit), their images loaded once, every class judged in one
+/// transaction ([`PolicyDb::judge_round`]); each batch's verdict set.
+async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &RlsStats) {
+    let mut ords: HashMap<u64, u32> = HashMap::new();
+    let mut images: Vec<Img> = Vec::new();
+    // Per class: where it is in `group`, its batches this round (with their
+    // row counts) and its rows' positions among `images`.
+    type Member = (usize, Vec<(Arc<Batch>, usize)>, Vec<u32>);
+    let mut members: Vec<Member> = Vec::new();
+    for (at, p) in group.iter_mut().enumerate() {
+        let mut taken = Vec::new();
+        let mut rows = Vec::new();
+        while let Some((_, imgs)) = p.batches.front() {
+            let new = imgs.iter().filter(|i| !ords.contains_key(&i.seq)).count();
+            if !images.is_empty() && images.len() + new > MAX_ROUND_ROWS {
+                break;
+            }
+            let Some((batch, imgs)) = p.batches.pop_front() else {
+                break;
+            };
+            for i in &imgs {
+                let ord = *ords.entry(i.seq).or_insert_with(|| {
+                    images.push(i.clone());
+                    images.len() as u32
+                });
+                rows.push(ord);
+            }
+            taken.push((batch, imgs.len()));
         }
+        if taken.is_empty() {
+            continue;
+        }
+        if rows.is_empty() {
+            // Only rows that cannot be judged: nothing to ask.
+            for (batch, _) in taken {
+                batch.set(Ok(Vec::new()));
+            }
+            continue;
+        }
+        members.push((at, taken, rows));
+    }
+    if members.is_empty() {
         return;
     }
-    let mut images = String::with_capacity(2 + rows * 64);
-    images.push('[');
-    for (i, img) in batches.iter().flat_map(|(_, v)| v.iter()).enumerate() {
-        if i > 0 {
-            images.push(',');
+    let Pending { class: first, .. } = &group[members[0].0];
+    let (schema, table) = (first.schema.clone(), first.table.clone());
+    // The columns the images were made with (to keep the temp table's in step).
+    let mut columns: Vec<(String, u32)> = Vec::new();
+    let mut tables: Vec<&Arc<Table>> = Vec::new();
+    for i in &images {
+        if !tables.iter().any(|t| Arc::ptr_eq(t, &i.table)) {
+            tables.push(&i.table);
+            for c in &i.table.columns {
+                if !columns.iter().any(|(n, _)| *n == c.name) {
+                    columns.push((c.name.clone(), c.ty.oid.0));
+                }
+            }
         }
-        images.push_str(img);
     }
-    images.push(']');
+    let texts: Vec<&str> = images.iter().map(|i| i.json.as_str()).collect();
+    let classes: Vec<crate::source::policy::RoundClass<'_>> = members
+        .iter()
+        .map(|(at, _, rows)| {
+            let c = &group[*at].class;
+            crate::source::policy::RoundClass {
+                who: &c.who,
+                predicate: &c.predicate,
+                whole_row: c.whole_row,
+                rows,
+            }
+        })
+        .collect();
     let started = std::time::Instant::now();
-    let r = db
-        .check(
-            &class.who,
-            &class.schema,
-            &class.table,
-            &class.predicate,
-            images,
-        )
+    let results = db
+        .judge_round(&schema, &table, &columns, &texts, &classes)
         .await;
+    drop(classes);
+    stats
+        .rounds
+        .store(db.rounds.load(Ordering::Relaxed), Ordering::Relaxed);
+    stats
+        .unloaded
+        .store(db.unloaded.load(Ordering::Relaxed), Ordering::Relaxed);
     stats
         .check_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    stats.rows_checked.fetch_add(rows as u64, Ordering::Relaxed);
-    match r {
-        Ok(pass) => {
-            stats.checks_ok.fetch_add(1, Ordering::Relaxed);
-            let mut v = vec![false; rows];
-            for p in pass {
-                if let Some(x) = (p as usize).checked_sub(1).and_then(|i| v.get_mut(i)) {
-                    *x = true;
+    let judged: usize = members.iter().map(|(_, _, rows)| rows.len()).sum();
+    stats
+        .rows_checked
+        .fetch_add(judged as u64, Ordering::Relaxed);
+    for ((at, taken, rows), result) in members.into_iter().zip(results) {
+        match result {
+            Ok(pass) => {
+                stats.checks_ok.fetch_add(1, Ordering::Relaxed);
+                let mut seen = vec![false; images.len() + 1];
+                for p in pass {
+                    if let Some(x) = seen.get_mut(p as usize) {
+                        *x = true;
+                    }
+                }
+                let mut from = 0;
+                for (batch, n) in taken {
+                    let v = rows[from..from + n]
+                        .iter()
+                        .map(|&o| seen[o as usize])
+                        .collect();
+                    batch.set(Ok(v));
+                    from += n;
                 }
             }
-            let mut at = 0;
-            for (batch, imgs) in batches {
-                batch.set(Ok(v[at..at + imgs.len()].to_vec()));
-                at += imgs.len();
+            Err(e) => {
+                stats.checks_failed.fetch_add(1, Ordering::Relaxed);
+                let class = &group[at].class;
+                let why = format!(
+                    "the row-level security check of {}.{} failed for your token: {e}",
+                    class.schema, class.table
+                );
+                tracing::warn!(class = class.id, role = %class.who.role, error = %e,
+                    "row-level security check failed; closing that class's channels");
+                // Its later batches too: its channels are being closed.
+                let later = std::mem::take(&mut group[at].batches);
+                for batch in taken
+                    .into_iter()
+                    .map(|(b, _)| b)
+                    .chain(later.into_iter().map(|(b, _)| b))
+                {
+                    batch.set(Err(why.clone().into()));
+                }
+                failed.push(group[at].class.id, why);
             }
-        }
-        Err(e) => {
-            stats.checks_failed.fetch_add(1, Ordering::Relaxed);
-            let why = format!(
-                "the row-level security check of {}.{} failed for your token: {e}",
-                class.schema, class.table
-            );
-            tracing::warn!(class = class.id, role = %class.who.role, error = %e,
-                "row-level security check failed; closing that class's channels");
-            for (batch, _) in batches {
-                batch.set(Err(why.clone().into()));
-            }
-            failed.push(class.id, why);
         }
     }
+}
+
+/// Whether a policy expression reads `table`'s row as a whole (`table.*`,
+/// as `pg_get_expr` prints a whole-row reference): such a class is judged
+/// over values of the table's row type. When in doubt (it cannot be
+/// tokenized), yes.
+fn reads_whole_row(predicate: &str, table: &str) -> bool {
+    let Ok(toks) = tokenize(predicate) else {
+        return true;
+    };
+    toks.windows(3).any(|w| {
+        let named = match &w[0] {
+            Tok::Ident(s) => s.eq_ignore_ascii_case(table),
+            Tok::Quoted(s) => s == table,
+            _ => false,
+        };
+        named && is_op(&w[1], ".") && matches!(&w[2], Tok::Op(o) if o.starts_with('*'))
+    })
 }
 
 #[cfg(test)]
@@ -1584,6 +1755,20 @@ mod tests {
             simplify(Resolved::And(vec![Resolved::True])),
             Resolved::True
         );
+    }
+
+    #[test]
+    fn whole_row_references_are_recognised() {
+        assert!(reads_whole_row("mine(jobs.*)", "jobs"));
+        assert!(reads_whole_row("(row_to_json(jobs.*) IS NOT NULL)", "jobs"));
+        assert!(reads_whole_row("(\"My Jobs\".* IS NOT NULL)", "My Jobs"));
+        assert!(!reads_whole_row("(owner_id = auth.uid())", "jobs"));
+        assert!(!reads_whole_row(
+            "(EXISTS ( SELECT 1 FROM a WHERE (a.job_id = jobs.id)))",
+            "jobs"
+        ));
+        // Another table's whole row is not this one's.
+        assert!(!reads_whole_row("f(a.*)", "jobs"));
     }
 
     #[test]

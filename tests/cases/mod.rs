@@ -19,6 +19,7 @@ mod replication;
 mod resume;
 mod rls;
 mod rls_more;
+mod rls_rounds;
 mod setup;
 mod status;
 mod subscriptions;
