@@ -223,6 +223,11 @@ impl FlushTracker {
         self.open_txn = false;
     }
 
+    /// Whether a transaction's Begin was decoded and its Commit not yet.
+    pub fn in_transaction(&self) -> bool {
+        self.open_txn
+    }
+
     /// An item is (or no longer is) waiting for room in the channel.
     pub fn waiting(&mut self, waiting: bool) {
         self.waiting = waiting;

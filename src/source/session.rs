@@ -648,10 +648,26 @@ impl<'a> Session<'a> {
             tokio::time::sleep_until(self.flush.next_status().unwrap_or_else(Instant::now));
         tokio::pin!(status_timer);
         let mut last_heard = Instant::now();
+        // Set once shutdown began while a transaction was in flight.
+        let mut drain_until: Option<Instant> = None;
         loop {
+            if drain_until.is_some() && !self.flush.in_transaction() && self.pending.is_none() {
+                self.finish(conn).await;
+                return Ok(());
+            }
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => {
+                _ = self.shutdown.cancelled(), if drain_until.is_none() => {
+                    // A transaction in flight is read to its Commit first (its
+                    // changes may already be on clients' screens), so that
+                    // shutdown confirms it; bounded.
+                    if !self.flush.in_transaction() && self.pending.is_none() {
+                        self.finish(conn).await;
+                        return Ok(());
+                    }
+                    drain_until = Some(Instant::now() + SHUTDOWN_DRAIN_DEADLINE);
+                }
+                () = sleep_until_opt(drain_until) => {
                     self.finish(conn).await;
                     return Ok(());
                 }
@@ -826,6 +842,14 @@ impl<'a> Session<'a> {
         } else {
             tracing::info!(flush = %self.flush.reported(), "confirmed on shutdown");
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
