@@ -409,6 +409,7 @@ impl Pipeline {
             log: log.clone(),
             replay: replay_stats,
             rls,
+            working: tokio::sync::Semaphore::new(crate::deliver::socket::MESSAGES_AT_ONCE),
         });
         let status = crate::server::status::Status::start(crate::server::status::StatusOptions {
             metrics: metrics.clone(),

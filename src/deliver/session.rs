@@ -199,6 +199,12 @@ pub async fn run(
                 // join cut short leaves nothing behind: the hub's `Disconnect`
                 // removes whatever it subscribed.
                 let work = async {
+                    // Boxed: the wait is rare next to the session's idle life.
+                    let _turn = Box::pin(tokio::time::timeout(
+                        crate::deliver::socket::ADMISSION_WAIT,
+                        shared.working.acquire(),
+                    ))
+                    .await;
                     match msg {
                         // Boxed so the idle session future stays small (see `dispatch`).
                         Message::Text(t) => Box::pin(s.on_text(t.as_str())).await,

@@ -50,7 +50,21 @@ pub struct Shared {
     pub replay: Arc<crate::deliver::replay::ReplayStats>,
     /// RLS mode (`None`: off).
     pub rls: Option<Arc<crate::route::rls::Rls>>,
+    /// Admission for client messages being worked on ([`MESSAGES_AT_ONCE`]).
+    pub working: tokio::sync::Semaphore,
 }
+
+/// Client messages (joins above all) worked on at once across connections. A
+/// join's future is several KB and waits on the hub; when every client joins at
+/// once (a reconnect storm, a deploy) each connection would hold one, and the
+/// memory they free afterwards stays with the allocator as the process's
+/// resident size. A message waits at most [`ADMISSION_WAIT`] for its turn and is
+/// then worked on anyway, so a stalled join (catalog or key fetch waiting on the
+/// network) never holds the others back for longer.
+pub const MESSAGES_AT_ONCE: usize = 64;
+
+/// The longest a client message waits for admission.
+pub const ADMISSION_WAIT: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub fn next_id(&self) -> u64 {

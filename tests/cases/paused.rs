@@ -79,6 +79,7 @@ impl InProcess {
             log: None,
             replay: Arc::default(),
             rls: None,
+            working: tokio::sync::Semaphore::new(walcast::deliver::socket::MESSAGES_AT_ONCE),
         });
         InProcess {
             app: walcast::server::router::router(shared),
