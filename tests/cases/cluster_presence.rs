@@ -280,3 +280,47 @@ async fn a_killed_gateways_presences_leave_the_others_within_the_timeout() {
     }
     js.exit().await;
 }
+
+#[tokio::test]
+async fn presence_changes_made_while_nats_is_down_reach_the_other_gateway_once_it_is_back() {
+    let db = "clp_natsdown";
+    let nats = setup(db).await;
+    let _relay = relay(db, &nats.url()).await;
+    let g1 = gateway(db, &nats.url()).await;
+    let g2 = gateway(db, &nats.url()).await;
+    let mut js = JsClient::spawn().await;
+    join(&mut js, "b", &g2.ws(), "bob").await;
+    track(&mut js, "b", json!({"status": "steady"})).await;
+    join(&mut js, "a", &g1.ws(), "alice").await;
+    track(&mut js, "a", json!({"status": "before"})).await;
+    presence(&mut js, "b", "join", "alice", "before").await;
+    join(&mut js, "d", &g1.ws(), "dave").await;
+    // NATS goes away; both gateways notice.
+    nats.stop();
+    wait_metric(&g1, "walcast_cluster_nats_connected", 0.0).await;
+    wait_metric(&g2, "walcast_cluster_nats_connected", 0.0).await;
+    // Meanwhile on g1: alice leaves, dave arrives.
+    assert_eq!(
+        js.call(
+            json!({"cmd": "untrack", "client": "a", "channel": "lobby"}),
+            T
+        )
+        .await,
+        "ok"
+    );
+    track(&mut js, "d", json!({"status": "during"})).await;
+    nats.restart().unwrap();
+    // Once NATS is back, g2's client sees both (by the diffs, if NATS got
+    // them, else by g1's summary).
+    presence(&mut js, "b", "leave", "alice", "before").await;
+    presence(&mut js, "b", "join", "dave", "during").await;
+    let state = js
+        .call(
+            json!({"cmd": "presence_state", "client": "b", "channel": "lobby"}),
+            T,
+        )
+        .await;
+    assert_eq!(shown(&state), vec!["bob", "dave"], "{state}");
+    wait_metric(&g2, "walcast_cluster_remote_presences", 1.0).await;
+    js.exit().await;
+}
