@@ -53,8 +53,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const TIMEOUT: Duration = Duration::from_secs(4);
 /// Other nodes followed at most; past it new ones are ignored (counted).
 pub const MAX_NODES: usize = 64;
-/// A summary is published in chunks of about this many bytes (NATS refuses
-/// messages over its `max_payload`, 1 MiB by default).
+/// A summary is published in chunks of about this many bytes at most, and of
+/// half the server's `max_payload` (1 MiB by default; NATS refuses messages
+/// over it).
 const CHUNK_BYTES: usize = 128 * 1024;
 /// How long one publish may take before it is given up (NATS down: the
 /// client's buffer is full).
@@ -187,8 +188,14 @@ fn from_wire(m: WireMeta) -> SharedMeta {
     }
 }
 
-/// A summary's entries as messages of about [`CHUNK_BYTES`] each (at least one).
-fn summary_chunks(node: u64, seq: u64, id: u64, all: Vec<(TopicKey, SharedMeta)>) -> Vec<Wire> {
+/// A summary's entries as messages of about `chunk_bytes` each (at least one).
+fn summary_chunks(
+    node: u64,
+    seq: u64,
+    id: u64,
+    all: Vec<(TopicKey, SharedMeta)>,
+    chunk_bytes: usize,
+) -> Vec<Wire> {
     let mut out = Vec::new();
     let mut chunk = Vec::new();
     let mut size = 0;
@@ -200,7 +207,7 @@ fn summary_chunks(node: u64, seq: u64, id: u64, all: Vec<(TopicKey, SharedMeta)>
         };
         size += e.t.len() + e.m.k.len() + e.m.m.to_string().len() + 32;
         chunk.push(e);
-        if size >= CHUNK_BYTES {
+        if size >= chunk_bytes {
             out.push(std::mem::take(&mut chunk));
             size = 0;
         }
@@ -497,7 +504,8 @@ pub async fn run(
                     }
                     PresenceOut::Summary(all) => {
                         summary_id += 1;
-                        for w in summary_chunks(me, s, summary_id, all) {
+                        let chunk = (client.server_info().max_payload / 2).clamp(4096, CHUNK_BYTES);
+                        for w in summary_chunks(me, s, summary_id, all, chunk) {
                             publish(&w).await;
                         }
                     }
@@ -601,7 +609,7 @@ mod tests {
                 )
             })
             .collect();
-        let chunks = summary_chunks(1, 5, 7, all);
+        let chunks = summary_chunks(1, 5, 7, all, CHUNK_BYTES);
         assert!(chunks.len() > 1);
         let mut total = 0;
         for (i, c) in chunks.iter().enumerate() {
@@ -614,7 +622,7 @@ mod tests {
             total += m.len();
         }
         assert_eq!(total, 2000);
-        assert_eq!(summary_chunks(1, 0, 1, Vec::new()).len(), 1);
+        assert_eq!(summary_chunks(1, 0, 1, Vec::new(), CHUNK_BYTES).len(), 1);
     }
 
     fn broadcaster() -> Broadcaster {

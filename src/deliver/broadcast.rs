@@ -1738,4 +1738,138 @@ mod tests {
             t.as_str()
         );
     }
+
+    /// The `(event, payload)` of each frame queued to a connection so far.
+    fn frames(rx: &mut tokio::sync::mpsc::Receiver<Outbound>) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            let text = match o {
+                Outbound::Text(t) => t,
+                Outbound::Ws(Message::Text(t)) => t.as_str().to_string(),
+                _ => continue,
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            // (The join reply these tests pass is `{}`.)
+            if let Some(e) = v["event"].as_str() {
+                out.push((e.to_string(), v["payload"].clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn presences_of_other_gateways_reach_members_as_their_rules_allow() {
+        let mut r = rule(
+            "support:*",
+            &["staff", "customer"],
+            &["staff", "customer"],
+            None,
+        );
+        r.presence_sees = Some(
+            [
+                ("staff".to_string(), vec!["*".to_string()]),
+                ("customer".to_string(), vec!["staff".to_string()]),
+            ]
+            .into(),
+        );
+        let b = Broadcaster::new(
+            BroadcastConfig::default(),
+            PresenceConfig::default(),
+            vec![r],
+        );
+        let shared = Arc::new(Mutex::new(Vec::new()));
+        let sink = shared.clone();
+        b.set_presence_sink(Box::new(move |o| sink.lock().unwrap().push(o)));
+        let topic = "realtime:support:1";
+        let key = (topic.to_string(), true);
+        let meta = |k: &str, r: &str, role: &str| SharedMeta {
+            key: k.into(),
+            role: Some(role.into()),
+            meta: json!({"phx_ref": r}),
+        };
+        // Another gateway's staff member and customer are there before anyone here.
+        b.remote_summary(
+            9,
+            vec![
+                (key.clone(), meta("sam", "s1", "staff")),
+                (key.clone(), meta("cat", "c1", "customer")),
+            ],
+        );
+        assert_eq!(b.remote_presences(), 2);
+        let join = |id: ChannelId, role: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let conn = ConnHandle::new(id, tx, usize::MAX);
+            b.join(
+                JoinRequest {
+                    conn: &conn,
+                    vsn: Vsn::V1,
+                    channel: id,
+                    topic,
+                    join_ref: Some("1"),
+                    config: &json!({"private": true, "presence": {"enabled": true, "key": role}}),
+                    claims: claims(json!({ "role": role })),
+                },
+                "{}".into(),
+            );
+            (conn, rx)
+        };
+        let (_c1, mut customer) = join(1, "customer");
+        let (_c2, mut staff) = join(2, "staff");
+        // presence_state: a customer sees staff only; staff see everyone.
+        let state = |f: Vec<(String, Value)>| {
+            f.into_iter()
+                .find(|(e, _)| e == "presence_state")
+                .unwrap()
+                .1
+        };
+        assert_eq!(
+            state(frames(&mut customer)),
+            json!({"sam": {"metas": [{"phx_ref": "s1"}]}})
+        );
+        let s = state(frames(&mut staff));
+        assert_eq!(s.as_object().unwrap().len(), 2, "{s}");
+        // A remote customer leaves: staff see it, the customer does not.
+        b.remote_diff(
+            9,
+            key.clone(),
+            SharedDiff {
+                joins: vec![],
+                leaves: vec![("cat".into(), "c1".into())],
+            },
+        );
+        assert!(frames(&mut customer).is_empty());
+        let f = frames(&mut staff);
+        assert_eq!(f[0].0, "presence_diff");
+        assert_eq!(f[0].1["leaves"]["cat"]["metas"][0]["phx_ref"], "c1");
+        // A local track goes to the other gateways with the tracker's role.
+        let mut limits = b.conn_limits();
+        let push = Frame {
+            join_ref: Some("1".into()),
+            ref_: Some("2".into()),
+            topic: topic.into(),
+            event: "presence".into(),
+            payload: json!({"type": "presence", "event": "track", "payload": {"on": 1}}),
+        };
+        b.client_presence(&mut limits, 1, &push);
+        let PresenceOut::Diff { topic: t, diff } = shared.lock().unwrap().remove(0) else {
+            panic!("a diff")
+        };
+        assert_eq!(t, key);
+        assert_eq!(diff.joins[0].key, "customer");
+        assert_eq!(diff.joins[0].role.as_deref(), Some("customer"));
+        // A summary holds every local presence, and the gateway's gone: leaves.
+        b.share_summary();
+        let PresenceOut::Summary(all) = shared.lock().unwrap().remove(0) else {
+            panic!("a summary")
+        };
+        assert_eq!(all.len(), 1);
+        b.remote_gone(9);
+        assert_eq!(b.remote_presences(), 0);
+        let f = frames(&mut customer);
+        assert!(
+            f.iter()
+                .any(|(e, p)| e == "presence_diff" && p["leaves"]["sam"].is_object()),
+            "{f:?}"
+        );
+    }
 }
