@@ -6,8 +6,8 @@
 //! not store, so a gateway that is disconnected from NATS misses what is sent
 //! meanwhile, and a full outbound queue ([`OUTBOUND`]) drops (counted as
 //! `undeliverable`). Each gateway checked the sender's rights (private
-//! channels, rate, size) before handing the message on. Presence does not cross
-//! gateways.
+//! channels, rate, size) before handing the message on. Presence crosses
+//! gateways in [`crate::daemon::peer_presence`].
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;

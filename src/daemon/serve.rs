@@ -389,9 +389,17 @@ impl Pipeline {
         // A gateway: client broadcasts cross to the other gateways.
         if let Some(client) = c.nats.clone() {
             tasks.spawn(crate::daemon::peers::run(
+                client.clone(),
+                config.cluster.subject_prefix.clone(),
+                broadcast.clone(),
+                stop_sessions.clone(),
+            ));
+            // And presence.
+            tasks.spawn(crate::daemon::peer_presence::run(
                 client,
                 config.cluster.subject_prefix.clone(),
                 broadcast.clone(),
+                crate::daemon::peer_presence::PresenceMetrics::register(&metrics)?,
                 stop_sessions.clone(),
             ));
         }

@@ -58,7 +58,9 @@ use crate::config::{BroadcastConfig, ChannelRule, PresenceConfig};
 use crate::decode::event::DbMessage;
 use crate::deliver::frame::system_payload;
 use crate::deliver::frame::{self, BinaryBroadcast, Frame, Vsn};
-use crate::deliver::presence::{Diff, PresenceState};
+use crate::deliver::presence::{
+    Diff, PresenceState, RemoteDiff, RemotePresences, RemoteTopic, SharedDiff, SharedMeta,
+};
 use crate::route::hub::{ChannelId, ConnHandle, Outbound};
 
 /// Prefix of the logical messages `walcast.broadcast()` emits.
@@ -441,6 +443,8 @@ struct Topic {
 struct Registry {
     topics: HashMap<TopicKey, Topic>,
     channels: HashMap<ChannelId, TopicKey>,
+    /// Presences of the other gateways of a cluster (empty on a single node).
+    remote: RemotePresences,
 }
 
 /// What a channel join hands to [`Broadcaster::join`].
@@ -578,11 +582,39 @@ pub struct PeerBroadcast {
 /// Where a gateway hands its clients' broadcasts for the other gateways.
 pub type PeerSink = Box<dyn Fn(PeerBroadcast) + Send + Sync>;
 
+/// What a gateway of a cluster tells the other gateways about its presences.
+/// Handed to the [`PresenceSink`] under the registry lock, so deltas and
+/// summaries reach the sink in the order they happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PresenceOut {
+    /// A change in one topic.
+    Diff {
+        topic: (String, bool),
+        diff: SharedDiff,
+    },
+    /// Every presence this gateway holds (sent now and then, and when asked).
+    Summary(Vec<((String, bool), SharedMeta)>),
+}
+
+/// Where a gateway hands its presence changes for the other gateways.
+pub type PresenceSink = Box<dyn Fn(PresenceOut) + Send + Sync>;
+
+/// Whether `viewer` may see a presence tracked on another gateway by a channel
+/// of `role` (see [`sees_presence`]).
+fn sees_role(viewer: &Member, role: Option<&str>) -> bool {
+    match &viewer.sees {
+        None => true,
+        Some(sees) => sees.iter().any(|s| s == "*" || Some(s.as_str()) == role),
+    }
+}
+
 /// The topic registry, fan-out and limits. One per server, shared by sessions,
 /// the REST handler and the hub.
 pub struct Broadcaster {
     /// A gateway of a cluster: client broadcasts also go to the other gateways.
     peers: std::sync::OnceLock<PeerSink>,
+    /// A gateway of a cluster: presence changes also go to the other gateways.
+    presence_peers: std::sync::OnceLock<PresenceSink>,
     config: BroadcastConfig,
     presence: PresenceConfig,
     rules: Vec<ChannelRule>,
@@ -597,6 +629,7 @@ impl Broadcaster {
     pub fn new(config: BroadcastConfig, presence: PresenceConfig, rules: Vec<ChannelRule>) -> Self {
         Broadcaster {
             peers: std::sync::OnceLock::new(),
+            presence_peers: std::sync::OnceLock::new(),
             config,
             presence,
             rules,
@@ -731,20 +764,33 @@ impl Broadcaster {
             reg = self.lock();
         }
         reg.channels.insert(j.channel, key.clone());
+        let reg = &mut *reg;
+        let remote = reg.remote.topic(&key);
         let topic = reg.topics.entry(key).or_default();
         self.enqueue(j.conn, Outbound::Text(reply));
         if member.opts.presence {
-            self.send_state(&member, &topic.members, j.topic, &topic.presence);
+            self.send_state(&member, &topic.members, j.topic, &topic.presence, remote);
         }
         topic.members.push(member);
     }
 
-    /// `presence_state` to `m`: the presences it may see (`members`: the topic's).
-    fn send_state(&self, m: &Member, members: &[Member], topic: &str, state: &PresenceState) {
-        let payload = match &m.sees {
+    /// `presence_state` to `m`: the presences it may see (`members`: the topic's),
+    /// those of other gateways (`remote`) included.
+    fn send_state(
+        &self,
+        m: &Member,
+        members: &[Member],
+        topic: &str,
+        state: &PresenceState,
+        remote: Option<&RemoteTopic>,
+    ) {
+        let mut payload = match &m.sees {
             None => state.to_json(),
             Some(_) => state.to_json_where(|owner| sees_presence(m, members, owner)),
         };
+        if let Some(r) = remote {
+            r.add_to_state(&mut payload, |role| sees_role(m, role));
+        }
         let text = frame::encode(
             m.vsn,
             m.join_ref.as_deref(),
@@ -778,6 +824,7 @@ impl Broadcaster {
         if !may_write(&self.rules, claims, &key.0) && topic.presence.tracks(channel) {
             let diff = topic.presence.untrack(channel);
             self.send_diff(&topic.members, &key.0, &diff, None);
+            self.share(&key, &topic.members, &diff);
         }
     }
 
@@ -796,6 +843,7 @@ impl Broadcaster {
         let diff = topic.presence.untrack(channel);
         if !diff.is_empty() {
             self.send_diff(&topic.members, &key.0, &diff, Some(channel));
+            self.share(&key, &topic.members, &diff);
         }
         topic.members.retain(|m| m.channel != channel);
         if topic.members.is_empty() && topic.presence.is_empty() {
@@ -826,6 +874,123 @@ impl Broadcaster {
                 .get_or_insert_with(|| {
                     Message::Text(
                         frame::encode(m.vsn, None, None, topic, "presence_diff", &payload).into(),
+                    )
+                })
+                .clone();
+            self.enqueue(&m.conn, Outbound::Ws(msg));
+        }
+    }
+
+    /// Sends every presence change to `sink` too (once; a gateway's link to the
+    /// other gateways of a cluster).
+    pub fn set_presence_sink(&self, sink: PresenceSink) {
+        let _ = self.presence_peers.set(sink);
+    }
+
+    /// Hands a local presence change to the other gateways (with the role of
+    /// each channel that tracked, for their `presence_sees`).
+    fn share(&self, key: &TopicKey, members: &[Member], diff: &Diff) {
+        let Some(sink) = self.presence_peers.get() else {
+            return;
+        };
+        let diff = diff.shared(|c| {
+            members
+                .iter()
+                .find(|m| m.channel == c)
+                .and_then(|m| m.role.clone())
+        });
+        if !diff.is_empty() {
+            sink(PresenceOut::Diff {
+                topic: key.clone(),
+                diff,
+            });
+        }
+    }
+
+    /// Hands every local presence to the presence sink as one summary, in order
+    /// with the changes (under the registry lock).
+    pub fn share_summary(&self) {
+        let Some(sink) = self.presence_peers.get() else {
+            return;
+        };
+        let reg = self.lock();
+        let mut all = Vec::new();
+        for (key, t) in &reg.topics {
+            let metas = t.presence.shared(|c| {
+                t.members
+                    .iter()
+                    .find(|m| m.channel == c)
+                    .and_then(|m| m.role.clone())
+            });
+            all.extend(metas.into_iter().map(|m| (key.clone(), m)));
+        }
+        sink(PresenceOut::Summary(all));
+    }
+
+    /// A presence change on gateway `node`: to the topic's members here with
+    /// presence. Returns how many joins were refused (limits).
+    pub fn remote_diff(&self, node: u64, topic: (String, bool), diff: SharedDiff) -> usize {
+        let mut reg = self.lock();
+        let (d, refused) = reg.remote.apply(node, topic.clone(), diff, &self.presence);
+        if let Some(t) = reg.topics.get(&topic) {
+            self.send_remote_diff(&t.members, &topic.0, &d);
+        }
+        refused
+    }
+
+    /// Everything gateway `node` holds (its summary) replaces what was known of
+    /// it; members here get the difference. Returns how many were refused.
+    pub fn remote_summary(&self, node: u64, all: Vec<((String, bool), SharedMeta)>) -> usize {
+        let mut reg = self.lock();
+        let (diffs, refused) = reg.remote.replace_node(node, all, &self.presence);
+        for (topic, d) in diffs {
+            if let Some(t) = reg.topics.get(&topic) {
+                self.send_remote_diff(&t.members, &topic.0, &d);
+            }
+        }
+        refused
+    }
+
+    /// Gateway `node` is gone (said goodbye, or timed out): its presences leave.
+    pub fn remote_gone(&self, node: u64) {
+        let mut reg = self.lock();
+        for (topic, d) in reg.remote.remove_node(node) {
+            if let Some(t) = reg.topics.get(&topic) {
+                self.send_remote_diff(&t.members, &topic.0, &d);
+            }
+        }
+    }
+
+    /// Presences of other gateways held here.
+    pub fn remote_presences(&self) -> usize {
+        self.lock().remote.len()
+    }
+
+    /// `presence_diff` of other gateways' presences to every member with
+    /// presence enabled, with only the presences each may see.
+    fn send_remote_diff(&self, members: &[Member], topic: &str, diff: &RemoteDiff) {
+        if diff.is_empty() {
+            return;
+        }
+        let mut frames: [Option<Message>; 2] = [None, None];
+        let all = diff.to_json_where(|_| true).map(|v| v.to_string());
+        let Some(all) = all else {
+            return;
+        };
+        for m in members.iter().filter(|m| m.opts.presence) {
+            if m.sees.is_some() {
+                if let Some(p) = diff.to_json_where(|role| sees_role(m, role)) {
+                    let text =
+                        frame::encode(m.vsn, None, None, topic, "presence_diff", &p.to_string());
+                    self.enqueue(&m.conn, Outbound::Text(text));
+                }
+                continue;
+            }
+            let slot = &mut frames[usize::from(m.vsn == Vsn::V2)];
+            let msg = slot
+                .get_or_insert_with(|| {
+                    Message::Text(
+                        frame::encode(m.vsn, None, None, topic, "presence_diff", &all).into(),
                     )
                 })
                 .clone();
@@ -1028,6 +1193,8 @@ impl Broadcaster {
         let Some(key) = reg.channels.get(&channel).cloned() else {
             return;
         };
+        let reg = &mut *reg;
+        let remote = &reg.remote;
         let Some(topic) = reg.topics.get_mut(&key) else {
             return;
         };
@@ -1077,9 +1244,11 @@ impl Broadcaster {
                                 &topic.members,
                                 &key.0,
                                 &topic.presence,
+                                remote.topic(&key),
                             );
                         }
                         self.send_diff(&topic.members, &key.0, &diff, None);
+                        self.share(&key, &topic.members, &diff);
                         self.reply(&topic.members[idx], &key.0, &origin, true, json!({}));
                     }
                     Err(e) => {
@@ -1098,6 +1267,7 @@ impl Broadcaster {
                 let diff = topic.presence.untrack(channel);
                 if !diff.is_empty() {
                     self.send_diff(&topic.members, &key.0, &diff, None);
+                    self.share(&key, &topic.members, &diff);
                 }
                 self.reply(&topic.members[idx], &key.0, &origin, true, json!({}));
             }
@@ -1566,6 +1736,140 @@ mod tests {
             t.as_str().ends_with(r#""meta":{"id":"x"}}]"#),
             "{}",
             t.as_str()
+        );
+    }
+
+    /// The `(event, payload)` of each frame queued to a connection so far.
+    fn frames(rx: &mut tokio::sync::mpsc::Receiver<Outbound>) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            let text = match o {
+                Outbound::Text(t) => t,
+                Outbound::Ws(Message::Text(t)) => t.as_str().to_string(),
+                _ => continue,
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            // (The join reply these tests pass is `{}`.)
+            if let Some(e) = v["event"].as_str() {
+                out.push((e.to_string(), v["payload"].clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn presences_of_other_gateways_reach_members_as_their_rules_allow() {
+        let mut r = rule(
+            "support:*",
+            &["staff", "customer"],
+            &["staff", "customer"],
+            None,
+        );
+        r.presence_sees = Some(
+            [
+                ("staff".to_string(), vec!["*".to_string()]),
+                ("customer".to_string(), vec!["staff".to_string()]),
+            ]
+            .into(),
+        );
+        let b = Broadcaster::new(
+            BroadcastConfig::default(),
+            PresenceConfig::default(),
+            vec![r],
+        );
+        let shared = Arc::new(Mutex::new(Vec::new()));
+        let sink = shared.clone();
+        b.set_presence_sink(Box::new(move |o| sink.lock().unwrap().push(o)));
+        let topic = "realtime:support:1";
+        let key = (topic.to_string(), true);
+        let meta = |k: &str, r: &str, role: &str| SharedMeta {
+            key: k.into(),
+            role: Some(role.into()),
+            meta: json!({"phx_ref": r}),
+        };
+        // Another gateway's staff member and customer are there before anyone here.
+        b.remote_summary(
+            9,
+            vec![
+                (key.clone(), meta("sam", "s1", "staff")),
+                (key.clone(), meta("cat", "c1", "customer")),
+            ],
+        );
+        assert_eq!(b.remote_presences(), 2);
+        let join = |id: ChannelId, role: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let conn = ConnHandle::new(id, tx, usize::MAX);
+            b.join(
+                JoinRequest {
+                    conn: &conn,
+                    vsn: Vsn::V1,
+                    channel: id,
+                    topic,
+                    join_ref: Some("1"),
+                    config: &json!({"private": true, "presence": {"enabled": true, "key": role}}),
+                    claims: claims(json!({ "role": role })),
+                },
+                "{}".into(),
+            );
+            (conn, rx)
+        };
+        let (_c1, mut customer) = join(1, "customer");
+        let (_c2, mut staff) = join(2, "staff");
+        // presence_state: a customer sees staff only; staff see everyone.
+        let state = |f: Vec<(String, Value)>| {
+            f.into_iter()
+                .find(|(e, _)| e == "presence_state")
+                .unwrap()
+                .1
+        };
+        assert_eq!(
+            state(frames(&mut customer)),
+            json!({"sam": {"metas": [{"phx_ref": "s1"}]}})
+        );
+        let s = state(frames(&mut staff));
+        assert_eq!(s.as_object().unwrap().len(), 2, "{s}");
+        // A remote customer leaves: staff see it, the customer does not.
+        b.remote_diff(
+            9,
+            key.clone(),
+            SharedDiff {
+                joins: vec![],
+                leaves: vec![("cat".into(), "c1".into())],
+            },
+        );
+        assert!(frames(&mut customer).is_empty());
+        let f = frames(&mut staff);
+        assert_eq!(f[0].0, "presence_diff");
+        assert_eq!(f[0].1["leaves"]["cat"]["metas"][0]["phx_ref"], "c1");
+        // A local track goes to the other gateways with the tracker's role.
+        let mut limits = b.conn_limits();
+        let push = Frame {
+            join_ref: Some("1".into()),
+            ref_: Some("2".into()),
+            topic: topic.into(),
+            event: "presence".into(),
+            payload: json!({"type": "presence", "event": "track", "payload": {"on": 1}}),
+        };
+        b.client_presence(&mut limits, 1, &push);
+        let PresenceOut::Diff { topic: t, diff } = shared.lock().unwrap().remove(0) else {
+            panic!("a diff")
+        };
+        assert_eq!(t, key);
+        assert_eq!(diff.joins[0].key, "customer");
+        assert_eq!(diff.joins[0].role.as_deref(), Some("customer"));
+        // A summary holds every local presence, and the gateway's gone: leaves.
+        b.share_summary();
+        let PresenceOut::Summary(all) = shared.lock().unwrap().remove(0) else {
+            panic!("a summary")
+        };
+        assert_eq!(all.len(), 1);
+        b.remote_gone(9);
+        assert_eq!(b.remote_presences(), 0);
+        let f = frames(&mut customer);
+        assert!(
+            f.iter()
+                .any(|(e, p)| e == "presence_diff" && p["leaves"]["sam"].is_object()),
+            "{f:?}"
         );
     }
 }

@@ -241,9 +241,355 @@ impl PresenceState {
     }
 }
 
+/// A presence as it crosses to the other gateways of a cluster: its key, the
+/// role of the channel that tracked it (a private channel's `presence_sees`
+/// judges it by that) and its meta as clients see it (`phx_ref` included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedMeta {
+    pub key: String,
+    pub role: Option<String>,
+    pub meta: Value,
+}
+
+impl SharedMeta {
+    fn phx_ref(&self) -> Option<&str> {
+        self.meta.get("phx_ref").and_then(Value::as_str)
+    }
+}
+
+/// What one local [`Diff`] tells the other gateways: metas that joined, and
+/// the `(key, phx_ref)` of metas that left.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedDiff {
+    pub joins: Vec<SharedMeta>,
+    pub leaves: Vec<(String, String)>,
+}
+
+impl SharedDiff {
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+}
+
+impl Diff {
+    /// The diff as the other gateways get it; `role` names each channel's role.
+    pub fn shared(&self, role: impl Fn(ChannelId) -> Option<String>) -> SharedDiff {
+        let mut out = SharedDiff::default();
+        for (key, metas) in &self.joins {
+            for (c, meta) in metas {
+                out.joins.push(SharedMeta {
+                    key: key.clone(),
+                    role: role(*c),
+                    meta: meta.clone(),
+                });
+            }
+        }
+        for (key, metas) in &self.leaves {
+            for (_, meta) in metas {
+                if let Some(r) = meta.get("phx_ref").and_then(Value::as_str) {
+                    out.leaves.push((key.clone(), r.to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl PresenceState {
+    /// Every presence of the topic, as the other gateways get it.
+    pub fn shared(&self, role: impl Fn(ChannelId) -> Option<String>) -> Vec<SharedMeta> {
+        self.keys
+            .iter()
+            .flat_map(|(key, metas)| {
+                metas.iter().map(|m| SharedMeta {
+                    key: key.clone(),
+                    role: role(m.channel),
+                    meta: m.to_json(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A topic as the registry names it: `(realtime:<name>, private)`.
+pub type TopicKey = (String, bool);
+
+/// The presences other gateways hold, at most (all nodes and topics together);
+/// past it a gateway keeps what it has and counts the rest as refused.
+pub const MAX_REMOTE_PRESENCES: usize = 100_000;
+
+/// A `presence_diff` made of other gateways' presences: like [`Diff`], with
+/// each meta's role instead of a local channel.
+#[derive(Debug, Default, PartialEq)]
+pub struct RemoteDiff {
+    joins: BTreeMap<String, Vec<(Option<String>, Value)>>,
+    leaves: BTreeMap<String, Vec<(Option<String>, Value)>>,
+}
+
+impl RemoteDiff {
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+
+    /// The payload with only the metas whose role `keep` accepts; `None` when
+    /// nothing is left.
+    pub fn to_json_where(&self, keep: impl Fn(Option<&str>) -> bool) -> Option<Value> {
+        let mut any = false;
+        let mut side = |m: &BTreeMap<String, Vec<(Option<String>, Value)>>| {
+            let mut out = Map::new();
+            for (k, metas) in m {
+                let metas: Vec<&Value> = metas
+                    .iter()
+                    .filter(|(r, _)| keep(r.as_deref()))
+                    .map(|(_, v)| v)
+                    .collect();
+                if !metas.is_empty() {
+                    any = true;
+                    out.insert(k.clone(), json!({ "metas": metas }));
+                }
+            }
+            Value::Object(out)
+        };
+        let v = json!({"joins": side(&self.joins), "leaves": side(&self.leaves)});
+        any.then_some(v)
+    }
+
+    fn join(&mut self, m: &SharedMeta) {
+        self.joins
+            .entry(m.key.clone())
+            .or_default()
+            .push((m.role.clone(), m.meta.clone()));
+    }
+
+    fn leave(&mut self, m: SharedMeta) {
+        self.leaves.entry(m.key).or_default().push((m.role, m.meta));
+    }
+}
+
+/// A node's presences in one topic: by key, by `phx_ref`.
+type NodeMetas = BTreeMap<String, BTreeMap<String, SharedMeta>>;
+
+/// One topic's presences from other gateways, by node.
+#[derive(Debug, Default)]
+pub struct RemoteTopic {
+    nodes: BTreeMap<u64, NodeMetas>,
+}
+
+impl RemoteTopic {
+    /// Adds the metas whose role `keep` accepts to a `presence_state` payload
+    /// (an object by key), after the local ones.
+    pub fn add_to_state(&self, state: &mut Value, keep: impl Fn(Option<&str>) -> bool) {
+        let Value::Object(out) = state else {
+            return;
+        };
+        for m in self
+            .nodes
+            .values()
+            .flat_map(BTreeMap::values)
+            .flat_map(BTreeMap::values)
+        {
+            if !keep(m.role.as_deref()) {
+                continue;
+            }
+            let entry = out
+                .entry(m.key.clone())
+                .or_insert_with(|| json!({ "metas": [] }));
+            if let Some(Value::Array(metas)) = entry.get_mut("metas") {
+                metas.push(m.meta.clone());
+            }
+        }
+    }
+}
+
+/// Adds `m` to a node's metas if it fits the limits; false if it does not
+/// (or is malformed). A ref already there is left as it is (true).
+fn admit(metas: &mut NodeMetas, m: SharedMeta, limits: &PresenceConfig) -> Result<bool, ()> {
+    let Some(r) = m.phx_ref().map(str::to_string) else {
+        return Err(());
+    };
+    if m.key.len() > MAX_KEY_BYTES || !m.meta.is_object() {
+        return Err(());
+    }
+    // The payload limit, with room for the refs the meta carries besides.
+    if m.meta.to_string().len() > limits.max_payload_bytes + 256 {
+        return Err(());
+    }
+    let keys = metas.len();
+    match metas.get_mut(&m.key) {
+        Some(refs) if refs.contains_key(&r) => Ok(false),
+        Some(refs) if refs.len() >= limits.max_metas_per_key => Err(()),
+        Some(refs) => {
+            refs.insert(r, m);
+            Ok(true)
+        }
+        None if keys >= limits.max_keys_per_topic => Err(()),
+        None => {
+            metas.entry(m.key.clone()).or_default().insert(r, m);
+            Ok(true)
+        }
+    }
+}
+
+/// The presences of the other gateways of a cluster, by topic and node, each
+/// node's bounded by the per-topic limits of `[presence]` and all together by
+/// [`MAX_REMOTE_PRESENCES`]. Pure state: every change returns the diff the
+/// topic's local members get.
+#[derive(Debug, Default)]
+pub struct RemotePresences {
+    topics: std::collections::HashMap<TopicKey, RemoteTopic>,
+    held: usize,
+}
+
+impl RemotePresences {
+    /// Presences held.
+    pub fn len(&self) -> usize {
+        self.held
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held == 0
+    }
+
+    pub fn topic(&self, key: &TopicKey) -> Option<&RemoteTopic> {
+        self.topics.get(key)
+    }
+
+    /// Applies one delta of `node`. Returns the diff and how many joins were
+    /// refused (limits, malformed). A leave of an unknown ref, or a join of a
+    /// known one, changes nothing.
+    pub fn apply(
+        &mut self,
+        node: u64,
+        topic: TopicKey,
+        d: SharedDiff,
+        limits: &PresenceConfig,
+    ) -> (RemoteDiff, usize) {
+        let mut diff = RemoteDiff::default();
+        let mut refused = 0;
+        let t = self.topics.entry(topic.clone()).or_default();
+        let metas = t.nodes.entry(node).or_default();
+        for (key, r) in d.leaves {
+            let Some(refs) = metas.get_mut(&key) else {
+                continue;
+            };
+            if let Some(m) = refs.remove(&r) {
+                self.held -= 1;
+                diff.leave(m);
+            }
+            if refs.is_empty() {
+                metas.remove(&key);
+            }
+        }
+        for m in d.joins {
+            if self.held >= MAX_REMOTE_PRESENCES {
+                refused += 1;
+                continue;
+            }
+            let shown = m.clone();
+            match admit(metas, m, limits) {
+                Ok(true) => {
+                    self.held += 1;
+                    diff.join(&shown);
+                }
+                Ok(false) => {}
+                Err(()) => refused += 1,
+            }
+        }
+        self.tidy(&topic, node);
+        (diff, refused)
+    }
+
+    /// Replaces everything `node` holds with `all` (its summary). Returns the
+    /// diff of each topic that changed and how many presences were refused.
+    pub fn replace_node(
+        &mut self,
+        node: u64,
+        all: Vec<(TopicKey, SharedMeta)>,
+        limits: &PresenceConfig,
+    ) -> (Vec<(TopicKey, RemoteDiff)>, usize) {
+        let mut next: std::collections::HashMap<TopicKey, Vec<SharedMeta>> = Default::default();
+        for (t, m) in all {
+            next.entry(t).or_default().push(m);
+        }
+        // Topics the node had and no longer has.
+        for (k, t) in &self.topics {
+            if t.nodes.contains_key(&node) {
+                next.entry(k.clone()).or_default();
+            }
+        }
+        let mut out = Vec::new();
+        let mut refused = 0;
+        for (topic, metas) in next {
+            let old = self
+                .topics
+                .get_mut(&topic)
+                .and_then(|t| t.nodes.remove(&node))
+                .unwrap_or_default();
+            self.held -= old.values().map(BTreeMap::len).sum::<usize>();
+            let mut new = NodeMetas::new();
+            for m in metas {
+                if self.held >= MAX_REMOTE_PRESENCES {
+                    refused += 1;
+                    continue;
+                }
+                match admit(&mut new, m, limits) {
+                    Ok(true) => self.held += 1,
+                    Ok(false) => {}
+                    Err(()) => refused += 1,
+                }
+            }
+            let mut diff = RemoteDiff::default();
+            for (key, refs) in &new {
+                for (r, m) in refs {
+                    if !old.get(key).is_some_and(|o| o.contains_key(r)) {
+                        diff.join(m);
+                    }
+                }
+            }
+            for (key, refs) in old {
+                for (r, m) in refs {
+                    if !new.get(&key).is_some_and(|n| n.contains_key(&r)) {
+                        diff.leave(m);
+                    }
+                }
+            }
+            if !new.is_empty() {
+                self.topics
+                    .entry(topic.clone())
+                    .or_default()
+                    .nodes
+                    .insert(node, new);
+            }
+            self.tidy(&topic, node);
+            if !diff.is_empty() {
+                out.push((topic, diff));
+            }
+        }
+        (out, refused)
+    }
+
+    /// Forgets `node` (gone, or timed out): the leaves of everything it held.
+    pub fn remove_node(&mut self, node: u64) -> Vec<(TopicKey, RemoteDiff)> {
+        self.replace_node(node, Vec::new(), &PresenceConfig::default())
+            .0
+    }
+
+    fn tidy(&mut self, topic: &TopicKey, node: u64) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            if t.nodes.get(&node).is_some_and(BTreeMap::is_empty) {
+                t.nodes.remove(&node);
+            }
+            if t.nodes.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn limits() -> PresenceConfig {
         PresenceConfig {
@@ -324,5 +670,245 @@ mod tests {
         ));
         // Re-tracking an existing meta is always allowed.
         s.track(1, "a", json!({"n": 1}), "5".into(), &l).unwrap();
+    }
+
+    fn sm(key: &str, r: &str, role: Option<&str>) -> SharedMeta {
+        SharedMeta {
+            key: key.into(),
+            role: role.map(str::to_string),
+            meta: json!({"phx_ref": r, "n": r}),
+        }
+    }
+
+    fn room() -> TopicKey {
+        ("realtime:room".into(), false)
+    }
+
+    #[test]
+    fn local_changes_are_shared_with_roles_and_refs() {
+        let mut s = PresenceState::default();
+        let l = limits();
+        s.track(1, "alice", json!({"a": 1}), "r1".into(), &l)
+            .unwrap();
+        let role = |c: ChannelId| (c == 1).then(|| "staff".to_string());
+        let d = s
+            .track(1, "alice", json!({"a": 2}), "r2".into(), &l)
+            .unwrap()
+            .shared(role);
+        assert_eq!(
+            d.joins,
+            vec![SharedMeta {
+                key: "alice".into(),
+                role: Some("staff".into()),
+                meta: json!({"phx_ref": "r2", "phx_ref_prev": "r1", "a": 2}),
+            }]
+        );
+        assert_eq!(d.leaves, vec![("alice".to_string(), "r1".to_string())]);
+        s.track(2, "bob", json!({}), "r3".into(), &l).unwrap();
+        let all = s.shared(role);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].role, None);
+        let d = s.untrack(2).shared(role);
+        assert!(d.joins.is_empty());
+        assert_eq!(d.leaves, vec![("bob".to_string(), "r3".to_string())]);
+        assert!(Diff::default().shared(role).is_empty());
+    }
+
+    #[test]
+    fn remote_deltas_merge_into_state_and_diffs() {
+        let mut r = RemotePresences::default();
+        let l = limits();
+        let (d, refused) = r.apply(
+            7,
+            room(),
+            SharedDiff {
+                joins: vec![sm("alice", "x1", None), sm("bob", "x2", Some("staff"))],
+                leaves: vec![("carol".into(), "nope".into())],
+            },
+            &l,
+        );
+        assert_eq!(refused, 0);
+        assert_eq!(
+            d.to_json_where(|_| true).unwrap(),
+            json!({"joins": {"alice": {"metas": [{"phx_ref": "x1", "n": "x1"}]},
+                             "bob": {"metas": [{"phx_ref": "x2", "n": "x2"}]}},
+                   "leaves": {}})
+        );
+        // Only staff presences for a viewer who sees staff.
+        let staff_only = d.to_json_where(|role| role == Some("staff")).unwrap();
+        assert_eq!(staff_only["joins"].as_object().unwrap().len(), 1);
+        assert!(d.to_json_where(|_| false).is_none());
+        // A join already known, a leave of an unknown ref: nothing.
+        let (d, _) = r.apply(
+            7,
+            room(),
+            SharedDiff {
+                joins: vec![sm("alice", "x1", None)],
+                leaves: vec![("alice".into(), "x9".into())],
+            },
+            &l,
+        );
+        assert!(d.is_empty());
+        assert_eq!(r.len(), 2);
+        // The state: local metas first, then the remote ones under the same key.
+        let mut local = PresenceState::default();
+        local.track(1, "alice", json!({}), "L1".into(), &l).unwrap();
+        let mut state = local.to_json();
+        r.topic(&room()).unwrap().add_to_state(&mut state, |_| true);
+        assert_eq!(
+            state,
+            json!({"alice": {"metas": [{"phx_ref": "L1"}, {"phx_ref": "x1", "n": "x1"}]},
+                   "bob": {"metas": [{"phx_ref": "x2", "n": "x2"}]}})
+        );
+        let mut state = json!({});
+        r.topic(&room())
+            .unwrap()
+            .add_to_state(&mut state, |role| role.is_none());
+        assert_eq!(
+            state,
+            json!({"alice": {"metas": [{"phx_ref": "x1", "n": "x1"}]}})
+        );
+        // A leave carries the meta as it was joined.
+        let (d, _) = r.apply(
+            7,
+            room(),
+            SharedDiff {
+                joins: vec![],
+                leaves: vec![("bob".into(), "x2".into())],
+            },
+            &l,
+        );
+        assert_eq!(
+            d.to_json_where(|_| true).unwrap(),
+            json!({"joins": {}, "leaves": {"bob": {"metas": [{"phx_ref": "x2", "n": "x2"}]}}})
+        );
+        assert!(r.topic(&("realtime:other".into(), false)).is_none());
+    }
+
+    #[test]
+    fn a_summary_replaces_a_node_and_a_gone_node_leaves() {
+        let mut r = RemotePresences::default();
+        let l = limits();
+        let other: TopicKey = ("realtime:other".into(), true);
+        r.apply(
+            7,
+            room(),
+            SharedDiff {
+                joins: vec![sm("alice", "x1", None), sm("bob", "x2", None)],
+                leaves: vec![],
+            },
+            &l,
+        );
+        // Another node's presences are its own.
+        r.apply(
+            8,
+            room(),
+            SharedDiff {
+                joins: vec![sm("alice", "y1", None)],
+                leaves: vec![],
+            },
+            &l,
+        );
+        // Node 7's summary: bob left meanwhile, carol joined, and it is in `other` too.
+        let (diffs, refused) = r.replace_node(
+            7,
+            vec![
+                (room(), sm("alice", "x1", None)),
+                (room(), sm("carol", "x3", None)),
+                (other.clone(), sm("dave", "x4", None)),
+            ],
+            &l,
+        );
+        assert_eq!(refused, 0);
+        let by: HashMap<TopicKey, Value> = diffs
+            .into_iter()
+            .map(|(t, d)| (t, d.to_json_where(|_| true).unwrap()))
+            .collect();
+        assert_eq!(
+            by[&room()],
+            json!({"joins": {"carol": {"metas": [{"phx_ref": "x3", "n": "x3"}]}},
+                   "leaves": {"bob": {"metas": [{"phx_ref": "x2", "n": "x2"}]}}})
+        );
+        assert_eq!(by[&other]["joins"]["dave"]["metas"][0]["phx_ref"], "x4");
+        assert_eq!(r.len(), 4);
+        // The same summary again changes nothing.
+        let (diffs, _) = r.replace_node(
+            7,
+            vec![
+                (room(), sm("alice", "x1", None)),
+                (room(), sm("carol", "x3", None)),
+                (other.clone(), sm("dave", "x4", None)),
+            ],
+            &l,
+        );
+        assert!(diffs.is_empty());
+        // Node 7 is gone: every one of its presences leaves, node 8's stay.
+        let diffs = r.remove_node(7);
+        assert_eq!(diffs.len(), 2);
+        for (_, d) in &diffs {
+            assert!(d.joins.is_empty());
+        }
+        assert_eq!(r.len(), 1);
+        assert!(r.topic(&other).is_none());
+        let mut state = json!({});
+        r.topic(&room()).unwrap().add_to_state(&mut state, |_| true);
+        assert_eq!(
+            state,
+            json!({"alice": {"metas": [{"phx_ref": "y1", "n": "y1"}]}})
+        );
+        assert!(r.remove_node(7).is_empty());
+        r.remove_node(8);
+        assert!(r.is_empty() && r.topics.is_empty());
+    }
+
+    #[test]
+    fn remote_presences_are_bounded_per_node_and_topic() {
+        // limits(): 2 keys per topic, 2 metas per key, 64-byte payloads.
+        let mut r = RemotePresences::default();
+        let l = limits();
+        let (_, refused) = r.apply(
+            7,
+            room(),
+            SharedDiff {
+                joins: vec![
+                    sm("a", "1", None),
+                    sm("a", "2", None),
+                    sm("a", "3", None),
+                    sm("b", "4", None),
+                    sm("c", "5", None),
+                    SharedMeta {
+                        key: "b".into(),
+                        role: None,
+                        meta: json!({"no": "ref"}),
+                    },
+                    SharedMeta {
+                        key: "b".into(),
+                        role: None,
+                        meta: json!({"phx_ref": "6", "x": "y".repeat(400)}),
+                    },
+                    SharedMeta {
+                        key: "k".repeat(300),
+                        role: None,
+                        meta: json!({"phx_ref": "7"}),
+                    },
+                ],
+                leaves: vec![],
+            },
+            &l,
+        );
+        assert_eq!(refused, 5);
+        assert_eq!(r.len(), 3);
+        // The limits are per node: another node has its own.
+        let (_, refused) = r.replace_node(
+            8,
+            vec![
+                (room(), sm("c", "8", None)),
+                (room(), sm("d", "9", None)),
+                (room(), sm("e", "10", None)),
+            ],
+            &l,
+        );
+        assert_eq!(refused, 1);
+        assert_eq!(r.len(), 5);
     }
 }

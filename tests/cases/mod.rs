@@ -4,6 +4,7 @@ mod broadcast;
 mod broadcast_js;
 mod changelog;
 mod cluster;
+mod cluster_presence;
 mod config;
 mod connections;
 mod demo;
