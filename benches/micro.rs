@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use walcast::decode::assembler::Assembler;
 use walcast::decode::event::{AllColumns, Cell, Change, ChangeKind, Item, Row, TxnInfo};
@@ -47,7 +47,7 @@ use walcast::deliver::frame::Vsn;
 use walcast::lsn::Lsn;
 use walcast::route::filter::Filter;
 use walcast::route::hub::{
-    Binding, BindingOptions, ConnHandle, EventMask, Hub, HubCommand, HubStats, Outbound, Target,
+    Binding, BindingOptions, ConnHandle, EventMask, Hub, HubCommand, HubStats, Target,
 };
 
 const CORPUS: &[u8] = include_bytes!("fixtures/pgoutput.bin");
@@ -236,7 +236,7 @@ fn bench_filter(c: &mut Criterion) {
 /// up to 256 connections) plus range subscriptions on `amount`.
 struct HubFixture {
     hub: Hub,
-    receivers: Vec<mpsc::Receiver<Outbound>>,
+    receivers: Vec<walcast::route::queue::OutRx>,
     handles: Vec<ConnHandle>,
 }
 
@@ -279,7 +279,7 @@ fn hub_of_options(
     let mut handles = Vec::with_capacity(conns);
     let mut receivers = Vec::with_capacity(conns);
     for id in 0..conns {
-        let (tx, rx) = mpsc::channel(if conns > 256 { 512 } else { 1 << 16 });
+        let (tx, rx) = walcast::route::queue::channel(if conns > 256 { 512 } else { 1 << 16 });
         handles.push(ConnHandle::new(id as u64 + 1, tx, usize::MAX));
         receivers.push(rx);
     }

@@ -1740,7 +1740,7 @@ mod tests {
     }
 
     /// The `(event, payload)` of each frame queued to a connection so far.
-    fn frames(rx: &mut tokio::sync::mpsc::Receiver<Outbound>) -> Vec<(String, Value)> {
+    fn frames(rx: &mut crate::route::queue::OutRx) -> Vec<(String, Value)> {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
             let text = match o {
@@ -1797,7 +1797,7 @@ mod tests {
         );
         assert_eq!(b.remote_presences(), 2);
         let join = |id: ChannelId, role: &str| {
-            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let (tx, rx) = crate::route::queue::channel(64);
             let conn = ConnHandle::new(id, tx, usize::MAX);
             b.join(
                 JoinRequest {

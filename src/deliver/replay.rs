@@ -709,7 +709,7 @@ pub fn read_page(
     if let Some(g) = gate {
         hub = hub.with_rls_gate(g);
     }
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = crate::route::queue::channel(64);
     let (done, _) = oneshot::channel();
     hub.command(HubCommand::Subscribe {
         conn: ConnHandle::new(1, tx, usize::MAX),

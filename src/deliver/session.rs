@@ -35,7 +35,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::frame::{self, Frame, Vsn};
 use crate::deliver::expiry::ExpiryClock;
@@ -115,7 +115,7 @@ pub async fn run(
     connect_token: Option<Verified>,
 ) {
     let conn_id = shared.next_id();
-    let (tx, rx) = mpsc::channel(shared.config.limits.client_queue);
+    let (tx, rx) = crate::route::queue::channel(shared.config.limits.client_queue);
     let handle = ConnHandle::new(conn_id, tx, shared.config.limits.client_queue_bytes);
     let joined: JoinedTopics = Arc::new(Mutex::new(Vec::new()));
     let (sink, mut stream) = socket.split();

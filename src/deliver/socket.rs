@@ -106,7 +106,7 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 /// hides a kill: the write itself is raced against it.
 pub(crate) async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: crate::route::queue::OutRx,
     vsn: Vsn,
     conn: WriterConn,
     joined: JoinedTopics,
@@ -168,7 +168,7 @@ pub(crate) async fn writer(
 /// `Ok(false)`: the queue is closed; `Err`: the socket failed.
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut crate::route::queue::OutRx,
     vsn: Vsn,
     queued: &QueuedBytes,
     stats: &WsStats,

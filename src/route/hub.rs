@@ -46,7 +46,7 @@ use crate::lsn::Lsn;
 use crate::route::filter::{canonical_key, BoundFilter, Filter};
 use crate::route::queue::queue;
 pub use crate::route::queue::{
-    BindingIds, CloseReason, ConnHandle, ConnId, Outbound, QueueError, QueuedBytes,
+    BindingIds, CloseReason, ConnHandle, ConnId, OutRx, OutTx, Outbound, QueueError, QueuedBytes,
     CLOSE_SLOW_CLIENT,
 };
 use crate::source::session::Progress;
@@ -586,7 +586,7 @@ enum IndexSlot {
 struct ChannelState {
     conn: ConnId,
     /// The connection's queue (a clone of its handle's), saving a lookup per delivery.
-    tx: mpsc::Sender<Outbound>,
+    tx: OutTx,
     queued: Arc<QueuedBytes>,
     topic: Arc<str>,
     subs: Vec<SubId>,
@@ -2000,8 +2000,8 @@ mod tests {
         channel: ChannelId,
         topic: &str,
         bindings: Vec<Binding>,
-    ) -> mpsc::Receiver<Outbound> {
-        let (tx, rx) = mpsc::channel(8);
+    ) -> OutRx {
+        let (tx, rx) = crate::route::queue::channel(8);
         let (done, _) = oneshot::channel();
         hub.command(HubCommand::Subscribe {
             conn: ConnHandle::new(conn, tx, usize::MAX),
@@ -2069,8 +2069,8 @@ mod tests {
         channel: u64,
         filter: &str,
         options: BindingOptions,
-    ) -> mpsc::Receiver<Outbound> {
-        let (tx, rx) = mpsc::channel(64);
+    ) -> OutRx {
+        let (tx, rx) = crate::route::queue::channel(64);
         let (done, _) = oneshot::channel();
         hub.command(HubCommand::Subscribe {
             conn: ConnHandle::new(channel, tx, usize::MAX),
@@ -2104,7 +2104,7 @@ mod tests {
         }
     }
 
-    fn system(rx: &mut mpsc::Receiver<Outbound>) -> Option<(String, serde_json::Value)> {
+    fn system(rx: &mut OutRx) -> Option<(String, serde_json::Value)> {
         match rx.try_recv().ok()? {
             Outbound::System { topic, payload } => {
                 Some((topic.to_string(), serde_json::from_str(&payload).unwrap()))
@@ -2194,7 +2194,7 @@ mod tests {
     }
 
     /// The `data` of each change frame queued, or the event of each push.
-    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<serde_json::Value> {
+    fn drain(rx: &mut OutRx) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
             out.push(match o {
@@ -2231,7 +2231,7 @@ mod tests {
             )
         };
         hub.route(&ins("1", "new", 10));
-        let (tx, mut rx) = mpsc::channel(64);
+        let (tx, mut rx) = crate::route::queue::channel(64);
         let (done, mut routed) = oneshot::channel();
         hub.command(HubCommand::Subscribe {
             conn: ConnHandle::new(7, tx, usize::MAX),
@@ -2261,7 +2261,7 @@ mod tests {
             done,
         });
         assert_eq!(ok.try_recv().unwrap().map(|r| r.sent), Some(2));
-        let ids = |rx: &mut mpsc::Receiver<Outbound>| -> Vec<i64> {
+        let ids = |rx: &mut OutRx| -> Vec<i64> {
             drain(rx)
                 .iter()
                 .map(|d| d["record"]["id"].as_i64().unwrap())
