@@ -490,7 +490,7 @@ mod tests {
                 Err(QueueError::Full) => tokio::task::yield_now().await,
                 Err(QueueError::Closed) => panic!("receiver gone"),
             }
-            if sent % 97 == 0 {
+            if sent.is_multiple_of(97) {
                 tokio::task::yield_now().await;
             }
         }
