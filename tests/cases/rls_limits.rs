@@ -425,3 +425,77 @@ async fn domains_over_json_arrays_reach_the_policy_as_json() {
     )
     .await;
 }
+
+/// Item 1, the compiled path: a join is bound to the columns the stream
+/// carries. A filter naming a column the publication leaves out used to be
+/// accepted (the catalog has the column) and, once the hub knew the
+/// table's streamed shape, left bound to the catalog's column positions —
+/// so the compiled policy `owner = auth.uid()` read the column after
+/// `owner` on streamed rows, and a crafted filter let another owner's row
+/// through. Now such a filter is refused like an unknown column, and the
+/// row stays with its owner.
+#[tokio::test]
+async fn a_filter_on_an_unstreamed_column_is_refused() {
+    let name = "rlsl_filter";
+    let role = "rlsl_f";
+    let c = setup_db(
+        name,
+        &format!(
+            "{}\n{}\n
+             create table t (id int primary key, note uuid, owner uuid, other uuid);
+             alter table t replica identity full;
+             alter table t enable row level security;
+             create policy p on t for select to {role} using (owner = auth.uid());
+             grant select on t to {role};",
+            roles(&[role]),
+            auth_sql()
+        ),
+    )
+    .await;
+    c.batch_execute(&format!(
+        "drop publication pub_{name};
+         create publication pub_{name} for table t (id, owner, other);"
+    ))
+    .await
+    .unwrap();
+    let server = start_with(name, name, "").await;
+    let mut js = JsClient::spawn().await;
+    connect(&mut js, "first", &server, &token(role, A)).await;
+    joined(&mut js, "first", "t", "t").await;
+    c.batch_execute(&format!("insert into t values (1, null, '{A}', null)"))
+        .await
+        .unwrap();
+    let v = js.wait_for("first's row", T, change_of("first")).await;
+    assert_eq!(v["payload"]["new"]["id"], 1, "{v}");
+    // The hub knows the streamed shape of t now.
+    connect(&mut js, "u", &server, &token(role, A)).await;
+    js.call(
+        json!({"cmd": "subscribe", "client": "u", "channel": "f",
+               "postgres_changes": [{"event": "*", "schema": "public", "table": "t",
+                                     "filter": format!("note=eq.{B}")}]}),
+        T,
+    )
+    .await;
+    let st = js
+        .wait_for("u's status", T, |v| {
+            v["client"] == "u" && is_on(v, "status", "f")
+        })
+        .await;
+    c.batch_execute(&format!(
+        "insert into t values (2, '{B}', '{B}', '{A}'); insert into t values (3, null, '{A}', null);"
+    ))
+    .await
+    .unwrap();
+    // Whatever the join said, B's row never reaches u (fenced by first's
+    // next row, which comes after it).
+    js.wait_for("first's next row", T, |v| {
+        change_of("first")(v) && v["payload"]["new"]["id"] == 3
+    })
+    .await;
+    js.expect_none("B's row for u", Duration::from_millis(300), |v| {
+        change_of("u")(v) && v["payload"]["new"]["id"] == 2
+    })
+    .await;
+    assert_eq!(st["status"], "CHANNEL_ERROR", "{st}");
+    assert!(st.to_string().contains("note"), "{st}");
+}
