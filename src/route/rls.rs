@@ -24,7 +24,8 @@
 //!   rows of sealed batches are judged in rounds: a worker takes the classes
 //!   waiting, loads each table's new rows once and judges every class over
 //!   them in one transaction ([`PolicyDb::judge_round`]) on a small pool of
-//!   connections. The hub never waits:
+//!   connections. A class has one round at a time; its next round takes
+//!   every batch sealed meanwhile (rounds coalesce commits under load). The hub never waits:
 //!   it queues each frame with a [`Ticket`] and the connection's writer waits for
 //!   the verdict, so a slow check delays only that class's connections. A
 //!   check that fails (a policy raised, a timeout, the queue of checks full)
@@ -523,8 +524,12 @@ impl Rls {
             who.role, who.claims, table.schema, table.name, predicate
         );
         let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        // A class whose check failed is closing its channels: a new join
+        // gets a fresh one.
         if let Some(c) = classes.get(&key).and_then(Weak::upgrade) {
-            return c;
+            if c.failed.get().is_none() {
+                return c;
+            }
         }
         // Forget classes nobody holds any more, now and then (amortized).
         if classes.len() % 1024 == 1023 {
@@ -538,6 +543,7 @@ impl Rls {
             predicate: predicate.to_string(),
             whole_row: reads_whole_row(predicate, &table.name),
             needs: needs.to_vec(),
+            failed: OnceLock::new(),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),
             gate: Arc::downgrade(&self.gate),
@@ -1139,6 +1145,10 @@ pub struct SqlClass {
     /// `Entry::needs`): should the stream stop carrying one, the class's
     /// channels are closed rather than its policies judging a NULL.
     needs: Vec<String>,
+    /// Why a check of the class failed: its channels are being closed, and
+    /// every later row of it fails at once — none is judged (and sent) after
+    /// a row that was not, while the close is on its way.
+    failed: OnceLock<Arc<str>>,
     /// The batch filling for the current transaction.
     open: Mutex<Option<OpenBatch>>,
     /// Batches sealed and not yet judged, in commit order; a worker judges
@@ -1152,7 +1162,9 @@ pub struct SqlClass {
 struct Sealed {
     batches: Vec<(Arc<Batch>, Vec<Img>)>,
     rows: usize,
-    /// The class is in the workers' queue.
+    /// The class is in the workers' queue, or a worker is judging it: its
+    /// batches sealed meanwhile wait, and its next round takes them all
+    /// ([`SqlClass::release`]).
     queued: bool,
 }
 
@@ -1260,6 +1272,16 @@ impl SqlClass {
             return None;
         }
         let gate = self.gate.upgrade()?;
+        if let Some(why) = self.failed.get() {
+            let failed = Batch::new();
+            failed.set(Err(why.clone()));
+            gate.failed.push(self.id, why.to_string());
+            return Some(Ticket {
+                batch: failed,
+                row: 0,
+                old: None,
+            });
+        }
         if let Some(col) = self
             .needs
             .iter()
@@ -1366,15 +1388,31 @@ impl SqlClass {
         Some(self.clone())
     }
 
-    /// Every sealed batch, leaving the class out of the queue.
-    fn take_sealed(&self) -> Vec<(Arc<Batch>, Vec<Img>)> {
+    /// Every sealed batch. `judging`: a worker judges them now, and the
+    /// class stays out of the queue until it is done ([`SqlClass::release`]);
+    /// otherwise the class leaves the queue.
+    fn take_sealed(&self, judging: bool) -> Vec<(Arc<Batch>, Vec<Img>)> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.queued = false;
+        sealed.queued = judging;
         sealed.rows = 0;
         std::mem::take(&mut sealed.batches)
     }
 
+    /// A worker is done with the class's batches: `true` when more were
+    /// sealed meanwhile (the class is to be queued again — still marked
+    /// queued, so no commit queues it twice), else it leaves the queue.
+    fn release(&self) -> bool {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        if sealed.batches.is_empty() {
+            sealed.queued = false;
+            false
+        } else {
+            true
+        }
+    }
+
     fn fail(&self, gate: &Gate, batches: Vec<Arc<Batch>>, why: &str) {
+        let _ = self.failed.set(why.into());
         gate.stats.checks_failed.fetch_add(1, Ordering::Relaxed);
         for b in batches {
             b.set(Err(why.into()));
@@ -1497,7 +1535,7 @@ impl Gate {
                 let why =
                     "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
                 for c in e.into_inner() {
-                    let batches = c.take_sealed();
+                    let batches = c.take_sealed(false);
                     c.fail(self, batches.into_iter().map(|(b, _)| b).collect(), why);
                 }
             }
@@ -1578,7 +1616,7 @@ async fn worker(
         // By table, in queue order.
         let mut groups: Vec<Vec<Pending>> = Vec::new();
         for class in taken {
-            let batches = class.take_sealed().into();
+            let batches = class.take_sealed(true).into();
             match groups
                 .iter_mut()
                 .find(|g| g[0].class.schema == class.schema && g[0].class.table == class.table)
@@ -1591,8 +1629,29 @@ async fn worker(
             while group.iter().any(|p| !p.batches.is_empty()) {
                 round(&db, &mut group, &failed, &stats).await;
             }
+            // One round at a time per class: what was sealed while it was
+            // judged goes back to the end of the queue as one job, and
+            // that class's next round takes all of it — under load one
+            // round judges many commits instead of a worker per commit.
+            // Verdicts are per batch and each writer waits for its frames
+            // in order, so every channel keeps its commit order.
+            requeue(
+                group
+                    .into_iter()
+                    .map(|p| p.class)
+                    .filter(|c| c.release())
+                    .collect(),
+            );
         }
     }
+}
+
+/// Queues again classes with batches sealed while a worker judged them.
+fn requeue(classes: Vec<Arc<SqlClass>>) {
+    let Some(gate) = classes.first().and_then(|c| c.gate.upgrade()) else {
+        return;
+    };
+    gate.enqueue(classes);
 }
 
 /// A class taken by a worker, with its sealed batches not judged yet.
@@ -1619,6 +1678,13 @@ fn take_round(group: &mut [Pending], max_rows: usize, max_bytes: usize) -> (Vec<
     let mut bytes = 0usize;
     let mut members: Vec<Member> = Vec::new();
     for (at, p) in group.iter_mut().enumerate() {
+        if let Some(why) = p.class.failed.get() {
+            // Its channels are being closed: nothing more of it is judged.
+            for (batch, _) in p.batches.drain(..) {
+                batch.set(Err(why.clone()));
+            }
+            continue;
+        }
         let whole_row = p.class.whole_row;
         let mut taken = Vec::new();
         let mut rows = Vec::new();
@@ -1747,6 +1813,7 @@ async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &
                 tracing::warn!(class = class.id, role = %class.who.role, error = %e,
                     "row-level security check failed; closing that class's channels");
                 // Its later batches too: its channels are being closed.
+                let _ = class.failed.set(why.as_str().into());
                 let later = std::mem::take(&mut group[at].batches);
                 for batch in taken
                     .into_iter()
@@ -1915,6 +1982,7 @@ mod tests {
             predicate: "true".into(),
             whole_row,
             needs: Vec::new(),
+            failed: OnceLock::new(),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),
             gate: Weak::new(),
