@@ -25,8 +25,8 @@
 //!   waiting, loads each table's new rows once and judges every class over
 //!   them in one transaction ([`PolicyDb::judge_round`]) on a small pool of
 //!   connections. A class has one round at a time; its next round takes
-//!   every batch sealed meanwhile (rounds coalesce commits under load). The hub never waits:
-//!   it queues each frame with a [`Ticket`] and the connection's writer waits for
+//!   every batch sealed meanwhile (rounds coalesce commits under load). The
+//!   hub never waits: it queues each frame with a [`Ticket`] and the connection's writer waits for
 //!   the verdict, so a slow check delays only that class's connections. A
 //!   check that fails (a policy raised, a timeout, the queue of checks full)
 //!   closes that class's channels with `RLS_CHECK_FAILED` naming the cause; no
@@ -442,7 +442,7 @@ impl Rls {
             Plan::Unrestricted | Plan::Nothing => (Vec::new(), Vec::new()),
             Plan::Compiled { .. } | Plan::Sql { .. } => {
                 if reads_whole_row(&sql_predicate(&security.policies), &table.name) {
-                    // The whole row: every column, streamed or not.
+                    // The whole row: every column must be streamed.
                     let streamed = table
                         .columns
                         .iter()

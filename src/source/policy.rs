@@ -69,8 +69,8 @@
 //! [`CheckError::RoundTimeout`] (the connection, in an unknown state, is
 //! dropped). A round without a connection or an answer in time is tried
 //! once more (on a new connection), then class by class, the rest failing
-//! after a class times out or once the budget is spent. Each class runs in the savepoint and is rolled back to it:
-//! nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
+//! after a class times out or once the budget is spent. Each class runs in
+//! the savepoint and is rolled back to it: nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
 //! objects) reaches the next class, and a class whose statement fails (its
 //! error is its verdict) does not abort the others. Should rolling back to
 //! the savepoint fail, the classes after it are judged again in a new
@@ -1222,7 +1222,7 @@ async fn pipeline(
     timeout: Duration,
 ) -> (Attempt, bool) {
     // The round's time budget: every answer by then, or the classes not
-    // judged yet fail with the timeout (never skipped, never waiting on).
+    // judged yet fail with the timeout (never skipped, nor waited for).
     let round_end = tokio::time::Instant::now() + timeout;
     let over = || CheckError::RoundTimeout(timeout.as_millis() as u64);
     let mut statements: Vec<Stmt> = vec![
