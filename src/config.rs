@@ -583,8 +583,9 @@ pub struct AuthConfig {
     pub rls_compile: bool,
     /// Connections for policy reads and SQL checks.
     pub rls_pool: usize,
-    /// Longest SQL check, in milliseconds; a check that takes longer closes its
-    /// class's channels.
+    /// Time budget of a round of SQL checks, in milliseconds (each check
+    /// within it too); the classes a round has not judged by then have their
+    /// channels closed.
     pub rls_check_timeout_ms: u64,
     /// Checks waiting for a connection, at most (each: the classes sealed at
     /// one commit, up to 256; beyond: their channels are closed, never a row

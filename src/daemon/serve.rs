@@ -267,6 +267,7 @@ impl Pipeline {
                     timeout: Duration::from_millis(config.auth.rls_check_timeout_ms),
                     queue: config.auth.rls_queue,
                     compile: config.auth.rls_compile,
+                    publication: Some(config.postgres.publication.clone()),
                 },
             );
             let (hub, failures) = (cmd_tx.clone(), rls.failures());

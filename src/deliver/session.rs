@@ -1020,6 +1020,9 @@ pub async fn resolve_binding(
                         }
                         return Err(crate::route::auth::refusal(schema, table));
                     }
+                    // The role may read the table: it learns why its rows
+                    // cannot be judged.
+                    crate::route::rls::RlsAccess::Unjudgeable(reason) => return Err(reason),
                     crate::route::rls::RlsAccess::Allowed {
                         rows,
                         columns: cols,

@@ -24,12 +24,20 @@
 //!   rows of sealed batches are judged in rounds: a worker takes the classes
 //!   waiting, loads each table's new rows once and judges every class over
 //!   them in one transaction ([`PolicyDb::judge_round`]) on a small pool of
-//!   connections. The hub never waits:
-//!   it queues each frame with a [`Ticket`] and the connection's writer waits for
+//!   connections. A class has one round at a time; its next round takes
+//!   every batch sealed meanwhile (rounds coalesce commits under load). The
+//!   hub never waits: it queues each frame with a [`Ticket`] and the connection's writer waits for
 //!   the verdict, so a slow check delays only that class's connections. A
 //!   check that fails (a policy raised, a timeout, the queue of checks full)
 //!   closes that class's channels with `RLS_CHECK_FAILED` naming the cause; no
 //!   row is ever skipped silently.
+//!
+//! A policy is judged only on columns the stream carries: a join whose
+//! policies read a column the publication does not stream (a column list, a
+//! generated column; any, for a whole-row policy) is refused with the
+//! reason ([`RlsAccess::Unjudgeable`]), and a class whose column leaves the
+//! stream later has its channels closed at the next change — never a NULL
+//! standing in for the value.
 //!
 //! Policies are combined as PostgreSQL does: permissive ones ORed, restrictive
 //! ones ANDed with them; no permissive policy, no rows. INSERT and UPDATE are
@@ -111,18 +119,25 @@ const VOLATILE_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
 pub struct RlsSettings {
     /// Connections of the check pool.
     pub pool: usize,
-    /// Longest check.
+    /// Longest round of checks (and each check in it).
     pub timeout: Duration,
     /// Checks waiting for a connection, at most.
     pub queue: usize,
     /// Compile what can be compiled (false: every policy runs as SQL).
     pub compile: bool,
+    /// The publication streamed: a policy reading a column it does not
+    /// stream cannot be judged on a row image.
+    pub publication: Option<String>,
 }
 
 /// What a subscriber may see of a table under RLS.
 pub enum RlsAccess {
     /// No such role, no such table, or no `SELECT` privilege.
     Denied(String),
+    /// The role may read the table, but its policies read a column the
+    /// stream does not carry: its rows cannot be judged (the join is refused
+    /// with this reason).
+    Unjudgeable(String),
     Allowed {
         rows: RowRule,
         /// Columns the role may read, when not all.
@@ -157,6 +172,12 @@ pub struct RlsStats {
     pub policy_reloads: AtomicU64,
     /// Changes the SQL path could not judge (a value missing from the image).
     pub unjudgeable: AtomicU64,
+    /// Joins refused, and changes not delivered (their class's channels
+    /// closed), because the policies read a column the stream does not carry.
+    pub unstreamed: AtomicU64,
+    /// Rounds of checks that ran past `rls_check_timeout_ms` (the classes not
+    /// judged by then had their channels closed).
+    pub round_timeouts: AtomicU64,
     /// Rounds of checks (one table's rows loaded once, its classes judged in
     /// one transaction).
     pub rounds: AtomicU64,
@@ -203,6 +224,12 @@ enum Plan {
 struct Entry {
     security: TableSecurity,
     plan: Plan,
+    /// The columns a row image must have for the policies to be judged on it
+    /// (those they read; every streamed one for a whole-row policy).
+    needs: Vec<String>,
+    /// Why rows cannot be judged: the policies read these columns, which the
+    /// publication does not stream.
+    missing: Vec<String>,
 }
 
 /// RLS mode's state: the policy cache, the classes of the SQL path, the check
@@ -225,7 +252,10 @@ impl Rls {
     /// (the daemon has the hub close the class's channels).
     pub fn new(conn: PgConnInfo, settings: RlsSettings) -> Arc<Rls> {
         let failed = Arc::new(Failures::default());
-        let db = Arc::new(PolicyDb::new(conn, settings.pool, settings.timeout));
+        let db = Arc::new(
+            PolicyDb::new(conn, settings.pool, settings.timeout)
+                .streaming(settings.publication.clone()),
+        );
         let stats = Arc::new(RlsStats::default());
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let gate = Arc::new(Gate {
@@ -328,6 +358,16 @@ impl Rls {
         if !s.table_exists || !s.select {
             return RlsAccess::Denied(format!("role {role:?} has no SELECT privilege on {name}"));
         }
+        if let Some(col) = entry.missing.first() {
+            // Never judged on a NULL standing in for a value the stream lacks.
+            self.stats.unstreamed.fetch_add(1, Ordering::Relaxed);
+            return RlsAccess::Unjudgeable(format!(
+                "cannot subscribe to {name} in RLS mode: its row-level security policies read \
+                 column {col:?}, which publication {:?} does not stream (left out of its column \
+                 list, or a generated column), so its rows cannot be judged",
+                self.settings.publication.as_deref().unwrap_or("")
+            ));
+        }
         let columns = s.columns.clone();
         let who = principal(role, claims);
         let report = |path: &str, why: String| PlanReport {
@@ -375,13 +415,13 @@ impl Rls {
                 Err(why) => {
                     let predicate = sql_predicate(&s.policies);
                     self.stats.sql_joins.fetch_add(1, Ordering::Relaxed);
-                    let class = self.class(&who, table, &predicate);
+                    let class = self.class(&who, table, &predicate, &entry.needs);
                     (RowRule::All, Some(class), report("sql", why))
                 }
             },
             Plan::Sql { predicate, why } => {
                 self.stats.sql_joins.fetch_add(1, Ordering::Relaxed);
-                let class = self.class(&who, table, predicate);
+                let class = self.class(&who, table, predicate, &entry.needs);
                 (RowRule::All, Some(class), report("sql", why.clone()))
             }
         };
@@ -398,7 +438,35 @@ impl Rls {
         }
         let security = self.db.security(role, &table.schema, &table.name).await?;
         let plan = plan(&security, table, self.settings.compile);
-        let e = Arc::new(Entry { security, plan });
+        let (needs, missing) = match plan {
+            Plan::Unrestricted | Plan::Nothing => (Vec::new(), Vec::new()),
+            Plan::Compiled { .. } | Plan::Sql { .. } => {
+                if reads_whole_row(&sql_predicate(&security.policies), &table.name) {
+                    // The whole row: every column must be streamed.
+                    let streamed = table
+                        .columns
+                        .iter()
+                        .map(|c| c.name.clone())
+                        .filter(|c| !security.unstreamed.contains(c))
+                        .collect();
+                    (streamed, security.unstreamed.clone())
+                } else {
+                    let missing = security
+                        .policy_columns
+                        .iter()
+                        .filter(|c| security.unstreamed.contains(c))
+                        .cloned()
+                        .collect();
+                    (security.policy_columns.clone(), missing)
+                }
+            }
+        };
+        let e = Arc::new(Entry {
+            security,
+            plan,
+            needs,
+            missing,
+        });
         self.cache.lock().await.insert(key, e.clone());
         Ok(e)
     }
@@ -444,14 +512,24 @@ impl Rls {
 
     /// The class of `who` for `table` under `predicate` (shared by every channel
     /// of the same class).
-    fn class(&self, who: &Principal, table: &Arc<Table>, predicate: &str) -> Arc<SqlClass> {
+    fn class(
+        &self,
+        who: &Principal,
+        table: &Arc<Table>,
+        predicate: &str,
+        needs: &[String],
+    ) -> Arc<SqlClass> {
         let key = format!(
             "{}\u{0}{}\u{0}{}.{}\u{0}{}",
             who.role, who.claims, table.schema, table.name, predicate
         );
         let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        // A class whose check failed is closing its channels: a new join
+        // gets a fresh one.
         if let Some(c) = classes.get(&key).and_then(Weak::upgrade) {
-            return c;
+            if c.failed.get().is_none() {
+                return c;
+            }
         }
         // Forget classes nobody holds any more, now and then (amortized).
         if classes.len() % 1024 == 1023 {
@@ -464,6 +542,8 @@ impl Rls {
             table: table.name.clone(),
             predicate: predicate.to_string(),
             whole_row: reads_whole_row(predicate, &table.name),
+            needs: needs.to_vec(),
+            failed: OnceLock::new(),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),
             gate: Arc::downgrade(&self.gate),
@@ -1061,6 +1141,14 @@ pub struct SqlClass {
     predicate: String,
     /// The predicate reads the row as a whole (see [`reads_whole_row`]).
     whole_row: bool,
+    /// The columns a change's row image must have to be judged (see
+    /// `Entry::needs`): should the stream stop carrying one, the class's
+    /// channels are closed rather than its policies judging a NULL.
+    needs: Vec<String>,
+    /// Why a check of the class failed: its channels are being closed, and
+    /// every later row of it fails at once — none is judged (and sent) after
+    /// a row that was not, while the close is on its way.
+    failed: OnceLock<Arc<str>>,
     /// The batch filling for the current transaction.
     open: Mutex<Option<OpenBatch>>,
     /// Batches sealed and not yet judged, in commit order; a worker judges
@@ -1074,7 +1162,9 @@ pub struct SqlClass {
 struct Sealed {
     batches: Vec<(Arc<Batch>, Vec<Img>)>,
     rows: usize,
-    /// The class is in the workers' queue.
+    /// The class is in the workers' queue, or a worker is judging it: its
+    /// batches sealed meanwhile wait, and its next round takes them all
+    /// ([`SqlClass::release`]).
     queued: bool,
 }
 
@@ -1182,6 +1272,38 @@ impl SqlClass {
             return None;
         }
         let gate = self.gate.upgrade()?;
+        if let Some(why) = self.failed.get() {
+            let failed = Batch::new();
+            failed.set(Err(why.clone()));
+            gate.failed.push(self.id, why.to_string());
+            return Some(Ticket {
+                batch: failed,
+                row: 0,
+                old: None,
+            });
+        }
+        if let Some(col) = self
+            .needs
+            .iter()
+            .find(|c| change.table.column_index(c).is_none())
+        {
+            // The stream stopped carrying a column the policies read (the
+            // publication's column list changed): fail closed.
+            gate.stats.unstreamed.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "row-level security cannot judge changes of {}.{} any more: its policies read \
+                 column {col:?}, which the stream no longer carries (the publication's column \
+                 list changed)",
+                self.schema, self.table
+            );
+            let failed = Batch::new();
+            self.fail(&gate, vec![failed.clone()], &why);
+            return Some(Ticket {
+                batch: failed,
+                row: 0,
+                old: None,
+            });
+        }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(o) = open.as_ref() {
             if let Some((c, row, old)) = &o.last {
@@ -1266,15 +1388,31 @@ impl SqlClass {
         Some(self.clone())
     }
 
-    /// Every sealed batch, leaving the class out of the queue.
-    fn take_sealed(&self) -> Vec<(Arc<Batch>, Vec<Img>)> {
+    /// Every sealed batch. `judging`: a worker judges them now, and the
+    /// class stays out of the queue until it is done ([`SqlClass::release`]);
+    /// otherwise the class leaves the queue.
+    fn take_sealed(&self, judging: bool) -> Vec<(Arc<Batch>, Vec<Img>)> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.queued = false;
+        sealed.queued = judging;
         sealed.rows = 0;
         std::mem::take(&mut sealed.batches)
     }
 
+    /// A worker is done with the class's batches: `true` when more were
+    /// sealed meanwhile (the class is to be queued again — still marked
+    /// queued, so no commit queues it twice), else it leaves the queue.
+    fn release(&self) -> bool {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        if sealed.batches.is_empty() {
+            sealed.queued = false;
+            false
+        } else {
+            true
+        }
+    }
+
     fn fail(&self, gate: &Gate, batches: Vec<Arc<Batch>>, why: &str) {
+        let _ = self.failed.set(why.into());
         gate.stats.checks_failed.fetch_add(1, Ordering::Relaxed);
         for b in batches {
             b.set(Err(why.into()));
@@ -1397,7 +1535,7 @@ impl Gate {
                 let why =
                     "the queue of row-level security checks is full (PostgreSQL is not keeping up)";
                 for c in e.into_inner() {
-                    let batches = c.take_sealed();
+                    let batches = c.take_sealed(false);
                     c.fail(self, batches.into_iter().map(|(b, _)| b).collect(), why);
                 }
             }
@@ -1448,6 +1586,11 @@ const MAX_ROUND_CLASSES: usize = 256;
 /// the next round).
 const MAX_ROUND_ROWS: usize = 8_192;
 
+/// Bytes of row images one round holds at most: the images loaded plus each
+/// whole-row class's copy of its rows (more sealed rows wait for the next
+/// round), so 256 classes cannot make a round of gigabytes.
+const MAX_ROUND_BYTES: usize = 16 << 20;
+
 async fn worker(
     db: Arc<PolicyDb>,
     jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Arc<SqlClass>>>>>,
@@ -1473,7 +1616,7 @@ async fn worker(
         // By table, in queue order.
         let mut groups: Vec<Vec<Pending>> = Vec::new();
         for class in taken {
-            let batches = class.take_sealed().into();
+            let batches = class.take_sealed(true).into();
             match groups
                 .iter_mut()
                 .find(|g| g[0].class.schema == class.schema && g[0].class.table == class.table)
@@ -1486,8 +1629,29 @@ async fn worker(
             while group.iter().any(|p| !p.batches.is_empty()) {
                 round(&db, &mut group, &failed, &stats).await;
             }
+            // One round at a time per class: what was sealed while it was
+            // judged goes back to the end of the queue as one job, and
+            // that class's next round takes all of it — under load one
+            // round judges many commits instead of a worker per commit.
+            // Verdicts are per batch and each writer waits for its frames
+            // in order, so every channel keeps its commit order.
+            requeue(
+                group
+                    .into_iter()
+                    .map(|p| p.class)
+                    .filter(|c| c.release())
+                    .collect(),
+            );
         }
     }
+}
+
+/// Queues again classes with batches sealed while a worker judged them.
+fn requeue(classes: Vec<Arc<SqlClass>>) {
+    let Some(gate) = classes.first().and_then(|c| c.gate.upgrade()) else {
+        return;
+    };
+    gate.enqueue(classes);
 }
 
 /// A class taken by a worker, with its sealed batches not judged yet.
@@ -1496,27 +1660,48 @@ struct Pending {
     batches: std::collections::VecDeque<(Arc<Batch>, Vec<Img>)>,
 }
 
-/// One round over classes of one table: each class's next batches (as many
-/// as fit), their images loaded once, every class judged in one
-/// transaction ([`PolicyDb::judge_round`]); each batch's verdict set.
-async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &RlsStats) {
+/// A class's part of a round: where it is in its group, its batches this
+/// round (with their row counts) and its rows' positions among the round's
+/// images (1-based).
+type Member = (usize, Vec<(Arc<Batch>, usize)>, Vec<u32>);
+
+/// What one round of `group` takes: each class's next sealed batches, in
+/// order, while the round's distinct images stay within `max_rows` and its
+/// bytes within `max_bytes` — the images loaded, plus the copy a whole-row
+/// class makes of its own rows (see [`PolicyDb::judge_round`]); the rest
+/// waits for the next round. A round always takes at least one batch, so
+/// every round makes progress. Batches holding only rows that cannot be
+/// judged get their (empty) verdict at once.
+fn take_round(group: &mut [Pending], max_rows: usize, max_bytes: usize) -> (Vec<Img>, Vec<Member>) {
     let mut ords: HashMap<u64, u32> = HashMap::new();
     let mut images: Vec<Img> = Vec::new();
-    // Per class: where it is in `group`, its batches this round (with their
-    // row counts) and its rows' positions among `images`.
-    type Member = (usize, Vec<(Arc<Batch>, usize)>, Vec<u32>);
+    let mut bytes = 0usize;
     let mut members: Vec<Member> = Vec::new();
     for (at, p) in group.iter_mut().enumerate() {
+        if let Some(why) = p.class.failed.get() {
+            // Its channels are being closed: nothing more of it is judged.
+            for (batch, _) in p.batches.drain(..) {
+                batch.set(Err(why.clone()));
+            }
+            continue;
+        }
+        let whole_row = p.class.whole_row;
         let mut taken = Vec::new();
         let mut rows = Vec::new();
         while let Some((_, imgs)) = p.batches.front() {
-            let new = imgs.iter().filter(|i| !ords.contains_key(&i.seq)).count();
-            if !images.is_empty() && images.len() + new > MAX_ROUND_ROWS {
+            let fresh = imgs.iter().filter(|i| !ords.contains_key(&i.seq));
+            let (new, mut new_bytes) = fresh.fold((0, 0), |(n, b), i| (n + 1, b + i.json.len()));
+            if whole_row {
+                new_bytes += imgs.iter().map(|i| i.json.len()).sum::<usize>();
+            }
+            let started = !images.is_empty() || bytes > 0;
+            if started && (images.len() + new > max_rows || bytes + new_bytes > max_bytes) {
                 break;
             }
             let Some((batch, imgs)) = p.batches.pop_front() else {
                 break;
             };
+            bytes += new_bytes;
             for i in &imgs {
                 let ord = *ords.entry(i.seq).or_insert_with(|| {
                     images.push(i.clone());
@@ -1538,6 +1723,14 @@ async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &
         }
         members.push((at, taken, rows));
     }
+    (images, members)
+}
+
+/// One round over classes of one table: each class's next batches (as many
+/// as fit), their images loaded once, every class judged in one
+/// transaction ([`PolicyDb::judge_round`]); each batch's verdict set.
+async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &RlsStats) {
+    let (images, members) = take_round(group, MAX_ROUND_ROWS, MAX_ROUND_BYTES);
     if members.is_empty() {
         return;
     }
@@ -1581,6 +1774,9 @@ async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &
         .unloaded
         .store(db.unloaded.load(Ordering::Relaxed), Ordering::Relaxed);
     stats
+        .round_timeouts
+        .store(db.round_timeouts.load(Ordering::Relaxed), Ordering::Relaxed);
+    stats
         .check_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     let judged: usize = members.iter().map(|(_, _, rows)| rows.len()).sum();
@@ -1617,6 +1813,7 @@ async fn round(db: &PolicyDb, group: &mut [Pending], failed: &Failures, stats: &
                 tracing::warn!(class = class.id, role = %class.who.role, error = %e,
                     "row-level security check failed; closing that class's channels");
                 // Its later batches too: its channels are being closed.
+                let _ = class.failed.set(why.as_str().into());
                 let later = std::mem::take(&mut group[at].batches);
                 for batch in taken
                     .into_iter()
@@ -1769,6 +1966,101 @@ mod tests {
         ));
         // Another table's whole row is not this one's.
         assert!(!reads_whole_row("f(a.*)", "jobs"));
+    }
+
+    fn class(id: u64, whole_row: bool) -> Arc<SqlClass> {
+        Arc::new(SqlClass {
+            id,
+            who: Principal {
+                role: "r".into(),
+                claims: "{}".into(),
+                sub: None,
+                email: None,
+            },
+            schema: "public".into(),
+            table: "jobs".into(),
+            predicate: "true".into(),
+            whole_row,
+            needs: Vec::new(),
+            failed: OnceLock::new(),
+            open: Mutex::new(None),
+            sealed: Mutex::new(Sealed::default()),
+            gate: Weak::new(),
+        })
+    }
+
+    /// A batch of images of `len` bytes each, numbered from `seq`.
+    fn batch(seq: std::ops::Range<u64>, len: usize) -> (Arc<Batch>, Vec<Img>) {
+        let t = Arc::new(table());
+        let imgs = seq
+            .map(|seq| {
+                Arc::new(RowImage {
+                    seq,
+                    json: "x".repeat(len),
+                    table: t.clone(),
+                })
+            })
+            .collect();
+        (Batch::new(), imgs)
+    }
+
+    #[test]
+    fn a_round_is_capped_by_bytes_and_the_rest_waits() {
+        // Two classes sharing rows 0..4 (100 bytes each), then a third batch
+        // of each: 1,000 bytes allow the shared 400 and a class's next 400.
+        let mut group = vec![
+            Pending {
+                class: class(1, false),
+                batches: vec![batch(0..4, 100), batch(4..8, 100)].into(),
+            },
+            Pending {
+                class: class(2, false),
+                batches: vec![batch(0..4, 100), batch(8..12, 100)].into(),
+            },
+        ];
+        let (images, members) = take_round(&mut group, 10_000, 1_000);
+        let bytes: usize = images.iter().map(|i| i.json.len()).sum();
+        assert!(bytes <= 1_000, "{bytes}");
+        assert_eq!(images.len(), 8);
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].2, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        // The second class's rows 0..4 were loaded already: they cost nothing;
+        // its next batch does not fit and waits.
+        assert_eq!(members[1].2, vec![1, 2, 3, 4]);
+        assert_eq!(group[0].batches.len(), 0);
+        assert_eq!(group[1].batches.len(), 1);
+        // The next round takes it.
+        let (images, members) = take_round(&mut group, 10_000, 1_000);
+        assert_eq!(images.len(), 4);
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].0, 1);
+        assert!(group.iter().all(|p| p.batches.is_empty()));
+    }
+
+    #[test]
+    fn a_whole_row_class_counts_its_own_copy() {
+        // A whole-row class copies its rows: 4 × 100 loaded + 4 × 100 copied.
+        let mut group = vec![
+            Pending {
+                class: class(1, true),
+                batches: vec![batch(0..4, 100)].into(),
+            },
+            Pending {
+                class: class(2, true),
+                batches: vec![batch(0..4, 100)].into(),
+            },
+        ];
+        let (_, members) = take_round(&mut group, 10_000, 1_000);
+        assert_eq!(members.len(), 1, "the second copy does not fit");
+        assert_eq!(group[1].batches.len(), 1);
+        // A batch larger than the cap alone still makes a round (progress).
+        let mut group = vec![Pending {
+            class: class(3, false),
+            batches: vec![batch(0..20, 100), batch(20..21, 1)].into(),
+        }];
+        let (images, members) = take_round(&mut group, 10_000, 1_000);
+        assert_eq!((images.len(), members.len()), (20, 1));
+        assert_eq!(group[0].batches.len(), 1);
     }
 
     #[test]

@@ -560,6 +560,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("walcast_rls_unjudgeable_total", "Changes RLS mode's SQL path could not judge and did not deliver: a value missing from the row image (use REPLICA IDENTITY FULL).", MetricType::COUNTER, None),
     ("walcast_rls_rounds_total", "Rounds of RLS mode's SQL checks: one table's new rows loaded once into a temp table, then every class waiting judged over them in one transaction.", MetricType::COUNTER, None),
     ("walcast_rls_unloaded_checks_total", "RLS class checks that ran without the round's temp table (its rows could not be loaded into one; see the log): same verdicts, slower.", MetricType::COUNTER, None),
+    ("walcast_rls_unstreamed_total", "RLS joins refused, and changes not delivered (their channels closed), because the table's policies read a column the publication does not stream.", MetricType::COUNTER, None),
+    ("walcast_rls_round_timeouts_total", "Rounds of RLS mode's SQL checks that ran past auth.rls_check_timeout_ms: the classes not judged by then had their channels closed.", MetricType::COUNTER, None),
     ("walcast_rls_policy_reloads_total", "Times policies, privileges or roles changed and every channel was judged again.", MetricType::COUNTER, None),
     ("walcast_presence_tracks_total", "Presence tracks, by result (accepted, rejected).", MetricType::COUNTER, Some("result")),
     ("walcast_commit_to_send_latency_seconds", "Time from a transaction's commit to its change being queued to subscribed clients.", MetricType::HISTOGRAM, None),
@@ -775,6 +777,8 @@ impl Collector for SyncCollector {
                 "walcast_rls_policy_reloads_total" => one(n(&rls.policy_reloads)),
                 "walcast_rls_unjudgeable_total" => one(n(&rls.unjudgeable)),
                 "walcast_rls_rounds_total" => one(n(&rls.rounds)),
+                "walcast_rls_unstreamed_total" => one(n(&rls.unstreamed)),
+                "walcast_rls_round_timeouts_total" => one(n(&rls.round_timeouts)),
                 "walcast_rls_unloaded_checks_total" => one(n(&rls.unloaded)),
                 "walcast_presence_tracks_total" => labelled(vec![
                     ("accepted", n(&bc.presence_tracks)),

@@ -205,6 +205,11 @@ impl Catalog {
     }
 }
 
+/// A published table as the stream describes it: only the columns the
+/// publication streams (not those left out of its column list, nor generated
+/// ones before PostgreSQL 18 — `attnames` is read through `to_jsonb`, as
+/// servers before 15 lack it), so a join binds filters, `select` and rules to
+/// the columns rows will have, at the positions they will have them.
 async fn load_table(
     types: &mut TypeCatalog,
     c: &tokio_postgres::Client,
@@ -222,6 +227,13 @@ async fn load_table(
              join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
              left join pg_catalog.pg_index i on i.indrelid = c.oid and i.indisprimary \
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p') \
+               and not ((a.attgenerated <> '' \
+                         and pg_catalog.current_setting('server_version_num')::int4 < 180000) \
+                        or not coalesce(( \
+                           select (pg_catalog.to_jsonb(p) -> 'attnames') ? a.attname::text \
+                             from pg_catalog.pg_publication_tables p \
+                            where p.pubname = $3 and p.schemaname = $1 and p.tablename = $2 \
+                            limit 1), true)) \
              order by a.attnum",
             &[&schema, &table, &publication],
         ))

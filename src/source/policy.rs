@@ -64,10 +64,13 @@
 //! Statements without per-round parameters are prepared once per connection
 //! (planning a policy costs more than running it over a round's rows).
 //!
-//! A round without a connection or an answer in time is tried once more (on
-//! a new connection), then class by class, the rest failing after a class
-//! times out. Each class runs in the savepoint and is rolled back to it:
-//! nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
+//! A round's transaction has a time budget (the check timeout, for all of
+//! it): the classes not judged when it runs out fail with
+//! [`CheckError::RoundTimeout`] (the connection, in an unknown state, is
+//! dropped). A round without a connection or an answer in time is tried
+//! once more (on a new connection), then class by class, the rest failing
+//! after a class times out or once the budget is spent. Each class runs in
+//! the savepoint and is rolled back to it: nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
 //! objects) reaches the next class, and a class whose statement fails (its
 //! error is its verdict) does not abort the others. Should rolling back to
 //! the savepoint fail, the classes after it are judged again in a new
@@ -132,6 +135,14 @@ pub struct TableSecurity {
     pub exempt: Option<&'static str>,
     /// The table's `SELECT`/`ALL` policies that apply to the role, by name.
     pub policies: Vec<Policy>,
+    /// The table's columns those policies read (their dependencies in
+    /// `pg_depend`: `USING` and `WITH CHECK`, subqueries included; a
+    /// whole-row reference names no column).
+    pub policy_columns: Vec<String>,
+    /// The table's columns the publication does not stream (left out of its
+    /// column list; a generated column, before PostgreSQL 18): a row image
+    /// never has them, so a policy reading one cannot be judged on it.
+    pub unstreamed: Vec<String>,
 }
 
 /// A role and claims under which policies are evaluated.
@@ -164,6 +175,11 @@ pub struct PolicyDb {
     /// Class checks that ran without a temp table (the round's rows could
     /// not be loaded into one).
     pub unloaded: AtomicU64,
+    /// Rounds (or class-by-class fallbacks) that ran past the round's time
+    /// budget: the classes not judged by then failed.
+    pub round_timeouts: AtomicU64,
+    /// The publication walcast streams (which columns a row image has).
+    publication: Option<String>,
 }
 
 /// One pool connection, the temp tables it holds and its prepared
@@ -222,6 +238,10 @@ pub enum CheckError {
     Database(#[from] PgError),
     #[error("PostgreSQL did not answer within {0} ms")]
     Timeout(u64),
+    /// The round this check was part of ran past its time budget before
+    /// judging it.
+    #[error("the round of row-level security checks took longer than auth.rls_check_timeout_ms ({0} ms)")]
+    RoundTimeout(u64),
     #[error("{0}")]
     Other(String),
 }
@@ -240,7 +260,16 @@ impl PolicyDb {
             temp_suffix: temp_suffix(),
             rounds: AtomicU64::new(0),
             unloaded: AtomicU64::new(0),
+            round_timeouts: AtomicU64::new(0),
+            publication: None,
         }
+    }
+
+    /// The publication whose row images are judged: [`PolicyDb::security`]
+    /// then says which of a table's columns it does not stream.
+    pub fn streaming(mut self, publication: Option<String>) -> Self {
+        self.publication = publication;
+        self
     }
 
     /// Policies or privileges changed: every temp table is made again before
@@ -295,6 +324,7 @@ impl PolicyDb {
         table: &str,
     ) -> Result<TableSecurity, CheckError> {
         let (role, schema, table) = (role.to_string(), schema.to_string(), table.to_string());
+        let publication = self.publication.clone();
         self.with_client(move |c| {
             Box::pin(async move {
                 let mut s = TableSecurity::default();
@@ -370,6 +400,45 @@ impl PolicyDb {
                             using: r.get(2),
                         })
                         .collect();
+                }
+                if !s.policies.is_empty() {
+                    // Which columns the policies read, and which the stream
+                    // lacks: `attnames` (PostgreSQL 15+, read through
+                    // to_jsonb so older servers do not fail) is the column
+                    // list; generated columns are never streamed before 18.
+                    let names: Vec<String> = s.policies.iter().map(|p| p.name.clone()).collect();
+                    let cols = c
+                        .query(
+                            "select a.attname::text, \
+                                    exists (select 1 from pg_catalog.pg_depend d \
+                                            join pg_catalog.pg_policy p on p.oid = d.objid \
+                                            where d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                                              and d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+                                              and d.refobjid = a.attrelid and d.refobjsubid = a.attnum \
+                                              and p.polrelid = a.attrelid and p.polname = any($2)), \
+                                    (a.attgenerated <> '' \
+                                     and pg_catalog.current_setting('server_version_num')::int4 < 180000) \
+                                    or not coalesce(( \
+                                       select (pg_catalog.to_jsonb(pt) -> 'attnames') ? a.attname::text \
+                                         from pg_catalog.pg_publication_tables pt \
+                                        where pt.pubname = $3 and pt.schemaname = $4 \
+                                          and pt.tablename = $5 limit 1), true) \
+                             from pg_catalog.pg_attribute a \
+                             where a.attrelid = $1::int8::oid and a.attnum > 0 \
+                               and not a.attisdropped \
+                             order by a.attnum",
+                            &[&oid, &names, &publication, &schema, &table],
+                        )
+                        .await?;
+                    for r in &cols {
+                        let name: String = r.get(0);
+                        if r.get::<_, bool>(2) {
+                            s.unstreamed.push(name.clone());
+                        }
+                        if r.get::<_, bool>(1) {
+                            s.policy_columns.push(name);
+                        }
+                    }
                 }
                 Ok(s)
             })
@@ -468,6 +537,15 @@ impl PolicyDb {
                         }
                     }
                 }
+                Attempt::OverBudget(e) => {
+                    tracing::warn!(error = %e, schema, table,
+                        "a round of checks ran past its time budget; failing the classes left");
+                    while out.len() < classes.len() {
+                        out.push(Err(CheckError::RoundTimeout(
+                            self.timeout.as_millis() as u64
+                        )));
+                    }
+                }
                 Attempt::AllFailed(e) if !retried => {
                     // No connection, or no answer in time: once more (on a
                     // new connection: one that did not answer was dropped).
@@ -482,6 +560,7 @@ impl PolicyDb {
                     tracing::warn!(error = %e, schema, table,
                         "a round of checks failed twice; judging class by class");
                     let first = out.len();
+                    let end = tokio::time::Instant::now() + self.timeout;
                     for c in rest {
                         if let Some(Err(CheckError::Timeout(ms))) = out[first..].last() {
                             let ms = *ms;
@@ -490,7 +569,7 @@ impl PolicyDb {
                             }
                             break;
                         }
-                        out.push(self.check_alone(schema, table, images, c).await);
+                        out.push(self.check_alone_until(end, schema, table, images, c).await);
                     }
                 }
                 Attempt::Unloaded(e) if !remake => {
@@ -504,13 +583,38 @@ impl PolicyDb {
                         .fetch_add(rest.len() as u64, Ordering::Relaxed);
                     tracing::warn!(error = %e, schema, table,
                         "row images cannot be loaded into a temp table; judging class by class");
+                    let end = tokio::time::Instant::now() + self.timeout;
                     for c in rest {
-                        out.push(self.check_alone(schema, table, images, c).await);
+                        out.push(self.check_alone_until(end, schema, table, images, c).await);
                     }
                 }
             }
         }
+        if out
+            .iter()
+            .any(|r| matches!(r, Err(CheckError::RoundTimeout(_))))
+        {
+            self.round_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
         out
+    }
+
+    /// [`PolicyDb::check_alone`] unless the budget ending at `end` ran out
+    /// (class by class, a round still has one): then the class fails. A check
+    /// begun is never cut short (its own timeout bounds it): the connection
+    /// stays in a known state.
+    async fn check_alone_until(
+        &self,
+        end: tokio::time::Instant,
+        schema: &str,
+        table: &str,
+        images: &[&str],
+        c: &RoundClass<'_>,
+    ) -> Result<Vec<u32>, CheckError> {
+        if tokio::time::Instant::now() >= end {
+            return Err(CheckError::RoundTimeout(self.timeout.as_millis() as u64));
+        }
+        self.check_alone(schema, table, images, c).await
     }
 
     /// One class of a round judged alone, without a temp table
@@ -751,7 +855,8 @@ impl PolicyDb {
 
     /// A digest of everything that decides what a role may read: policies, row
     /// security flags, table and column privileges, role memberships and
-    /// attributes. It changes when any of them does.
+    /// attributes, and publications (which columns a row image has). It
+    /// changes when any of them does.
     pub async fn fingerprint(&self) -> Result<String, CheckError> {
         self.with_client(|c| {
             Box::pin(async move {
@@ -771,7 +876,11 @@ impl PolicyDb {
                            (select string_agg(concat_ws(',', roleid, member), ';' \
                                    order by roleid, member) from pg_catalog.pg_auth_members), \
                            (select string_agg(concat_ws(',', oid, rolsuper, rolbypassrls, \
-                                   rolinherit), ';' order by oid) from pg_catalog.pg_roles)))",
+                                   rolinherit), ';' order by oid) from pg_catalog.pg_roles), \
+                           (select string_agg(pg_catalog.to_jsonb(pb)::text, ';' order by pb.oid) \
+                              from pg_catalog.pg_publication pb), \
+                           (select string_agg(pg_catalog.to_jsonb(pr)::text, ';' order by pr.oid) \
+                              from pg_catalog.pg_publication_rel pr)))",
                         &[],
                     )
                     .await?;
@@ -841,6 +950,9 @@ enum Attempt {
     Unloaded(CheckError),
     /// No class can be judged (no connection, or PostgreSQL did not answer).
     AllFailed(CheckError),
+    /// The round's time budget ran out before any class was judged: they all
+    /// fail (never tried again: that would take as long once more).
+    OverBudget(CheckError),
 }
 
 /// Makes (again) the temp table `name` with `schema.table`'s columns (no
@@ -1109,8 +1221,10 @@ async fn pipeline(
     classes: &[RoundClass<'_>],
     timeout: Duration,
 ) -> (Attempt, bool) {
-    let deadline = timeout + Duration::from_secs(1);
-    let timed_out = || CheckError::Timeout(deadline.as_millis() as u64);
+    // The round's time budget: every answer by then, or the classes not
+    // judged yet fail with the timeout (never skipped, nor waited for).
+    let round_end = tokio::time::Instant::now() + timeout;
+    let over = || CheckError::RoundTimeout(timeout.as_millis() as u64);
     let mut statements: Vec<Stmt> = vec![
         Stmt::Text("begin".into(), Vec::new()),
         Stmt::Text(
@@ -1163,10 +1277,10 @@ async fn pipeline(
         sent.push(f);
     }
     let mut answers = sent.into_iter();
-    // `Err(None)`: no answer in time.
+    // `Err(None)`: no answer within the round's budget.
     let mut next = async || -> Result<Vec<tokio_postgres::Row>, Option<tokio_postgres::Error>> {
         let mut f = answers.next().ok_or(None)?;
-        tokio::time::timeout(deadline, f.as_mut())
+        tokio::time::timeout_at(round_end, f.as_mut())
             .await
             .map_err(|_| None)?;
         f.as_mut().take_output().ok_or(None)?.map_err(Some)
@@ -1180,7 +1294,7 @@ async fn pipeline(
                     false,
                 )
             }
-            Err(None) => return (Attempt::AllFailed(timed_out()), false),
+            Err(None) => return (Attempt::OverBudget(over()), false),
         }
     }
     let mut results = Vec::with_capacity(classes.len());
@@ -1219,7 +1333,10 @@ async fn pipeline(
                 results.push(Err(CheckError::Database(PgError::from_sql(e))));
             }
             Err(None) => {
-                results.push(Err(timed_out()));
+                // Over budget: this class and every one after it fail.
+                while results.len() < classes.len() {
+                    results.push(Err(over()));
+                }
                 return (Attempt::Judged(results), false);
             }
         }
@@ -1232,7 +1349,12 @@ async fn pipeline(
                 tracing::debug!(error = %e, "rolling back to a class's savepoint failed");
                 return (Attempt::Judged(results), true);
             }
-            Err(None) => return (Attempt::Judged(results), false),
+            Err(None) => {
+                while results.len() < classes.len() {
+                    results.push(Err(over()));
+                }
+                return (Attempt::Judged(results), false);
+            }
         }
     }
     let ended = next().await.is_ok();

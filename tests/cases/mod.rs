@@ -19,6 +19,7 @@ mod realtime_js;
 mod replication;
 mod resume;
 mod rls;
+mod rls_limits;
 mod rls_more;
 mod rls_rounds;
 mod setup;
