@@ -1242,4 +1242,78 @@ mod tests {
         p.on(Wire::Request { n: 4, to: None }, t0, &b, &m);
         assert!(!p.nodes.contains_key(&4));
     }
+
+    #[test]
+    fn the_mirror_follows_the_sink_and_a_summary_is_a_copy_of_it() {
+        let room: TopicKey = ("realtime:room".into(), false);
+        let sm = |k: &str, r: &str, role: Option<&str>| SharedMeta {
+            key: k.into(),
+            role: role.map(str::to_string),
+            meta: json!({"phx_ref": r}),
+        };
+        let mut mi = Mirror::default();
+        mi.reset(vec![(room.clone(), sm("a", "r1", None))]);
+        mi.apply(
+            &room,
+            &SharedDiff {
+                joins: vec![sm("b", "r2", None)],
+                leaves: vec![],
+            },
+        );
+        // A role change: leave and join of the same ref.
+        mi.apply(
+            &room,
+            &SharedDiff {
+                joins: vec![sm("a", "r1", Some("staff"))],
+                leaves: vec![("a".into(), "r1".into())],
+            },
+        );
+        mi.seq = 3;
+        let (seq, all) = mi.snapshot();
+        assert_eq!(seq, 3);
+        let mut got: Vec<_> = all
+            .iter()
+            .map(|(t, m)| (t.0.clone(), m.key.clone(), m.role.clone()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("realtime:room".into(), "a".into(), Some("staff".into())),
+                ("realtime:room".into(), "b".into(), None),
+            ]
+        );
+        mi.apply(
+            &room,
+            &SharedDiff {
+                joins: vec![],
+                leaves: vec![("a".into(), "r1".into()), ("b".into(), "r2".into())],
+            },
+        );
+        assert!(mi.topics.is_empty());
+    }
+
+    #[test]
+    fn remote_presences_leave_when_receiving_ends_but_not_at_shutdown() {
+        let b = broadcaster();
+        let m = metrics();
+        let stop = CancellationToken::new();
+        let mut p = peers();
+        p.on(summary(2, 0, vec![meta("a", "r1")]), Instant::now(), &b, &m);
+        assert_eq!(b.remote_presences(), 1);
+        stop.cancel();
+        drop(ClearOnExit {
+            b: &b,
+            stop: &stop,
+            metrics: &m,
+        });
+        assert_eq!(b.remote_presences(), 1);
+        let stop = CancellationToken::new();
+        drop(ClearOnExit {
+            b: &b,
+            stop: &stop,
+            metrics: &m,
+        });
+        assert_eq!(b.remote_presences(), 0);
+    }
 }
