@@ -16,15 +16,25 @@
 //!
 //! A receiver applies a node's diffs in order and, after a gap, ignores them
 //! until the node's next summary, which replaces everything it held of that
-//! node (the difference goes to clients as a `presence_diff`). A node not heard
-//! from for [`TIMEOUT`] is gone: its presences leave. So the state converges
-//! (eventual consistency): a lost diff heals within about a heartbeat, a dead
-//! gateway's presences linger at most [`TIMEOUT`] plus a heartbeat.
+//! node (applied chunk by chunk as it arrives; what it does not name leaves at
+//! its last chunk; the difference goes to clients as a `presence_diff`). A
+//! node not heard from for [`TIMEOUT`] is gone: its presences leave. So the
+//! state converges (eventual consistency): a lost diff heals within about a
+//! heartbeat, a dead gateway's presences linger at most [`TIMEOUT`] plus a
+//! heartbeat.
 //!
-//! Diffs and summaries are handed over under the broadcast registry's lock,
-//! numbered there, and go through one bounded queue ([`OUTBOUND`]) to one
-//! publisher, so a summary is in order with the diffs around it. A full queue
-//! drops (counted) and schedules a summary.
+//! Diffs are handed over under the broadcast registry's lock, numbered there,
+//! and go through one bounded queue ([`OUTBOUND`]) to the publisher; a full
+//! queue drops (counted) and schedules a summary. The same hand-over keeps a
+//! mirror of the local presences (shared pointers), so a summary is a copy of
+//! pointers taken outside the registry lock, numbered with the last diff it
+//! includes. Summaries are coalesced (one at a time, at most one per half
+//! heartbeat) and not sent while NATS is disconnected; nothing is published
+//! then (counted as dropped; a summary follows the reconnection).
+//!
+//! Receiving and publishing are separate: the receiver never waits on NATS,
+//! and handles the messages waiting for it before it expires anyone. If it
+//! ends for any reason but shutdown, the other gateways' presences leave.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -204,6 +214,10 @@ const ENVELOPE: usize = 160;
 /// The entries of a chunk at most, in serialised bytes, for a server taking
 /// messages of `max_payload` bytes.
 fn chunk_limit(max_payload: usize) -> usize {
+    if max_payload == 0 {
+        // Not told (yet): the default server takes 1 MiB.
+        return CHUNK_BYTES;
+    }
     max_payload.saturating_sub(ENVELOPE).clamp(1, CHUNK_BYTES)
 }
 
@@ -942,6 +956,7 @@ mod tests {
         // A server taking 8 KiB messages: every chunk fits.
         let limit = chunk_limit(8192);
         assert_eq!(chunk_limit(1 << 20), CHUNK_BYTES);
+        assert_eq!(chunk_limit(0), CHUNK_BYTES);
         let (chunks, skipped) = summary_chunks(1, 5, 7, &all, limit);
         assert_eq!(skipped, 0);
         assert!(chunks.len() > 1);

@@ -592,7 +592,8 @@ pub enum PresenceOut {
         topic: (String, bool),
         diff: SharedDiff,
     },
-    /// Every presence this gateway holds (sent now and then, and when asked).
+    /// Every presence this gateway holds: once, when the sink is set (the
+    /// sink keeps its own copy from there, diff by diff).
     Summary(Vec<((String, bool), SharedMeta)>),
 }
 
