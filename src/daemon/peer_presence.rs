@@ -726,9 +726,10 @@ async fn receive(
     };
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_expiry = Instant::now() + HEARTBEAT;
     loop {
         // Messages first: a heartbeat waiting here must count before expiry.
-        tokio::select! {
+        let expiry_due = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
             m = sub.next() => {
@@ -736,25 +737,29 @@ async fn receive(
                     tracing::error!("the subscription to peer presence ended");
                     return;
                 };
-                let Ok(w) = serde_json::from_slice::<Wire>(&m.payload) else {
+                if let Ok(w) = serde_json::from_slice::<Wire>(&m.payload) {
+                    let r = peers.on(w, Instant::now(), broadcaster, metrics);
+                    if let Some(to) = r.request {
+                        let _ = asks.try_send(Ask::Summary(to));
+                    }
+                    if r.summary {
+                        let _ = asks.try_send(Ask::Ours);
+                    }
+                } else {
                     tracing::debug!("ignored a peer presence message that does not decode");
-                    continue;
-                };
-                let r = peers.on(w, Instant::now(), broadcaster, metrics);
-                if let Some(to) = r.request {
-                    let _ = asks.try_send(Ask::Summary(to));
                 }
-                if r.summary {
-                    let _ = asks.try_send(Ask::Ours);
-                }
+                // A steady stream of messages does not put expiry off.
+                Instant::now() >= next_expiry
             }
-            _ = tick.tick() => {
-                for n in peers.expire(Instant::now(), broadcaster) {
-                    let _ = asks.try_send(Ask::Summary(n));
-                }
-                metrics.nodes.set(peers.nodes.len() as i64);
-                metrics.remote.set(broadcaster.remote_presences() as i64);
+            _ = tick.tick() => true,
+        };
+        if expiry_due {
+            next_expiry = Instant::now() + HEARTBEAT;
+            for n in peers.expire(Instant::now(), broadcaster) {
+                let _ = asks.try_send(Ask::Summary(n));
             }
+            metrics.nodes.set(peers.nodes.len() as i64);
+            metrics.remote.set(broadcaster.remote_presences() as i64);
         }
     }
 }
