@@ -592,7 +592,8 @@ pub enum PresenceOut {
         topic: (String, bool),
         diff: SharedDiff,
     },
-    /// Every presence this gateway holds (sent now and then, and when asked).
+    /// Every presence this gateway holds: once, when the sink is set (the
+    /// sink keeps its own copy from there, diff by diff).
     Summary(Vec<((String, bool), SharedMeta)>),
 }
 
@@ -820,11 +821,15 @@ impl Broadcaster {
         if !me.opts.private {
             return;
         }
+        let old_role = me.role.clone();
         (me.role, me.sees) = presence_view(&self.rules, claims, &key.0);
+        let role = me.role.clone();
         if !may_write(&self.rules, claims, &key.0) && topic.presence.tracks(channel) {
             let diff = topic.presence.untrack(channel);
             self.send_diff(&topic.members, &key.0, &diff, None);
             self.share(&key, &topic.members, &diff);
+        } else if role != old_role {
+            self.share_role_change(&key, &topic.presence, channel, role);
         }
     }
 
@@ -882,9 +887,16 @@ impl Broadcaster {
     }
 
     /// Sends every presence change to `sink` too (once; a gateway's link to the
-    /// other gateways of a cluster).
+    /// other gateways of a cluster). The sink first gets every presence held
+    /// now as one [`PresenceOut::Summary`] (under the same lock, so nothing
+    /// falls between it and the first diff).
     pub fn set_presence_sink(&self, sink: PresenceSink) {
-        let _ = self.presence_peers.set(sink);
+        let reg = self.lock();
+        if self.presence_peers.set(sink).is_ok() {
+            if let Some(sink) = self.presence_peers.get() {
+                sink(PresenceOut::Summary(Self::all_shared(&reg)));
+            }
+        }
     }
 
     /// Hands a local presence change to the other gateways (with the role of
@@ -907,13 +919,35 @@ impl Broadcaster {
         }
     }
 
-    /// Hands every local presence to the presence sink as one summary, in order
-    /// with the changes (under the registry lock).
-    pub fn share_summary(&self) {
+    /// The other gateways judge a presence by the role of the channel that
+    /// tracked it: when that role changes, they get its leave and its join
+    /// with the new role.
+    fn share_role_change(
+        &self,
+        key: &TopicKey,
+        state: &PresenceState,
+        channel: ChannelId,
+        role: Option<String>,
+    ) {
         let Some(sink) = self.presence_peers.get() else {
             return;
         };
-        let reg = self.lock();
+        let joins = state.shared_of(channel, role);
+        if joins.is_empty() {
+            return;
+        }
+        let leaves = joins
+            .iter()
+            .filter_map(|m| Some((m.key.clone(), m.meta.get("phx_ref")?.as_str()?.to_string())))
+            .collect();
+        sink(PresenceOut::Diff {
+            topic: key.clone(),
+            diff: SharedDiff { joins, leaves },
+        });
+    }
+
+    /// Every local presence, as the other gateways get it.
+    fn all_shared(reg: &Registry) -> Vec<(TopicKey, SharedMeta)> {
         let mut all = Vec::new();
         for (key, t) in &reg.topics {
             let metas = t.presence.shared(|c| {
@@ -924,7 +958,7 @@ impl Broadcaster {
             });
             all.extend(metas.into_iter().map(|m| (key.clone(), m)));
         }
-        sink(PresenceOut::Summary(all));
+        all
     }
 
     /// A presence change on gateway `node`: to the topic's members here with
@@ -940,15 +974,60 @@ impl Broadcaster {
 
     /// Everything gateway `node` holds (its summary) replaces what was known of
     /// it; members here get the difference. Returns how many were refused.
-    pub fn remote_summary(&self, node: u64, all: Vec<((String, bool), SharedMeta)>) -> usize {
+    pub fn remote_summary(&self, node: u64, all: Vec<(TopicKey, SharedMeta)>) -> usize {
+        self.remote_summary_part(node, true, all, true)
+    }
+
+    /// One chunk of gateway `node`'s summary, applied as it comes (`first`
+    /// starts the summary; at `last` what it did not name leaves). Members
+    /// here get the difference. Returns how many were refused.
+    pub fn remote_summary_part(
+        &self,
+        node: u64,
+        first: bool,
+        chunk: Vec<(TopicKey, SharedMeta)>,
+        last: bool,
+    ) -> usize {
         let mut reg = self.lock();
-        let (diffs, refused) = reg.remote.replace_node(node, all, &self.presence);
+        if first {
+            reg.remote.summary_start(node);
+        }
+        let (mut diffs, refused) = reg.remote.summary_chunk(node, chunk, &self.presence);
+        if last {
+            diffs.extend(reg.remote.summary_end(node));
+        }
         for (topic, d) in diffs {
             if let Some(t) = reg.topics.get(&topic) {
                 self.send_remote_diff(&t.members, &topic.0, &d);
             }
         }
         refused
+    }
+
+    /// Gateway `node`'s summary will not end (a chunk lost): what is held of
+    /// it stays until the next one.
+    pub fn remote_summary_abort(&self, node: u64) {
+        self.lock().remote.summary_abort(node);
+    }
+
+    /// Every other gateway's presences leave (the link to them is gone).
+    pub fn remote_clear(&self) {
+        let nodes = self.lock().remote.nodes();
+        for n in nodes {
+            self.remote_gone(n);
+        }
+    }
+
+    /// Gateways with presences refused at the remote presence cap, once there
+    /// is room again (their summary is worth asking for).
+    pub fn remote_capped(&self) -> Vec<u64> {
+        self.lock().remote.capped()
+    }
+
+    /// Sets the remote presence cap (tests).
+    #[cfg(test)]
+    pub fn set_remote_cap(&self, cap: usize) {
+        self.lock().remote.set_cap(cap);
     }
 
     /// Gateway `node` is gone (said goodbye, or timed out): its presences leave.
@@ -1780,6 +1859,11 @@ mod tests {
         let shared = Arc::new(Mutex::new(Vec::new()));
         let sink = shared.clone();
         b.set_presence_sink(Box::new(move |o| sink.lock().unwrap().push(o)));
+        // The sink starts with what is held (nothing yet).
+        assert_eq!(
+            shared.lock().unwrap().remove(0),
+            PresenceOut::Summary(Vec::new())
+        );
         let topic = "realtime:support:1";
         let key = (topic.to_string(), true);
         let meta = |k: &str, r: &str, role: &str| SharedMeta {
@@ -1857,12 +1941,20 @@ mod tests {
         assert_eq!(t, key);
         assert_eq!(diff.joins[0].key, "customer");
         assert_eq!(diff.joins[0].role.as_deref(), Some("customer"));
-        // A summary holds every local presence, and the gateway's gone: leaves.
-        b.share_summary();
-        let PresenceOut::Summary(all) = shared.lock().unwrap().remove(0) else {
-            panic!("a summary")
+        // A token with another role: the other gateways get the presence
+        // again, judged by the new role.
+        b.update_claims(1, &claims(json!({"role": "staff"})));
+        let PresenceOut::Diff { diff, .. } = shared.lock().unwrap().remove(0) else {
+            panic!("a diff")
         };
-        assert_eq!(all.len(), 1);
+        assert_eq!(diff.joins.len(), 1);
+        assert_eq!(diff.joins[0].role.as_deref(), Some("staff"));
+        let r = diff.joins[0].meta["phx_ref"].as_str().unwrap().to_string();
+        assert_eq!(diff.leaves, vec![("customer".to_string(), r)]);
+        // The same role again: nothing to tell.
+        b.update_claims(1, &claims(json!({"role": "staff"})));
+        assert!(shared.lock().unwrap().is_empty());
+        // The gateway's gone: leaves.
         b.remote_gone(9);
         assert_eq!(b.remote_presences(), 0);
         let f = frames(&mut customer);

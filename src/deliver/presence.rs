@@ -16,7 +16,7 @@
 //! Client side: `@supabase/phoenix` `Presence.syncState` / `syncDiff`, which
 //! identify metas by `phx_ref` (reference/realtime-js-protocol.md §7).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{json, Map, Value};
 
@@ -311,6 +311,25 @@ impl PresenceState {
     }
 }
 
+impl PresenceState {
+    /// The presences `channel` tracks, as the other gateways get them, with `role`.
+    pub fn shared_of(&self, channel: ChannelId, role: Option<String>) -> Vec<SharedMeta> {
+        self.keys
+            .iter()
+            .flat_map(|(key, metas)| {
+                metas
+                    .iter()
+                    .filter(|m| m.channel == channel)
+                    .map(|m| SharedMeta {
+                        key: key.clone(),
+                        role: role.clone(),
+                        meta: m.to_json(),
+                    })
+            })
+            .collect()
+    }
+}
+
 /// A topic as the registry names it: `(realtime:<name>, private)`.
 pub type TopicKey = (String, bool);
 
@@ -402,27 +421,31 @@ impl RemoteTopic {
 }
 
 /// Adds `m` to a node's metas if it fits the limits; false if it does not
-/// (or is malformed). A ref already there is left as it is (true).
-fn admit(metas: &mut NodeMetas, m: SharedMeta, limits: &PresenceConfig) -> Result<bool, ()> {
+/// (or is malformed). A ref already there is left as it is (true). The error
+/// says whether a per-topic limit refused it (rather than its form).
+fn admit(metas: &mut NodeMetas, m: SharedMeta, limits: &PresenceConfig) -> Result<bool, bool> {
     let Some(r) = m.phx_ref().map(str::to_string) else {
-        return Err(());
+        return Err(false);
     };
     if m.key.len() > MAX_KEY_BYTES || !m.meta.is_object() {
-        return Err(());
+        return Err(false);
+    }
+    if m.role.as_ref().is_some_and(|r| r.len() > MAX_ROLE_BYTES) {
+        return Err(false);
     }
     // The payload limit, with room for the refs the meta carries besides.
     if m.meta.to_string().len() > limits.max_payload_bytes + 256 {
-        return Err(());
+        return Err(false);
     }
     let keys = metas.len();
     match metas.get_mut(&m.key) {
         Some(refs) if refs.contains_key(&r) => Ok(false),
-        Some(refs) if refs.len() >= limits.max_metas_per_key => Err(()),
+        Some(refs) if refs.len() >= limits.max_metas_per_key => Err(true),
         Some(refs) => {
             refs.insert(r, m);
             Ok(true)
         }
-        None if keys >= limits.max_keys_per_topic => Err(()),
+        None if keys >= limits.max_keys_per_topic => Err(true),
         None => {
             metas.entry(m.key.clone()).or_default().insert(r, m);
             Ok(true)
@@ -430,14 +453,51 @@ fn admit(metas: &mut NodeMetas, m: SharedMeta, limits: &PresenceConfig) -> Resul
     }
 }
 
+/// Longest topic name taken from another gateway: the longest a topic can be
+/// in a binary (kind 4) broadcast frame, whose topic length is one byte.
+pub const MAX_TOPIC_BYTES: usize = u8::MAX as usize;
+
+/// Longest role taken with another gateway's presence.
+pub const MAX_ROLE_BYTES: usize = 256;
+
+/// What applying other gateways' presences changed: the diff of each topic
+/// that changed, and how many presences were refused.
+pub type Applied = (Vec<(TopicKey, RemoteDiff)>, usize);
+
+/// A node's presences a summary has not named yet: by topic, `(key, phx_ref)`.
+type Unconfirmed = HashMap<TopicKey, HashSet<(String, String)>>;
+
 /// The presences of the other gateways of a cluster, by topic and node, each
 /// node's bounded by the per-topic limits of `[presence]` and all together by
 /// [`MAX_REMOTE_PRESENCES`]. Pure state: every change returns the diff the
 /// topic's local members get.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RemotePresences {
-    topics: std::collections::HashMap<TopicKey, RemoteTopic>,
+    topics: HashMap<TopicKey, RemoteTopic>,
     held: usize,
+    /// At most this many held ([`MAX_REMOTE_PRESENCES`]).
+    cap: usize,
+    /// The topics each node has presences in.
+    by_node: HashMap<u64, HashSet<TopicKey>>,
+    /// A summary being applied, by node: what it held before that the
+    /// summary has not named yet (it leaves when the summary ends).
+    unconfirmed: HashMap<u64, Unconfirmed>,
+    /// Nodes with presences refused at the cap (they are asked again once
+    /// there is room).
+    capped: HashSet<u64>,
+}
+
+impl Default for RemotePresences {
+    fn default() -> Self {
+        RemotePresences {
+            topics: HashMap::new(),
+            held: 0,
+            cap: MAX_REMOTE_PRESENCES,
+            by_node: HashMap::new(),
+            unconfirmed: HashMap::new(),
+            capped: HashSet::new(),
+        }
+    }
 }
 
 impl RemotePresences {
@@ -454,9 +514,81 @@ impl RemotePresences {
         self.topics.get(key)
     }
 
+    /// Changes the cap (tests).
+    pub fn set_cap(&mut self, cap: usize) {
+        self.cap = cap;
+    }
+
+    /// The nodes holding presences here.
+    pub fn nodes(&self) -> Vec<u64> {
+        self.by_node.keys().copied().collect()
+    }
+
+    /// The nodes that had presences refused at the cap, if there is room now.
+    pub fn capped(&self) -> Vec<u64> {
+        if self.held < self.cap {
+            self.capped.iter().copied().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Adds one meta of `node` in `topic` (the cap and the limits allowing);
+    /// the join goes to `diff`. Refused: `Err(true)` if by a per-topic limit.
+    fn add(
+        &mut self,
+        node: u64,
+        topic: &TopicKey,
+        m: SharedMeta,
+        limits: &PresenceConfig,
+        diff: &mut RemoteDiff,
+    ) -> Result<(), bool> {
+        if self.held >= self.cap {
+            self.capped.insert(node);
+            return Err(false);
+        }
+        let metas = self
+            .topics
+            .entry(topic.clone())
+            .or_default()
+            .nodes
+            .entry(node)
+            .or_default();
+        let shown = m.clone();
+        let r = admit(metas, m, limits).map(|added| {
+            if added {
+                self.held += 1;
+                diff.join(&shown);
+            }
+        });
+        self.tidy(topic, node);
+        r
+    }
+
+    /// Removes one meta of `node`; its leave goes to `diff`.
+    fn remove(&mut self, node: u64, topic: &TopicKey, key: &str, r: &str, diff: &mut RemoteDiff) {
+        let Some(metas) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.nodes.get_mut(&node))
+        else {
+            return;
+        };
+        if let Some(refs) = metas.get_mut(key) {
+            if let Some(m) = refs.remove(r) {
+                self.held -= 1;
+                diff.leave(m);
+            }
+            if refs.is_empty() {
+                metas.remove(key);
+            }
+        }
+        self.tidy(topic, node);
+    }
+
     /// Applies one delta of `node`. Returns the diff and how many joins were
-    /// refused (limits, malformed). A leave of an unknown ref, or a join of a
-    /// known one, changes nothing.
+    /// refused (limits, malformed, the cap). A leave of an unknown ref, or a
+    /// join of a known one, changes nothing.
     pub fn apply(
         &mut self,
         node: u64,
@@ -465,122 +597,161 @@ impl RemotePresences {
         limits: &PresenceConfig,
     ) -> (RemoteDiff, usize) {
         let mut diff = RemoteDiff::default();
+        if topic.0.len() > MAX_TOPIC_BYTES {
+            return (diff, d.joins.len());
+        }
+        for (key, r) in &d.leaves {
+            self.remove(node, &topic, key, r, &mut diff);
+        }
         let mut refused = 0;
-        let t = self.topics.entry(topic.clone()).or_default();
-        let metas = t.nodes.entry(node).or_default();
-        for (key, r) in d.leaves {
-            let Some(refs) = metas.get_mut(&key) else {
-                continue;
-            };
-            if let Some(m) = refs.remove(&r) {
-                self.held -= 1;
-                diff.leave(m);
-            }
-            if refs.is_empty() {
-                metas.remove(&key);
-            }
-        }
         for m in d.joins {
-            if self.held >= MAX_REMOTE_PRESENCES {
+            if self.add(node, &topic, m, limits, &mut diff).is_err() {
                 refused += 1;
-                continue;
-            }
-            let shown = m.clone();
-            match admit(metas, m, limits) {
-                Ok(true) => {
-                    self.held += 1;
-                    diff.join(&shown);
-                }
-                Ok(false) => {}
-                Err(()) => refused += 1,
             }
         }
-        self.tidy(&topic, node);
         (diff, refused)
     }
 
-    /// Replaces everything `node` holds with `all` (its summary). Returns the
-    /// diff of each topic that changed and how many presences were refused.
+    /// A summary of `node` starts: what it held leaves at [`Self::summary_end`]
+    /// unless a chunk names it.
+    pub fn summary_start(&mut self, node: u64) {
+        let mut held = Unconfirmed::new();
+        for topic in self.by_node.get(&node).into_iter().flatten() {
+            let Some(metas) = self.topics.get(topic).and_then(|t| t.nodes.get(&node)) else {
+                continue;
+            };
+            let set = held.entry(topic.clone()).or_default();
+            for (key, refs) in metas {
+                for r in refs.keys() {
+                    set.insert((key.clone(), r.clone()));
+                }
+            }
+        }
+        self.unconfirmed.insert(node, held);
+        self.capped.remove(&node);
+    }
+
+    /// One chunk of `node`'s summary (after [`Self::summary_start`]): its
+    /// presences are taken, up to the cap and the limits.
+    pub fn summary_chunk(
+        &mut self,
+        node: u64,
+        all: Vec<(TopicKey, SharedMeta)>,
+        limits: &PresenceConfig,
+    ) -> Applied {
+        let mut diffs: HashMap<TopicKey, RemoteDiff> = HashMap::new();
+        let mut refused = 0;
+        let mut unconfirmed = self.unconfirmed.remove(&node).unwrap_or_default();
+        for (topic, m) in all {
+            if topic.0.len() > MAX_TOPIC_BYTES {
+                refused += 1;
+                continue;
+            }
+            let left = unconfirmed.get_mut(&topic);
+            if let (Some(r), Some(left)) = (m.phx_ref(), left) {
+                if left.remove(&(m.key.clone(), r.to_string())) {
+                    continue;
+                }
+            }
+            let diff = diffs.entry(topic.clone()).or_default();
+            let mut r = self.add(node, &topic, m.clone(), limits, diff);
+            // Over a per-topic limit with presences the summary has not
+            // named yet: those make room (they leave at its end unless named
+            // later, and then come back).
+            if r == Err(true) {
+                let old = unconfirmed.get_mut(&topic).and_then(|left| {
+                    let pick = left
+                        .iter()
+                        .find(|(k, _)| *k == m.key)
+                        .or_else(|| left.iter().next())
+                        .cloned()?;
+                    left.remove(&pick);
+                    Some(pick)
+                });
+                if let Some((k, old_ref)) = old {
+                    self.remove(node, &topic, &k, &old_ref, diff);
+                    r = self.add(node, &topic, m, limits, diff);
+                }
+            }
+            if r.is_err() {
+                refused += 1;
+            }
+        }
+        self.unconfirmed.insert(node, unconfirmed);
+        (
+            diffs.into_iter().filter(|(_, d)| !d.is_empty()).collect(),
+            refused,
+        )
+    }
+
+    /// `node`'s summary ended: what it did not name leaves.
+    pub fn summary_end(&mut self, node: u64) -> Vec<(TopicKey, RemoteDiff)> {
+        let mut diffs: HashMap<TopicKey, RemoteDiff> = HashMap::new();
+        for (topic, left) in self.unconfirmed.remove(&node).unwrap_or_default() {
+            let diff = diffs.entry(topic.clone()).or_default();
+            for (key, r) in left {
+                self.remove(node, &topic, &key, &r, diff);
+            }
+        }
+        diffs.into_iter().filter(|(_, d)| !d.is_empty()).collect()
+    }
+
+    /// `node`'s summary will not end (a chunk lost): what it held stays.
+    pub fn summary_abort(&mut self, node: u64) {
+        self.unconfirmed.remove(&node);
+    }
+
+    /// Replaces everything `node` holds with `all` (its summary in one piece).
     pub fn replace_node(
         &mut self,
         node: u64,
         all: Vec<(TopicKey, SharedMeta)>,
         limits: &PresenceConfig,
-    ) -> (Vec<(TopicKey, RemoteDiff)>, usize) {
-        let mut next: std::collections::HashMap<TopicKey, Vec<SharedMeta>> = Default::default();
-        for (t, m) in all {
-            next.entry(t).or_default().push(m);
-        }
-        // Topics the node had and no longer has.
-        for (k, t) in &self.topics {
-            if t.nodes.contains_key(&node) {
-                next.entry(k.clone()).or_default();
+    ) -> Applied {
+        self.summary_start(node);
+        let (joins, refused) = self.summary_chunk(node, all, limits);
+        let leaves = self.summary_end(node);
+        let mut by: HashMap<TopicKey, RemoteDiff> = HashMap::new();
+        for (t, d) in joins.into_iter().chain(leaves) {
+            let e = by.entry(t).or_default();
+            for (k, v) in d.joins {
+                e.joins.entry(k).or_default().extend(v);
+            }
+            for (k, v) in d.leaves {
+                e.leaves.entry(k).or_default().extend(v);
             }
         }
-        let mut out = Vec::new();
-        let mut refused = 0;
-        for (topic, metas) in next {
-            let old = self
-                .topics
-                .get_mut(&topic)
-                .and_then(|t| t.nodes.remove(&node))
-                .unwrap_or_default();
-            self.held -= old.values().map(BTreeMap::len).sum::<usize>();
-            let mut new = NodeMetas::new();
-            for m in metas {
-                if self.held >= MAX_REMOTE_PRESENCES {
-                    refused += 1;
-                    continue;
-                }
-                match admit(&mut new, m, limits) {
-                    Ok(true) => self.held += 1,
-                    Ok(false) => {}
-                    Err(()) => refused += 1,
-                }
-            }
-            let mut diff = RemoteDiff::default();
-            for (key, refs) in &new {
-                for (r, m) in refs {
-                    if !old.get(key).is_some_and(|o| o.contains_key(r)) {
-                        diff.join(m);
-                    }
-                }
-            }
-            for (key, refs) in old {
-                for (r, m) in refs {
-                    if !new.get(&key).is_some_and(|n| n.contains_key(&r)) {
-                        diff.leave(m);
-                    }
-                }
-            }
-            if !new.is_empty() {
-                self.topics
-                    .entry(topic.clone())
-                    .or_default()
-                    .nodes
-                    .insert(node, new);
-            }
-            self.tidy(&topic, node);
-            if !diff.is_empty() {
-                out.push((topic, diff));
-            }
-        }
-        (out, refused)
+        (by.into_iter().collect(), refused)
     }
 
     /// Forgets `node` (gone, or timed out): the leaves of everything it held.
     pub fn remove_node(&mut self, node: u64) -> Vec<(TopicKey, RemoteDiff)> {
-        self.replace_node(node, Vec::new(), &PresenceConfig::default())
-            .0
+        self.summary_start(node);
+        let out = self.summary_end(node);
+        self.capped.remove(&node);
+        out
     }
 
+    /// Drops a node's empty entry for `topic`, and the topic once empty.
     fn tidy(&mut self, topic: &TopicKey, node: u64) {
+        let mut has = false;
         if let Some(t) = self.topics.get_mut(topic) {
             if t.nodes.get(&node).is_some_and(BTreeMap::is_empty) {
                 t.nodes.remove(&node);
             }
+            has = t.nodes.contains_key(&node);
             if t.nodes.is_empty() {
                 self.topics.remove(topic);
+            }
+        }
+        if has {
+            if !self.by_node.get(&node).is_some_and(|s| s.contains(topic)) {
+                self.by_node.entry(node).or_default().insert(topic.clone());
+            }
+        } else if let Some(s) = self.by_node.get_mut(&node) {
+            s.remove(topic);
+            if s.is_empty() {
+                self.by_node.remove(&node);
             }
         }
     }
@@ -589,7 +760,6 @@ impl RemotePresences {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn limits() -> PresenceConfig {
         PresenceConfig {

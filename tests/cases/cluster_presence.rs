@@ -2,6 +2,8 @@
 //! with real processes: a throwaway `nats-server -js`, `walcast relay`, two
 //! gateways (`walcast serve --cluster`) and the real `@supabase/realtime-js`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -295,7 +297,24 @@ async fn presence_changes_made_while_nats_is_down_reach_the_other_gateway_once_i
     track(&mut js, "a", json!({"status": "before"})).await;
     presence(&mut js, "b", "join", "alice", "before").await;
     join(&mut js, "d", &g1.ws(), "dave").await;
+    // g2 follows g1 (one node) through the outage: watched until the end.
+    wait_metric(&g2, "walcast_cluster_presence_nodes", 1.0).await;
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (watching, port) = (watching.clone(), g2.port);
+        tokio::spawn(async move {
+            let mut least = f64::MAX;
+            while watching.load(Ordering::Relaxed) {
+                if let Some(v) = metric(port, "walcast_cluster_presence_nodes").await {
+                    least = least.min(v);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            least
+        })
+    };
     // NATS goes away; both gateways notice.
+    let down = Instant::now();
     nats.stop();
     wait_metric(&g1, "walcast_cluster_nats_connected", 0.0).await;
     wait_metric(&g2, "walcast_cluster_nats_connected", 0.0).await;
@@ -314,6 +333,12 @@ async fn presence_changes_made_while_nats_is_down_reach_the_other_gateway_once_i
     // them, else by g1's summary).
     presence(&mut js, "b", "leave", "alice", "before").await;
     presence(&mut js, "b", "join", "dave", "during").await;
+    // Not by g2 taking g1 for gone: that only happens TIMEOUT after g1's
+    // last heartbeat, and the node count would show it.
+    let took = down.elapsed();
+    watching.store(false, Ordering::Relaxed);
+    assert_eq!(watcher.await.unwrap(), 1.0, "g2 lost track of g1");
+    assert!(took < Duration::from_secs(3), "the changes took {took:?}");
     let state = js
         .call(
             json!({"cmd": "presence_state", "client": "b", "channel": "lobby"}),
