@@ -470,7 +470,10 @@ impl Session {
                 channel,
                 topic: topic_arc.clone(),
                 bindings,
-                hold: since.is_some(),
+                // Always held until the ok reply is queued: a change routed
+                // before it would reach realtime-js's bindings before they have
+                // their ids, and go to every binding of the channel.
+                hold: has_bindings,
                 done: done_tx,
             })
             .await;
@@ -525,6 +528,18 @@ impl Session {
         }
         if !pending.is_empty() {
             self.push_pending(&topic, f.join_ref.as_deref(), &pending);
+        }
+        // Live changes routed since the subscription, now after the reply
+        // (with a replay, `replay::run` releases the hold once it is done).
+        if has_bindings && since.is_none() {
+            let _ = self
+                .shared
+                .hub
+                .send(HubCommand::Release {
+                    channel,
+                    after: crate::lsn::Lsn(0),
+                })
+                .await;
         }
         // Replication notices for this channel (one in force during an outage;
         // realtime-js `config.broadcast.replication_ready`), after the reply.

@@ -170,24 +170,38 @@ pub(crate) fn queue(tx: &OutTx, queued: &QueuedBytes, out: Outbound) -> Result<(
 /// with a 56-byte [`Outbound`]) and ~0.5 KB of state up front, per connection,
 /// for a queue that is empty nearly all of an idle connection's life. This one
 /// is a `VecDeque` that grows with use and is given back once a burst has been
-/// written, and it wakes the writer only when it goes from empty to not empty
-/// (a writer that has not emptied it yet will see the rest anyway).
+/// written. The writer takes everything queued in one step (swapping deques
+/// under the lock), so senders and the writer meet on the lock once per batch,
+/// not once per frame, and it is woken only when the queue goes from empty to
+/// not empty.
 pub fn channel(cap: usize) -> (OutTx, OutRx) {
     let chan = Arc::new(Chan {
         items: Mutex::new(VecDeque::new()),
+        len: AtomicUsize::new(0),
         ready: tokio::sync::Notify::new(),
         cap: cap.max(1),
         senders: AtomicUsize::new(1),
         receiver_gone: AtomicBool::new(false),
     });
-    (OutTx(chan.clone()), OutRx(chan))
+    (
+        OutTx(chan.clone()),
+        OutRx {
+            chan,
+            taken: VecDeque::new(),
+        },
+    )
 }
 
-/// Slots an emptied queue keeps; past this it gives its memory back.
+/// Slots an emptied deque keeps; past this it gives its memory back.
 const KEPT_SLOTS: usize = 8;
 
 struct Chan {
     items: Mutex<VecDeque<Outbound>>,
+    /// Frames queued and not yet handed to the writer: those in `items` plus
+    /// those the writer has taken in its batch but not returned yet. Changed
+    /// under the lock when it grows, so it never counts a frame twice or not at
+    /// all; it bounds the queue in frames.
+    len: AtomicUsize,
     /// Wakes the writer: signalled when the queue becomes non-empty and when the
     /// last sender goes (a stored permit covers a writer not waiting yet).
     ready: tokio::sync::Notify,
@@ -200,6 +214,7 @@ impl std::fmt::Debug for Chan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Chan")
             .field("cap", &self.cap)
+            .field("len", &self.len.load(Ordering::Relaxed))
             .field("senders", &self.senders.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -218,7 +233,11 @@ pub struct OutTx(Arc<Chan>);
 
 /// The receiving side of [`channel`] (the connection's writer).
 #[derive(Debug)]
-pub struct OutRx(Arc<Chan>);
+pub struct OutRx {
+    chan: Arc<Chan>,
+    /// The batch taken from the queue and not yet returned by `try_recv`.
+    taken: VecDeque<Outbound>,
+}
 
 /// Why [`OutRx::try_recv`] returned nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,13 +271,14 @@ impl OutTx {
             return Err(QueueError::Closed);
         }
         let mut items = self.0.items();
-        if items.len() >= self.0.cap {
+        let before = self.0.len.load(Ordering::Acquire);
+        if before >= self.0.cap {
             return Err(QueueError::Full);
         }
         items.push_back(out);
-        let first = items.len() == 1;
+        self.0.len.fetch_add(1, Ordering::AcqRel);
         drop(items);
-        if first {
+        if before == 0 {
             self.0.ready.notify_one();
         }
         Ok(())
@@ -271,7 +291,9 @@ impl OutTx {
 
     /// Frames that still fit.
     pub fn capacity(&self) -> usize {
-        self.0.cap.saturating_sub(self.0.items().len())
+        self.0
+            .cap
+            .saturating_sub(self.0.len.load(Ordering::Acquire))
     }
 
     /// Frames the queue holds at most.
@@ -287,34 +309,41 @@ impl OutRx {
             match self.try_recv() {
                 Ok(out) => return Some(out),
                 Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => self.0.ready.notified().await,
+                Err(TryRecvError::Empty) => self.chan.ready.notified().await,
             }
         }
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Result<Outbound, TryRecvError> {
-        let mut items = self.0.items();
-        match items.pop_front() {
-            Some(out) => {
-                if items.is_empty() && items.capacity() > KEPT_SLOTS {
-                    *items = VecDeque::new();
-                }
-                Ok(out)
+        if self.taken.is_empty() {
+            if self.taken.capacity() > KEPT_SLOTS {
+                self.taken = VecDeque::new();
             }
-            // Senders are counted down outside the lock: read after it, a
-            // sender's last frame is either seen above or its drop is seen here.
-            None if self.0.senders.load(Ordering::Acquire) == 0 => Err(TryRecvError::Disconnected),
-            None => Err(TryRecvError::Empty),
+            let mut items = self.chan.items();
+            if items.is_empty() {
+                // Senders are counted down outside the lock: read after it, a
+                // sender's last frame is either seen above or its drop is seen here.
+                drop(items);
+                return Err(if self.chan.senders.load(Ordering::Acquire) == 0 {
+                    TryRecvError::Disconnected
+                } else {
+                    TryRecvError::Empty
+                });
+            }
+            std::mem::swap(&mut *items, &mut self.taken);
         }
+        let out = self.taken.pop_front().expect("a batch was taken");
+        self.chan.len.fetch_sub(1, Ordering::AcqRel);
+        Ok(out)
     }
 }
 
 impl Drop for OutRx {
     fn drop(&mut self) {
-        self.0.receiver_gone.store(true, Ordering::Release);
+        self.chan.receiver_gone.store(true, Ordering::Release);
         // What was queued goes now, not when the last sender does.
-        let items = std::mem::take(&mut *self.0.items());
+        let items = std::mem::take(&mut *self.chan.items());
         drop(items);
     }
 }
@@ -510,10 +539,10 @@ mod tests {
         }
         assert!(tx.0.items().capacity() >= 500);
         while rx.try_recv().is_ok() {}
-        assert_eq!(tx.0.items().capacity(), 0);
         // A quiet connection's few frames keep their slots.
         tx.try_send(text("a")).unwrap();
         rx.try_recv().unwrap();
         assert!(tx.0.items().capacity() <= KEPT_SLOTS);
+        assert!(rx.taken.capacity() <= KEPT_SLOTS);
     }
 }

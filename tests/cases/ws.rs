@@ -366,3 +366,65 @@ async fn sigterm_closes_sockets_with_1001_confirms_and_exits_cleanly() {
         "the slot was not confirmed past the delivered change"
     );
 }
+
+/// realtime-js learns its bindings' ids from the join reply; a change that
+/// reached a channel before it would go to every binding of the channel. While
+/// rows are written as fast as one connection can, no channel gets a change
+/// before its `phx_reply`.
+#[tokio::test]
+async fn no_change_reaches_a_channel_before_its_join_reply() {
+    let db = "ws_reply_first";
+    let c = setup_db(db, "create table items (id serial primary key, name text);").await;
+    let server = start(db, &[]).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                c.execute("insert into items (name) values ('x')", &[])
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut ws = connect(&server, "2.0.0").await;
+    let bindings = json!({"postgres_changes": [
+        {"event": "*", "schema": "public", "table": "items"},
+        {"event": "INSERT", "schema": "public", "table": "items"}
+    ]});
+    let mut changes_seen = 0;
+    for i in 0..150 {
+        let topic = format!("realtime:t{i}");
+        let r = i.to_string();
+        send(
+            &mut ws,
+            json!([r, r, topic, "phx_join", {"config": bindings}]),
+        )
+        .await;
+        loop {
+            let f = recv(&mut ws).await;
+            if f[2] != topic {
+                changes_seen += usize::from(f[3] == "postgres_changes");
+                continue;
+            }
+            assert_ne!(
+                f[3], "postgres_changes",
+                "a change before the join reply: {f}"
+            );
+            if f[3] == "phx_reply" {
+                assert_eq!(f[4]["status"], "ok", "{f}");
+                break;
+            }
+        }
+    }
+    stop.cancel();
+    let written = writer.await.unwrap();
+    // The fence: changes did flow to the channels while they joined.
+    assert!(
+        written > 0 && changes_seen > 0,
+        "{written} rows written, {changes_seen} changes seen"
+    );
+}
