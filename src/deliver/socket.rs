@@ -164,6 +164,35 @@ pub(crate) async fn writer(
     .await;
 }
 
+/// The frames closing `topic` at a frame whose RLS check failed: a `system`
+/// error (`RLS_CHECK_FAILED`, the cause) and `phx_close`, written in the
+/// failed frame's place — so a row is never dropped with its channel left
+/// open, whatever the hub knows of the channel's class by then. (The hub
+/// closes the channel too when the failure reaches it; a client sees that
+/// close as well, for a channel it closed already.)
+fn rls_close(topic: &Arc<str>, why: &str) -> [Outbound; 2] {
+    let payload = serde_json::json!({
+        "extension": "system",
+        "status": "error",
+        "message": why,
+        "channel": topic.strip_prefix("realtime:").unwrap_or(topic),
+        "code": crate::route::rls::RLS_CHECK_FAILED,
+    })
+    .to_string();
+    [
+        Outbound::Push {
+            topic: topic.clone(),
+            event: "system",
+            payload,
+        },
+        Outbound::Push {
+            topic: topic.clone(),
+            event: "phx_close",
+            payload: "{}".to_string(),
+        },
+    ]
+}
+
 /// Writes what is queued (up to [`WRITE_BATCH`] frames) and flushes once.
 /// `Ok(false)`: the queue is closed; `Err`: the socket failed.
 async fn write_batch(
@@ -178,12 +207,16 @@ async fn write_batch(
     };
     let mut n = 0;
     let mut next = Some(first);
+    // The channel just closed after a failed check (its next failed frames,
+    // of the same failure, need no second close).
+    let mut closed: Option<Arc<str>> = None;
     while let Some(mut o) = next.take() {
         queued.release(o.queued_size());
         if let Outbound::Gated(g) = o {
             // RLS mode's SQL path: what is written so far goes out while the
-            // verdict is awaited; a frame the subscriber may not see is dropped
-            // (a failed check closes the channel with its reason meanwhile).
+            // verdict is awaited; a frame the subscriber may not see is dropped;
+            // one whose check failed closes its channel here, with the reason
+            // (nothing of that channel is sent after it).
             if !g.ticket.ready() {
                 sink.flush().await.map_err(|_| ())?;
             }
@@ -198,7 +231,26 @@ async fn write_batch(
                         _ => g.data,
                     },
                 },
-                Verdict::Skip | Verdict::Failed => {
+                Verdict::Skip => {
+                    if n < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                    continue;
+                }
+                Verdict::Failed => {
+                    let why = g.ticket.failure().unwrap_or_else(|| {
+                        "the row-level security check failed for your token".into()
+                    });
+                    if closed.as_ref() != Some(&g.topic) {
+                        for o in rls_close(&g.topic, &why) {
+                            if let Some(msg) = render(o, vsn) {
+                                sink.feed(msg).await.map_err(|_| ())?;
+                                stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        closed = Some(g.topic.clone());
+                    }
+                    n += 1;
                     if n < WRITE_BATCH {
                         next = rx.try_recv().ok();
                     }
@@ -206,6 +258,7 @@ async fn write_batch(
                 }
             };
         }
+        closed = None;
         let Some(msg) = render(o, vsn) else {
             continue;
         };

@@ -592,6 +592,11 @@ struct ChannelState {
     subs: Vec<SubId>,
     /// While the channel's replay runs: its live frames, held back.
     hold: Option<Box<Hold>>,
+    /// RLS SQL classes this channel's subscriptions had before a token
+    /// refresh or re-judge gave it others: frames of theirs may still be
+    /// queued, so should one fail the channel is closed (see
+    /// [`Hub::retire_classes`]).
+    retired: Vec<Arc<crate::route::rls::SqlClass>>,
 }
 
 /// A channel's live frames held back while its replay runs, each with its
@@ -786,6 +791,7 @@ impl Hub {
                         topic,
                         subs,
                         hold: hold.then(Box::default),
+                        retired: Vec::new(),
                     },
                 );
                 let _ = done.send(self.routed_lsn);
@@ -809,6 +815,11 @@ impl Hub {
                     .get_mut(&channel)
                     .map(|ch| std::mem::take(&mut ch.subs))
                     .unwrap_or_default();
+                let old_classes: Vec<Arc<crate::route::rls::SqlClass>> = old
+                    .iter()
+                    .filter_map(|&s| self.subs.get(s).and_then(Option::as_ref))
+                    .filter_map(|s| s.access.sql.clone())
+                    .collect();
                 for s in old {
                     self.remove_sub(s);
                 }
@@ -820,6 +831,7 @@ impl Hub {
                     if let Some(ch) = self.channels.get_mut(&channel) {
                         ch.subs = subs;
                     }
+                    self.retire_classes(channel, old_classes);
                 }
                 let _ = done.send(());
             }
@@ -849,6 +861,14 @@ impl Hub {
                     .filter(|s| s.access.sql.as_ref().is_some_and(|c| c.id == class))
                     .map(|s| s.channel)
                     .collect();
+                // Channels that left the class (a token refresh, a re-judge)
+                // may still have its frames queued: they are closed too.
+                channels.extend(
+                    self.channels
+                        .iter()
+                        .filter(|(_, ch)| ch.retired.iter().any(|c| c.id == class))
+                        .map(|(id, _)| *id),
+                );
                 channels.sort_unstable();
                 channels.dedup();
                 for ch in channels {
@@ -1088,6 +1108,38 @@ impl Hub {
                 }
             }
             IndexSlot::Pattern { .. } => self.patterns.remove(id),
+        }
+    }
+
+    /// After `channel`'s subscriptions were replaced: the SQL classes it
+    /// left are kept with it while frames of theirs may still wait for a
+    /// verdict (a frame whose check failed is never dropped with its channel
+    /// left open). One that failed already closes the channel now (its
+    /// failure notice may have been handled before the replacement); one
+    /// with nothing left to judge is forgotten.
+    fn retire_classes(&mut self, channel: ChannelId, old: Vec<Arc<crate::route::rls::SqlClass>>) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let current: Vec<u64> = ch
+            .subs
+            .iter()
+            .filter_map(|&s| self.subs.get(s).and_then(Option::as_ref))
+            .filter_map(|s| s.access.sql.as_ref().map(|c| c.id))
+            .collect();
+        let mut retired = std::mem::take(&mut ch.retired);
+        for c in old {
+            if !retired.iter().any(|r| r.id == c.id) {
+                retired.push(c);
+            }
+        }
+        if let Some(why) = retired.iter().find_map(|c| c.failure()) {
+            self.close_channel(channel, crate::route::rls::RLS_CHECK_FAILED, &why);
+            return;
+        }
+        retired.retain(|c| !current.contains(&c.id) && !c.settled());
+        if let Some(ch) = self.channels.get_mut(&channel) {
+            ch.retired = retired;
         }
     }
 

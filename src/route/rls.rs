@@ -230,6 +230,8 @@ struct Entry {
     /// Why rows cannot be judged: the policies read these columns, which the
     /// publication does not stream.
     missing: Vec<String>,
+    /// The table's columns (as streamed) this entry was made for.
+    columns: Vec<String>,
 }
 
 /// RLS mode's state: the policy cache, the classes of the SQL path, the check
@@ -434,7 +436,16 @@ impl Rls {
     async fn entry(&self, role: &str, table: &Table) -> Result<Arc<Entry>, CheckError> {
         let key = (role.to_string(), table.schema.clone(), table.name.clone());
         if let Some(e) = self.cache.lock().await.get(&key) {
-            return Ok(e.clone());
+            // Made for the table as the stream describes it now (a column
+            // added, renamed or dropped changes what the policies need).
+            if e.columns.len() == table.columns.len()
+                && e.columns
+                    .iter()
+                    .zip(&table.columns)
+                    .all(|(a, b)| *a == b.name)
+            {
+                return Ok(e.clone());
+            }
         }
         let security = self.db.security(role, &table.schema, &table.name).await?;
         let plan = plan(&security, table, self.settings.compile);
@@ -466,6 +477,7 @@ impl Rls {
             plan,
             needs,
             missing,
+            columns: table.columns.iter().map(|c| c.name.clone()).collect(),
         });
         self.cache.lock().await.insert(key, e.clone());
         Ok(e)
@@ -543,6 +555,7 @@ impl Rls {
             predicate: predicate.to_string(),
             whole_row: reads_whole_row(predicate, &table.name),
             needs: needs.to_vec(),
+            layout: Mutex::new(None),
             failed: OnceLock::new(),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),
@@ -1145,6 +1158,9 @@ pub struct SqlClass {
     /// `Entry::needs`): should the stream stop carrying one, the class's
     /// channels are closed rather than its policies judging a NULL.
     needs: Vec<String>,
+    /// The table layout `needs` was last found complete in (a change of the
+    /// same layout is not checked again).
+    layout: Mutex<Option<Arc<Table>>>,
     /// Why a check of the class failed: its channels are being closed, and
     /// every later row of it fails at once — none is judged (and sent) after
     /// a row that was not, while the close is on its way.
@@ -1162,6 +1178,9 @@ pub struct SqlClass {
 struct Sealed {
     batches: Vec<(Arc<Batch>, Vec<Img>)>,
     rows: usize,
+    /// Bytes of their row images (a row shared with other classes counts
+    /// for each).
+    bytes: usize,
     /// The class is in the workers' queue, or a worker is judging it: its
     /// batches sealed meanwhile wait, and its next round takes them all
     /// ([`SqlClass::release`]).
@@ -1219,6 +1238,14 @@ pub enum Verdict {
 }
 
 impl Ticket {
+    /// Why the check of this frame's batch failed, once it has.
+    pub fn failure(&self) -> Option<Arc<str>> {
+        match self.batch.verdict.get() {
+            Some(Err(why)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     pub fn ready(&self) -> bool {
         self.batch.verdict.get().is_some()
     }
@@ -1264,6 +1291,23 @@ impl Batch {
 }
 
 impl SqlClass {
+    /// Why a check of the class failed (its channels are to be closed).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.get().map(|w| w.to_string())
+    }
+
+    /// Every ticket of the class has its verdict: no batch open, sealed or
+    /// being judged (so none of its frames can still fail).
+    pub fn settled(&self) -> bool {
+        let open = self.open.lock().map(|o| o.is_none()).unwrap_or(false);
+        let sealed = self
+            .sealed
+            .lock()
+            .map(|s| s.batches.is_empty() && !s.queued)
+            .unwrap_or(false);
+        open && sealed
+    }
+
     /// The ticket of `change` for this class (its images added to the open
     /// batch once, whatever the number of channels); `None` when the change has
     /// no row to judge (TRUNCATE). Called by the hub only.
@@ -1282,28 +1326,6 @@ impl SqlClass {
                 old: None,
             });
         }
-        if let Some(col) = self
-            .needs
-            .iter()
-            .find(|c| change.table.column_index(c).is_none())
-        {
-            // The stream stopped carrying a column the policies read (the
-            // publication's column list changed): fail closed.
-            gate.stats.unstreamed.fetch_add(1, Ordering::Relaxed);
-            let why = format!(
-                "row-level security cannot judge changes of {}.{} any more: its policies read \
-                 column {col:?}, which the stream no longer carries (the publication's column \
-                 list changed)",
-                self.schema, self.table
-            );
-            let failed = Batch::new();
-            self.fail(&gate, vec![failed.clone()], &why);
-            return Some(Ticket {
-                batch: failed,
-                row: 0,
-                old: None,
-            });
-        }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(o) = open.as_ref() {
             if let Some((c, row, old)) = &o.last {
@@ -1314,6 +1336,44 @@ impl SqlClass {
                         old: *old,
                     });
                 }
+            }
+        }
+        // Once per change and class (not per channel), and once per table
+        // layout: the stream's description of the table is shared.
+        let known = self
+            .layout
+            .lock()
+            .map(|l| l.as_ref().is_some_and(|t| Arc::ptr_eq(t, &change.table)))
+            .unwrap_or(false);
+        let gone = if known {
+            None
+        } else {
+            self.needs
+                .iter()
+                .find(|c| change.table.column_index(c).is_none())
+        };
+        if let Some(col) = gone {
+            // The stream stopped carrying a column the policies read (the
+            // publication's column list changed): fail closed.
+            gate.stats.unstreamed.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "row-level security cannot judge changes of {}.{} any more: its policies read \
+                 column {col:?}, which the stream no longer carries (the publication's column \
+                 list changed)",
+                self.schema, self.table
+            );
+            drop(open);
+            let failed = Batch::new();
+            self.fail(&gate, vec![failed.clone()], &why);
+            return Some(Ticket {
+                batch: failed,
+                row: 0,
+                old: None,
+            });
+        }
+        if !known {
+            if let Ok(mut l) = self.layout.lock() {
+                *l = Some(change.table.clone());
             }
         }
         let (judged, old_image) = gate.images(change)?;
@@ -1373,13 +1433,16 @@ impl SqlClass {
     /// queued for the workers (it was not already).
     fn seal(self: &Arc<Self>, gate: &Gate, o: OpenBatch) -> Option<Arc<SqlClass>> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        if sealed.rows + o.images.len() > MAX_SEALED_ROWS {
+        let bytes: usize = o.images.iter().map(|i| i.json.len()).sum();
+        if sealed.rows + o.images.len() > MAX_SEALED_ROWS || sealed.bytes + bytes > MAX_SEALED_BYTES
+        {
             drop(sealed);
             let why = "row-level security checks for your token fell too far behind (PostgreSQL is not keeping up)";
             self.fail(gate, vec![o.batch], why);
             return None;
         }
         sealed.rows += o.images.len();
+        sealed.bytes += bytes;
         sealed.batches.push((o.batch, o.images));
         if sealed.queued {
             return None;
@@ -1395,6 +1458,7 @@ impl SqlClass {
         let mut sealed = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         sealed.queued = judging;
         sealed.rows = 0;
+        sealed.bytes = 0;
         std::mem::take(&mut sealed.batches)
     }
 
@@ -1424,6 +1488,10 @@ impl SqlClass {
 /// Rows of one class a check may hold while earlier checks run, at most;
 /// beyond, the class's channels are closed (its subscribers are too far behind).
 const MAX_SEALED_ROWS: usize = 100_000;
+
+/// Bytes of row images one class may hold sealed, at most (as
+/// [`MAX_SEALED_ROWS`]: beyond, its channels are closed).
+const MAX_SEALED_BYTES: usize = 64 << 20;
 
 /// A row image as `jsonb_populate_record` reads it: `json`/`jsonb` values (and
 /// a domain's over them) as JSON, others as their text output in a JSON
@@ -1982,6 +2050,7 @@ mod tests {
             predicate: "true".into(),
             whole_row,
             needs: Vec::new(),
+            layout: Mutex::new(None),
             failed: OnceLock::new(),
             open: Mutex::new(None),
             sealed: Mutex::new(Sealed::default()),

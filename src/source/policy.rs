@@ -65,11 +65,14 @@
 //! (planning a policy costs more than running it over a round's rows).
 //!
 //! A round's transaction has a time budget (the check timeout, for all of
-//! it): the classes not judged when it runs out fail with
-//! [`CheckError::RoundTimeout`] (the connection, in an unknown state, is
-//! dropped). A round without a connection or an answer in time is tried
-//! once more (on a new connection), then class by class, the rest failing
-//! after a class times out or once the budget is spent. Each class runs in
+//! it): the class whose check is running when it runs out fails with
+//! [`CheckError::RoundTimeout`], and the connection, in an unknown state, is
+//! dropped — its task aborted and its query cancelled, so its backend stops
+//! ([`PolicyDb::discard`]). The classes after it never started: they get a
+//! new round (once; should that one run out too, the classes it did not
+//! judge fail). A round without a connection fails over to a new one
+//! once, then runs class by class, the rest failing after a class times out
+//! or once the budget is spent. Each class runs in
 //! the savepoint and is rolled back to it: nothing a class's policy does (`set_config(…, true)`, `SET LOCAL`, temp
 //! objects) reaches the next class, and a class whose statement fails (its
 //! error is its verdict) does not abort the others. Should rolling back to
@@ -186,6 +189,9 @@ pub struct PolicyDb {
 /// statements (by text; with the round they were last used in).
 struct Conn {
     client: tokio_postgres::Client,
+    /// The task driving the connection: aborted when the connection is
+    /// dropped in an unknown state (see [`PolicyDb::discard`]).
+    task: tokio::task::JoinHandle<()>,
     temps: HashMap<(String, String), Temp>,
     prepared: HashMap<String, (tokio_postgres::Statement, u64)>,
     /// Statements that could not be prepared (as the session user: a schema
@@ -195,9 +201,10 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(client: tokio_postgres::Client) -> Conn {
+    fn new((client, task): (tokio_postgres::Client, tokio::task::JoinHandle<()>)) -> Conn {
         Conn {
             client,
+            task,
             temps: HashMap::new(),
             prepared: HashMap::new(),
             unpreparable: std::collections::HashSet::new(),
@@ -292,7 +299,7 @@ impl PolicyDb {
         let mut slot = self.pool[i].lock().await;
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
             *slot = Some(Conn::new(
-                crate::source::tls::connect_sql(&self.conn).await?,
+                crate::source::tls::connect_sql_task(&self.conn).await?,
             ));
         }
         let Some(Conn { client, .. }) = slot.as_mut() else {
@@ -310,10 +317,29 @@ impl PolicyDb {
             }
             Err(_) => {
                 // The connection is in an unknown state: drop it.
-                *slot = None;
+                self.discard(slot.take());
                 Err(CheckError::Timeout(deadline.as_millis() as u64))
             }
         }
+    }
+
+    /// Drops a connection in an unknown state (no answer in time, a round
+    /// cut at its budget) so that its backend stops too: the task driving it
+    /// is aborted (the socket closes: the backend ends at its next answer,
+    /// nothing more of the pipeline runs) and what it is running is
+    /// cancelled — never a backend left running a round nobody waits for,
+    /// while the pool opens another.
+    fn discard(&self, conn: Option<Conn>) {
+        let Some(conn) = conn else { return };
+        conn.task.abort();
+        let token = conn.client.cancel_token();
+        drop(conn);
+        let info = self.conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::source::tls::cancel_sql(&info, &token).await {
+                tracing::debug!(error = %e, "cancelling a dropped check connection's query failed");
+            }
+        });
     }
 
     /// What applies to a `SELECT` of `schema.table` by `role`.
@@ -520,6 +546,7 @@ impl PolicyDb {
         let mut out: Vec<Result<Vec<u32>, CheckError>> = Vec::with_capacity(classes.len());
         let mut remake = false;
         let mut retried = false;
+        let mut cut = false;
         while out.len() < classes.len() {
             let rest = &classes[out.len()..];
             match self
@@ -536,6 +563,25 @@ impl PolicyDb {
                             out.push(Err(CheckError::Other(e.clone())));
                         }
                     }
+                }
+                Attempt::Cut(results) => {
+                    // One slow class fails alone: those that never started
+                    // get a round of their own, once (a second cut fails
+                    // them: PostgreSQL is that slow for everyone).
+                    out.extend(results);
+                    if cut {
+                        tracing::warn!(schema, table,
+                            "a second round of checks ran past its time budget; failing the classes left");
+                        while out.len() < classes.len() {
+                            out.push(Err(CheckError::RoundTimeout(
+                                self.timeout.as_millis() as u64
+                            )));
+                        }
+                    } else {
+                        tracing::debug!(schema, table,
+                            "a round of checks ran past its time budget; the classes not started get another");
+                    }
+                    cut = true;
                 }
                 Attempt::OverBudget(e) => {
                     tracing::warn!(error = %e, schema, table,
@@ -649,7 +695,7 @@ impl PolicyDb {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
         let mut slot = self.pool[i].lock().await;
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
-            match crate::source::tls::connect_sql(&self.conn).await {
+            match crate::source::tls::connect_sql_task(&self.conn).await {
                 Ok(client) => *slot = Some(Conn::new(client)),
                 Err(e) => return Attempt::AllFailed(e.into()),
             }
@@ -691,7 +737,7 @@ impl PolicyDb {
                 }
                 Ok(Err(e)) => return Attempt::Unloaded(e),
                 Err(_) => {
-                    *slot = None;
+                    self.discard(slot.take());
                     return Attempt::AllFailed(timed_out);
                 }
             }
@@ -746,7 +792,7 @@ impl PolicyDb {
                 match tokio::time::timeout(deadline, prepare_all(&conn.client, &missing)).await {
                     Ok(made) => made,
                     Err(_) => {
-                        *slot = None;
+                        self.discard(slot.take());
                         return Attempt::AllFailed(timed_out);
                     }
                 };
@@ -817,7 +863,7 @@ impl PolicyDb {
         } else {
             // In an unknown state (no answer, or the transaction may not
             // have begun): its temp tables cannot be trusted any more.
-            *slot = None;
+            self.discard(slot.take());
         }
         outcome
     }
@@ -841,7 +887,7 @@ impl PolicyDb {
                 tracing::debug!(error = %e, "vacuuming a temp table of row images failed");
                 conn.temps.remove(key);
             }
-            Err(_) => *slot = None,
+            Err(_) => self.discard(slot.take()),
         }
     }
 
@@ -855,7 +901,9 @@ impl PolicyDb {
 
     /// A digest of everything that decides what a role may read: policies, row
     /// security flags, table and column privileges, role memberships and
-    /// attributes, and publications (which columns a row image has). It
+    /// attributes, publications (which columns a row image has), and the
+    /// columns of tables with row security (names, types, generated or
+    /// dropped: a whole-row policy reads them all). It
     /// changes when any of them does.
     pub async fn fingerprint(&self) -> Result<String, CheckError> {
         self.with_client(|c| {
@@ -873,6 +921,12 @@ impl PolicyDb {
                            (select string_agg(concat_ws(',', attrelid, attnum, attacl::text), ';' \
                                    order by attrelid, attnum) \
                               from pg_catalog.pg_attribute where attacl is not null), \
+                           (select string_agg(concat_ws(',', a.attrelid, a.attnum, a.attname, \
+                                   a.atttypid, a.attgenerated, a.attisdropped), ';' \
+                                   order by a.attrelid, a.attnum) \
+                              from pg_catalog.pg_attribute a \
+                              join pg_catalog.pg_class r on r.oid = a.attrelid \
+                             where r.relrowsecurity and a.attnum > 0), \
                            (select string_agg(concat_ws(',', roleid, member), ';' \
                                    order by roleid, member) from pg_catalog.pg_auth_members), \
                            (select string_agg(concat_ws(',', oid, rolsuper, rolbypassrls, \
@@ -953,6 +1007,10 @@ enum Attempt {
     /// The round's time budget ran out before any class was judged: they all
     /// fail (never tried again: that would take as long once more).
     OverBudget(CheckError),
+    /// The budget ran out during a class's check: the verdicts up to it (it
+    /// failed with [`CheckError::RoundTimeout`]); the classes after it never
+    /// started and are tried once more in a new round.
+    Cut(Vec<Result<Vec<u32>, CheckError>>),
 }
 
 /// Makes (again) the temp table `name` with `schema.table`'s columns (no
@@ -1333,11 +1391,10 @@ async fn pipeline(
                 results.push(Err(CheckError::Database(PgError::from_sql(e))));
             }
             Err(None) => {
-                // Over budget: this class and every one after it fail.
-                while results.len() < classes.len() {
-                    results.push(Err(over()));
-                }
-                return (Attempt::Judged(results), false);
+                // Over budget: this class's own check ran past it and fails;
+                // those after it never started (see `Attempt::Cut`).
+                results.push(Err(over()));
+                return (Attempt::Cut(results), false);
             }
         }
         match undone {
@@ -1349,12 +1406,7 @@ async fn pipeline(
                 tracing::debug!(error = %e, "rolling back to a class's savepoint failed");
                 return (Attempt::Judged(results), true);
             }
-            Err(None) => {
-                while results.len() < classes.len() {
-                    results.push(Err(over()));
-                }
-                return (Attempt::Judged(results), false);
-            }
+            Err(None) => return (Attempt::Cut(results), false),
         }
     }
     let ended = next().await.is_ok();

@@ -404,6 +404,42 @@ impl ServerCertVerifier for ChainOnly {
 /// Opens an ordinary SQL connection and drives it on a background task that ends
 /// when the client is dropped.
 pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, PgError> {
+    connect_sql_task(info).await.map(|(client, _)| client)
+}
+
+/// Asks the server to cancel what `token`'s connection is running (a new
+/// connection of the same kind as [`connect_sql`]'s, within the connect
+/// timeout).
+pub async fn cancel_sql(
+    info: &PgConnInfo,
+    token: &tokio_postgres::CancelToken,
+) -> Result<(), PgError> {
+    let only_unix = info.hosts.iter().all(|h| matches!(h, PgHost::Unix { .. }));
+    let tls = if only_unix {
+        None
+    } else {
+        client_config(info)?
+    };
+    let cancelling = async {
+        match tls {
+            None => token.cancel_query(tokio_postgres::NoTls).await,
+            Some(tls_cfg) => {
+                let make = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_cfg).clone());
+                token.cancel_query(make).await
+            }
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, cancelling).await {
+        Ok(r) => r.map_err(PgError::from_sql),
+        Err(_) => Ok(()),
+    }
+}
+
+/// [`connect_sql`], with the task driving the connection (aborting it closes
+/// the connection at once).
+pub async fn connect_sql_task(
+    info: &PgConnInfo,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), PgError> {
     let mut cfg = info.sql_config.clone();
     cfg.connect_timeout(Duration::from_secs(10));
     // Like libpq, never TLS over Unix-domain sockets (the server would say 'N').
@@ -424,12 +460,12 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Pg
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(PgError::from_sql)?;
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "sql connection ended");
                     }
                 });
-                client
+                (client, task)
             }
             Some(tls_cfg) => {
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_cfg).clone());
@@ -437,12 +473,12 @@ pub async fn connect_sql(info: &PgConnInfo) -> Result<tokio_postgres::Client, Pg
                     .connect(make)
                     .await
                     .map_err(|e| sql_tls_error(e, &target, info.ssl_mode))?;
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "sql connection ended");
                     }
                 });
-                client
+                (client, task)
             }
         };
         Ok(client)

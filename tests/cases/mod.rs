@@ -21,6 +21,7 @@ mod resume;
 mod rls;
 mod rls_limits;
 mod rls_more;
+mod rls_review;
 mod rls_rounds;
 mod setup;
 mod status;
