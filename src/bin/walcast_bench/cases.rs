@@ -277,6 +277,27 @@ where
     Ok((done? - t0, cpu))
 }
 
+/// [`drain_walcast`] with one whole-table client of `rec`: the drain case's shape.
+async fn drain_to_one_client(env: &Env, slot: &str, expected: u64) -> Result<(Duration, Duration)> {
+    drain_walcast(
+        env,
+        slot,
+        &env::config(4_000_000, 100),
+        expected,
+        |port, count, stop| async move {
+            clients(
+                port,
+                vec![vec![vec![client::binding("rec", None)]]],
+                count,
+                stop,
+                0,
+            )
+            .await
+        },
+    )
+    .await
+}
+
 /// One client per entry of `plan`, each joining one channel per list of bindings.
 async fn clients(
     port: u16,
@@ -358,23 +379,7 @@ pub async fn drain(quick: bool) -> Result<Vec<Figure>> {
         secs(base_cpu)
     );
     let expected = inserts + updates;
-    let (ours, cpu) = drain_walcast(
-        &env,
-        "s_walcast",
-        &env::config(4_000_000, 100),
-        expected,
-        |port, count, stop| async move {
-            clients(
-                port,
-                vec![vec![vec![client::binding("rec", None)]]],
-                count,
-                stop,
-                0,
-            )
-            .await
-        },
-    )
-    .await?;
+    let (ours, cpu) = drain_to_one_client(&env, "s_walcast", expected).await?;
     eprintln!("drain: walcast {} (walcast CPU {})", secs(ours), secs(cpu));
     let ratio = ours.as_secs_f64() / base.as_secs_f64();
     // Issue 16: with the change log (fsync'd before confirming), ≤ 1.3×.
@@ -795,23 +800,7 @@ async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
     let env = Env::start().await?;
     let end = drain_setup(&env, "cluster", quick, &["s_recv", "s_walcast", "s_relay"]).await?;
     let (base, _, _) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
-    let (single, _) = drain_walcast(
-        &env,
-        "s_walcast",
-        &env::config(4_000_000, 100),
-        expected,
-        |port, count, stop| async move {
-            clients(
-                port,
-                vec![vec![vec![client::binding("rec", None)]]],
-                count,
-                stop,
-                0,
-            )
-            .await
-        },
-    )
-    .await?;
+    let (single, _) = drain_to_one_client(&env, "s_walcast", expected).await?;
     let cfg = format!(
         "{}\n[cluster]\nnats_url = {:?}\nstream = \"DRAIN\"\nsubject_prefix = \"drain\"\n",
         env::config(4096, 100),
