@@ -419,6 +419,10 @@ async fn no_change_reaches_a_channel_before_its_join_reply() {
                 break;
             }
         }
+        // One channel at a time, so the socket's queue never fills: every
+        // channel gets every row.
+        let l = format!("l{i}");
+        send(&mut ws, json!([r, l, topic, "phx_leave", {}])).await;
     }
     stop.cancel();
     let written = writer.await.unwrap();
