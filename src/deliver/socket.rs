@@ -61,7 +61,7 @@ pub struct Shared {
 /// resident size. A message waits at most [`ADMISSION_WAIT`] for its turn and is
 /// then worked on anyway, so a stalled join (catalog or key fetch waiting on the
 /// network) never holds the others back for longer.
-pub const MESSAGES_AT_ONCE: usize = 64;
+pub const MESSAGES_AT_ONCE: usize = 256;
 
 /// The longest a client message waits for admission.
 pub const ADMISSION_WAIT: Duration = Duration::from_secs(1);
