@@ -787,6 +787,11 @@ pub struct ServeConfig {
     pub cluster: ClusterConfig,
 }
 
+/// The first token of the subjects gateways talk to each other on
+/// (`_walcast_peer.<subject_prefix>.broadcast`, `….presence`); a subject prefix
+/// may not start with it.
+pub const PEER_ROOT: &str = "_walcast_peer";
+
 /// `[cluster]`: several nodes fed from one slot through NATS JetStream (README,
 /// "Running several nodes"). Off unless `nats_url` is set.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -851,6 +856,12 @@ impl ClusterConfig {
             return Some((
                 "cluster.subject_prefix",
                 "must be dot-separated tokens of letters, digits, '_' or '-' (no wildcards)",
+            ));
+        }
+        if self.subject_prefix.split('.').next() == Some(PEER_ROOT) {
+            return Some((
+                "cluster.subject_prefix",
+                "must not start with _walcast_peer (the gateways' own subjects)",
             ));
         }
         if self.max_bytes < 1024 * 1024 {
@@ -1326,5 +1337,24 @@ mod health_tests {
         assert!(e.to_string().contains("lag_secs"), "{e}");
         let e = ServeConfig::from_toml("[server]\nmetrics_listen = \"nope\"\n").unwrap_err();
         assert!(e.to_string().contains("server.metrics_listen"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_prefix_cannot_take_the_gateways_own_subjects() {
+        let ok = ServeConfig::from_toml("[cluster]\nsubject_prefix = \"shop.live\"\n").unwrap();
+        assert_eq!(ok.cluster.subject_prefix, "shop.live");
+        for bad in ["_walcast_peer", "_walcast_peer.x", "a.>"] {
+            let e = ServeConfig::from_toml(&format!("[cluster]\nsubject_prefix = {bad:?}\n"))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("cluster.subject_prefix"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -145,8 +145,13 @@ pub async fn run(
                     cur.next_seq = seq + 1;
                     stats.stream_sequence.store(seq, Ordering::Relaxed);
                     stats.consumed.fetch_add(1, Ordering::Relaxed);
-                    if pending == 0 {
+                    if pending == 0 && !caught_up {
                         caught_up = true;
+                        // Healthy from here, not from the next message or tick:
+                        // this one may be the last for a while.
+                        if up {
+                            set_health(&state, true);
+                        }
                     }
                     if !hand_on(&mut cur, &msg.payload, &tx, &stats, &state).await {
                         return Ok(());

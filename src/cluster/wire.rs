@@ -292,6 +292,15 @@ pub fn message_subject(prefix: &str) -> String {
     format!("{prefix}._msg")
 }
 
+/// The subject of the gateways' `what` traffic (`broadcast`, `presence`): core
+/// NATS, never stored. Outside `<prefix>.>` on purpose: the stream takes every
+/// message published under that, and a stored peer message would both reach
+/// the gateways' readers as an unreadable change and break the relay's chain
+/// of `Nats-Expected-Last-Msg-Id`.
+pub fn peer_subject(prefix: &str, what: &str) -> String {
+    format!("{}.{prefix}.{what}", crate::config::PEER_ROOT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

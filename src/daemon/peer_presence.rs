@@ -1,5 +1,5 @@
 //! Presence between the gateways of a cluster, over core NATS (subject
-//! `<subject_prefix>._peer.presence`): a client that `track()`s on one gateway
+//! `_walcast_peer.<subject_prefix>.presence`): a client that `track()`s on one gateway
 //! is in the `presence_state` and `presence_diff`s of the topic's members on
 //! every gateway.
 //!
@@ -145,7 +145,7 @@ struct WireEntry {
     m: WireMeta,
 }
 
-/// The messages on `<prefix>._peer.presence` (JSON); `n` is the sender's node.
+/// The messages on `_walcast_peer.<prefix>.presence` (JSON); `n` is the sender's node.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "t")]
 enum Wire {
@@ -646,7 +646,7 @@ pub async fn run(
     metrics: PresenceMetrics,
     stop: CancellationToken,
 ) {
-    let subject = format!("{prefix}._peer.presence");
+    let subject = crate::cluster::wire::peer_subject(&prefix, "presence");
     let me = node_id();
     let (tx, rx) = mpsc::channel::<Out>(OUTBOUND);
     let mirror = Arc::new(Mutex::new(Mirror::default()));

@@ -1,5 +1,5 @@
 //! Client broadcasts between the gateways of a cluster, over core NATS (subject
-//! `<subject_prefix>._peer.broadcast`): what a client of one gateway sends to a
+//! `_walcast_peer.<subject_prefix>.broadcast`): what a client of one gateway sends to a
 //! topic reaches the topic's members on every gateway.
 //!
 //! Guarantee: at most once, like a broadcast within one node — core NATS does
@@ -34,7 +34,7 @@ pub async fn run(
     broadcaster: Arc<Broadcaster>,
     stop: CancellationToken,
 ) {
-    let subject = format!("{prefix}._peer.broadcast");
+    let subject = crate::cluster::wire::peer_subject(&prefix, "broadcast");
     let node = {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
