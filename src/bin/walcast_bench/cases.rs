@@ -704,7 +704,9 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
 /// slot and publishes, one gateway (`serve --cluster`) reads the stream and
 /// serves the clients: write → client p50/p99/max at the latency case's rate,
 /// against `pg_recvlogical` reading its own slot. The NATS server is a throwaway
-/// `nats-server -js` on this machine (its version is in the figure).
+/// `nats-server -js` on this machine (its version is in the figure). Then the
+/// fan-out case on one gateway and on two ([`cluster_fanout`]), and the relay's
+/// throughput into the stream ([`relay_drain`]).
 pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
     let (rate, secs_, clients_n) = if quick { (200, 3, 10) } else { (2_000, 30, 10) };
     let nats = walcast::testing::Nats::start().context("start nats-server -js")?;
@@ -785,7 +787,153 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
     ));
     drop(env);
     drop(nats);
+    figs.extend(cluster_fanout(quick).await?);
     figs.extend(relay_drain(quick).await?);
+    Ok(figs)
+}
+
+/// The fan-out case through NATS: one relay, the same connections on one
+/// gateway, then split over two (round-robin), each round on a table of its own
+/// so the second round's gateways, which read the whole stream when they start,
+/// never count the first round's changes. Delivered msg/s, the gateways' CPU per
+/// 1k deliveries and latency (1 in 100 connections sampled) per round; the
+/// figure of interest is two gateways against one on the same machine.
+async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
+    let (conns, rate, secs_) = if quick {
+        (200, 100, 3)
+    } else {
+        (10_000, 100, 20)
+    };
+    let nats = walcast::testing::Nats::start().context("start nats-server -js")?;
+    let env = Env::start().await?;
+    live_setup(&env, "fan1").await?;
+    exec(
+        &env.sql().await?,
+        &[
+            format!("create table fan2 {LIVE_TABLE}"),
+            "alter table fan2 replica identity full".into(),
+            "alter publication pub add table fan2".into(),
+        ],
+    )
+    .await?;
+    let cfg = format!(
+        "{}\n[cluster]\nnats_url = {:?}\nstream = \"FAN\"\nsubject_prefix = \"fan\"\n",
+        env::config(4096, 100),
+        nats.url()
+    );
+    let relay = env::run_walcast(&["relay"], &env.url(), "s_walcast", "pub", &cfg).await?;
+    let mut figs = Vec::new();
+    let mut per_round = Vec::new();
+    for (gateways, table) in [(1usize, "fan1"), (2, "fan2")] {
+        let mut nodes = Vec::new();
+        for _ in 0..gateways {
+            nodes.push(
+                env::run_walcast(
+                    &["serve", "--cluster"],
+                    &env.url(),
+                    "s_walcast",
+                    "pub",
+                    &cfg,
+                )
+                .await?,
+            );
+        }
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (g, node) in nodes.iter().enumerate() {
+            let plan = (0..conns)
+                .filter(|c| c % gateways == g)
+                .map(|_| vec![vec![client::binding(table, None)]])
+                .collect();
+            tasks.extend(clients(node.port, plan, count.clone(), stop.clone(), 100).await?);
+        }
+        let cpu0: Duration = nodes.iter().map(|n| n.cpu()).sum();
+        let t0 = Instant::now();
+        let written = paced_writes(&env, table, rate, Duration::from_secs(secs_), 1, 1).await?;
+        let expected = written * conns as u64;
+        let got = wait_count(&count, expected, Duration::from_secs(60)).await;
+        let elapsed = t0.elapsed();
+        let cpu = nodes
+            .iter()
+            .map(|n| n.cpu())
+            .sum::<Duration>()
+            .saturating_sub(cpu0);
+        stop.cancel();
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await?.latencies_us);
+        }
+        for n in nodes {
+            n.stop().await;
+        }
+        let delivered = count.load(Ordering::Relaxed);
+        if let Err(e) = got {
+            eprintln!("cluster fan-out, {gateways} gateway(s): {e}");
+        }
+        let rate_out = per_sec(delivered, elapsed);
+        eprintln!(
+            "cluster fan-out: {gateways} gateway(s), {delivered} of {expected} in {}, gateways' CPU {}",
+            secs(elapsed),
+            secs(cpu)
+        );
+        let nodes_label = if gateways == 1 {
+            "1 gateway"
+        } else {
+            "2 gateways"
+        };
+        figs.push(Figure::new(
+            "cluster",
+            format!(
+                "fan-out through NATS: {conns} connections on {nodes_label} × {rate} commits/s, delivered msg/s"
+            ),
+            Cell::num(rate_out, thousands),
+            format!("offered {}", thousands((rate * conns as u64) as f64)),
+            Some(rate_out / (rate * conns as u64) as f64),
+            "all",
+            Some(delivered >= expected),
+        ));
+        figs.push(Figure::new(
+            "cluster",
+            format!("fan-out through NATS, {nodes_label}: gateways' CPU per 1k deliveries"),
+            Cell::num(
+                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9),
+                f_ms1,
+            ),
+            "—",
+            None,
+            "",
+            None,
+        ));
+        let mut q = lat;
+        let [p50, p99, _] = quantiles(&mut q);
+        figs.push(Figure::new(
+            "cluster",
+            format!("fan-out through NATS, {nodes_label}: write → client p50 / p99"),
+            format!(
+                "{} / {}",
+                f_ms(f64::from(p50) / 1000.0),
+                f_ms(f64::from(p99) / 1000.0)
+            ),
+            "—",
+            None,
+            "",
+            None,
+        ));
+        per_round.push(rate_out);
+    }
+    relay.stop().await;
+    if let [one, two] = per_round[..] {
+        figs.push(Figure::new(
+            "cluster",
+            "fan-out through NATS: two gateways against one (delivered msg/s; same 2-core machine)",
+            Cell::num(two, thousands),
+            Cell::labelled("1 gateway", one, thousands),
+            (one > 0.0).then(|| two / one),
+            "",
+            None,
+        ));
+    }
     Ok(figs)
 }
 
