@@ -153,7 +153,7 @@ const CASES: &[&str] = &[
 
 fn usage() -> String {
     format!(
-        "usage: walcast-bench <{}|all|capture> [--quick] [--runs N] [--rate=N (fanout commits/s)] [--no-log]",
+        "usage: walcast-bench <{}|cluster-fanout|cluster-relay|all|capture> [--quick] [--runs N] [--rate=N (fanout commits/s)] [--no-log]",
         CASES.join("|")
     )
 }
@@ -203,6 +203,9 @@ async fn run_case(name: &str, quick: bool, rate: Option<u64>) -> Result<Vec<Figu
         "replay" => cases::replay(quick).await?,
         "rls" => rls::rls(quick).await?,
         "cluster" => cases::cluster(quick).await?,
+        // Parts of `cluster` alone (not in `all`, which runs them within it).
+        "cluster-fanout" => cases::cluster_fanout(quick).await?,
+        "cluster-relay" => cases::relay_drain(quick).await?,
         "capture" => cases::capture().await?,
         other => bail!("unknown case {other:?}; {}", usage()),
     };

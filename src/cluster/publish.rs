@@ -76,6 +76,17 @@ struct Publisher {
     last_id: Option<String>,
     /// A publish failed: settle and resend before reading more.
     resync: bool,
+    /// Entries of `queue` whose acknowledgement is awaited (`ack` is Some).
+    unacked: usize,
+    /// Per table (the decoder's `Arc`): its subject and its encoding, made once.
+    tables: std::collections::HashMap<crate::decode::pgoutput::RelId, TableOut>,
+}
+
+/// What every message of one table carries, made once per table version.
+struct TableOut {
+    table: Arc<crate::decode::relation::Table>,
+    subject: String,
+    encoded: Vec<u8>,
 }
 
 /// Runs until `items` closes (then waits for what is in flight) or `stop` fires.
@@ -99,6 +110,8 @@ pub async fn run(
         queue: VecDeque::new(),
         last_id: None,
         resync: false,
+        unacked: 0,
+        tables: std::collections::HashMap::new(),
     };
     let mut open = true;
     loop {
@@ -141,17 +154,18 @@ impl Publisher {
                 self.progress.confirm(lsn);
             }
         }
-        let pending = self.queue.iter().filter(|o| o.ack.is_some()).count();
         self.stats
             .in_flight
-            .store(pending as i64, Ordering::Relaxed);
+            .store(self.unacked as i64, Ordering::Relaxed);
     }
 
     fn front_done(&mut self, r: Result<PublishAck, PublishError>) {
         let Some(front) = self.queue.front_mut() else {
             return;
         };
-        front.ack = None;
+        if front.ack.take().is_some() {
+            self.unacked -= 1;
+        }
         match r {
             Ok(ack) => {
                 front.acked = true;
@@ -226,15 +240,33 @@ impl Publisher {
 
     async fn publish_held(&mut self, h: Held, end: Option<Lsn>) {
         let msg = match h {
-            Held::Change(c, pos) => (
-                wire::table_subject(&self.prefix, &c.table.schema, &c.table.name),
-                Key {
-                    lsn: c.txn.commit_lsn,
-                    pos,
-                }
-                .msg_id(true),
-                wire::encode_change(&self.source, &c, pos, end),
-            ),
+            Held::Change(c, pos) => {
+                let t = match self.tables.get(&c.table.id) {
+                    Some(t) if Arc::ptr_eq(&t.table, &c.table) => t,
+                    _ => {
+                        let t = TableOut {
+                            table: c.table.clone(),
+                            subject: wire::table_subject(
+                                &self.prefix,
+                                &c.table.schema,
+                                &c.table.name,
+                            ),
+                            encoded: crate::changelog::codec::encode_table(&c.table),
+                        };
+                        self.tables.insert(c.table.id, t);
+                        &self.tables[&c.table.id]
+                    }
+                };
+                (
+                    t.subject.clone(),
+                    Key {
+                        lsn: c.txn.commit_lsn,
+                        pos,
+                    }
+                    .msg_id(true),
+                    wire::encode_change_with(&self.source, &c, &t.encoded, pos, end),
+                )
+            }
             Held::Message(m, pos) => {
                 let lsn = m.txn.map_or(m.lsn, |t| t.commit_lsn);
                 (
@@ -265,6 +297,7 @@ impl Publisher {
             match self.js.send_publish(subject.clone(), m).await {
                 Ok(f) => {
                     out.ack = Some(f.into_future());
+                    self.unacked += 1;
                     self.last_id = Some(id.clone());
                 }
                 Err(e) => self.failed(&e.to_string()),
@@ -279,6 +312,7 @@ impl Publisher {
     async fn resend(&mut self, stop: &CancellationToken) -> bool {
         for o in self.queue.iter_mut() {
             if let Some(f) = o.ack.take() {
+                self.unacked -= 1;
                 tokio::select! {
                     _ = stop.cancelled() => return false,
                     r = f => if let Ok(ack) = r {

@@ -81,15 +81,40 @@ pub struct Envelope {
 
 /// The message of the change `c`, entry `pos` of its transaction.
 pub fn encode_change(source: &Source, c: &Change, pos: u32, last: Option<Lsn>) -> Bytes {
-    let mut out = Vec::with_capacity(256);
+    encode_change_with(source, c, &codec::encode_table(&c.table), pos, last)
+}
+
+/// [`encode_change`] with the table already encoded (`codec::encode_table` of
+/// `c.table`): the relay encodes each table once, not once per change.
+pub fn encode_change_with(
+    source: &Source,
+    c: &Change,
+    table: &[u8],
+    pos: u32,
+    last: Option<Lsn>,
+) -> Bytes {
+    // Sized once: the head, the table, and each cell's bytes and length.
+    let rows: usize = [&c.old, &c.new]
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.iter())
+        .map(|cell| match cell {
+            crate::decode::event::Cell::Text(b) | crate::decode::event::Cell::Binary(b) => {
+                b.len() + 5
+            }
+            _ => 1,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(
+        64 + source.system_id.len() + source.slot.len() + table.len() + rows + 16,
+    );
     let key = Key {
         lsn: c.txn.commit_lsn,
         pos,
     };
     head(&mut out, source, key, Some(&c.txn), last);
-    let table = codec::encode_table(&c.table);
     out.put_u32_le(table.len() as u32);
-    out.extend_from_slice(&table);
+    out.extend_from_slice(table);
     codec::encode_change(&mut out, 0, c);
     out.into()
 }

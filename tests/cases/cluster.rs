@@ -227,6 +227,18 @@ async fn one_relay_two_gateways_every_change_reaches_every_matching_client_in_or
         want,
         "the filtered client gets its rows only"
     );
+    // A table whose shape changes mid-stream: the relay sends the new shape.
+    c.batch_execute("alter table a add column w text; insert into a values (200, 'p', 'q')")
+        .await
+        .unwrap();
+    for (name, js) in [("g1", &mut on_g1), ("g2", &mut on_g2)] {
+        let v = js
+            .wait_for("the row with the new column", T, |v| {
+                is_on(v, "postgres_changes", "feed") && v["payload"]["new"]["id"] == 200
+            })
+            .await;
+        assert_eq!(v["payload"]["new"]["w"], "q", "{name}: {v}");
+    }
     for js in [on_g1, on_g2, filtered] {
         js.exit().await;
     }

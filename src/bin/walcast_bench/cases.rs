@@ -798,7 +798,7 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
 /// never count the first round's changes. Delivered msg/s, the gateways' CPU per
 /// 1k deliveries and latency (1 in 100 connections sampled) per round; the
 /// figure of interest is two gateways against one on the same machine.
-async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
+pub async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
     let (conns, rate, secs_) = if quick {
         (200, 100, 3)
     } else {
@@ -941,7 +941,7 @@ async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
 /// `pg_recvlogical`, by a single-node `walcast serve` to one client, and by
 /// `walcast relay` until the stream holds every change; each through the gating
 /// relay, timed from its release.
-async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
+pub async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
     let (inserts, updates) = drain_scale(quick);
     let expected = inserts + updates;
     let nats = walcast::testing::Nats::start().context("start nats-server -js")?;
