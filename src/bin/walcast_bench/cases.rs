@@ -893,17 +893,11 @@ pub async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
             "all",
             Some(delivered >= expected),
         ));
-        figs.push(Figure::new(
+        figs.push(cpu_per_1k_deliveries(
             "cluster",
             format!("fan-out through NATS, {nodes_label}: gateways' CPU per 1k deliveries"),
-            Cell::num(
-                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9),
-                f_ms1,
-            ),
-            "—",
-            None,
-            "",
-            None,
+            cpu,
+            delivered,
         ));
         let mut q = lat;
         let [p50, p99, _] = quantiles(&mut q);
@@ -1247,21 +1241,36 @@ pub async fn fanout(quick: bool, rate: Option<u64>) -> Result<Vec<Figure>> {
             "all",
             Some(delivered >= expected),
         ),
-        Figure::new(
+        cpu_per_1k_deliveries(
             "fanout",
-            "walcast CPU per 1k deliveries",
-            Cell::num(
-                cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9),
-                f_ms1,
-            ),
-            "—",
-            None,
-            "",
-            None,
+            "walcast CPU per 1k deliveries".into(),
+            cpu,
+            delivered,
         ),
     ];
     figs.extend(latency_figures("fanout", "latency", lat, None, [0, 0]));
     Ok(figs)
+}
+
+/// The figure `what`: `cpu` spent per 1,000 of `delivered` messages, in ms.
+fn cpu_per_1k_deliveries(
+    case: &'static str,
+    what: String,
+    cpu: Duration,
+    delivered: u64,
+) -> Figure {
+    Figure::new(
+        case,
+        what,
+        Cell::num(
+            cpu.as_secs_f64() * 1000.0 / (delivered as f64 / 1000.0).max(1e-9),
+            f_ms1,
+        ),
+        "—",
+        None,
+        "",
+        None,
+    )
 }
 
 // ---------------------------------------------------------------------------
