@@ -62,6 +62,7 @@ pub async fn run(
     let mut cur = Cursor::default();
     let mut warned = false;
     let mut caught_up = false;
+    let old_peer = format!("{}._peer.", cfg.subject_prefix);
     loop {
         if shutdown.is_cancelled() || tx.is_closed() {
             return Ok(());
@@ -145,13 +146,15 @@ pub async fn run(
                     cur.next_seq = seq + 1;
                     stats.stream_sequence.store(seq, Ordering::Relaxed);
                     stats.consumed.fetch_add(1, Ordering::Relaxed);
-                    if pending == 0 && !caught_up {
+                    if pending == 0 {
                         caught_up = true;
-                        // Healthy from here, not from the next message or tick:
-                        // this one may be the last for a while.
-                        if up {
-                            set_health(&state, true);
-                        }
+                    }
+                    // What gateways of walcast before 63f3119 said to each other
+                    // landed in the stream too (their peer subjects were under
+                    // the prefix): not changes, skipped without a word.
+                    if msg.subject.starts_with(old_peer.as_str()) {
+                        stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     }
                     if !hand_on(&mut cur, &msg.payload, &tx, &stats, &state).await {
                         return Ok(());

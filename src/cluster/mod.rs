@@ -116,10 +116,16 @@ pub async fn ensure_stream(
                 .map_err(|e| err(format!("cannot read its configuration: {e}")))?;
             let have = &info.config;
             let subject = &want.subjects[0];
-            if !have.subjects.iter().any(|s| s == subject || s == ">") {
+            if !have.subjects.iter().any(|s| s == subject) {
                 return Err(err(format!(
                     "its subjects are {:?}, not {subject:?}: delete it, or set [cluster] stream or subject_prefix to match",
                     have.subjects
+                )));
+            }
+            let peer = wire::peer_subject(&cfg.subject_prefix, "presence");
+            if let Some(s) = have.subjects.iter().find(|s| subject_covers(s, &peer)) {
+                return Err(err(format!(
+                    "its subject {s:?} also takes the gateways' own messages ({peer:?}), which must never be stored: give it only {subject:?}"
                 )));
             }
             if have.retention != jetstream::stream::RetentionPolicy::Limits {
@@ -161,5 +167,46 @@ pub async fn ensure_stream(
         Err(e) => Err(err(format!(
             "cannot read it: {e} (is JetStream enabled on the server, `nats-server -js`?)"
         ))),
+    }
+}
+
+/// Whether the NATS subject pattern `pattern` (`*` one token, `>` the rest)
+/// matches `subject`.
+fn subject_covers(pattern: &str, subject: &str) -> bool {
+    let mut subject = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, subject.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    subject.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn subject_patterns_match_as_nats_does() {
+        let peer = "_walcast_peer.walcast.presence";
+        for p in [
+            ">",
+            "_walcast_peer.>",
+            "*.walcast.*",
+            "_walcast_peer.walcast.presence",
+        ] {
+            assert!(subject_covers(p, peer), "{p}");
+        }
+        for p in [
+            "walcast.>",
+            "_walcast_peer.*",
+            "*.*",
+            "_walcast_peer.walcast.presence.x",
+        ] {
+            assert!(!subject_covers(p, peer), "{p}");
+        }
     }
 }

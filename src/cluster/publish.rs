@@ -188,6 +188,9 @@ impl Publisher {
     async fn item(&mut self, item: Item) {
         match item {
             Item::Stream(s) => {
+                // A new session: relation ids are announced again, and tables
+                // seen before may be gone (bounded by what one session sees).
+                self.tables.clear();
                 self.source = Source {
                     system_id: s.system_id,
                     slot: s.slot,
