@@ -838,6 +838,42 @@ pub async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
                 .await?,
             );
         }
+        // The second round's gateways read the first round's changes when they
+        // start: wait until they are through them, so that work is not counted.
+        let js = async_nats::jetstream::new(
+            async_nats::connect(nats.url())
+                .await
+                .context("connect to nats-server")?,
+        );
+        let last = js
+            .get_stream("FAN")
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence;
+        for node in &nodes {
+            let limit = Instant::now() + Duration::from_secs(60);
+            loop {
+                let read = metrics_text(node.port)
+                    .await
+                    .and_then(|t| {
+                        t.lines().find_map(|l| {
+                            l.strip_prefix("walcast_cluster_stream_sequence ")
+                                .and_then(|v| v.trim().parse::<f64>().ok())
+                        })
+                    })
+                    .unwrap_or(0.0);
+                if read >= last as f64 {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < limit,
+                    "a gateway read {read} of the stream's {last} messages in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let count = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
