@@ -763,6 +763,9 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
     for t in tasks {
         lat.extend(t.await?.latencies_us);
     }
+    // The gateway's histogram: commit (its timestamp, carried through the
+    // stream) → queued for clients, so relay + NATS + gateway, without the client.
+    let share = commit_to_queued(gateway.port).await;
     gateway.stop().await;
     relay.stop().await;
     got?;
@@ -785,6 +788,19 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
         Some(("pg_recvlogical", floor_q)),
         [0, 15_000],
     ));
+    if let Some((p50, p99)) = share {
+        for (q, v) in [("p50", p50), ("p99", p99)] {
+            figs.push(Figure::new(
+                "cluster",
+                format!("commit → queued by the gateway {q} (its histogram, bucket bound)"),
+                Cell::labelled("≤", v, |x| format!("{x} ms")),
+                "—",
+                None,
+                "",
+                None,
+            ));
+        }
+    }
     drop(env);
     drop(nats);
     figs.extend(cluster_fanout(quick).await?);
