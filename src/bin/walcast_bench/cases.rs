@@ -684,20 +684,39 @@ pub async fn latency(quick: bool) -> Result<Vec<Figure>> {
         None,
         [0, 0],
     ));
-    if let Some((p50, p99)) = share {
-        for (q, v) in [("p50", p50), ("p99", p99)] {
-            figs.push(Figure::new(
-                "latency",
-                format!("commit → queued by walcast {q} (its histogram, bucket bound)"),
+    figs.extend(share_figures("latency", "walcast", share));
+    Ok(figs)
+}
+
+/// walcast's bench configuration with a `[cluster]` section: stream `stream`,
+/// subjects under `prefix`, on `nats`.
+fn cluster_config(nats: &walcast::testing::Nats, stream: &str, prefix: &str) -> String {
+    format!(
+        "{}\n[cluster]\nnats_url = {:?}\nstream = {stream:?}\nsubject_prefix = {prefix:?}\n",
+        env::config(4096, 100),
+        nats.url()
+    )
+}
+
+/// Figures "commit → queued by `who`" p50 and p99, from [`commit_to_queued`].
+fn share_figures(case: &'static str, who: &str, share: Option<(f64, f64)>) -> Vec<Figure> {
+    let Some((p50, p99)) = share else {
+        return Vec::new();
+    };
+    [("p50", p50), ("p99", p99)]
+        .into_iter()
+        .map(|(q, v)| {
+            Figure::new(
+                case,
+                format!("commit → queued by {who} {q} (its histogram, bucket bound)"),
                 Cell::labelled("≤", v, |x| format!("{x} ms")),
                 "—",
                 None,
                 "",
                 None,
-            ));
-        }
-    }
-    Ok(figs)
+            )
+        })
+        .collect()
 }
 
 /// `cluster`: the latency case through NATS JetStream — `walcast relay` reads the
@@ -733,11 +752,7 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
         &["select pg_create_logical_replication_slot('s_floor', 'pgoutput')".into()],
     )
     .await?;
-    let cluster_cfg = format!(
-        "{}\n[cluster]\nnats_url = {:?}\nstream = \"BENCH\"\nsubject_prefix = \"bench\"\n",
-        env::config(4096, 100),
-        nats.url()
-    );
+    let cluster_cfg = cluster_config(&nats, "BENCH", "bench");
     let relay = env::run_walcast(&["relay"], &env.url(), "s_walcast", "pub", &cluster_cfg).await?;
     let gateway = env::run_walcast(
         &["serve", "--cluster"],
@@ -788,19 +803,7 @@ pub async fn cluster(quick: bool) -> Result<Vec<Figure>> {
         Some(("pg_recvlogical", floor_q)),
         [0, 15_000],
     ));
-    if let Some((p50, p99)) = share {
-        for (q, v) in [("p50", p50), ("p99", p99)] {
-            figs.push(Figure::new(
-                "cluster",
-                format!("commit → queued by the gateway {q} (its histogram, bucket bound)"),
-                Cell::labelled("≤", v, |x| format!("{x} ms")),
-                "—",
-                None,
-                "",
-                None,
-            ));
-        }
-    }
+    figs.extend(share_figures("cluster", "the gateway", share));
     drop(env);
     drop(nats);
     figs.extend(cluster_fanout(quick).await?);
@@ -832,11 +835,7 @@ pub async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
         ],
     )
     .await?;
-    let cfg = format!(
-        "{}\n[cluster]\nnats_url = {:?}\nstream = \"FAN\"\nsubject_prefix = \"fan\"\n",
-        env::config(4096, 100),
-        nats.url()
-    );
+    let cfg = cluster_config(&nats, "FAN", "fan");
     let relay = env::run_walcast(&["relay"], &env.url(), "s_walcast", "pub", &cfg).await?;
     let mut figs = Vec::new();
     let mut per_round = Vec::new();
@@ -995,11 +994,7 @@ pub async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
     let end = drain_setup(&env, "cluster", quick, &["s_recv", "s_walcast", "s_relay"]).await?;
     let (base, _, _) = drain_pg_recvlogical(&env, "s_recv", &end).await?;
     let (single, _) = drain_to_one_client(&env, "s_walcast", expected).await?;
-    let cfg = format!(
-        "{}\n[cluster]\nnats_url = {:?}\nstream = \"DRAIN\"\nsubject_prefix = \"drain\"\n",
-        env::config(4096, 100),
-        nats.url()
-    );
+    let cfg = cluster_config(&nats, "DRAIN", "drain");
     let gate = Relay::start(env.cluster.port()).await?;
     let relay =
         env::run_walcast(&["relay"], &env.url_via(gate.port), "s_relay", "pub", &cfg).await?;
