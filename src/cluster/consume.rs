@@ -8,7 +8,7 @@
 //!   reads every subject of the stream from its first message. The gateway's own
 //!   change log skips the transactions it already holds, so a restart catches up
 //!   from the stream, the source of truth.
-//! - **Once.** A message whose key (commit LSN, position) is not after the last
+//! - **Once.** An entry whose key (commit LSN, position) is not after the last
 //!   one handed on is skipped: a republish that outlived the duplicate window.
 //! - **Health.** The stream counts as connected (the `StreamState` read by
 //!   `/ready` and the `REPLICATION_DOWN`/`REPLICATION_OK` notices) while the NATS
@@ -209,15 +209,23 @@ async fn hand_on(
             return true;
         }
     };
-    let announcement = env.entry.is_none();
-    if !announcement {
-        if cur.last.is_some_and(|l| env.key <= l) {
+    // Entries already handed on (a republish that outlived the duplicate
+    // window, or cut into other messages by an older relay) are skipped one by one.
+    let fresh = env
+        .entries
+        .len()
+        .saturating_sub(skip_count(cur.last, env.key, env.entries.len()));
+    if !env.announcement {
+        if fresh == 0 {
             stats.skipped.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        cur.last = Some(env.key);
+        cur.last = Some(Key {
+            lsn: env.key.lsn,
+            pos: env.key.pos + env.entries.len() as u32 - 1,
+        });
     }
-    let mut items = Vec::with_capacity(4);
+    let mut items = Vec::with_capacity(3 + fresh);
     if cur.source.as_ref() != Some(&env.source) {
         if let Some(open) = cur.open.take() {
             items.push(Item::Commit {
@@ -232,9 +240,9 @@ async fn hand_on(
         }));
         cur.source = Some(env.source.clone());
     }
-    let Some(entry) = env.entry else {
+    if env.announcement {
         return send(items, tx).await;
-    };
+    }
     if let Some(txn) = env.txn {
         if cur.open.is_some_and(|o| o.commit_lsn != txn.commit_lsn) {
             // The rest of the open transaction never came (lost past the
@@ -250,9 +258,12 @@ async fn hand_on(
             cur.open = Some(txn);
         }
     }
-    match entry {
-        Logged::Change(c) => items.push(Item::Change(Arc::new(c))),
-        Logged::Message(m) => items.push(Item::Message(Arc::new(m))),
+    let skip = env.entries.len() - fresh;
+    for entry in env.entries.into_iter().skip(skip) {
+        match entry {
+            Logged::Change(c) => items.push(Item::Change(Arc::new(c))),
+            Logged::Message(m) => items.push(Item::Message(Arc::new(m))),
+        }
     }
     if let (Some(txn), true) = (env.txn, env.last) {
         cur.open = None;
@@ -271,6 +282,17 @@ async fn hand_on(
     send(items, tx).await
 }
 
+/// How many of `n` entries starting at `first` are at or before `last` (were
+/// handed on already).
+fn skip_count(last: Option<Key>, first: Key, n: usize) -> usize {
+    match last {
+        None => 0,
+        Some(l) if l.lsn > first.lsn => n,
+        Some(l) if l.lsn < first.lsn || l.pos < first.pos => 0,
+        Some(l) => ((l.pos - first.pos) as usize + 1).min(n),
+    }
+}
+
 async fn send(items: Vec<Item>, tx: &mpsc::Sender<Item>) -> bool {
     for item in items {
         if tx.send(item).await.is_err() {
@@ -278,4 +300,23 @@ async fn send(items: Vec<Item>, tx: &mpsc::Sender<Item>) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_handed_on_already_are_skipped_one_by_one() {
+        let k = |lsn, pos| Key { lsn: Lsn(lsn), pos };
+        assert_eq!(skip_count(None, k(10, 0), 5), 0);
+        // An earlier transaction: all new.
+        assert_eq!(skip_count(Some(k(9, 7)), k(10, 0), 5), 0);
+        // A later transaction was handed on: all old.
+        assert_eq!(skip_count(Some(k(11, 0)), k(10, 0), 5), 5);
+        // The same transaction: up to and including the last one handed on.
+        assert_eq!(skip_count(Some(k(10, 2)), k(10, 0), 5), 3);
+        assert_eq!(skip_count(Some(k(10, 9)), k(10, 0), 5), 5);
+        assert_eq!(skip_count(Some(k(10, 2)), k(10, 3), 5), 0);
+    }
 }

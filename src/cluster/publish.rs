@@ -6,9 +6,11 @@
 //!   [`Progress::confirm`] only once JetStream acknowledged every message of it
 //!   and of every transaction before it, so PostgreSQL keeps (and resends after a
 //!   crash or a takeover) whatever the stream could still lose.
-//! - **Once in the stream.** Each message carries `Nats-Msg-Id` from its commit
-//!   LSN and position ([`super::wire::Key::msg_id`]): a republished change (a
-//!   standby resuming from `confirmed_flush_lsn`, a reconnect) is dropped by the
+//! - **Once in the stream.** A message holds a run of consecutive entries of one
+//!   transaction and table (see [`super::wire`]; where a run ends depends only
+//!   on the transaction) and carries `Nats-Msg-Id` from its commit LSN and first
+//!   position ([`super::wire::Key::msg_id`]): a republished change (a standby
+//!   resuming from `confirmed_flush_lsn`, a reconnect) is dropped by the
 //!   stream's duplicate window.
 //! - **In order.** Messages are pipelined (at most `max_in_flight` unacknowledged),
 //!   each with `Nats-Expected-Last-Msg-Id` naming the one before, so a message that
@@ -37,11 +39,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Key, Source};
 use super::ClusterStats;
-use crate::decode::event::{Change, DbMessage, Item};
+use crate::decode::event::{Change, Item};
 use crate::lsn::Lsn;
 use crate::source::session::Progress;
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// Bytes of published, unacknowledged messages at most (besides
+/// `max_in_flight` messages): a message holds up to ~64 KB of changes.
+const MAX_IN_FLIGHT_BYTES: usize = 32 << 20;
 
 /// Longest pause between two attempts to publish while NATS fails.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
@@ -56,10 +62,13 @@ struct Out {
     acked: bool,
 }
 
-/// An entry held back until the next one shows whether it ends its transaction.
-enum Held {
-    Change(Arc<Change>, u32),
-    Message(Arc<DbMessage>, u32),
+/// The message being filled: consecutive entries of the open transaction, of
+/// one table (`Some(relation id)`) or logical decoding messages (`None`). Held
+/// until an entry that does not fit or the commit shows where it ends.
+struct Open {
+    table: Option<crate::decode::pgoutput::RelId>,
+    subject: String,
+    batch: wire::Batch,
 }
 
 struct Publisher {
@@ -69,8 +78,9 @@ struct Publisher {
     progress: Arc<Progress>,
     stats: Arc<ClusterStats>,
     source: Source,
+    /// Position of the next entry in the open transaction.
     pos: u32,
-    held: Option<Held>,
+    open: Option<Open>,
     queue: VecDeque<Out>,
     /// Id of the last message published in order (the next one expects it).
     last_id: Option<String>,
@@ -78,6 +88,8 @@ struct Publisher {
     resync: bool,
     /// Entries of `queue` whose acknowledgement is awaited (`ack` is Some).
     unacked: usize,
+    /// Payload bytes of the messages in `queue`.
+    queued_bytes: usize,
     /// Per table (the decoder's `Arc`): its subject and its encoding, made once.
     tables: std::collections::HashMap<crate::decode::pgoutput::RelId, TableOut>,
 }
@@ -106,11 +118,12 @@ pub async fn run(
         stats,
         source: Source::default(),
         pos: 0,
-        held: None,
+        open: None,
         queue: VecDeque::new(),
         last_id: None,
         resync: false,
         unacked: 0,
+        queued_bytes: 0,
         tables: std::collections::HashMap::new(),
     };
     let mut open = true;
@@ -125,7 +138,7 @@ pub async fn run(
         if !open && p.queue.is_empty() {
             return;
         }
-        let room = p.queue.len() < p.max_in_flight;
+        let room = p.queue.len() < p.max_in_flight && p.queued_bytes < MAX_IN_FLIGHT_BYTES;
         let front = p.queue.front_mut().and_then(|o| o.ack.as_mut());
         let has_front = front.is_some();
         let front_ack = async move {
@@ -146,10 +159,18 @@ pub async fn run(
     }
 }
 
+impl Open {
+    /// Whether the next entry, of `table` (None: a message), may join this one.
+    fn fits(&self, table: Option<crate::decode::pgoutput::RelId>) -> bool {
+        self.table == table && self.batch.has_room()
+    }
+}
+
 impl Publisher {
     fn settle_front(&mut self) {
         while self.queue.front().is_some_and(|o| o.acked) {
             let o = self.queue.pop_front().expect("front");
+            self.queued_bytes -= o.msg.as_ref().map_or(0, |m| m.2.len());
             if let Some(lsn) = o.confirm {
                 self.progress.confirm(lsn);
             }
@@ -205,16 +226,16 @@ impl Publisher {
             }
             Item::Begin(_) => {
                 self.pos = 0;
-                self.held = None;
+                self.open = None;
             }
-            Item::Change(c) => self.hold(Held::Change(c, 0)).await,
+            Item::Change(c) => self.add_change(&c).await,
             Item::Truncate(cs) => {
                 for c in cs {
-                    self.hold(Held::Change(c, 0)).await;
+                    self.add_change(&c).await;
                 }
             }
             Item::Message(m) if m.txn.is_none() => {
-                let payload = wire::encode_message(&self.source, &m, 0, None);
+                let payload = wire::encode_message(&self.source, &m);
                 let id = Key { lsn: m.lsn, pos: 0 }.msg_id(false);
                 self.enqueue(
                     Some((wire::message_subject(&self.prefix), id, payload)),
@@ -222,67 +243,91 @@ impl Publisher {
                 )
                 .await;
             }
-            Item::Message(m) => self.hold(Held::Message(m, 0)).await,
-            Item::Commit { end_lsn, .. } => match self.held.take() {
-                Some(h) => self.publish_held(h, Some(end_lsn)).await,
+            Item::Message(m) => {
+                let Some(txn) = m.txn else { return };
+                if !self.open.as_ref().is_some_and(|o| o.fits(None)) {
+                    let subject = wire::message_subject(&self.prefix);
+                    self.open_batch(None, subject, &txn, &[]).await;
+                }
+                self.add(|b| b.push_message(&m));
+            }
+            Item::Commit { end_lsn, .. } => match self.open.take() {
+                Some(o) => self.publish(o, Some(end_lsn)).await,
                 None => self.enqueue(None, Some(end_lsn)).await,
             },
         }
     }
 
-    async fn hold(&mut self, mut h: Held) {
-        let pos = self.pos;
-        self.pos += 1;
-        match &mut h {
-            Held::Change(_, p) | Held::Message(_, p) => *p = pos,
-        }
-        if let Some(prev) = self.held.replace(h) {
-            self.publish_held(prev, None).await;
-        }
-    }
-
-    async fn publish_held(&mut self, h: Held, end: Option<Lsn>) {
-        let msg = match h {
-            Held::Change(c, pos) => {
-                let t = match self.tables.get(&c.table.id) {
-                    Some(t) if Arc::ptr_eq(&t.table, &c.table) => t,
-                    _ => {
-                        let t = TableOut {
-                            table: c.table.clone(),
-                            subject: wire::table_subject(
-                                &self.prefix,
-                                &c.table.schema,
-                                &c.table.name,
-                            ),
-                            encoded: crate::changelog::codec::encode_table(&c.table),
-                        };
-                        self.tables.insert(c.table.id, t);
-                        &self.tables[&c.table.id]
+    /// Adds `c` to the open message, or to a new one when it is of another
+    /// table (or table version) or full.
+    async fn add_change(&mut self, c: &Arc<Change>) {
+        let t = match self.tables.get(&c.table.id) {
+            Some(t) if Arc::ptr_eq(&t.table, &c.table) => t,
+            _ => {
+                // A new table or a new version of it: the open message has the old one.
+                if self
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.table == Some(c.table.id))
+                {
+                    if let Some(o) = self.open.take() {
+                        self.publish(o, None).await;
                     }
+                }
+                let t = TableOut {
+                    table: c.table.clone(),
+                    subject: wire::table_subject(&self.prefix, &c.table.schema, &c.table.name),
+                    encoded: crate::changelog::codec::encode_table(&c.table),
                 };
-                (
-                    t.subject.clone(),
-                    Key {
-                        lsn: c.txn.commit_lsn,
-                        pos,
-                    }
-                    .msg_id(true),
-                    wire::encode_change_with(&self.source, &c, &t.encoded, pos, end),
-                )
-            }
-            Held::Message(m, pos) => {
-                let lsn = m.txn.map_or(m.lsn, |t| t.commit_lsn);
-                (
-                    wire::message_subject(&self.prefix),
-                    Key { lsn, pos }.msg_id(true),
-                    wire::encode_message(&self.source, &m, pos, end),
-                )
+                self.tables.insert(c.table.id, t);
+                &self.tables[&c.table.id]
             }
         };
-        self.enqueue(Some(msg), end).await;
+        if !self.open.as_ref().is_some_and(|o| o.fits(Some(c.table.id))) {
+            let (subject, encoded) = (t.subject.clone(), t.encoded.clone());
+            self.open_batch(Some(c.table.id), subject, &c.txn, &encoded)
+                .await;
+        }
+        self.add(|b| b.push_change(c));
+    }
+
+    /// Publishes the open message (it did not end the transaction) and opens
+    /// the next at the next position.
+    async fn open_batch(
+        &mut self,
+        table: Option<crate::decode::pgoutput::RelId>,
+        subject: String,
+        txn: &crate::decode::event::TxnInfo,
+        encoded_table: &[u8],
+    ) {
+        if let Some(o) = self.open.take() {
+            self.publish(o, None).await;
+        }
+        let key = Key {
+            lsn: txn.commit_lsn,
+            pos: self.pos,
+        };
+        self.open = Some(Open {
+            table,
+            subject,
+            batch: wire::Batch::start(&self.source, key, Some(txn), encoded_table),
+        });
+    }
+
+    fn add(&mut self, push: impl FnOnce(&mut wire::Batch)) {
+        let o = self.open.as_mut().expect("a message is open");
+        push(&mut o.batch);
+        self.pos += 1;
+    }
+
+    async fn publish(&mut self, o: Open, end: Option<Lsn>) {
+        let id = o.batch.key().msg_id(true);
+        let payload = o.batch.finish(end);
+        self.enqueue(Some((o.subject, id, payload)), end).await;
     }
 
     async fn enqueue(&mut self, msg: Option<(String, String, Bytes)>, confirm: Option<Lsn>) {
+        self.queued_bytes += msg.as_ref().map_or(0, |m| m.2.len());
         let mut out = Out {
             acked: msg.is_none(),
             msg,

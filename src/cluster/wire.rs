@@ -1,26 +1,38 @@
-//! One JetStream message per change: how the relay writes it and a gateway reads
-//! it back. Pure: no IO.
+//! One JetStream message per run of changes: how the relay writes it and a
+//! gateway reads it back. Pure: no IO.
 //!
-//! The entry itself is the change log's record ([`crate::changelog::codec`]): the
-//! row images as pgoutput sent them, so a gateway filters and encodes exactly what
-//! an embedded log would have stored, without re-decoding pgoutput. Around it:
+//! Each entry is the change log's record ([`crate::changelog::codec`]): the row
+//! images as pgoutput sent them, so a gateway filters and encodes exactly what an
+//! embedded log would have stored, without re-decoding pgoutput. Around them
+//! (version 2):
 //!
 //! ```text
-//! 'W' 1u8  flags u8 (1 last of its transaction, 2 transactional)
+//! 'W' 2u8  flags u8 (1 last of its transaction, 2 transactional, 4 source)
 //! key_lsn u64  pos u32  end_lsn u64  commit_ts i64  xid u32
 //! system_id (u16 len, bytes)  slot (u16 len, bytes)
-//! table (u32 len, bytes: codec::encode_table; 0 for a message)
-//! entry (the rest: codec::encode_change with table id 0, or codec::encode_message)
+//! table (u32 len, bytes: codec::encode_table; 0 for messages)
+//! count u32, then count × (u32 len, entry: codec::encode_change with table
+//!   id 0, or codec::encode_message)
 //! ```
+//!
+//! One message holds consecutive entries of one transaction and one table (or
+//! consecutive logical decoding messages), at most [`BATCH_ENTRIES`] of them and
+//! about [`BATCH_BYTES`]: entry `i` is at position `pos + i`. Where a message
+//! ends depends only on the transaction's content, so a relay that publishes a
+//! transaction again (a standby taking over, a reconnect) cuts it into the same
+//! messages with the same ids. Per message, JetStream's own cost (storage,
+//! acknowledgement, de-duplication) is paid once per run rather than once per
+//! change. Version 1 (one entry per message, no count: the entry is the rest)
+//! is still read, so a stream written by an older relay stays readable.
 //!
 //! A relay that starts streaming first announces its source (flags 4, no table,
 //! no entry; `key_lsn` the slot's confirmed position), so a gateway opens its
 //! change log before the first change arrives.
 //!
 //! `key_lsn` is the commit LSN of the enclosing transaction (a non-transactional
-//! message: its own LSN) and `pos` the entry's place in it; together they order
-//! every message and make its `Nats-Msg-Id` ([`Envelope::msg_id`]), so a change
-//! published twice (a standby taking over, a reconnect) is stored once.
+//! message: its own LSN) and `pos` the first entry's place in it; together they
+//! order every message and make its `Nats-Msg-Id` ([`Key::msg_id`]), so a change
+//! published twice is stored once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,10 +46,21 @@ use crate::decode::relation::Table;
 use crate::lsn::Lsn;
 
 const MAGIC: u8 = b'W';
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// One entry per message, before runs of entries were batched.
+const VERSION_1: u8 = 1;
 const LAST: u8 = 1;
 const TRANSACTIONAL: u8 = 2;
 const SOURCE: u8 = 4;
+
+/// Most entries in one message.
+pub const BATCH_ENTRIES: u32 = 256;
+/// A message takes no further entry once it holds this many bytes (an entry
+/// larger than this travels alone).
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Where `end_lsn` sits in a message (after magic, version, flags, key).
+const END_LSN_AT: usize = 3 + 8 + 4;
 
 /// Where a message stands in the stream of changes: later keys are later changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -75,48 +98,87 @@ pub struct Envelope {
     /// The transaction's end LSN, on its last entry.
     pub end_lsn: Lsn,
     pub source: Source,
-    /// None: the announcement of a relay's source.
-    pub entry: Option<Logged>,
+    /// A relay's announcement of its source (no entries).
+    pub announcement: bool,
+    /// The entries, at positions `key.pos`, `key.pos + 1`, …
+    pub entries: Vec<Logged>,
 }
 
-/// The message of the change `c`, entry `pos` of its transaction.
+/// A message being filled with consecutive entries of one transaction (and
+/// one table, or only logical decoding messages).
+pub struct Batch {
+    out: Vec<u8>,
+    count_at: usize,
+    count: u32,
+    key: Key,
+}
+
+impl Batch {
+    /// Starts the message whose first entry is at `key`; `table`: the
+    /// encoded table of its changes (`codec::encode_table`), empty for messages.
+    pub fn start(source: &Source, key: Key, txn: Option<&TxnInfo>, table: &[u8]) -> Batch {
+        let mut out = Vec::with_capacity(BATCH_BYTES / 4 + table.len());
+        head(&mut out, source, key, txn);
+        out.put_u32_le(table.len() as u32);
+        out.extend_from_slice(table);
+        let count_at = out.len();
+        out.put_u32_le(0);
+        Batch {
+            out,
+            count_at,
+            count: 0,
+            key,
+        }
+    }
+
+    /// The key of its first entry.
+    pub fn key(&self) -> Key {
+        self.key
+    }
+
+    /// Whether one more entry may go in.
+    pub fn has_room(&self) -> bool {
+        self.count < BATCH_ENTRIES && self.out.len() < BATCH_BYTES
+    }
+
+    pub fn push_change(&mut self, c: &Change) {
+        self.push(|out| codec::encode_change(out, 0, c));
+    }
+
+    pub fn push_message(&mut self, m: &DbMessage) {
+        self.push(|out| codec::encode_message(out, m));
+    }
+
+    fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.out.len();
+        self.out.put_u32_le(0);
+        encode(&mut self.out);
+        let len = (self.out.len() - at - 4) as u32;
+        self.out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+    }
+
+    /// The message; `last`: the transaction's end LSN when its last entry is in it.
+    pub fn finish(mut self, last: Option<Lsn>) -> Bytes {
+        if let Some(end) = last {
+            self.out[2] |= LAST;
+            self.out[END_LSN_AT..END_LSN_AT + 8].copy_from_slice(&end.0.to_le_bytes());
+        }
+        self.out[self.count_at..self.count_at + 4].copy_from_slice(&self.count.to_le_bytes());
+        self.out.into()
+    }
+}
+
+/// The message of the change `c` alone, entry `pos` of its transaction.
+#[cfg(test)]
 pub fn encode_change(source: &Source, c: &Change, pos: u32, last: Option<Lsn>) -> Bytes {
-    encode_change_with(source, c, &codec::encode_table(&c.table), pos, last)
-}
-
-/// [`encode_change`] with the table already encoded (`codec::encode_table` of
-/// `c.table`): the relay encodes each table once, not once per change.
-pub fn encode_change_with(
-    source: &Source,
-    c: &Change,
-    table: &[u8],
-    pos: u32,
-    last: Option<Lsn>,
-) -> Bytes {
-    // Sized once: the head, the table, and each cell's bytes and length.
-    let rows: usize = [&c.old, &c.new]
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r.iter())
-        .map(|cell| match cell {
-            crate::decode::event::Cell::Text(b) | crate::decode::event::Cell::Binary(b) => {
-                b.len() + 5
-            }
-            _ => 1,
-        })
-        .sum();
-    let mut out = Vec::with_capacity(
-        64 + source.system_id.len() + source.slot.len() + table.len() + rows + 16,
-    );
     let key = Key {
         lsn: c.txn.commit_lsn,
         pos,
     };
-    head(&mut out, source, key, Some(&c.txn), last);
-    out.put_u32_le(table.len() as u32);
-    out.extend_from_slice(table);
-    codec::encode_change(&mut out, 0, c);
-    out.into()
+    let mut b = Batch::start(source, key, Some(&c.txn), &codec::encode_table(&c.table));
+    b.push_change(c);
+    b.finish(last)
 }
 
 /// The announcement of a relay starting to stream `source` after `confirmed`.
@@ -130,35 +192,27 @@ pub fn encode_source(source: &Source, confirmed: Lsn) -> Bytes {
             pos: 0,
         },
         None,
-        None,
     );
-    out[2] |= SOURCE;
+    out[2] |= SOURCE | LAST;
+    out.put_u32_le(0);
     out.put_u32_le(0);
     out.into()
 }
 
-/// The message of the logical decoding message `m` (entry `pos` of its
-/// transaction when it is transactional).
-pub fn encode_message(source: &Source, m: &DbMessage, pos: u32, last: Option<Lsn>) -> Bytes {
-    let mut out = Vec::with_capacity(64 + m.content.len());
-    let key = match &m.txn {
-        Some(t) => Key {
-            lsn: t.commit_lsn,
-            pos,
-        },
-        None => Key { lsn: m.lsn, pos: 0 },
-    };
-    head(&mut out, source, key, m.txn.as_ref(), last);
-    out.put_u32_le(0);
-    codec::encode_message(&mut out, m);
-    out.into()
+/// The message of the non-transactional logical decoding message `m`.
+pub fn encode_message(source: &Source, m: &DbMessage) -> Bytes {
+    let mut b = Batch::start(source, Key { lsn: m.lsn, pos: 0 }, None, &[]);
+    b.push_message(m);
+    b.finish(None)
 }
 
-fn head(out: &mut Vec<u8>, source: &Source, key: Key, txn: Option<&TxnInfo>, last: Option<Lsn>) {
+/// The head; flags `LAST` and `end_lsn` are set by [`Batch::finish`] (a
+/// non-transactional message is always its own last entry).
+fn head(out: &mut Vec<u8>, source: &Source, key: Key, txn: Option<&TxnInfo>) {
     out.push(MAGIC);
     out.push(VERSION);
     let mut flags = 0;
-    if last.is_some() || txn.is_none() {
+    if txn.is_none() {
         flags |= LAST;
     }
     if txn.is_some() {
@@ -167,7 +221,7 @@ fn head(out: &mut Vec<u8>, source: &Source, key: Key, txn: Option<&TxnInfo>, las
     out.push(flags);
     out.put_u64_le(key.lsn.0);
     out.put_u32_le(key.pos);
-    out.put_u64_le(last.unwrap_or(Lsn::ZERO).0);
+    out.put_u64_le(0);
     out.put_i64_le(txn.map_or(0, |t| t.commit_time.unix_micros()));
     out.put_u32_le(txn.map_or(0, |t| t.xid.0));
     put_str(out, &source.system_id);
@@ -241,9 +295,13 @@ impl Reader<'_> {
 /// Decodes a message; `tables` keeps the table shapes seen.
 pub fn decode(payload: &Bytes, tables: &mut Tables) -> Result<Envelope, CodecError> {
     let mut r = Reader { b: payload, at: 0 };
-    if r.u8()? != MAGIC || r.u8()? != VERSION {
+    if r.u8()? != MAGIC {
+        return Err(CodecError("not a walcast cluster message"));
+    }
+    let version = r.u8()?;
+    if version != VERSION && version != VERSION_1 {
         return Err(CodecError(
-            "not a walcast cluster message (or from another version)",
+            "a walcast cluster message of a version this walcast cannot read",
         ));
     }
     let flags = r.u8()?;
@@ -270,18 +328,36 @@ pub fn decode(payload: &Bytes, tables: &mut Tables) -> Result<Envelope, CodecErr
         commit_time: PgTimestamp::from_unix_micros(ts),
         xid: Xid(xid),
     };
-    let entry = if flags & SOURCE != 0 {
-        None
-    } else {
-        Some(codec::decode(&payload.slice(r.at..), txn, |_| table)?)
-    };
+    let announcement = flags & SOURCE != 0;
+    let mut entries = Vec::new();
+    if !announcement && version == VERSION_1 {
+        entries.push(codec::decode(&payload.slice(r.at..), txn, |_| table)?);
+    } else if !announcement {
+        let count = r.u32()? as usize;
+        // Each entry takes at least its 4-byte length: a count beyond that is garbage.
+        if count == 0 || count > (payload.len() - r.at) / 4 {
+            return Err(CodecError("cluster message with a wrong entry count"));
+        }
+        entries.reserve(count);
+        for _ in 0..count {
+            let n = r.u32()? as usize;
+            let start = r.at;
+            r.take(n)?;
+            let t = table.clone();
+            entries.push(codec::decode(&payload.slice(start..start + n), txn, |_| t)?);
+        }
+        if r.at != payload.len() {
+            return Err(CodecError("cluster message with bytes after its entries"));
+        }
+    }
     Ok(Envelope {
         key,
         last: flags & LAST != 0,
         txn: transactional.then_some(txn),
         end_lsn,
         source,
-        entry,
+        announcement,
+        entries,
     })
 }
 
@@ -379,7 +455,7 @@ mod tests {
         assert!(!a.last);
         assert_eq!(a.source, source);
         assert_eq!(a.txn.unwrap().commit_time, txn.commit_time);
-        let Some(Logged::Change(back)) = a.entry else {
+        let [Logged::Change(back)] = &a.entries[..] else {
             panic!("a change")
         };
         assert_eq!(back.new, c.new);
@@ -397,12 +473,87 @@ mod tests {
             prefix: "walcast".into(),
             content: Bytes::from_static(b"{}"),
         };
-        let e = decode(&encode_message(&source, &m, 0, None), &mut tables).unwrap();
+        let e = decode(&encode_message(&source, &m), &mut tables).unwrap();
         assert!(e.last && e.txn.is_none());
         assert_eq!(e.key.msg_id(false), "m2000");
-        assert!(matches!(e.entry, Some(Logged::Message(ref d)) if d.prefix == "walcast"));
+        assert!(matches!(&e.entries[..], [Logged::Message(d)] if d.prefix == "walcast"));
         let s = decode(&encode_source(&source, Lsn(5)), &mut tables).unwrap();
-        assert!(s.entry.is_none() && s.source == source && s.key.lsn == Lsn(5));
+        assert!(s.announcement && s.entries.is_empty());
+        assert!(s.source == source && s.key.lsn == Lsn(5));
+    }
+
+    fn change(pos_value: &'static [u8]) -> Change {
+        Change {
+            txn: TxnInfo {
+                commit_lsn: Lsn(0x3000),
+                commit_time: PgTimestamp::from_unix_micros(1_700_000_000_000_000),
+                xid: Xid(11),
+            },
+            table: table(),
+            kind: ChangeKind::Insert,
+            new: Some(vec![Cell::Text(Bytes::from_static(pos_value))]),
+            old: None,
+        }
+    }
+
+    #[test]
+    fn a_run_of_changes_travels_as_one_message_in_order() {
+        let source = Source::default();
+        let values: [&'static [u8]; 3] = [b"1", b"2", b"3"];
+        let key = Key {
+            lsn: Lsn(0x3000),
+            pos: 4,
+        };
+        let first = change(values[0]);
+        let mut b = Batch::start(
+            &source,
+            key,
+            Some(&first.txn),
+            &codec::encode_table(&first.table),
+        );
+        for v in values {
+            assert!(b.has_room());
+            b.push_change(&change(v));
+        }
+        let m = decode(&b.finish(Some(Lsn(0x3100))), &mut Tables::default()).unwrap();
+        assert_eq!(m.key, key);
+        assert!(m.last && !m.announcement);
+        assert_eq!(m.end_lsn, Lsn(0x3100));
+        let got: Vec<_> = m
+            .entries
+            .iter()
+            .map(|e| match e {
+                Logged::Change(c) => c.new.clone().unwrap(),
+                Logged::Message(_) => panic!("a change"),
+            })
+            .collect();
+        let want: Vec<_> = values
+            .iter()
+            .map(|v| vec![Cell::Text(Bytes::from_static(v))])
+            .collect();
+        assert_eq!(got, want);
+        // A message stops taking entries at its caps.
+        let mut b = Batch::start(&source, key, Some(&first.txn), &[]);
+        for _ in 0..BATCH_ENTRIES {
+            assert!(b.has_room());
+            b.push_change(&first);
+        }
+        assert!(!b.has_room());
+    }
+
+    #[test]
+    fn a_message_of_the_first_version_is_still_read() {
+        // Version 1: no entry count, the entry is the rest of the message.
+        let c = change(b"7");
+        let v2 = encode_change(&Source::default(), &c, 2, None);
+        let table_len = codec::encode_table(&c.table).len();
+        let at = END_LSN_AT + 8 + 8 + 4 + 2 + 2 + 4 + table_len;
+        let mut v1 = v2[..at].to_vec();
+        v1[1] = VERSION_1;
+        v1.extend_from_slice(&v2[at + 8..]);
+        let m = decode(&Bytes::from(v1), &mut Tables::default()).unwrap();
+        assert_eq!(m.key.pos, 2);
+        assert!(matches!(&m.entries[..], [Logged::Change(b)] if b.new == c.new));
     }
 
     #[test]
@@ -414,8 +565,21 @@ mod tests {
             b"W\x01\x03",
             b"X\x01",
             &[b'W', 1, 0, 1, 2, 3],
+            &[b'W', 9, 0],
         ] {
             assert!(decode(&Bytes::copy_from_slice(b), &mut tables).is_err());
+        }
+        // A count that the bytes cannot hold, a message cut inside an entry.
+        let good = encode_change(&Source::default(), &change(b"1"), 0, None);
+        let mut big = good.to_vec();
+        let count_at = END_LSN_AT + 8 + 8 + 4 + 2 + 2 + 4 + codec::encode_table(&table()).len();
+        big[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&Bytes::from(big), &mut tables).is_err());
+        for cut in 1..good.len() {
+            assert!(
+                decode(&good.slice(..cut), &mut tables).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 

@@ -239,6 +239,34 @@ async fn one_relay_two_gateways_every_change_reaches_every_matching_client_in_or
             .await;
         assert_eq!(v["payload"]["new"]["w"], "q", "{name}: {v}");
     }
+    // A transaction larger than one message holds, the tables interleaved: the
+    // relay sends runs of a table's changes as one message each (711 changes,
+    // 5 messages), and every change arrives once, in order.
+    let published = metric(relay.port, "walcast_relay_published_total")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "begin; insert into a select g, 'big' from generate_series(1000, 1699) g; \
+         insert into b select g from generate_series(1000, 1009) g; \
+         insert into a values (1700, 't'); commit",
+    )
+    .await
+    .unwrap();
+    for (name, js) in [("g1", &mut on_g1), ("g2", &mut on_g2)] {
+        let (got, systems) = changes_until(js, |g| g.len() >= 711).await;
+        assert_eq!(
+            ids_of(&got, "a"),
+            (1000..=1700).collect::<Vec<i64>>(),
+            "{name}: the large transaction's table a, in order"
+        );
+        assert_eq!(ids_of(&got, "b"), (1000..=1009).collect::<Vec<i64>>());
+        assert!(systems.is_empty(), "{name}: {systems:?}");
+    }
+    let sent = metric(relay.port, "walcast_relay_published_total")
+        .await
+        .unwrap()
+        - published;
+    assert_eq!(sent, 5.0, "runs of up to 256 changes per message");
     for js in [on_g1, on_g2, filtered] {
         js.exit().await;
     }

@@ -984,7 +984,8 @@ pub async fn cluster_fanout(quick: bool) -> Result<Vec<Figure>> {
 
 /// The relay's throughput into JetStream: the drain workload, read by
 /// `pg_recvlogical`, by a single-node `walcast serve` to one client, and by
-/// `walcast relay` until the stream holds every change; each through the gating
+/// `walcast relay` until the stream holds every change (its end marker is
+/// stored); each through the gating
 /// relay, timed from its release.
 pub async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
     let (inserts, updates) = drain_scale(quick);
@@ -1007,17 +1008,26 @@ pub async fn relay_drain(quick: bool) -> Result<Vec<Figure>> {
     let cpu0 = relay.cpu();
     let t0 = gate.release();
     let limit = Instant::now() + DELIVERY_LIMIT;
+    // Done when the end marker (a non-transactional message emitted after the
+    // workload) is stored: the relay publishes in order, so every change is.
+    let end_lsn: walcast::lsn::Lsn = end.parse().context("the end marker's LSN")?;
+    let mut tables = walcast::cluster::wire::Tables::default();
     let published = loop {
-        let held = match js.get_stream("DRAIN").await {
-            Ok(mut st) => st.info().await.map(|i| i.state.messages).unwrap_or(0),
-            Err(_) => 0,
+        let last = match js.get_stream("DRAIN").await {
+            Ok(st) => match st.get_last_raw_message_by_subject("drain._msg").await {
+                Ok(m) => walcast::cluster::wire::decode(&m.payload, &mut tables)
+                    .ok()
+                    .map(|e| e.key.lsn),
+                Err(_) => None,
+            },
+            Err(_) => None,
         };
-        if held >= expected {
+        if last.is_some_and(|l| l >= end_lsn) {
             break Ok(Instant::now());
         }
         if Instant::now() > limit {
             break Err(anyhow::anyhow!(
-                "the stream holds {held} of {expected} changes after {}",
+                "the stream does not hold the workload's end marker after {}",
                 secs(DELIVERY_LIMIT)
             ));
         }
