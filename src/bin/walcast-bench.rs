@@ -153,7 +153,7 @@ const CASES: &[&str] = &[
 
 fn usage() -> String {
     format!(
-        "usage: walcast-bench <{}|cluster-fanout|cluster-relay|all|capture> [--quick] [--runs N] [--rate=N (fanout commits/s)] [--no-log]",
+        "usage: walcast-bench <{}|cluster-fanout|cluster-relay|all|capture>[,<another case>…] [--quick] [--runs N] [--rate=N (fanout commits/s)] [--no-log]",
         CASES.join("|")
     )
 }
@@ -286,7 +286,16 @@ async fn main() -> Result<()> {
             .filter(|c| !(no_log && *c == "replay"))
             .collect()
     } else {
-        vec![case.as_str()]
+        // Several cases, comma-separated, in one summary.
+        let list: Vec<&str> = case.split(',').filter(|c| !c.is_empty()).collect();
+        for c in &list {
+            ensure!(
+                CASES.contains(c) || ["cluster-fanout", "cluster-relay", "capture"].contains(c),
+                "unknown case {c:?}; {}",
+                usage()
+            );
+        }
+        list
     };
     env::walcast_binary()?;
     env::set_log_off(no_log);
