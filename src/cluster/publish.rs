@@ -245,11 +245,7 @@ impl Publisher {
             }
             Item::Message(m) => {
                 let Some(txn) = m.txn else { return };
-                if !self.open.as_ref().is_some_and(|o| o.fits(None)) {
-                    let subject = wire::message_subject(&self.prefix);
-                    self.open_batch(None, subject, &txn, &[]).await;
-                }
-                self.add(|b| b.push_message(&m));
+                self.add(None, &txn, |b| b.push_message(&m)).await;
             }
             Item::Commit { end_lsn, .. } => match self.open.take() {
                 Some(o) => self.publish(o, Some(end_lsn)).await,
@@ -259,47 +255,51 @@ impl Publisher {
     }
 
     /// Adds `c` to the open message, or to a new one when it is of another
-    /// table (or table version) or full.
+    /// table (or another shape of it) or full.
     async fn add_change(&mut self, c: &Arc<Change>) {
-        let t = match self.tables.get(&c.table.id) {
-            Some(t) if Arc::ptr_eq(&t.table, &c.table) => t,
-            _ => {
-                // A new table or a new version of it: the open message has the old one.
-                if self
-                    .open
-                    .as_ref()
-                    .is_some_and(|o| o.table == Some(c.table.id))
-                {
-                    if let Some(o) = self.open.take() {
-                        self.publish(o, None).await;
-                    }
+        let id = c.table.id;
+        let cached = self.tables.get(&id);
+        if !cached.is_some_and(|t| Arc::ptr_eq(&t.table, &c.table)) {
+            // A Relation message: pgoutput sends one again for a shape it sent
+            // before (a new session, a partition's first row), so only a new
+            // shape ends the open message; where messages end then depends on
+            // the changes alone, as a republish needs.
+            let encoded = crate::changelog::codec::encode_table(&c.table);
+            let reshaped = cached.is_some_and(|t| t.encoded != encoded);
+            if reshaped && self.open.as_ref().is_some_and(|o| o.table == Some(id)) {
+                if let Some(o) = self.open.take() {
+                    self.publish(o, None).await;
                 }
-                let t = TableOut {
-                    table: c.table.clone(),
-                    subject: wire::table_subject(&self.prefix, &c.table.schema, &c.table.name),
-                    encoded: crate::changelog::codec::encode_table(&c.table),
-                };
-                self.tables.insert(c.table.id, t);
-                &self.tables[&c.table.id]
             }
-        };
-        if !self.open.as_ref().is_some_and(|o| o.fits(Some(c.table.id))) {
-            let (subject, encoded) = (t.subject.clone(), t.encoded.clone());
-            self.open_batch(Some(c.table.id), subject, &c.txn, &encoded)
-                .await;
+            let subject = wire::table_subject(&self.prefix, &c.table.schema, &c.table.name);
+            self.tables.insert(
+                id,
+                TableOut {
+                    table: c.table.clone(),
+                    subject,
+                    encoded,
+                },
+            );
         }
-        self.add(|b| b.push_change(c));
+        self.add(Some(id), &c.txn, |b| b.push_change(c)).await;
     }
 
-    /// Publishes the open message (it did not end the transaction) and opens
-    /// the next at the next position.
-    async fn open_batch(
+    /// Adds an entry (`push`) to the open message when it is of `table` (None:
+    /// logical decoding messages) and has room, else publishes that one (it did
+    /// not end the transaction) and adds the entry to a new one at the next
+    /// position.
+    async fn add(
         &mut self,
         table: Option<crate::decode::pgoutput::RelId>,
-        subject: String,
         txn: &crate::decode::event::TxnInfo,
-        encoded_table: &[u8],
+        push: impl Fn(&mut wire::Batch) -> bool,
     ) {
+        if let Some(o) = self.open.as_mut().filter(|o| o.fits(table)) {
+            if push(&mut o.batch) {
+                self.pos += 1;
+                return;
+            }
+        }
         if let Some(o) = self.open.take() {
             self.publish(o, None).await;
         }
@@ -307,17 +307,21 @@ impl Publisher {
             lsn: txn.commit_lsn,
             pos: self.pos,
         };
+        let t = table.and_then(|id| self.tables.get(&id));
+        let subject = t.map_or_else(
+            || wire::message_subject(&self.prefix),
+            |t| t.subject.clone(),
+        );
+        let encoded: &[u8] = t.map_or(&[], |t| &t.encoded);
+        let mut batch = wire::Batch::start(&self.source, key, Some(txn), encoded);
+        // The first entry of a message always goes in.
+        push(&mut batch);
+        self.pos += 1;
         self.open = Some(Open {
             table,
             subject,
-            batch: wire::Batch::start(&self.source, key, Some(txn), encoded_table),
+            batch,
         });
-    }
-
-    fn add(&mut self, push: impl FnOnce(&mut wire::Batch)) {
-        let o = self.open.as_mut().expect("a message is open");
-        push(&mut o.batch);
-        self.pos += 1;
     }
 
     async fn publish(&mut self, o: Open, end: Option<Lsn>) {

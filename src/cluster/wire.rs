@@ -17,7 +17,8 @@
 //!
 //! One message holds consecutive entries of one transaction and one table (or
 //! consecutive logical decoding messages), at most [`BATCH_ENTRIES`] of them and
-//! about [`BATCH_BYTES`]: entry `i` is at position `pos + i`. Where a message
+//! [`BATCH_BYTES`] of entries (one larger entry travels alone): entry `i` is at
+//! position `pos + i`. Where a message
 //! ends depends only on the transaction's content, so a relay that publishes a
 //! transaction again (a standby taking over, a reconnect) cuts it into the same
 //! messages with the same ids. Per message, JetStream's own cost (storage,
@@ -25,8 +26,8 @@
 //! change. Version 1 (one entry per message, no count: the entry is the rest)
 //! is still read, so a stream written by an older relay stays readable.
 //!
-//! A relay that starts streaming first announces its source (flags 4, no table,
-//! no entry; `key_lsn` the slot's confirmed position), so a gateway opens its
+//! A relay that starts streaming first announces its source (flags 4 and 1, no
+//! table, no entry; `key_lsn` the slot's confirmed position), so a gateway opens its
 //! change log before the first change arrives.
 //!
 //! `key_lsn` is the commit LSN of the enclosing transaction (a non-transactional
@@ -55,8 +56,8 @@ const SOURCE: u8 = 4;
 
 /// Most entries in one message.
 pub const BATCH_ENTRIES: u32 = 256;
-/// A message takes no further entry once it holds this many bytes (an entry
-/// larger than this travels alone).
+/// Most bytes of entries in a message that holds more than one (an entry
+/// larger than this travels alone, as every change did in version 1).
 pub const BATCH_BYTES: usize = 64 * 1024;
 
 /// Where `end_lsn` sits in a message (after magic, version, flags, key).
@@ -117,7 +118,7 @@ impl Batch {
     /// Starts the message whose first entry is at `key`; `table`: the
     /// encoded table of its changes (`codec::encode_table`), empty for messages.
     pub fn start(source: &Source, key: Key, txn: Option<&TxnInfo>, table: &[u8]) -> Batch {
-        let mut out = Vec::with_capacity(BATCH_BYTES / 4 + table.len());
+        let mut out = Vec::with_capacity(512 + table.len());
         head(&mut out, source, key, txn);
         out.put_u32_le(table.len() as u32);
         out.extend_from_slice(table);
@@ -136,26 +137,35 @@ impl Batch {
         self.key
     }
 
-    /// Whether one more entry may go in.
+    /// Whether the entry limit leaves room for one more.
     pub fn has_room(&self) -> bool {
-        self.count < BATCH_ENTRIES && self.out.len() < BATCH_BYTES
+        self.count < BATCH_ENTRIES
     }
 
-    pub fn push_change(&mut self, c: &Change) {
-        self.push(|out| codec::encode_change(out, 0, c));
+    /// Adds `c`, unless it would take the entries past [`BATCH_BYTES`] in a
+    /// message that has some already (false: nothing added). Only the entries
+    /// count, not the head, so where a message ends depends on the changes alone.
+    pub fn push_change(&mut self, c: &Change) -> bool {
+        self.push(|out| codec::encode_change(out, 0, c))
     }
 
-    pub fn push_message(&mut self, m: &DbMessage) {
-        self.push(|out| codec::encode_message(out, m));
+    /// [`Batch::push_change`] for a logical decoding message.
+    pub fn push_message(&mut self, m: &DbMessage) -> bool {
+        self.push(|out| codec::encode_message(out, m))
     }
 
-    fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+    fn push(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let at = self.out.len();
         self.out.put_u32_le(0);
         encode(&mut self.out);
+        if self.count > 0 && self.out.len() - self.count_at - 4 > BATCH_BYTES {
+            self.out.truncate(at);
+            return false;
+        }
         let len = (self.out.len() - at - 4) as u32;
         self.out[at..at + 4].copy_from_slice(&len.to_le_bytes());
         self.count += 1;
+        true
     }
 
     /// The message; `last`: the transaction's end LSN when its last entry is in it.
@@ -330,15 +340,19 @@ pub fn decode(payload: &Bytes, tables: &mut Tables) -> Result<Envelope, CodecErr
     };
     let announcement = flags & SOURCE != 0;
     let mut entries = Vec::new();
-    if !announcement && version == VERSION_1 {
+    if announcement {
+        if version != VERSION_1 && (r.u32()? != 0 || r.at != payload.len()) {
+            return Err(CodecError("a source announcement with entries"));
+        }
+    } else if version == VERSION_1 {
         entries.push(codec::decode(&payload.slice(r.at..), txn, |_| table)?);
-    } else if !announcement {
-        let count = r.u32()? as usize;
-        // Each entry takes at least its 4-byte length: a count beyond that is garbage.
-        if count == 0 || count > (payload.len() - r.at) / 4 {
+    } else {
+        let count = r.u32()?;
+        let fits = key.pos.checked_add(count.saturating_sub(1)).is_some();
+        if count == 0 || count > BATCH_ENTRIES || !fits {
             return Err(CodecError("cluster message with a wrong entry count"));
         }
-        entries.reserve(count);
+        entries.reserve(count as usize);
         for _ in 0..count {
             let n = r.u32()? as usize;
             let start = r.at;
@@ -536,9 +550,22 @@ mod tests {
         let mut b = Batch::start(&source, key, Some(&first.txn), &[]);
         for _ in 0..BATCH_ENTRIES {
             assert!(b.has_room());
-            b.push_change(&first);
+            assert!(b.push_change(&first));
         }
         assert!(!b.has_room());
+        // Bytes: an entry that would take a message with entries past the cap
+        // stays out (and the message is left as it was); alone it goes in.
+        static BIG: [u8; BATCH_BYTES] = [b'x'; BATCH_BYTES];
+        let big = change(&BIG);
+        let t = codec::encode_table(&first.table);
+        let mut b = Batch::start(&source, key, Some(&first.txn), &t);
+        assert!(b.push_change(&first));
+        assert!(!b.push_change(&big));
+        let m = decode(&b.finish(None), &mut Tables::default()).unwrap();
+        assert_eq!(m.entries.len(), 1);
+        let mut b = Batch::start(&source, key, Some(&first.txn), &[]);
+        assert!(b.push_change(&big));
+        assert!(!b.push_change(&first));
     }
 
     #[test]
@@ -581,6 +608,26 @@ mod tests {
                 "cut at {cut}"
             );
         }
+        // More entries than a message holds; positions past u32::MAX.
+        let mut many = good.to_vec();
+        many[count_at..count_at + 4].copy_from_slice(&(BATCH_ENTRIES + 1).to_le_bytes());
+        assert!(decode(&Bytes::from(many), &mut tables).is_err());
+        let mut b = Batch::start(
+            &Source::default(),
+            Key {
+                lsn: Lsn(1),
+                pos: u32::MAX,
+            },
+            Some(&change(b"1").txn),
+            &codec::encode_table(&table()),
+        );
+        b.push_change(&change(b"1"));
+        b.push_change(&change(b"2"));
+        assert!(decode(&b.finish(None), &mut tables).is_err());
+        // An announcement with something after it.
+        let mut a = encode_source(&Source::default(), Lsn(5)).to_vec();
+        a.push(0);
+        assert!(decode(&Bytes::from(a), &mut tables).is_err());
     }
 
     #[test]
