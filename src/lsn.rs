@@ -14,6 +14,22 @@ pub struct Lsn(pub u64);
 impl Lsn {
     /// The invalid/zero position; `START_REPLICATION … 0/0` means "from the slot's confirmed position".
     pub const ZERO: Lsn = Lsn(0);
+
+    /// The `X/Y` text appended to `out`, as [`fmt::Display`] writes it, without
+    /// the formatter (every change's `commit_lsn` is rendered this way).
+    pub fn push_to(self, out: &mut String) {
+        let half = |out: &mut String, v: u32| {
+            let digits = (8 - v.leading_zeros() / 4).max(1);
+            for i in (0..digits).rev() {
+                out.push(char::from(
+                    b"0123456789ABCDEF"[((v >> (4 * i)) & 0xF) as usize],
+                ));
+            }
+        };
+        half(out, (self.0 >> 32) as u32);
+        out.push('/');
+        half(out, self.0 as u32);
+    }
 }
 
 impl fmt::Display for Lsn {
@@ -53,6 +69,24 @@ mod tests {
             assert_eq!(l.to_string().parse::<Lsn>().unwrap(), l);
         }
         assert_eq!(Lsn(0x1_0000_00AB).to_string(), "1/AB");
+    }
+
+    #[test]
+    fn push_to_writes_what_display_does() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for v in [0u64, 1, 0xF, 0x10, 0x16B3748, 0x1_0000_0000, u64::MAX]
+            .into_iter()
+            .chain((0..2000).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x >> (x % 64)
+            }))
+        {
+            let mut s = String::from("lsn ");
+            Lsn(v).push_to(&mut s);
+            assert_eq!(s, format!("lsn {}", Lsn(v)));
+        }
     }
 
     #[test]

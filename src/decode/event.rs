@@ -11,7 +11,6 @@
 //! `unchanged_toast` — so clients can tell "not sent" from `null`. A key-only old
 //! image (identity DEFAULT/INDEX) holds only the key columns.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -291,6 +290,31 @@ impl Change {
         self.to_supabase_data_as(out, cols, opts, hide_old, self.kind)
     }
 
+    /// About how long [`Change::to_supabase_data_as`]'s text is with every
+    /// column: values as sent plus a little for quoting, keys, the envelope.
+    /// Rendering into a buffer this large seldom has to grow it.
+    pub fn supabase_data_len_hint(&self) -> usize {
+        let json = self.table.columns_json();
+        let row = |r: &Option<Row>| match r {
+            Some(r) => {
+                json.names_len
+                    + r.iter()
+                        .map(|c| match c {
+                            Cell::Text(b) => b.len() + b.len() / 8 + 4,
+                            Cell::Binary(b) => 2 * b.len() + 6,
+                            Cell::Null | Cell::Absent => 4,
+                        })
+                        .sum::<usize>()
+            }
+            None => 0,
+        };
+        192 + self.table.schema.len()
+            + self.table.name.len()
+            + json.all.len()
+            + row(&self.new)
+            + row(&self.old)
+    }
+
     /// [`Change::to_supabase_data`] delivered as `kind`: an UPDATE that took a row
     /// into a subscriber's filter goes out as an INSERT of the new image (no
     /// `old_record`), one that took it out as a DELETE of the old image (no
@@ -315,7 +339,8 @@ impl Change {
         value::write_str(out, &self.table.name);
         out.push_str(",\"commit_timestamp\":\"");
         self.txn.commit_time.write_iso_micros(out);
-        let _ = write!(out, "\",\"commit_lsn\":\"{}", self.txn.commit_lsn);
+        out.push_str("\",\"commit_lsn\":\"");
+        self.txn.commit_lsn.push_to(out);
         out.push_str("\",\"type\":\"");
         out.push_str(kind.as_str());
         out.push_str("\",\"columns\":");

@@ -40,6 +40,8 @@ pub struct RenderedColumns {
     pub entries: Vec<Box<str>>,
     /// The whole `columns` array.
     pub all: Box<str>,
+    /// The names' lengths summed, plus a `:` and `,` each: a row's keys in JSON.
+    pub names_len: usize,
 }
 
 impl PartialEq for ColumnsJson {
@@ -81,10 +83,12 @@ impl Table {
                 .map(|(c, n)| format!("{{\"name\":{n},\"type\":{}}}", quoted(&c.ty.name)).into())
                 .collect();
             let all = format!("[{}]", entries.join(",")).into();
+            let names_len = names.iter().map(|n| n.len() + 2).sum();
             RenderedColumns {
                 names,
                 entries,
                 all,
+                names_len,
             }
         })
     }

@@ -156,8 +156,8 @@ pub fn write_json(out: &mut String, ty: &PgType, text: &str, opts: RenderOptions
             }
         }
         TypeKind::Date | TypeKind::Text => write_str(out, text),
-        TypeKind::Timestamp => write_str(out, &iso_timestamp(text, false)),
-        TypeKind::TimestampTz => write_str(out, &iso_timestamp(text, true)),
+        TypeKind::Timestamp => write_iso_timestamp(out, text, false),
+        TypeKind::TimestampTz => write_iso_timestamp(out, text, true),
         TypeKind::Array { element, delimiter } => {
             match crate::decode::value::array::parse(text, *delimiter) {
                 Some(tree) => write_array(out, &tree, element, opts),
@@ -207,8 +207,10 @@ pub fn write_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
     let bytes = s.as_bytes();
+    // Most text has nothing to escape: skip it eight bytes at a time.
+    let clean = clean_prefix(bytes);
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    for (i, &b) in bytes.iter().enumerate().skip(clean) {
         let esc: Option<&str> = match b {
             b'"' => Some("\\\""),
             b'\\' => Some("\\\\"),
@@ -231,6 +233,32 @@ pub fn write_str(out: &mut String, s: &str) {
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// How many leading bytes of `b` (a multiple of 8, or all of them) need no
+/// escape in a JSON string: none is below 0x20, `"` or `\\`.
+fn clean_prefix(b: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte of `x` is zero ⇔ its bit 7 is set here (exact when no byte of
+    // `x` has bit 7 set before the subtraction borrows: the `!x` term).
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let x = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        // Bytes below 0x20: x - 0x20 borrows into bit 7 for them (and for
+        // bytes ≥ 0x80, removed by `!x`).
+        let ctrl = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if ctrl | has_zero(x ^ (ONES * b'"' as u64)) | has_zero(x ^ (ONES * b'\\' as u64)) != 0 {
+            return i;
+        }
+        i += 8;
+    }
+    if b[i..].iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\') {
+        b.len()
+    } else {
+        i
+    }
 }
 
 fn is_integer(s: &str) -> bool {
@@ -309,6 +337,37 @@ fn decimal_from_scientific(text: &str) -> Option<String> {
 
 /// `2024-01-02 03:04:05.678+00` → `2024-01-02T03:04:05.678+00:00` (ISO 8601 as
 /// `to_jsonb` prints it). Infinities and BC dates pass through unchanged apart from the `T`.
+/// `write_str(out, &iso_timestamp(text, with_zone))` without the two passes
+/// and the allocation, for the text PostgreSQL prints for an AD time
+/// (`2026-11-30 01:02:03.5+01`: digits and `-:. +` only, so nothing to escape
+/// and the only `T` is the one put in); anything else takes that path.
+fn write_iso_timestamp(out: &mut String, text: &str, with_zone: bool) {
+    if !text
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b"-:. +".contains(&b))
+    {
+        return write_str(out, &iso_timestamp(text, with_zone));
+    }
+    out.reserve(text.len() + 5);
+    out.push('"');
+    match text.split_once(' ') {
+        Some((date, time)) => {
+            out.push_str(date);
+            out.push('T');
+            out.push_str(time);
+            if with_zone {
+                if let Some(p) = time.rfind(['+', '-']) {
+                    if time.len() - p == 3 {
+                        out.push_str(":00");
+                    }
+                }
+            }
+        }
+        None => out.push_str(text),
+    }
+    out.push('"');
+}
+
 fn iso_timestamp(text: &str, with_zone: bool) -> String {
     if text.ends_with("infinity") {
         return text.to_string();
@@ -811,6 +870,81 @@ mod tests {
         TypeKind::Array {
             element: Arc::new(PgType::new(0, name, kind)),
             delimiter: b',',
+        }
+    }
+
+    /// The escape scan may stop early (a borrow can flag a clean byte after a
+    /// dirty one) but never skips a byte that needs escaping.
+    #[test]
+    fn clean_prefix_never_passes_a_byte_that_needs_escaping() {
+        for len in 0..40 {
+            for pos in 0..len {
+                for bad in [0u8, 0x1f, b'"', b'\\', 0x01, b'\n'] {
+                    for fill in [b'a', 0x7f, 0x80, 0xff, 0x20, 0x21, 0x5d, 0x23] {
+                        let mut v = vec![fill; len];
+                        v[pos] = bad;
+                        let n = clean_prefix(&v);
+                        assert!(
+                            n <= pos,
+                            "len {len} pos {pos} bad {bad:#x} fill {fill:#x}: {n}"
+                        );
+                        assert!(n.is_multiple_of(8) && pos - n < 8);
+                    }
+                }
+            }
+            let v: Vec<u8> = (0..len)
+                .map(|i| [b'a', 0x80, 0xff, b' ', 0x7f][i % 5])
+                .collect();
+            assert_eq!(clean_prefix(&v), len);
+        }
+    }
+
+    #[test]
+    fn timestamps_render_as_the_general_path_does() {
+        let samples = [
+            "2026-11-30 01:02:03.5+01",
+            "2026-11-30 01:02:03+05:30",
+            "2026-11-30 01:02:03.123456-08",
+            "2026-11-30 01:02:03",
+            "0044-03-15 10:00:00+00 BC",
+            "infinity",
+            "-infinity",
+            "2026-11-30",
+            "1-1",
+            " 1+",
+            "",
+        ];
+        for text in samples {
+            for tz in [false, true] {
+                let mut fast = String::new();
+                write_iso_timestamp(&mut fast, text, tz);
+                let mut slow = String::new();
+                write_str(&mut slow, &iso_timestamp(text, tz));
+                assert_eq!(fast, slow, "{text:?} tz {tz}");
+            }
+        }
+        assert_eq!(
+            render(TypeKind::TimestampTz, "2026-11-30 01:02:03.5+01"),
+            "\"2026-11-30T01:02:03.5+01:00\""
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn timestamp_fast_path_matches_the_general_one(text in "[0-9 :.+-]{0,30}", tz: bool) {
+            let mut fast = String::new();
+            write_iso_timestamp(&mut fast, &text, tz);
+            let mut slow = String::new();
+            write_str(&mut slow, &iso_timestamp(&text, tz));
+            proptest::prop_assert_eq!(fast, slow);
+        }
+
+        #[test]
+        fn strings_escape_as_serde_json_does(text in "(?s).{0,40}") {
+            let mut out = String::new();
+            write_str(&mut out, &text);
+            let back: String = serde_json::from_str(&out).unwrap();
+            proptest::prop_assert_eq!(back, text);
         }
     }
 

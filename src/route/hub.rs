@@ -452,7 +452,7 @@ impl Delivery<'_> {
     #[cold]
     #[inline(never)]
     fn encode(&self, key: &EncodingKey) -> Arc<str> {
-        let mut text = String::with_capacity(512);
+        let mut text = String::with_capacity(self.change.supabase_data_len_hint());
         match &key.0 {
             Some(m) => self.change.to_supabase_data_as(
                 &mut text,

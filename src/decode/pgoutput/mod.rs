@@ -72,6 +72,27 @@ impl PgTimestamp {
         let micros = us.rem_euclid(1_000_000);
         let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
         let sod = secs.rem_euclid(86_400);
+        if (0..=9999).contains(&y) {
+            // Every commit renders this once per change: digits by hand, not
+            // through the formatter (the same text as the general case below).
+            let mut b = *b"0000-00-00T00:00:00.000000Z";
+            let mut put = |at: usize, width: usize, mut v: u64| {
+                for i in (at..at + width).rev() {
+                    b[i] = b'0' + (v % 10) as u8;
+                    v /= 10;
+                }
+            };
+            put(0, 4, y as u64);
+            put(5, 2, m as u64);
+            put(8, 2, d as u64);
+            put(11, 2, (sod / 3600) as u64);
+            put(14, 2, ((sod / 60) % 60) as u64);
+            put(17, 2, (sod % 60) as u64);
+            put(20, 6, micros as u64);
+            // Only ASCII digits and separators were written.
+            out.push_str(std::str::from_utf8(&b).unwrap_or_default());
+            return;
+        }
         let _ = write!(
             out,
             "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",

@@ -353,6 +353,12 @@ fn commit_timestamp_formats_as_iso_utc_with_microseconds() {
         PgTimestamp(-1).to_iso_micros(),
         "1999-12-31T23:59:59.999999Z"
     );
+    // Years outside 0..=9999 take the formatter's path: wider, or signed.
+    let day = |y| PgTimestamp::from_unix_micros(days_from_civil(y, 1, 1) * 86_400_000_000);
+    assert_eq!(day(10_000).to_iso_micros(), "10000-01-01T00:00:00.000000Z");
+    assert_eq!(day(-1).to_iso_micros(), "-001-01-01T00:00:00.000000Z");
+    assert_eq!(day(0).to_iso_micros(), "0000-01-01T00:00:00.000000Z");
+    assert_eq!(day(9_999).to_iso_micros(), "9999-01-01T00:00:00.000000Z");
 }
 
 #[test]
