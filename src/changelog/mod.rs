@@ -204,6 +204,9 @@ struct Inner {
     state: Mutex<State>,
     /// Last commit LSN made durable by `sync`.
     durable: AtomicU64,
+    /// Bumped when the log is emptied: a [`SyncJob`] from before leaves
+    /// `durable` alone (held while `durable` is moved).
+    sync_gen: Mutex<u64>,
     /// Last commit LSN appended (readable).
     appended: AtomicU64,
     /// Table shapes by id, as stored in the table file.
@@ -223,6 +226,44 @@ impl Inner {
 #[derive(Clone)]
 pub struct LogReader {
     inner: Arc<Inner>,
+}
+
+/// A sync of what a [`ChangeLog`] had appended when it was made
+/// ([`ChangeLog::sync_job`]).
+pub struct SyncJob {
+    files: Vec<(File, PathBuf)>,
+    /// The directory, when a segment file was made since the last sync.
+    dir: Option<PathBuf>,
+    /// The commit LSN durable once the files are (`None`: only the table file).
+    upto: Option<u64>,
+    gen: u64,
+    inner: Arc<Inner>,
+}
+
+impl SyncJob {
+    /// Syncs; returns the commit LSN now durable, unless the log was emptied
+    /// since the job was made (`None`: what it synced counts for nothing).
+    /// On an error nothing is marked durable.
+    pub fn run(self) -> Result<Option<Lsn>, LogError> {
+        for (f, path) in &self.files {
+            f.sync_data().map_err(io_err(path))?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        let gen = self
+            .inner
+            .sync_gen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *gen != self.gen {
+            return Ok(None);
+        }
+        if let Some(upto) = self.upto {
+            self.inner.durable.fetch_max(upto, Ordering::AcqRel);
+        }
+        Ok(Some(Lsn(self.inner.durable.load(Ordering::Acquire))))
+    }
 }
 
 /// A running transaction being appended.
@@ -384,6 +425,7 @@ impl ChangeLog {
                 fresh,
             }),
             durable: AtomicU64::new(last.0),
+            sync_gen: Mutex::new(0),
             appended: AtomicU64::new(last.0),
         });
         Ok((
@@ -554,27 +596,55 @@ impl ChangeLog {
 
     /// Makes everything committed so far durable; returns the durable commit LSN.
     pub fn sync(&mut self) -> Result<Lsn, LogError> {
-        if std::mem::take(&mut self.tables.unsynced) {
-            self.tables
-                .file
-                .sync_data()
-                .map_err(io_err(&self.tables.path))?;
+        if let Some(job) = self.sync_job()? {
+            job.run()?;
         }
+        Ok(self.durable_lsn())
+    }
+
+    /// What [`ChangeLog::sync`] would do now, to be done on another thread
+    /// while this one appends on (`None`: nothing to sync). The job syncs
+    /// duplicates of the files' descriptors, so a segment sealed or a log
+    /// emptied meanwhile is no harm: sealing syncs on its own, and emptying
+    /// makes the job leave `durable` alone.
+    pub fn sync_job(&mut self) -> Result<Option<SyncJob>, LogError> {
+        let mut files = Vec::new();
+        if self.tables.unsynced {
+            let f = self.tables.file.try_clone();
+            files.push((
+                f.map_err(io_err(&self.tables.path))?,
+                self.tables.path.clone(),
+            ));
+        }
+        let mut upto = None;
         if self.unsynced {
             if let Some(f) = &self.file {
                 let path = self.active_path();
-                f.sync_data().map_err(io_err(&path))?;
+                files.push((f.try_clone().map_err(io_err(&path))?, path));
             }
-            if std::mem::take(&mut self.dir_unsynced) {
-                sync_dir(&self.inner.opts.dir)?;
-            }
-            self.unsynced = false;
-            self.inner.durable.store(
-                self.inner.appended.load(Ordering::Acquire),
-                Ordering::Release,
-            );
+            upto = Some(self.inner.appended.load(Ordering::Acquire));
         }
-        Ok(self.durable_lsn())
+        if files.is_empty() && upto.is_none() {
+            return Ok(None);
+        }
+        let dir = (upto.is_some() && self.dir_unsynced).then(|| self.inner.opts.dir.clone());
+        self.tables.unsynced = false;
+        if upto.is_some() {
+            self.unsynced = false;
+            self.dir_unsynced = false;
+        }
+        let gen = *self
+            .inner
+            .sync_gen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(Some(SyncJob {
+            files,
+            dir,
+            upto,
+            gen,
+            inner: self.inner.clone(),
+        }))
     }
 
     /// The id of `table`'s shape in the log, stored on first use. Changes store
@@ -698,7 +768,14 @@ impl ChangeLog {
         self.dirty_tail = false;
         self.unsynced = false;
         self.inner.appended.store(horizon.lsn.0, Ordering::Release);
+        let mut gen = self
+            .inner
+            .sync_gen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *gen += 1;
         self.inner.durable.store(horizon.lsn.0, Ordering::Release);
+        drop(gen);
         Ok(())
     }
 

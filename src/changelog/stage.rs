@@ -7,8 +7,10 @@
 //! - **Durable before confirmed.** The stage tells [`Progress::logged`] the end
 //!   LSN of each transaction once the log made it durable; a gated `Progress`
 //!   never confirms past that, so PostgreSQL keeps (and resends after a crash)
-//!   whatever the log could still lose. Syncs are grouped: the stage syncs when
-//!   its input is empty or after [`SYNC_EVERY`] transactions, never per change.
+//!   whatever the log could still lose. Syncs are grouped: the stage asks for
+//!   one when its input is empty or after [`SYNC_EVERY`] transactions, never
+//!   per change, and a thread of its own does it, so the changes behind are not
+//!   held up by the disk (a failed sync confirms nothing more of that log).
 //! - **Exactly once in the log.** A transaction resent after a reconnect or
 //!   restart is skipped by the log (its commit LSN is not above the last logged);
 //!   its end LSN still counts as logged once what is already in the log is durable.
@@ -29,13 +31,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{codec, ChangeLog, LogError, LogIdentity, LogOptions, LogReader};
+use super::{codec, ChangeLog, LogError, LogIdentity, LogOptions, LogReader, SyncJob};
 use crate::decode::event::{Change, Item, StreamStart};
 use crate::lsn::Lsn;
 use crate::source::session::Progress;
 
 /// Transactions appended between syncs at most, when the input never runs dry.
 pub const SYNC_EVERY: usize = 256;
+/// Syncs waiting for the sync thread before the stage waits for it.
+const SYNCS_QUEUED: usize = 4;
 /// How often old segments are looked at for removal.
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
 
@@ -67,14 +71,99 @@ struct Stage {
     reader: Arc<std::sync::Mutex<Option<LogReader>>>,
     /// The open transaction is being logged (false: skipped, or the log failed).
     logging: bool,
-    /// Committed transactions whose end LSN is not yet known durable:
-    /// (commit LSN, end LSN), in order.
-    pending: std::collections::VecDeque<(Lsn, Lsn)>,
+    /// Committed transactions not yet known durable, shared with the syncer.
+    confirm: Arc<Confirm>,
+    /// The syncer thread's queue (`None`: it could not be started, or the
+    /// stage is ending; syncs are then done here).
+    syncs: Option<std::sync::mpsc::SyncSender<(SyncJob, u64)>>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     /// A write failed: the next transaction resets the log first.
     broken: bool,
     since_sync: usize,
     last_retain: Instant,
     scratch: Vec<u8>,
+}
+
+/// Committed transactions not yet known durable, and what the sync thread
+/// found: shared by the stage and the sync thread. Confirmations go out in
+/// order, under the lock.
+#[derive(Default)]
+struct Confirm {
+    state: std::sync::Mutex<ConfirmState>,
+    /// A sync failed (the stage learns it at its next item).
+    failed: AtomicBool,
+}
+
+#[derive(Default)]
+struct ConfirmState {
+    /// Bumped when the log is emptied: a sync of the log before is no proof.
+    epoch: u64,
+    /// (commit LSN, end LSN), in order.
+    pending: std::collections::VecDeque<(Lsn, Lsn)>,
+    error: Option<LogError>,
+    /// A sync of this epoch failed: no later one confirms anything of it
+    /// (after a failed `fdatasync` a later one may succeed without the data).
+    failed_epoch: Option<u64>,
+}
+
+impl Confirm {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConfirmState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    fn push(&self, commit: Lsn, end: Lsn) {
+        self.lock().pending.push_back((commit, end));
+    }
+
+    /// The log was emptied: nothing pending counts any more.
+    fn forget(&self) {
+        let mut st = self.lock();
+        st.epoch += 1;
+        st.pending.clear();
+    }
+
+    /// Another log was opened: syncs of the one before prove nothing.
+    fn new_log(&self) {
+        self.lock().epoch += 1;
+    }
+
+    /// Everything committed at or before `durable` is logged (a sync made in
+    /// `epoch` says so).
+    fn upto(&self, epoch: u64, durable: Lsn, progress: &Progress) {
+        let mut st = self.lock();
+        if st.epoch != epoch || st.failed_epoch == Some(epoch) {
+            return;
+        }
+        let mut end = None;
+        while let Some(&(commit, e)) = st.pending.front() {
+            if commit > durable {
+                break;
+            }
+            end = Some(e);
+            st.pending.pop_front();
+        }
+        if let Some(e) = end {
+            progress.logged(e);
+        }
+    }
+
+    fn fail(&self, epoch: u64, e: LogError) {
+        let mut st = self.lock();
+        st.error = Some(e);
+        st.failed_epoch = Some(epoch);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn take_error(&self) -> Option<LogError> {
+        if !self.failed.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.lock().error.take()
+    }
 }
 
 /// A handle on the running stage: its counters and, once open, a reader of the log.
@@ -119,7 +208,9 @@ pub fn spawn(
         stats: stats.clone(),
         reader: reader.clone(),
         logging: false,
-        pending: Default::default(),
+        confirm: Arc::default(),
+        syncs: None,
+        syncer: None,
         broken: false,
         since_sync: 0,
         last_retain: Instant::now(),
@@ -154,7 +245,11 @@ fn lock_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 
 impl Stage {
     fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
+        self.start_syncer();
         while let Some(item) = input.blocking_recv() {
+            if let Some(e) = self.confirm.take_error() {
+                self.failed(&e);
+            }
             self.handle(&item);
             if output.blocking_send(item).is_err() {
                 break;
@@ -166,7 +261,43 @@ impl Stage {
                 self.retain();
             }
         }
+        // The last sync is done here, after the syncer's queue ran dry.
+        self.syncs = None;
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+        if let Some(e) = self.confirm.take_error() {
+            self.failed(&e);
+        }
         self.sync();
+    }
+
+    /// Starts the thread that syncs the log, so that a slow `fdatasync` never
+    /// holds up the changes behind it (they are written and passed on while
+    /// it runs). Without it (the thread could not be made) the stage syncs
+    /// itself.
+    fn start_syncer(&mut self) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(SyncJob, u64)>(SYNCS_QUEUED);
+        let confirm = self.confirm.clone();
+        let progress = self.progress.clone();
+        let spawned = std::thread::Builder::new()
+            .name("walcast-log-sync".into())
+            .spawn(move || {
+                for (job, epoch) in rx {
+                    match job.run() {
+                        Ok(Some(durable)) => confirm.upto(epoch, durable, &progress),
+                        Ok(None) => {}
+                        Err(e) => confirm.fail(epoch, e),
+                    }
+                }
+            });
+        match spawned {
+            Ok(t) => {
+                self.syncs = Some(tx);
+                self.syncer = Some(t);
+            }
+            Err(e) => tracing::warn!("change log: no sync thread ({e}); syncing in line"),
+        }
     }
 
     fn handle(&mut self, item: &Item) {
@@ -182,7 +313,7 @@ impl Stage {
                             self.broken = false;
                             self.stats.resets.fetch_add(1, Ordering::Relaxed);
                             self.stats.writable.store(true, Ordering::Relaxed);
-                            self.pending.clear();
+                            self.confirm.forget();
                         }
                         Err(e) => return self.failed(&e),
                     }
@@ -232,7 +363,7 @@ impl Stage {
                     self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                     self.since_sync += 1;
                 }
-                self.pending.push_back((info.commit_lsn, *end_lsn));
+                self.confirm.push(info.commit_lsn, *end_lsn);
             }
         }
     }
@@ -286,6 +417,7 @@ impl Stage {
                 if let Ok(mut r) = self.reader.lock() {
                     *r = Some(log.reader());
                 }
+                self.confirm.new_log();
                 self.log = Some(log);
                 self.broken = false;
                 self.stats.writable.store(true, Ordering::Relaxed);
@@ -319,24 +451,38 @@ impl Stage {
         }
         let Some(log) = self.log.as_mut() else { return };
         let needed = log.needs_sync();
-        match log.sync() {
-            Ok(durable) => {
-                if needed {
-                    self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut end = None;
-                while let Some(&(commit, e)) = self.pending.front() {
-                    if commit > durable {
-                        break;
-                    }
-                    end = Some(e);
-                    self.pending.pop_front();
-                }
-                if let Some(e) = end {
-                    self.progress.logged(e);
+        let job = match log.sync_job() {
+            Ok(Some(job)) => job,
+            // Nothing new: what was skipped counts as logged up to what is durable.
+            Ok(None) => {
+                let durable = log.durable_lsn();
+                return self
+                    .confirm
+                    .upto(self.confirm.epoch(), durable, &self.progress);
+            }
+            Err(e) => return self.failed(&e),
+        };
+        if needed {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let epoch = self.confirm.epoch();
+        // Waits only when the disk is so slow that syncs queue up.
+        let job = match &self.syncs {
+            Some(tx) => match tx.send((job, epoch)) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError((job, _))) => job,
+            },
+            None => job,
+        };
+        match job.run() {
+            Ok(Some(durable)) => self.confirm.upto(epoch, durable, &self.progress),
+            Ok(None) => {}
+            Err(e) => {
+                self.confirm.fail(epoch, e);
+                if let Some(e) = self.confirm.take_error() {
+                    self.failed(&e);
                 }
             }
-            Err(e) => self.failed(&e),
         }
     }
 
@@ -347,5 +493,37 @@ impl Stage {
                 tracing::warn!("change log retention: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmations_follow_syncs_of_this_log_only_and_stop_after_a_failed_one() {
+        let progress = Progress::gated_by_log();
+        progress.confirm(Lsn(1000));
+        let c = Confirm::default();
+        for i in 1..=3 {
+            c.push(Lsn(10 * i), Lsn(10 * i + 8));
+        }
+        let e = c.epoch();
+        c.upto(e, Lsn(20), &progress);
+        assert_eq!(progress.confirmed(), Lsn(28));
+        // A sync from before the log was emptied (another epoch) proves nothing.
+        c.upto(e + 1, Lsn(30), &progress);
+        assert_eq!(progress.confirmed(), Lsn(28));
+        // After a failed sync, a later one of the same log confirms nothing.
+        c.fail(e, LogError::Usage("sync failed"));
+        c.upto(e, Lsn(30), &progress);
+        assert_eq!(progress.confirmed(), Lsn(28));
+        assert!(c.take_error().is_some());
+        assert!(c.take_error().is_none());
+        // Emptied: what was pending is gone; the new epoch confirms again.
+        c.forget();
+        c.push(Lsn(40), Lsn(48));
+        c.upto(c.epoch(), Lsn(40), &progress);
+        assert_eq!(progress.confirmed(), Lsn(48));
     }
 }
