@@ -204,16 +204,30 @@ struct Inner {
     state: Mutex<State>,
     /// Last commit LSN made durable by `sync`.
     durable: AtomicU64,
-    /// Bumped when the log is emptied: a [`SyncJob`] from before leaves
-    /// `durable` alone (held while `durable` is moved).
-    sync_gen: Mutex<u64>,
+    /// Held while `durable` is moved.
+    sync: Mutex<SyncState>,
     /// Last commit LSN appended (readable).
     appended: AtomicU64,
     /// Table shapes by id, as stored in the table file.
     tables: Mutex<HashMap<u32, Arc<Table>>>,
 }
 
+/// What [`SyncJob`]s need to agree on.
+#[derive(Default)]
+struct SyncState {
+    /// Bumped when the log is emptied: a job from before leaves `durable` alone.
+    gen: u64,
+    /// A sync of this generation failed: `durable` stays where it is until the
+    /// log is emptied (after a failed `fdatasync` a later one may succeed
+    /// without the lost data).
+    failed: bool,
+}
+
 impl Inner {
+    fn sync_state(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A reader that panicked cannot leave the list half-changed: every change
         // is one assignment or push/pop under the lock.
@@ -242,29 +256,41 @@ pub struct SyncJob {
 
 impl SyncJob {
     /// Syncs; returns the commit LSN now durable, unless the log was emptied
-    /// since the job was made (`None`: what it synced counts for nothing).
-    /// On an error nothing is marked durable.
+    /// since the job was made (`None`: what it synced, or failed to, counts for
+    /// nothing). On an error nothing is marked durable, now or by a later job,
+    /// until the log is emptied.
     pub fn run(self) -> Result<Option<Lsn>, LogError> {
-        for (f, path) in &self.files {
-            f.sync_data().map_err(io_err(path))?;
-        }
-        if let Some(dir) = &self.dir {
-            sync_dir(dir)?;
-        }
-        let gen = self
-            .inner
-            .sync_gen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if *gen != self.gen {
+        let synced = self.sync_files();
+        let mut st = self.inner.sync_state();
+        if st.gen != self.gen {
             return Ok(None);
+        }
+        if let Err(e) = synced {
+            st.failed = true;
+            return Err(e);
+        }
+        if st.failed {
+            return Err(SYNC_FAILED);
         }
         if let Some(upto) = self.upto {
             self.inner.durable.fetch_max(upto, Ordering::AcqRel);
         }
         Ok(Some(Lsn(self.inner.durable.load(Ordering::Acquire))))
     }
+
+    fn sync_files(&self) -> Result<(), LogError> {
+        for (f, path) in &self.files {
+            f.sync_data().map_err(io_err(path))?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
 }
+
+const SYNC_FAILED: LogError =
+    LogError::Usage("an earlier sync failed: nothing is durable until the log starts over");
 
 /// A running transaction being appended.
 struct Open {
@@ -425,7 +451,7 @@ impl ChangeLog {
                 fresh,
             }),
             durable: AtomicU64::new(last.0),
-            sync_gen: Mutex::new(0),
+            sync: Mutex::default(),
             appended: AtomicU64::new(last.0),
         });
         Ok((
@@ -596,6 +622,9 @@ impl ChangeLog {
 
     /// Makes everything committed so far durable; returns the durable commit LSN.
     pub fn sync(&mut self) -> Result<Lsn, LogError> {
+        if self.inner.sync_state().failed {
+            return Err(SYNC_FAILED);
+        }
         if let Some(job) = self.sync_job()? {
             job.run()?;
         }
@@ -633,11 +662,7 @@ impl ChangeLog {
             self.unsynced = false;
             self.dir_unsynced = false;
         }
-        let gen = *self
-            .inner
-            .sync_gen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let gen = self.inner.sync_state().gen;
         Ok(Some(SyncJob {
             files,
             dir,
@@ -768,14 +793,11 @@ impl ChangeLog {
         self.dirty_tail = false;
         self.unsynced = false;
         self.inner.appended.store(horizon.lsn.0, Ordering::Release);
-        let mut gen = self
-            .inner
-            .sync_gen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *gen += 1;
+        let mut sync = self.inner.sync_state();
+        sync.gen += 1;
+        sync.failed = false;
         self.inner.durable.store(horizon.lsn.0, Ordering::Release);
-        drop(gen);
+        drop(sync);
         Ok(())
     }
 

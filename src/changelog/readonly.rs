@@ -225,7 +225,7 @@ fn snapshot(dir: &Path) -> Result<LogReader, Attempt> {
                 fresh: false,
             }),
             durable: AtomicU64::new(last.0),
-            sync_gen: Mutex::new(0),
+            sync: Mutex::default(),
             appended: AtomicU64::new(last.0),
             tables: Mutex::new(tables),
         }),

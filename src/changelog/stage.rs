@@ -100,7 +100,8 @@ struct ConfirmState {
     epoch: u64,
     /// (commit LSN, end LSN), in order.
     pending: std::collections::VecDeque<(Lsn, Lsn)>,
-    error: Option<LogError>,
+    /// A failed sync's error, with its epoch.
+    error: Option<(u64, LogError)>,
     /// A sync of this epoch failed: no later one confirms anything of it
     /// (after a failed `fdatasync` a later one may succeed without the data).
     failed_epoch: Option<u64>,
@@ -126,11 +127,6 @@ impl Confirm {
         st.pending.clear();
     }
 
-    /// Another log was opened: syncs of the one before prove nothing.
-    fn new_log(&self) {
-        self.lock().epoch += 1;
-    }
-
     /// Everything committed at or before `durable` is logged (a sync made in
     /// `epoch` says so).
     fn upto(&self, epoch: u64, durable: Lsn, progress: &Progress) {
@@ -153,16 +149,22 @@ impl Confirm {
 
     fn fail(&self, epoch: u64, e: LogError) {
         let mut st = self.lock();
-        st.error = Some(e);
+        st.error = Some((epoch, e));
         st.failed_epoch = Some(epoch);
         self.failed.store(true, Ordering::Release);
     }
 
+    /// A failed sync of the log as it is now (one of a log emptied since is
+    /// no news).
     fn take_error(&self) -> Option<LogError> {
         if !self.failed.swap(false, Ordering::AcqRel) {
             return None;
         }
-        self.lock().error.take()
+        let mut st = self.lock();
+        match st.error.take() {
+            Some((epoch, e)) if epoch == st.epoch => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -280,6 +282,7 @@ impl Stage {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(SyncJob, u64)>(SYNCS_QUEUED);
         let confirm = self.confirm.clone();
         let progress = self.progress.clone();
+        let stats = self.stats.clone();
         let spawned = std::thread::Builder::new()
             .name("walcast-log-sync".into())
             .spawn(move || {
@@ -287,7 +290,12 @@ impl Stage {
                     match job.run() {
                         Ok(Some(durable)) => confirm.upto(epoch, durable, &progress),
                         Ok(None) => {}
-                        Err(e) => confirm.fail(epoch, e),
+                        Err(e) => {
+                            // Counted by the stage at its next item; told now.
+                            tracing::error!("change log sync failed: {e}; nothing more is confirmed to PostgreSQL until the log starts over");
+                            stats.writable.store(false, Ordering::Relaxed);
+                            confirm.fail(epoch, e);
+                        }
                     }
                 }
             });
@@ -417,7 +425,9 @@ impl Stage {
                 if let Ok(mut r) = self.reader.lock() {
                     *r = Some(log.reader());
                 }
-                self.confirm.new_log();
+                // Another log: syncs of the one before prove nothing, and what
+                // was pending belongs to another source.
+                self.confirm.forget();
                 self.log = Some(log);
                 self.broken = false;
                 self.stats.writable.store(true, Ordering::Relaxed);
@@ -520,8 +530,11 @@ mod tests {
         assert_eq!(progress.confirmed(), Lsn(28));
         assert!(c.take_error().is_some());
         assert!(c.take_error().is_none());
-        // Emptied: what was pending is gone; the new epoch confirms again.
+        // Emptied: what was pending is gone, an error of the old log is no
+        // news; the new epoch confirms again.
+        c.fail(e, LogError::Usage("late sync of the old log"));
         c.forget();
+        assert!(c.take_error().is_none());
         c.push(Lsn(40), Lsn(48));
         c.upto(c.epoch(), Lsn(40), &progress);
         assert_eq!(progress.confirmed(), Lsn(48));

@@ -39,6 +39,37 @@ fn write_txn(log: &mut ChangeLog, i: u64) -> bool {
     fresh
 }
 
+/// A sync made on another thread counts once it ran, and only for the log as
+/// it was: after a reset its result moves nothing.
+#[test]
+fn a_sync_job_counts_for_the_log_it_was_made_of_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = ChangeLog::open(opts(dir.path(), 1 << 20), ident("a"), lsn(1)).unwrap();
+    let before = log.durable_lsn();
+    assert!(before < lsn(2));
+    write_txn(&mut log, 2);
+    let job = log.sync_job().unwrap().expect("something to sync");
+    write_txn(&mut log, 3);
+    assert_eq!(log.durable_lsn(), before, "not before the job ran");
+    assert_eq!(
+        job.run().unwrap(),
+        Some(lsn(2)),
+        "what was appended when it was made"
+    );
+    assert_eq!(log.durable_lsn(), lsn(2));
+    assert_eq!(log.sync().unwrap(), lsn(3));
+    assert!(log.sync_job().unwrap().is_none(), "nothing new");
+    // Made before a reset, run after it: no proof of anything.
+    write_txn(&mut log, 4);
+    let stale = log.sync_job().unwrap().expect("something to sync");
+    // (Another source's positions may be lower: the job's LSN would be news.)
+    log.reset(lsn(3)).unwrap();
+    let horizon = log.durable_lsn();
+    assert!(horizon < lsn(4));
+    assert_eq!(stale.run().unwrap(), None);
+    assert_eq!(log.durable_lsn(), horizon, "the reset's horizon, untouched");
+}
+
 /// Every transaction a cursor yields, as (index, payloads), checking framing.
 fn drain(c: &mut Cursor) -> Vec<(u64, Vec<Vec<u8>>)> {
     let mut out = Vec::new();

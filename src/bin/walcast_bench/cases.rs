@@ -44,7 +44,7 @@ fn f_us(x: f64) -> String {
     format!("{x:.2} µs")
 }
 
-fn f_ms(x: f64) -> String {
+pub(super) fn f_ms(x: f64) -> String {
     format!("{x:.2} ms")
 }
 

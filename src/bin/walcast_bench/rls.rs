@@ -22,9 +22,15 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::cases::f_ms;
 use super::client;
 use super::env::{self, exec, Env};
-use super::Figure;
+use super::{Cell, Figure};
+
+/// A whole number of messages or rows (per second).
+fn f_whole(x: f64) -> String {
+    format!("{x:.0}")
+}
 
 const SECRET: &str = "walcast-bench-rls-secret-with-enough-bytes";
 
@@ -257,21 +263,38 @@ pub async fn rls(quick: bool) -> Result<Vec<Figure>> {
             n if n.ends_with("rules") => (None, String::new(), None),
             _ => (Some(mps / base), String::new(), None),
         };
+        // Names are the same in every run (counts go in the cells), so that
+        // `--runs N` gives each figure its median and spread.
         figs.push(Figure::new(
             "rls",
             format!(
-                "{}: delivered msgs/s ({} clients, {} classes or groups, {} commits/s: {} of {} deliveries of {} rows, {} connections closed)",
-                m.name, m.clients, m.groups, m.rate, r.delivered, r.expected, r.written, r.closed
+                "{}: delivered msgs/s ({} clients, {} classes or groups, {} commits/s)",
+                m.name, m.clients, m.groups, m.rate
             ),
-            format!("{mps:.0}"),
+            Cell::num(mps, f_whole),
             if m.name.ends_with("rules") {
-                "—".to_string()
+                Cell::Text("—".to_string())
             } else {
-                format!("rules {base:.0}")
+                Cell::labelled("rules", base, f_whole)
             },
             ratio,
             target,
             met,
+        ));
+        figs.push(Figure::new(
+            "rls",
+            format!(
+                "{}: deliveries delivered / expected (rows written), connections closed",
+                m.name
+            ),
+            format!(
+                "{} / {} ({} rows), {} closed",
+                r.delivered, r.expected, r.written, r.closed
+            ),
+            "—",
+            None,
+            "",
+            None,
         ));
         r.latencies.sort_unstable();
         for (q, p) in [("p50", 50.0), ("p99", 99.0)] {
@@ -279,7 +302,7 @@ pub async fn rls(quick: bool) -> Result<Vec<Figure>> {
             figs.push(Figure::new(
                 "rls",
                 format!("{}: write → client {q}", m.name),
-                format!("{:.2} ms", v as f64 / 1000.0),
+                Cell::num(v as f64 / 1000.0, f_ms),
                 "—",
                 None,
                 "",
@@ -290,13 +313,10 @@ pub async fn rls(quick: bool) -> Result<Vec<Figure>> {
             figs.push(Figure::new(
                 "rls",
                 format!(
-                    "{}: row images judged by PostgreSQL (every row × every class)",
+                    "{}: row images judged by PostgreSQL per second (every row × every class)",
                     m.name
                 ),
-                format!(
-                    "{rows:.0} ({:.0}/s)",
-                    rows / r.elapsed.as_secs_f64().max(1e-9)
-                ),
+                Cell::num(rows / r.elapsed.as_secs_f64().max(1e-9), f_whole),
                 "—",
                 None,
                 "",
