@@ -23,10 +23,7 @@
 //! - **Its source.** The log is opened (or reset, for another database system or
 //!   slot) when the stream says where it comes from ([`Item::Stream`]).
 //!
-//! The daemon runs the stage as a task of the runtime ([`Stage::run`]): its
-//! writes only reach the page cache, and the `fdatasync`s, which can take
-//! milliseconds, run on a thread of their own. [`spawn`] runs it on a thread
-//! instead (tests, tools).
+//! The log's IO is blocking, so the stage runs on a thread of its own.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,9 +62,8 @@ pub struct LogStageStats {
     pub resets: AtomicU64,
 }
 
-/// The stage: on a task of the runtime ([`Stage::run`]) or a thread of its
-/// own ([`spawn`]), between two channels.
-pub struct Stage {
+/// The stage's state, on its own thread.
+struct Stage {
     opts: LogOptions,
     log: Option<ChangeLog>,
     progress: Arc<Progress>,
@@ -86,8 +82,6 @@ pub struct Stage {
     since_sync: usize,
     last_retain: Instant,
     scratch: Vec<u8>,
-    /// The directory's lock, held as long as the stage.
-    _lock: std::fs::File,
 }
 
 /// Committed transactions not yet known durable, and what the sync thread
@@ -206,40 +200,31 @@ pub fn spawn(
     output: mpsc::Sender<Item>,
     progress: Arc<Progress>,
 ) -> std::io::Result<(LogHandle, std::thread::JoinHandle<()>)> {
-    let (handle, stage) = Stage::new(opts, progress)?;
+    let lock = lock_dir(&opts.dir)?;
+    let stats = Arc::new(LogStageStats::default());
+    let reader = Arc::new(std::sync::Mutex::new(None));
+    let stage = Stage {
+        opts,
+        log: None,
+        progress,
+        stats: stats.clone(),
+        reader: reader.clone(),
+        logging: false,
+        confirm: Arc::default(),
+        syncs: None,
+        syncer: None,
+        broken: false,
+        since_sync: 0,
+        last_retain: Instant::now(),
+        scratch: Vec::with_capacity(4096),
+    };
     let thread = std::thread::Builder::new()
         .name("walcast-log".into())
-        .spawn(move || stage.run_blocking(input, output))?;
-    Ok((handle, thread))
-}
-
-impl Stage {
-    /// A stage for the log in `opts.dir` (taken for this process), with its
-    /// sync thread; nothing is opened before the stream says where it comes
-    /// from ([`Item::Stream`]).
-    pub fn new(opts: LogOptions, progress: Arc<Progress>) -> std::io::Result<(LogHandle, Stage)> {
-        let lock = lock_dir(&opts.dir)?;
-        let stats = Arc::new(LogStageStats::default());
-        let reader = Arc::new(std::sync::Mutex::new(None));
-        let mut stage = Stage {
-            opts,
-            log: None,
-            progress,
-            stats: stats.clone(),
-            reader: reader.clone(),
-            logging: false,
-            confirm: Arc::default(),
-            syncs: None,
-            syncer: None,
-            broken: false,
-            since_sync: 0,
-            last_retain: Instant::now(),
-            scratch: Vec::with_capacity(4096),
-            _lock: lock,
-        };
-        stage.start_syncer();
-        Ok((LogHandle { stats, reader }, stage))
-    }
+        .spawn(move || {
+            let _lock = lock;
+            stage.run(input, output)
+        })?;
+    Ok((LogHandle { stats, reader }, thread))
 }
 
 /// Takes the log directory for this process (created if missing): two walcasts
@@ -261,51 +246,24 @@ fn lock_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 }
 
 impl Stage {
-    /// Runs on a task of the runtime: the stream's task, this one and the
-    /// hub's hand items to each other without waking a thread outside the
-    /// runtime (on a thread of its own, that wake-up cost every commit ~0.3 ms
-    /// of the write → client p99). Its writes go to the page cache and its
-    /// syncs to the sync thread, so it blocks its worker only as long as a
-    /// `write` takes, or when [`SYNCS_QUEUED`] syncs wait for the disk.
-    pub async fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
-        while let Some(item) = input.recv().await {
-            self.pass(&item, !input.is_empty());
-            if output.send(item).await.is_err() {
-                break;
-            }
-        }
-        // Joins the sync thread and syncs a last time: off the runtime's workers.
-        let _ = tokio::task::spawn_blocking(move || self.finish()).await;
-    }
-
-    fn run_blocking(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
+    fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
+        self.start_syncer();
         while let Some(item) = input.blocking_recv() {
-            self.pass(&item, !input.is_empty());
+            if let Some(e) = self.confirm.take_error() {
+                self.failed(&e);
+            }
+            self.handle(&item);
             if output.blocking_send(item).is_err() {
                 break;
             }
+            if input.is_empty() || self.since_sync >= SYNC_EVERY {
+                self.sync();
+            }
+            if self.last_retain.elapsed() >= RETAIN_EVERY {
+                self.retain();
+            }
         }
-        self.finish();
-    }
-
-    /// Logs `item` (before it goes on, in stream order). `more`: further items
-    /// are already waiting — a sync is asked for only when none is, or after
-    /// [`SYNC_EVERY`] transactions.
-    fn pass(&mut self, item: &Item, more: bool) {
-        if let Some(e) = self.confirm.take_error() {
-            self.failed(&e);
-        }
-        self.handle(item);
-        if !more || self.since_sync >= SYNC_EVERY {
-            self.sync();
-        }
-        if self.last_retain.elapsed() >= RETAIN_EVERY {
-            self.retain();
-        }
-    }
-
-    /// The stream ended: the syncs waiting are done, then a last one here.
-    fn finish(&mut self) {
+        // The last sync is done here, after the syncer's queue ran dry.
         self.syncs = None;
         if let Some(t) = self.syncer.take() {
             let _ = t.join();

@@ -228,8 +228,8 @@ impl Pipeline {
         let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
         // With a change log, items pass through the log stage on their way to the
         // hub, and nothing is confirmed to PostgreSQL before the log holds it.
-        let (progress, items_rx, log, stage) = match config.log.dir() {
-            None => (Arc::new(Progress::default()), items_rx, None, None),
+        let (progress, items_rx, log) = match config.log.dir() {
+            None => (Arc::new(Progress::default()), items_rx, None),
             Some(dir) => {
                 let progress = Arc::new(Progress::gated_by_log());
                 let (logged_tx, logged_rx) = mpsc::channel(config.limits.pipeline_capacity);
@@ -238,17 +238,13 @@ impl Pipeline {
                     config.log.max_bytes,
                     Duration::from_secs(config.log.max_age_secs),
                 );
-                let (handle, stage) = crate::changelog::stage::Stage::new(opts, progress.clone())
-                    .map_err(|source| ServeError::Log {
-                    dir: dir.display().to_string(),
-                    source,
-                })?;
-                (
-                    progress,
-                    logged_rx,
-                    Some(handle),
-                    Some((stage, items_rx, logged_tx)),
-                )
+                let (handle, _thread) =
+                    crate::changelog::stage::spawn(opts, items_rx, logged_tx, progress.clone())
+                        .map_err(|source| ServeError::Log {
+                            dir: dir.display().to_string(),
+                            source,
+                        })?;
+                (progress, logged_rx, Some(handle))
             }
         };
         let stream = Arc::new(StreamState::default());
@@ -261,9 +257,6 @@ impl Pipeline {
             config.channels.clone(),
         ));
         let tasks = TaskTracker::new();
-        if let Some((stage, input, output)) = stage {
-            tasks.spawn(stage.run(input, output));
-        }
         // RLS mode: the database's policies (route::rls); a failed check closes
         // its class's channels through the hub.
         let rls = config.auth.rls_on().then(|| {
