@@ -245,7 +245,11 @@ async fn bad_joins_are_errors_and_the_socket_keeps_working() {
 async fn leave_stops_delivery_and_a_slow_client_is_closed_without_hurting_others() {
     let db = "ws_slow";
     let c = setup_db(db, "create table t (id int primary key, pad text)").await;
-    let server = start(db, &[]).await;
+    // A queue of 1,024 frames: the slow client overflows it soon after its socket
+    // buffers fill, while the fast one, reading each batch before the next is
+    // written, never holds more than a batch there however busy the machine is.
+    let server =
+        crate::support::walcast::serve_db_with_config(db, "[limits]\nclient_queue = 1024\n").await;
     let binding = json!({"postgres_changes": [{"event": "*", "schema": "public", "table": "t"}]});
     let mut fast = connect(&server, "2.0.0").await;
     assert_eq!(
@@ -272,19 +276,23 @@ async fn leave_stops_delivery_and_a_slow_client_is_closed_without_hurting_others
     let r = recv_event(&mut leaver, "phx_reply").await;
     assert_eq!(r[4]["status"], "ok");
 
-    // Enough rows of 2 KB to overflow the slow client's queue and socket buffers.
-    let rows = 12_000;
-    c.execute(
-        "insert into t select g, repeat('x', 2000) from generate_series(1, $1) g",
-        &[&rows],
-    )
-    .await
-    .unwrap();
+    // Enough rows of 2 KB (32 MB) to overflow the slow client's queue and socket
+    // buffers, in transactions of 500 rows; the fast client reads each one whole
+    // before the next is written.
+    let (rows, batch) = (16_000, 500);
     let mut n = 0;
     while n < rows {
-        let f = recv_event(&mut fast, "postgres_changes").await;
-        assert_eq!(f[4]["data"]["record"]["id"], n + 1, "in order");
-        n += 1;
+        c.execute(
+            "insert into t select g, repeat('x', 2000) from generate_series($1::int, $2::int) g",
+            &[&(n + 1), &(n + batch)],
+        )
+        .await
+        .unwrap();
+        for _ in 0..batch {
+            let f = recv_event(&mut fast, "postgres_changes").await;
+            assert_eq!(f[4]["data"]["record"]["id"], n + 1, "in order");
+            n += 1;
+        }
     }
     // The slow client was closed: once it reads, it finds a close with 4008 — or,
     // as here, where it read nothing for longer than walcast gives the closing
