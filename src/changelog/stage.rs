@@ -1,6 +1,10 @@
-//! The log stage of the pipeline: between the replication stream and the hub,
-//! every committed transaction is appended to the [`ChangeLog`] and passed on
-//! unchanged, so live delivery never waits for the disk.
+//! The log stage of the pipeline: every committed transaction is appended to
+//! the [`ChangeLog`] on a thread of its own, beside live delivery rather than in
+//! front of it — the hub hands it each item once routed, in batches
+//! ([`crate::route::hub::LogTap`]), so a change reaches clients without waiting
+//! for the log, and the log holds it a moment later. Readers that must see
+//! whatever was delivered live (a replay's hand-over, `GET /api/changes`) wait
+//! for the log to reach what the hub routed ([`LogHandle::caught_up`]).
 //!
 //! What it promises (DESIGN.md §2, "Resume"):
 //!
@@ -23,7 +27,9 @@
 //! - **Its source.** The log is opened (or reset, for another database system or
 //!   slot) when the stream says where it comes from ([`Item::Stream`]).
 //!
-//! The log's IO is blocking, so the stage runs on a thread of its own.
+//! The log's IO is blocking, so the stage runs on a thread of its own; its
+//! input is bounded, so a log that falls behind holds up the hub's intake (and
+//! so the slot), never a client.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -173,6 +179,9 @@ impl Confirm {
 pub struct LogHandle {
     pub stats: Arc<LogStageStats>,
     reader: Arc<std::sync::Mutex<Option<LogReader>>>,
+    /// Commit LSN of the last change the hub routed (set by the hub's
+    /// [`crate::route::hub::LogTap`]).
+    routed: Arc<AtomicU64>,
 }
 
 impl LogHandle {
@@ -182,6 +191,7 @@ impl LogHandle {
         LogHandle {
             stats,
             reader: Arc::new(std::sync::Mutex::new(reader)),
+            routed: Arc::default(),
         }
     }
 
@@ -189,15 +199,34 @@ impl LogHandle {
     pub fn reader(&self) -> Option<LogReader> {
         self.reader.lock().ok().and_then(|r| r.clone())
     }
+
+    /// Where the hub records the commit LSN of each change it routes.
+    pub fn routed_mark(&self) -> Arc<AtomicU64> {
+        self.routed.clone()
+    }
+
+    /// Waits up to `limit` for `log` to hold every transaction the hub had
+    /// routed when called, so that what it reads includes whatever clients were
+    /// sent live; false when it did not get there (the log cannot be written,
+    /// or is that far behind).
+    pub async fn caught_up(&self, log: &LogReader, limit: Duration) -> bool {
+        let routed = Lsn(self.routed.load(Ordering::Acquire));
+        let deadline = Instant::now() + limit;
+        while log.last_lsn() < routed {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
 }
 
-/// Starts the stage on a thread of its own: items from `input` are logged and
-/// passed to `output` in order. It ends when `input` closes (after a last sync)
-/// or `output` does.
+/// Starts the stage on a thread of its own: the batches of items from `input`
+/// are logged in order. It ends when `input` closes, after a last sync.
 pub fn spawn(
     opts: LogOptions,
-    input: mpsc::Receiver<Item>,
-    output: mpsc::Sender<Item>,
+    input: mpsc::Receiver<Vec<Item>>,
     progress: Arc<Progress>,
 ) -> std::io::Result<(LogHandle, std::thread::JoinHandle<()>)> {
     let lock = lock_dir(&opts.dir)?;
@@ -222,9 +251,16 @@ pub fn spawn(
         .name("walcast-log".into())
         .spawn(move || {
             let _lock = lock;
-            stage.run(input, output)
+            stage.run(input)
         })?;
-    Ok((LogHandle { stats, reader }, thread))
+    Ok((
+        LogHandle {
+            stats,
+            reader,
+            routed: Arc::default(),
+        },
+        thread,
+    ))
 }
 
 /// Takes the log directory for this process (created if missing): two walcasts
@@ -246,15 +282,14 @@ fn lock_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 }
 
 impl Stage {
-    fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Item>) {
+    fn run(mut self, mut input: mpsc::Receiver<Vec<Item>>) {
         self.start_syncer();
-        while let Some(item) = input.blocking_recv() {
+        while let Some(batch) = input.blocking_recv() {
             if let Some(e) = self.confirm.take_error() {
                 self.failed(&e);
             }
-            self.handle(&item);
-            if output.blocking_send(item).is_err() {
-                break;
+            for item in &batch {
+                self.handle(item);
             }
             if input.is_empty() || self.since_sync >= SYNC_EVERY {
                 self.sync();

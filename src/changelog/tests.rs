@@ -621,8 +621,8 @@ fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
     assert_eq!(log.table_id(&altered).unwrap(), 0);
 }
 
-/// The log stage passes items on unchanged and in order, logs each transaction
-/// once (a resend after a reconnect is skipped), and lets the stream confirm a
+/// The log stage logs each transaction of the batches it is handed
+/// once, in order (a resend after a reconnect is skipped), and lets the stream confirm a
 /// transaction only once the log made it durable.
 #[test]
 fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
@@ -661,9 +661,8 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
     };
     let progress = Arc::new(Progress::gated_by_log());
     let (in_tx, in_rx) = tokio::sync::mpsc::channel(64);
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
     let (handle, thread) =
-        stage::spawn(opts(dir.path(), 1 << 20), in_rx, out_tx, progress.clone()).unwrap();
+        stage::spawn(opts(dir.path(), 1 << 20), in_rx, progress.clone()).unwrap();
     rt.block_on(async {
         // Handled downstream but not yet logged: nothing is confirmed.
         progress.confirm(Lsn(lsn(3).0 + 8));
@@ -673,18 +672,16 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         // A reconnect resends transactions 2 and 3, then 4 follows.
         sent.push(start(1500));
         sent.extend((2..=4).flat_map(txn));
-        for item in &sent {
-            in_tx.send(item.clone()).await.unwrap();
+        // In batches of every size the hub may hand over, one item to many.
+        for (i, batch) in sent.chunks(5).enumerate() {
+            if i % 2 == 0 {
+                in_tx.send(batch.to_vec()).await.unwrap();
+            } else {
+                for item in batch {
+                    in_tx.send(vec![item.clone()]).await.unwrap();
+                }
+            }
         }
-        let mut got = Vec::new();
-        while got.len() < sent.len() {
-            got.push(out_rx.recv().await.unwrap());
-        }
-        assert_eq!(
-            format!("{got:?}"),
-            format!("{sent:?}"),
-            "passed on unchanged"
-        );
         // Once durable, the confirmation reaches what downstream handled.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while progress.confirmed() < Lsn(lsn(3).0 + 8) {
@@ -693,10 +690,6 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         }
         progress.confirm(Lsn(lsn(4).0 + 8));
         drop(in_tx);
-        assert!(
-            out_rx.recv().await.is_none(),
-            "the stage ends with its input"
-        );
     });
     thread.join().unwrap();
     // Closing synced the last transaction.

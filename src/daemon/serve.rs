@@ -226,25 +226,30 @@ impl Pipeline {
         };
         let (items_tx, items_rx) = mpsc::channel(config.limits.pipeline_capacity);
         let (cmd_tx, cmd_rx) = mpsc::channel(HUB_COMMAND_CAPACITY);
-        // With a change log, items pass through the log stage on their way to the
-        // hub, and nothing is confirmed to PostgreSQL before the log holds it.
-        let (progress, items_rx, log) = match config.log.dir() {
-            None => (Arc::new(Progress::default()), items_rx, None),
+        // With a change log, the hub hands each item to the log stage once it has
+        // routed it, and nothing is confirmed to PostgreSQL before the log holds it.
+        let (progress, log_tap, log) = match config.log.dir() {
+            None => (Arc::new(Progress::default()), None, None),
             Some(dir) => {
                 let progress = Arc::new(Progress::gated_by_log());
-                let (logged_tx, logged_rx) = mpsc::channel(config.limits.pipeline_capacity);
+                // Batches of up to LOG_BATCH items: as many items as the pipeline holds.
+                let (log_tx, log_rx) = mpsc::channel(
+                    (config.limits.pipeline_capacity / crate::route::hub::LOG_BATCH).max(2),
+                );
                 let opts = crate::changelog::LogOptions::new(
                     dir,
                     config.log.max_bytes,
                     Duration::from_secs(config.log.max_age_secs),
                 );
                 let (handle, _thread) =
-                    crate::changelog::stage::spawn(opts, items_rx, logged_tx, progress.clone())
-                        .map_err(|source| ServeError::Log {
+                    crate::changelog::stage::spawn(opts, log_rx, progress.clone()).map_err(
+                        |source| ServeError::Log {
                             dir: dir.display().to_string(),
                             source,
-                        })?;
-                (progress, logged_rx, Some(handle))
+                        },
+                    )?;
+                let tap = crate::route::hub::LogTap::new(log_tx, handle.routed_mark());
+                (progress, Some(tap), Some(handle))
             }
         };
         let stream = Arc::new(StreamState::default());
@@ -363,7 +368,7 @@ impl Pipeline {
             if let Some(r) = &rls {
                 hub = hub.with_rls_gate(r.gate());
             }
-            tasks.spawn(hub.run(items_rx, cmd_rx, progress))
+            tasks.spawn(hub.run(items_rx, cmd_rx, progress, log_tap))
         };
         // Stopped first on shutdown: stopping is not an outage to announce.
         let stop_notices = CancellationToken::new();

@@ -7,11 +7,10 @@
 //!
 //! The join subscribes its channel with a *hold*: from that moment the hub keeps
 //! the channel's live frames aside instead of queueing them, and answers with the
-//! commit LSN of the last change it routed before (`routed`). Everything the hub
-//! routed before the hold is in the log already (the log stage appends a change
-//! before the hub sees it), so the replay reads the log from `since` up to
-//! `max(routed, the log's end)`, waiting for the log to reach `routed` when the hub
-//! is in the middle of a transaction. Each batch goes through the hub
+//! commit LSN of the last change it routed before (`routed`). The hub hands each
+//! change to the log right after routing it, so the replay first waits for the
+//! log to hold `routed` (moments, unless the log cannot be written), then reads
+//! it from `since` up to `max(routed, the log's end)`. Each batch goes through the hub
 //! ([`HubCommand::Replay`]), which judges it with the channel's bindings exactly as
 //! a live change (filters, row rules, column lists, moves) and queues it past the
 //! hold. Then `REPLAY_DONE`, and [`HubCommand::Release`] queues the held frames of

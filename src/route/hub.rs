@@ -23,6 +23,13 @@
 //! close frame with [`CLOSE_SLOW_CLIENT`]) and counted — no other client and not
 //! the slot is slowed by it, and nothing is dropped silently.
 //!
+//! # The change log
+//!
+//! With a change log, the hub hands every item to the log's stage once it has
+//! routed it ([`LogTap`]), in batches, so delivery never waits for the log. When
+//! the log's input is full the hub takes no more items (commands still run)
+//! until it has room: a log that falls behind slows the stream, not a client.
+//!
 //! # Readiness and progress
 //!
 //! A subscribe command is acknowledged once the subscription is in the index, and
@@ -664,6 +671,91 @@ pub type MessageHook = Arc<dyn Fn(&DbMessage) + Send + Sync>;
 /// and should return at once when nobody listens.
 pub type ChangeHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
+/// Items in one batch handed to the change log at most.
+pub const LOG_BATCH: usize = 256;
+
+/// The hub's side of the change log's input: items it has routed, batched until
+/// its own input runs dry between transactions or [`LOG_BATCH`] are waiting, then
+/// handed over in order (a transaction's changes wait for its commit when they
+/// can: the log's readers see only committed transactions anyway). A batch the
+/// log had no room for waits in `unsent`, and the hub takes no item until it
+/// went (bounded: the channel's batches plus one).
+pub struct LogTap {
+    tx: mpsc::Sender<Vec<Item>>,
+    batch: Vec<Item>,
+    unsent: Option<Vec<Item>>,
+    /// The last item pushed was inside a transaction.
+    in_txn: bool,
+    /// Commit LSN of the last change routed, for readers of the log that must
+    /// see whatever was delivered live (`LogHandle::caught_up`).
+    routed: Arc<AtomicU64>,
+}
+
+impl LogTap {
+    pub fn new(tx: mpsc::Sender<Vec<Item>>, routed: Arc<AtomicU64>) -> Self {
+        LogTap {
+            tx,
+            batch: Vec::with_capacity(LOG_BATCH),
+            unsent: None,
+            in_txn: false,
+            routed,
+        }
+    }
+
+    /// Adds a routed item; hands the batch over when full, or at `idle`
+    /// (nothing more waiting) outside a transaction. False when the log's
+    /// stage is gone.
+    fn push(&mut self, item: Item, idle: bool) -> bool {
+        match item {
+            Item::Begin(_) => self.in_txn = true,
+            Item::Commit { .. } => self.in_txn = false,
+            _ => {}
+        }
+        self.batch.push(item);
+        if (!idle || self.in_txn) && self.batch.len() < LOG_BATCH {
+            return true;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOG_BATCH));
+        match self.tx.try_send(batch) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(b)) => {
+                self.unsent = Some(b);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Room for the unsent batch, or `None` when the stage is gone.
+    async fn room(tap: &Option<LogTap>) -> Option<mpsc::OwnedPermit<Vec<Item>>> {
+        let tx = tap.as_ref()?.tx.clone();
+        tx.reserve_owned().await.ok()
+    }
+
+    /// The stage is gone (it cannot have ended on its own: it ends when this
+    /// side closes): delivery goes on, nothing more is logged or confirmed.
+    fn lost(tap: Option<LogTap>) -> Option<LogTap> {
+        if tap.is_some() {
+            tracing::error!("the change log's stage stopped: changes are no longer logged, and nothing more is confirmed to PostgreSQL");
+        }
+        None
+    }
+
+    /// The stream ended: what is left goes to the log, then its input closes
+    /// (the stage syncs and ends).
+    async fn finish(mut self) {
+        for b in [self.unsent.take(), Some(std::mem::take(&mut self.batch))]
+            .into_iter()
+            .flatten()
+            .filter(|b| !b.is_empty())
+        {
+            if self.tx.send(b).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl Hub {
     pub fn new(render: RenderOptions, stats: Arc<HubStats>) -> Self {
         Hub {
@@ -712,34 +804,56 @@ impl Hub {
         self
     }
 
-    /// Runs until the item stream ends (the replication stream stopped).
+    /// Runs until the item stream ends (the replication stream stopped); with
+    /// `log`, hands every item on to the change log after routing it.
     pub async fn run(
         mut self,
         mut items: mpsc::Receiver<Item>,
         mut commands: mpsc::Receiver<HubCommand>,
         progress: Arc<Progress>,
+        mut log: Option<LogTap>,
     ) {
         let mut commands_open = true;
         loop {
+            let full = log.as_ref().is_some_and(|l| l.unsent.is_some());
             tokio::select! {
                 biased;
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(c) => self.command(c),
                     None => commands_open = false,
                 },
-                item = items.recv() => match item {
-                    Some(item) => self.item(item, &progress),
+                room = LogTap::room(&log), if full => {
+                    match (room, log.as_mut().and_then(|l| l.unsent.take())) {
+                        (Some(permit), Some(batch)) => {
+                            permit.send(batch);
+                        }
+                        _ => log = LogTap::lost(log),
+                    }
+                }
+                item = items.recv(), if !full => match item {
+                    Some(item) => {
+                        self.item(&item, &progress);
+                        if let Some(tap) = &mut log {
+                            tap.routed.store(self.routed_lsn.0, Ordering::Release);
+                            if !tap.push(item, items.is_empty()) {
+                                log = LogTap::lost(log);
+                            }
+                        }
+                    }
                     None => break,
                 },
             }
         }
+        if let Some(tap) = log {
+            tap.finish().await;
+        }
     }
 
-    pub fn item(&mut self, item: Item, progress: &Progress) {
+    pub fn item(&mut self, item: &Item, progress: &Progress) {
         match item {
-            Item::Change(c) => self.route(&c),
+            Item::Change(c) => self.route(c),
             Item::Truncate(cs) => {
-                for c in &cs {
+                for c in cs {
                     self.route(c)
                 }
             }
@@ -748,12 +862,12 @@ impl Hub {
                     .last_commit_unix_micros
                     .store(info.commit_time.unix_micros(), Ordering::Relaxed);
                 self.seal_checks();
-                progress.confirm(end_lsn)
+                progress.confirm(*end_lsn)
             }
             // Logical messages (e.g. `walcast.broadcast()`), in stream order.
             Item::Message(m) => {
                 if let Some(hook) = &self.on_message {
-                    hook(&m)
+                    hook(m)
                 }
             }
             Item::Begin(_) | Item::Stream(_) => {}
@@ -2517,5 +2631,81 @@ mod tests {
             list.remove(id);
         }
         assert!(list.is_empty());
+    }
+
+    /// The hub routes before it logs: a log with no room holds the hub's intake
+    /// (commands still run), and once it has room gets every item, in order,
+    /// the rest when the stream ends.
+    #[test]
+    fn the_log_gets_every_item_after_routing_and_a_full_log_holds_only_intake() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = table(1, &[("id", "int4")]);
+            let stats = Arc::new(HubStats::default());
+            let hub = Hub::new(RenderOptions::default(), stats.clone());
+            let (items_tx, items_rx) = mpsc::channel(1024);
+            let (cmd_tx, cmd_rx) = mpsc::channel(8);
+            let (log_tx, mut log_rx) = mpsc::channel(1);
+            let routed = Arc::new(AtomicU64::new(0));
+            let total = 600u64;
+            for i in 1..=total {
+                let c = Change {
+                    txn: TxnInfo {
+                        commit_lsn: Lsn(i),
+                        commit_time: PgTimestamp(0),
+                        xid: Xid(1),
+                    },
+                    table: t.clone(),
+                    kind: ChangeKind::Insert,
+                    new: Some(cells(&["1"])),
+                    old: None,
+                };
+                items_tx.send(Item::Change(Arc::new(c))).await.unwrap();
+            }
+            let task = tokio::spawn(hub.run(
+                items_rx,
+                cmd_rx,
+                Arc::new(Progress::default()),
+                Some(LogTap::new(log_tx, routed.clone())),
+            ));
+            // One batch in the log's channel, one waiting: the hub routed both
+            // and takes no more items, but answers commands.
+            let routed_first = 2 * LOG_BATCH as u64;
+            for _ in 0..1000 {
+                if stats.changes.load(Ordering::Relaxed) >= routed_first {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let (reply, census) = oneshot::channel();
+            cmd_tx.send(HubCommand::Census(reply)).await.unwrap();
+            census.await.unwrap();
+            assert_eq!(stats.changes.load(Ordering::Relaxed), routed_first);
+            assert_eq!(routed.load(Ordering::Relaxed), routed_first);
+            assert_eq!(
+                items_tx.max_capacity() - items_tx.capacity(),
+                (total - routed_first) as usize
+            );
+            // Once the log has room, everything reaches it in order; the rest
+            // when the stream ends.
+            drop(items_tx);
+            let mut logged = Vec::new();
+            while let Some(batch) = log_rx.recv().await {
+                assert!(!batch.is_empty() && batch.len() <= LOG_BATCH);
+                for item in batch {
+                    let Item::Change(c) = item else {
+                        panic!("{item:?}")
+                    };
+                    logged.push(c.txn.commit_lsn.0);
+                }
+            }
+            assert_eq!(logged, (1..=total).collect::<Vec<_>>());
+            assert_eq!(stats.changes.load(Ordering::Relaxed), total);
+            task.await.unwrap();
+        });
     }
 }

@@ -65,6 +65,10 @@ fn unauthorized(
         .into_response()
 }
 
+/// How long `GET /api/changes` waits for the change log to hold what the hub
+/// already routed (it is written right behind live delivery).
+const CAUGHT_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Most changes one page of `GET /api/changes` holds.
 pub const CHANGES_PAGE_MAX: usize = 10_000;
 
@@ -75,7 +79,8 @@ pub const CHANGES_PAGE_MAX: usize = 10_000;
 /// 1000; `cursor` = the previous page's `next_cursor`). 200 with
 /// `{"changes":[…data…],"next_cursor":…,"more":…}`; 400 for bad input or a
 /// binding a join would refuse; 401 for a bad token; 410 with `code: REPLAY_GAP`
-/// when the log cannot serve `since`; 503 while there is no log.
+/// when the log cannot serve `since`; 503 while there is no log, or while it
+/// is more than 2 s behind what was delivered live.
 pub async fn changes(
     State(shared): State<Arc<Shared>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -94,13 +99,20 @@ pub async fn changes(
     } else {
         None
     };
-    let Some(log) = shared.log.as_ref().and_then(|l| l.reader()) else {
+    let Some((handle, log)) = shared.log.as_ref().and_then(|h| Some((h, h.reader()?))) else {
         return bad(
             StatusCode::SERVICE_UNAVAILABLE,
             "the change log is off ([log] dir) or not open yet (replication has not connected)"
                 .into(),
         );
     };
+    // Whatever a client was sent live before this request is in the page.
+    if !handle.caught_up(&log, CAUGHT_UP_WAIT).await {
+        return bad(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the change log is behind the live stream (it cannot be written?); retry".into(),
+        );
+    }
     let Some(table) = params.get("table").filter(|t| !t.is_empty()) else {
         return bad(
             StatusCode::BAD_REQUEST,

@@ -59,7 +59,7 @@ impl InProcess {
         let (items_tx, items_rx) = mpsc::channel(16);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let hub = Hub::new(RenderOptions::default(), Arc::new(HubStats::default()));
-        tokio::spawn(hub.run(items_rx, cmd_rx, Arc::new(Progress::default())));
+        tokio::spawn(hub.run(items_rx, cmd_rx, Arc::new(Progress::default()), None));
         let conn = PgConnInfo::parse("postgres://nobody@127.0.0.1:1/none").unwrap();
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
