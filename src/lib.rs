@@ -16,6 +16,7 @@
 //!         ▼  bounded channel (backpressure: stop reading the slot, keep sending status updates)
 //!  route::hub: routing index  (schema.table → event kind → filter index → subscribers)
 //!         │  match → encode each payload once → deliver the shared bytes
+//!         │  ── then each item, batched ──▶ changelog::stage (its own thread; confirms what is durable)
 //!         ▼  route::queue: one bounded queue per connection (slow client: closed with a reason, counted)
 //!  deliver: Phoenix-protocol sessions (vsn 1.0.0 objects / 2.0.0 arrays) ── clients
 //! ```
