@@ -2708,4 +2708,44 @@ mod tests {
             task.await.unwrap();
         });
     }
+
+    /// At an idle moment the tap hands over what it has, except inside a
+    /// transaction: its items go with its commit.
+    #[test]
+    fn the_log_tap_hands_a_transaction_over_with_its_commit() {
+        let t = table(1, &[("id", "int4")]);
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut tap = LogTap::new(tx, Arc::default());
+        let c = change(&t, ChangeKind::Insert, Some(&["1"]), None);
+        let info = c.txn;
+        assert!(tap.push(Item::Begin(info), true));
+        assert!(tap.push(Item::Change(c), true));
+        assert!(rx.try_recv().is_err(), "held inside the transaction");
+        assert!(tap.push(
+            Item::Commit {
+                info,
+                end_lsn: Lsn(9)
+            },
+            true
+        ));
+        assert_eq!(rx.try_recv().unwrap().len(), 3);
+        // Not idle: held until the batch fills.
+        for _ in 0..LOG_BATCH - 1 {
+            assert!(tap.push(Item::Begin(info), false));
+        }
+        assert!(rx.try_recv().is_err());
+        assert!(tap.push(Item::Begin(info), false));
+        assert_eq!(rx.try_recv().unwrap().len(), LOG_BATCH);
+        drop(rx);
+        assert!(
+            !tap.push(
+                Item::Commit {
+                    info,
+                    end_lsn: Lsn(9)
+                },
+                true
+            ),
+            "the stage is gone"
+        );
+    }
 }
