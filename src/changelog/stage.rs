@@ -179,8 +179,8 @@ impl Confirm {
 pub struct LogHandle {
     pub stats: Arc<LogStageStats>,
     reader: Arc<std::sync::Mutex<Option<LogReader>>>,
-    /// Commit LSN of the last change the hub routed (set by the hub's
-    /// [`crate::route::hub::LogTap`]).
+    /// Commit LSN of the last transactional item the hub routed (set by the
+    /// hub's [`crate::route::hub::LogTap`]; `u64::MAX` once the stage is gone).
     routed: Arc<AtomicU64>,
 }
 
@@ -206,9 +206,10 @@ impl LogHandle {
     }
 
     /// Waits up to `limit` for `log` to hold every transaction the hub had
-    /// routed when called, so that what it reads includes whatever clients were
-    /// sent live; false when it did not get there (the log cannot be written,
-    /// or is that far behind).
+    /// routed (or handed to broadcast) when called, so that what it reads
+    /// includes whatever clients were sent live; false when it did not get
+    /// there (a long transaction still streaming, the log cannot be written, or
+    /// its stage stopped).
     pub async fn caught_up(&self, log: &LogReader, limit: Duration) -> bool {
         let routed = Lsn(self.routed.load(Ordering::Acquire));
         let deadline = Instant::now() + limit;
@@ -310,8 +311,7 @@ impl Stage {
     }
 
     /// Starts the thread that syncs the log, so that a slow `fdatasync` never
-    /// holds up the changes behind it (they are written and passed on while
-    /// it runs). Without it (the thread could not be made) the stage syncs
+    /// holds up the changes behind it (they are written while it runs). Without it (the thread could not be made) the stage syncs
     /// itself.
     fn start_syncer(&mut self) {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(SyncJob, u64)>(SYNCS_QUEUED);

@@ -589,6 +589,14 @@ pub async fn run_broadcast(job: BroadcastJob) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    // A message handed to broadcast before this channel joined (so not sent
+    // to it live) is read back: the log must hold it first.
+    if !handle.caught_up(&log, LOG_WAIT).await {
+        return gap(
+            "The change log is behind the live stream (it cannot be written?): nothing was replayed",
+            Some(&log),
+        );
+    }
     let (since, limit) = (job.since_ms.saturating_mul(1000), job.limit);
     let read = {
         let log = log.clone();

@@ -674,10 +674,10 @@ pub type ChangeHook = Arc<dyn Fn(&Change) + Send + Sync>;
 /// Items in one batch handed to the change log at most.
 pub const LOG_BATCH: usize = 256;
 
-/// The hub's side of the change log's input: items it has routed, batched until
-/// its own input runs dry between transactions or [`LOG_BATCH`] are waiting, then
-/// handed over in order (a transaction's changes wait for its commit when they
-/// can: the log's readers see only committed transactions anyway). A batch the
+/// The hub's side of the change log's input: items it has routed, batched and
+/// handed over in order when [`LOG_BATCH`] are waiting or its own input runs
+/// dry (then up to the last whole transaction: an open one's items wait for
+/// its commit, as the log's readers see only committed transactions anyway). A batch the
 /// log had no room for waits in `unsent`, and the hub takes no item until it
 /// went (bounded: the channel's batches plus one).
 pub struct LogTap {
@@ -686,6 +686,9 @@ pub struct LogTap {
     unsent: Option<Vec<Item>>,
     /// The last item pushed was inside a transaction.
     in_txn: bool,
+    /// Items of `batch` up to the end of its last whole transaction (or
+    /// item outside one): what an idle moment hands over.
+    whole: usize,
     /// Commit LSN of the last change routed, for readers of the log that must
     /// see whatever was delivered live (`LogHandle::caught_up`).
     routed: Arc<AtomicU64>,
@@ -698,24 +701,63 @@ impl LogTap {
             batch: Vec::with_capacity(LOG_BATCH),
             unsent: None,
             in_txn: false,
+            whole: 0,
             routed,
         }
     }
 
+    /// The commit LSN an item belongs to, when the log holds it as part of a
+    /// transaction (row changes, transactional messages).
+    fn commit_lsn(item: &Item) -> Option<Lsn> {
+        match item {
+            Item::Change(c) => Some(c.txn.commit_lsn),
+            Item::Truncate(cs) => cs.first().map(|c| c.txn.commit_lsn),
+            Item::Message(m) => m.txn.map(|t| t.commit_lsn),
+            _ => None,
+        }
+    }
+
+    /// Records, before the hub routes `item` or hands it to broadcast, that
+    /// the log's readers must wait for its transaction (see `LogHandle::caught_up`).
+    fn mark(&self, item: &Item) {
+        match item {
+            // Another stream (a reconnect, maybe another source with lower
+            // LSNs): what the log must reach starts over.
+            Item::Stream(_) => self.routed.store(0, Ordering::Release),
+            _ => {
+                if let Some(l) = Self::commit_lsn(item) {
+                    self.routed.store(l.0, Ordering::Release);
+                }
+            }
+        }
+    }
+
     /// Adds a routed item; hands the batch over when full, or at `idle`
-    /// (nothing more waiting) outside a transaction. False when the log's
-    /// stage is gone.
+    /// (nothing more waiting) up to its last whole transaction — the items of
+    /// one still open wait for its commit (the log's readers see committed
+    /// transactions only). False when the log's stage is gone.
     fn push(&mut self, item: Item, idle: bool) -> bool {
         match item {
             Item::Begin(_) => self.in_txn = true,
-            Item::Commit { .. } => self.in_txn = false,
+            // A new stream abandons a transaction left open by the old one.
+            Item::Commit { .. } | Item::Stream(_) => self.in_txn = false,
             _ => {}
         }
         self.batch.push(item);
-        if (!idle || self.in_txn) && self.batch.len() < LOG_BATCH {
-            return true;
+        if !self.in_txn {
+            self.whole = self.batch.len();
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOG_BATCH));
+        let batch = if self.batch.len() >= LOG_BATCH {
+            self.whole = 0;
+            std::mem::replace(&mut self.batch, Vec::with_capacity(LOG_BATCH))
+        } else if idle && self.whole > 0 {
+            // The open transaction's items stay for the next batch.
+            let open = self.batch.split_off(self.whole);
+            self.whole = 0;
+            std::mem::replace(&mut self.batch, open)
+        } else {
+            return true;
+        };
         match self.tx.try_send(batch) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(b)) => {
@@ -735,8 +777,10 @@ impl LogTap {
     /// The stage is gone (it cannot have ended on its own: it ends when this
     /// side closes): delivery goes on, nothing more is logged or confirmed.
     fn lost(tap: Option<LogTap>) -> Option<LogTap> {
-        if tap.is_some() {
+        if let Some(t) = tap {
             tracing::error!("the change log's stage stopped: changes are no longer logged, and nothing more is confirmed to PostgreSQL");
+            // Readers that wait for the log to catch up are told it will not.
+            t.routed.store(u64::MAX, Ordering::Release);
         }
         None
     }
@@ -832,9 +876,11 @@ impl Hub {
                 }
                 item = items.recv(), if !full => match item {
                     Some(item) => {
+                        if let Some(tap) = &log {
+                            tap.mark(&item);
+                        }
                         self.item(&item, &progress);
                         if let Some(tap) = &mut log {
-                            tap.routed.store(self.routed_lsn.0, Ordering::Release);
                             if !tap.push(item, items.is_empty()) {
                                 log = LogTap::lost(log);
                             }
@@ -2709,8 +2755,8 @@ mod tests {
         });
     }
 
-    /// At an idle moment the tap hands over what it has, except inside a
-    /// transaction: its items go with its commit.
+    /// At an idle moment the tap hands over what it has up to the last whole
+    /// transaction: an open one's items go with its commit.
     #[test]
     fn the_log_tap_hands_a_transaction_over_with_its_commit() {
         let t = table(1, &[("id", "int4")]);
@@ -2736,16 +2782,36 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert!(tap.push(Item::Begin(info), false));
         assert_eq!(rx.try_recv().unwrap().len(), LOG_BATCH);
+        // A commit followed by the start of the next transaction when the
+        // input runs dry: the whole transaction goes, the open one waits.
+        let commit = || Item::Commit {
+            info,
+            end_lsn: Lsn(9),
+        };
+        assert!(tap.push(commit(), false));
+        assert!(tap.push(Item::Begin(info), false));
+        let c = change(&t, ChangeKind::Insert, Some(&["2"]), None);
+        assert!(tap.push(Item::Change(c.clone()), true));
+        let sent = rx.try_recv().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(sent[0], Item::Commit { .. }));
+        assert!(rx.try_recv().is_err());
+        assert!(tap.push(commit(), true));
+        assert_eq!(rx.try_recv().unwrap().len(), 3, "begin, change, commit");
+        // The mark: set by transactional items, reset by a new stream, and
+        // out of reach once the stage is gone.
+        tap.mark(&Item::Change(c.clone()));
+        assert_eq!(tap.routed.load(Ordering::Relaxed), c.txn.commit_lsn.0);
+        tap.mark(&Item::Stream(crate::decode::event::StreamStart {
+            system_id: "s".into(),
+            slot: "s".into(),
+            slot_confirmed: Lsn(5),
+        }));
+        assert_eq!(tap.routed.load(Ordering::Relaxed), 0);
+        let routed = tap.routed.clone();
         drop(rx);
-        assert!(
-            !tap.push(
-                Item::Commit {
-                    info,
-                    end_lsn: Lsn(9)
-                },
-                true
-            ),
-            "the stage is gone"
-        );
+        assert!(!tap.push(commit(), true), "the stage is gone");
+        assert!(LogTap::lost(Some(tap)).is_none());
+        assert_eq!(routed.load(Ordering::Relaxed), u64::MAX);
     }
 }

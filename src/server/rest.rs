@@ -106,13 +106,6 @@ pub async fn changes(
                 .into(),
         );
     };
-    // Whatever a client was sent live before this request is in the page.
-    if !handle.caught_up(&log, CAUGHT_UP_WAIT).await {
-        return bad(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the change log is behind the live stream (it cannot be written?); retry".into(),
-        );
-    }
     let Some(table) = params.get("table").filter(|t| !t.is_empty()) else {
         return bad(
             StatusCode::BAD_REQUEST,
@@ -185,6 +178,13 @@ pub async fn changes(
     let render = crate::decode::value::RenderOptions {
         big_numbers_as_strings: shared.config.values.big_numbers_as_strings,
     };
+    // Whatever a client was sent live before this request is in the page.
+    if !handle.caught_up(&log, CAUGHT_UP_WAIT).await {
+        return bad(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the change log does not yet hold everything already delivered live (a long transaction still streaming, or the log cannot be written); retry".into(),
+        );
+    }
     let reader = log.clone();
     let gate = shared.rls.as_ref().map(|r| r.gate());
     let page = tokio::task::spawn_blocking(move || {
