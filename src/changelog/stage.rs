@@ -345,7 +345,15 @@ impl Stage {
 
     fn handle(&mut self, item: &Item) {
         match item {
-            Item::Stream(s) => self.open(s),
+            Item::Stream(s) => {
+                // A new stream resends any transaction the old one cut off:
+                // the part already appended is dropped, not left open.
+                if let Some(log) = self.log.as_mut() {
+                    log.abandon();
+                }
+                self.logging = false;
+                self.open(s)
+            }
             Item::Begin(info) => {
                 self.logging = false;
                 let Some(log) = self.log.as_mut() else { return };

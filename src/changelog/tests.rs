@@ -622,7 +622,8 @@ fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
 }
 
 /// The log stage logs each transaction of the batches it is handed
-/// once, in order (a resend after a reconnect is skipped), and lets the stream confirm a
+/// once, in order (a resend after a reconnect is skipped; one cut by a reconnect
+/// is logged whole from its resend), and lets the stream confirm a
 /// transaction only once the log made it durable.
 #[test]
 fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
@@ -672,6 +673,11 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         // A reconnect resends transactions 2 and 3, then 4 follows.
         sent.push(start(1500));
         sent.extend((2..=4).flat_map(txn));
+        // A reconnect in the middle of transaction 5 (same source): the part
+        // before it is abandoned, the resent whole is logged once.
+        sent.extend(txn(5).into_iter().take(2));
+        sent.push(start(1500));
+        sent.extend(txn(5));
         // In batches of every size the hub may hand over, one item to many.
         for (i, batch) in sent.chunks(5).enumerate() {
             if i % 2 == 0 {
@@ -688,14 +694,19 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
             assert!(std::time::Instant::now() < deadline, "never confirmed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        progress.confirm(Lsn(lsn(4).0 + 8));
+        progress.confirm(Lsn(lsn(5).0 + 8));
         drop(in_tx);
     });
     thread.join().unwrap();
     // Closing synced the last transaction.
-    assert_eq!(progress.confirmed(), Lsn(lsn(4).0 + 8));
-    assert_eq!(handle.stats.transactions.load(Ordering::Relaxed), 4);
+    assert_eq!(progress.confirmed(), Lsn(lsn(5).0 + 8));
+    assert_eq!(handle.stats.transactions.load(Ordering::Relaxed), 5);
     assert_eq!(handle.stats.skipped.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        handle.stats.errors.load(Ordering::Relaxed),
+        0,
+        "no write failed"
+    );
     let reader = handle.reader().expect("the log was opened");
     // It holds everything after the slot's position when it was opened.
     assert!(matches!(
@@ -709,5 +720,5 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
             commits.push(commit_lsn);
         }
     }
-    assert_eq!(commits, (1..=4).map(lsn).collect::<Vec<_>>());
+    assert_eq!(commits, (1..=5).map(lsn).collect::<Vec<_>>());
 }
