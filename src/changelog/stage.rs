@@ -46,6 +46,11 @@ use crate::source::session::Progress;
 pub const SYNC_EVERY: usize = 256;
 /// Syncs waiting for the sync thread before the stage waits for it.
 const SYNCS_QUEUED: usize = 4;
+/// Syncs queued or running at most: another is put off (and covers more)
+/// rather than waited for.
+const SYNCS_IN_FLIGHT: usize = 2;
+/// How soon a put-off sync is asked for again while the input is empty.
+const SYNC_RETRY: Duration = Duration::from_micros(200);
 /// How often old segments are looked at for removal.
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
 
@@ -83,6 +88,10 @@ struct Stage {
     /// stage is ending; syncs are then done here).
     syncs: Option<std::sync::mpsc::SyncSender<(SyncJob, u64)>>,
     syncer: Option<std::thread::JoinHandle<()>>,
+    /// Syncs handed to the syncer and not yet done.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// A sync was put off because [`SYNCS_IN_FLIGHT`] were under way.
+    sync_wanted: bool,
     /// A write failed: the next transaction resets the log first.
     broken: bool,
     since_sync: usize,
@@ -243,6 +252,8 @@ pub fn spawn(
         confirm: Arc::default(),
         syncs: None,
         syncer: None,
+        in_flight: Arc::default(),
+        sync_wanted: false,
         broken: false,
         since_sync: 0,
         last_retain: Instant::now(),
@@ -285,7 +296,25 @@ fn lock_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 impl Stage {
     fn run(mut self, mut input: mpsc::Receiver<Vec<Item>>) {
         self.start_syncer();
-        while let Some(batch) = input.blocking_recv() {
+        loop {
+            let batch = if self.sync_wanted {
+                // A sync was put off while others ran: ask again once they are
+                // done, unless more items come first.
+                match input.try_recv() {
+                    Ok(b) => b,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(SYNC_RETRY);
+                        self.sync();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match input.blocking_recv() {
+                    Some(b) => b,
+                    None => break,
+                }
+            };
             if let Some(e) = self.confirm.take_error() {
                 self.failed(&e);
             }
@@ -318,6 +347,7 @@ impl Stage {
         let confirm = self.confirm.clone();
         let progress = self.progress.clone();
         let stats = self.stats.clone();
+        let in_flight = self.in_flight.clone();
         let spawned = std::thread::Builder::new()
             .name("walcast-log-sync".into())
             .spawn(move || {
@@ -332,6 +362,7 @@ impl Stage {
                             confirm.fail(epoch, e);
                         }
                     }
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                 }
             });
         match spawned {
@@ -498,6 +529,11 @@ impl Stage {
 
     /// Makes what was appended durable and lets the stream confirm it.
     fn sync(&mut self) {
+        if self.syncs.is_some() && self.in_flight.load(Ordering::Acquire) >= SYNCS_IN_FLIGHT {
+            self.sync_wanted = true;
+            return;
+        }
+        self.sync_wanted = false;
         self.since_sync = 0;
         if self.broken {
             return;
@@ -521,10 +557,16 @@ impl Stage {
         let epoch = self.confirm.epoch();
         // Waits only when the disk is so slow that syncs queue up.
         let job = match &self.syncs {
-            Some(tx) => match tx.send((job, epoch)) {
-                Ok(()) => return,
-                Err(std::sync::mpsc::SendError((job, _))) => job,
-            },
+            Some(tx) => {
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+                match tx.send((job, epoch)) {
+                    Ok(()) => return,
+                    Err(std::sync::mpsc::SendError((job, _))) => {
+                        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        job
+                    }
+                }
+            }
             None => job,
         };
         match job.run() {
