@@ -44,7 +44,8 @@ use crate::source::session::Progress;
 
 /// Transactions appended between syncs at most, when the input never runs dry.
 pub const SYNC_EVERY: usize = 256;
-/// Syncs waiting for the sync thread before the stage waits for it.
+/// Room in the sync thread's queue (more than [`SYNCS_IN_FLIGHT`]: the stage
+/// never waits on it).
 const SYNCS_QUEUED: usize = 4;
 /// Syncs queued or running at most: another is put off (and covers more)
 /// rather than waited for.
@@ -53,6 +54,24 @@ const SYNCS_IN_FLIGHT: usize = 2;
 const SYNC_RETRY: Duration = Duration::from_micros(200);
 /// How often old segments are looked at for removal.
 const RETAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// One sync handed to the sync thread, counted in `Stage::in_flight` until it
+/// is dropped — after it ran, or unrun with the queue of a sync thread that
+/// died (so a dead thread never leaves the count full).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Counters of the log stage (read by metrics).
 #[derive(Debug, Default)]
@@ -86,7 +105,7 @@ struct Stage {
     confirm: Arc<Confirm>,
     /// The syncer thread's queue (`None`: it could not be started, or the
     /// stage is ending; syncs are then done here).
-    syncs: Option<std::sync::mpsc::SyncSender<(SyncJob, u64)>>,
+    syncs: Option<std::sync::mpsc::SyncSender<(SyncJob, u64, InFlight)>>,
     syncer: Option<std::thread::JoinHandle<()>>,
     /// Syncs handed to the syncer and not yet done.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
@@ -343,15 +362,16 @@ impl Stage {
     /// holds up the changes behind it (they are written while it runs). Without it (the thread could not be made) the stage syncs
     /// itself.
     fn start_syncer(&mut self) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(SyncJob, u64)>(SYNCS_QUEUED);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(SyncJob, u64, InFlight)>(SYNCS_QUEUED);
         let confirm = self.confirm.clone();
         let progress = self.progress.clone();
         let stats = self.stats.clone();
-        let in_flight = self.in_flight.clone();
         let spawned = std::thread::Builder::new()
             .name("walcast-log-sync".into())
             .spawn(move || {
-                for (job, epoch) in rx {
+                // Each job's `InFlight` is dropped once it ran (or with the
+                // queue, should this thread die).
+                for (job, epoch, _in_flight) in rx {
                     match job.run() {
                         Ok(Some(durable)) => confirm.upto(epoch, durable, &progress),
                         Ok(None) => {}
@@ -362,7 +382,6 @@ impl Stage {
                             confirm.fail(epoch, e);
                         }
                     }
-                    in_flight.fetch_sub(1, Ordering::AcqRel);
                 }
             });
         match spawned {
@@ -555,18 +574,16 @@ impl Stage {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         let epoch = self.confirm.epoch();
-        // Waits only when the disk is so slow that syncs queue up.
+        // Never waits: at most SYNCS_IN_FLIGHT are queued or running.
         let job = match &self.syncs {
-            Some(tx) => {
-                self.in_flight.fetch_add(1, Ordering::AcqRel);
-                match tx.send((job, epoch)) {
-                    Ok(()) => return,
-                    Err(std::sync::mpsc::SendError((job, _))) => {
-                        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-                        job
-                    }
+            Some(tx) => match tx.send((job, epoch, InFlight::new(&self.in_flight))) {
+                Ok(()) => return,
+                // The sync thread is gone: synced here from now on.
+                Err(std::sync::mpsc::SendError((job, _, _))) => {
+                    self.syncs = None;
+                    job
                 }
-            }
+            },
             None => job,
         };
         match job.run() {

@@ -676,6 +676,15 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         // A reconnect in the middle of transaction 5 (same source): the part
         // before it is abandoned, the resent whole is logged once.
         sent.extend(txn(5).into_iter().take(2));
+        // Past the write buffer: part of it reaches the file before the cut.
+        let info = codec::txn_info(lsn(5), ts(5), 5);
+        sent.push(Item::Change(Arc::new(Change {
+            txn: info,
+            table: orders.clone(),
+            kind: ChangeKind::Insert,
+            old: None,
+            new: Some(vec![Cell::Text(Bytes::from("x".repeat(300 << 10)))]),
+        })));
         sent.push(start(1500));
         sent.extend(txn(5));
         // In batches of every size the hub may hand over, one item to many.
@@ -714,11 +723,17 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         Err(ReplayError::Gap { .. })
     ));
     let mut c = reader.cursor(Start::AfterLsn(Lsn(499))).unwrap();
-    let mut commits = Vec::new();
+    let (mut commits, mut changes) = (Vec::new(), 0);
     while let Some(e) = c.next_entry().unwrap() {
-        if let Entry::Commit { commit_lsn, .. } = e {
-            commits.push(commit_lsn);
+        match e {
+            Entry::Commit { commit_lsn, .. } => commits.push(commit_lsn),
+            Entry::Change(_) => changes += 1,
+            Entry::Begin { .. } => {}
         }
     }
     assert_eq!(commits, (1..=5).map(lsn).collect::<Vec<_>>());
+    assert_eq!(
+        changes, 5,
+        "one change per transaction, nothing of the cut-off part"
+    );
 }
