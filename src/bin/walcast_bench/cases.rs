@@ -503,8 +503,41 @@ pub async fn tail(quick: bool) -> Result<Vec<Figure>> {
 
 /// Writes `rate` single-row commits per second for `duration` over `writers`
 /// connections; row `k` goes to owner `k % owners`. Returns rows written.
+///
+/// The writers run on a runtime of their own, on a thread of its own: the
+/// receiving clients measure walcast on the driver's runtime, and the writers'
+/// work there (timer wake-ups, a query round trip per row) would delay their
+/// reads — the floor's reader, too, has a thread to itself.
 async fn paced_writes(
     env: &Env,
+    table: &str,
+    rate: u64,
+    duration: Duration,
+    owners: u64,
+    writers: u64,
+) -> Result<u64> {
+    let (url, table) = (env.url(), table.to_string());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-writers".into())
+        .spawn(move || {
+            let written = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(write_paced(&url, &table, rate, duration, owners, writers))
+                });
+            let _ = tx.send(written);
+        })
+        .context("start the writers' thread")?;
+    rx.await
+        .context("the writers' thread ended without a result")?
+}
+
+/// [`paced_writes`]' writers, on the runtime they run on.
+async fn write_paced(
+    url: &str,
     table: &str,
     rate: u64,
     duration: Duration,
@@ -515,7 +548,10 @@ async fn paced_writes(
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let c = env.sql().await?;
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .context("connect a writer")?;
+        tokio::spawn(conn);
         let table = table.to_string();
         tasks.push(tokio::spawn(async move {
             // Commit waits for the WAL flush, as by default: with `off` the walsender only
