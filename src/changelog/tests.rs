@@ -621,13 +621,43 @@ fn table_shapes_get_stable_ids_that_survive_reopens_and_changes_decode_back() {
     assert_eq!(log.table_id(&altered).unwrap(), 0);
 }
 
+/// A one-row transaction `i` of `table`, as the stream hands it over.
+fn one_row_txn(table: &Arc<Table>, i: u64) -> Vec<crate::decode::event::Item> {
+    use crate::decode::event::{Cell, Change, ChangeKind, Item};
+    let info = codec::txn_info(lsn(i), ts(i), i as u32);
+    let change = Arc::new(Change {
+        txn: info,
+        table: table.clone(),
+        kind: ChangeKind::Insert,
+        old: None,
+        new: Some(vec![Cell::Text(Bytes::from(i.to_string()))]),
+    });
+    vec![
+        Item::Begin(info),
+        Item::Change(change),
+        Item::Commit {
+            info,
+            end_lsn: Lsn(lsn(i).0 + 8),
+        },
+    ]
+}
+
+/// A stream's start from the slot `walcast`, confirmed at `confirmed`.
+fn stream_start(confirmed: u64) -> crate::decode::event::Item {
+    crate::decode::event::Item::Stream(crate::decode::event::StreamStart {
+        system_id: "sys".into(),
+        slot: "walcast".into(),
+        slot_confirmed: Lsn(confirmed),
+    })
+}
+
 /// The log stage logs each transaction of the batches it is handed
 /// once, in order (a resend after a reconnect is skipped; one cut by a reconnect
 /// is logged whole from its resend), and lets the stream confirm a
 /// transaction only once the log made it durable.
 #[test]
 fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
-    use crate::decode::event::{Cell, Change, ChangeKind, Item, StreamStart};
+    use crate::decode::event::{Cell, Change, ChangeKind, Item};
     use crate::source::session::Progress;
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -635,31 +665,8 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         .build()
         .unwrap();
     let orders = table("orders", &["id"]);
-    let txn = |i: u64| {
-        let info = codec::txn_info(lsn(i), ts(i), i as u32);
-        let change = Arc::new(Change {
-            txn: info,
-            table: orders.clone(),
-            kind: ChangeKind::Insert,
-            old: None,
-            new: Some(vec![Cell::Text(Bytes::from(i.to_string()))]),
-        });
-        vec![
-            Item::Begin(info),
-            Item::Change(change),
-            Item::Commit {
-                info,
-                end_lsn: Lsn(lsn(i).0 + 8),
-            },
-        ]
-    };
-    let start = |confirmed: u64| {
-        Item::Stream(StreamStart {
-            system_id: "sys".into(),
-            slot: "walcast".into(),
-            slot_confirmed: Lsn(confirmed),
-        })
-    };
+    let txn = |i: u64| one_row_txn(&orders, i);
+    let start = stream_start;
     let progress = Arc::new(Progress::gated_by_log());
     let (in_tx, in_rx) = tokio::sync::mpsc::channel(64);
     let (handle, thread) =
@@ -736,4 +743,56 @@ fn the_stage_logs_each_transaction_once_and_gates_confirmation() {
         changes, 5,
         "one change per transaction, nothing of the cut-off part"
     );
+}
+
+/// Syncs are grouped in time: a stream of one-row transactions, each handed
+/// over alone (as at 2,000 commits/s), gets one sync per
+/// [`stage::SYNC_INTERVAL`] at most, not one per transaction; and a sync that
+/// is due goes ahead with no more input coming, so the last transaction is
+/// confirmed while the stream stays open.
+#[test]
+fn the_stage_syncs_at_most_once_per_interval_and_when_due_with_the_input_idle() {
+    use crate::source::session::Progress;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let orders = table("orders", &["id"]);
+    let progress = Arc::new(Progress::gated_by_log());
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(64);
+    let (handle, thread) =
+        stage::spawn(opts(dir.path(), 1 << 20), in_rx, progress.clone()).unwrap();
+    const TXNS: u64 = 300;
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        in_tx.send(vec![stream_start(500)]).await.unwrap();
+        for i in 1..=TXNS {
+            in_tx.send(one_row_txn(&orders, i)).await.unwrap();
+            if i % 3 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let last = Lsn(lsn(TXNS).0 + 8);
+        progress.confirm(last);
+        // Nothing more comes, and the input stays open: the due sync runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while progress.confirmed() < last {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last transaction was never confirmed"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let elapsed = started.elapsed();
+    let syncs = handle.stats.syncs.load(Ordering::Relaxed);
+    let most = elapsed.as_micros() / stage::SYNC_INTERVAL.as_micros() + 1;
+    assert!(
+        (2..=most as u64).contains(&syncs),
+        "{syncs} syncs for {TXNS} transactions in {elapsed:?} (at most {most})"
+    );
+    assert_eq!(handle.stats.transactions.load(Ordering::Relaxed), TXNS);
+    drop(in_tx);
+    thread.join().unwrap();
 }
